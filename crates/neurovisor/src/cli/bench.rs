@@ -1,0 +1,218 @@
+//! `neurovisor bench`: latency benchmarks, measured side by side in one run and
+//! printed as ratios (never asserted: timings belong in reports, not tests).
+
+use std::time::{Duration, Instant};
+
+use clap::{Args, Subcommand};
+use neurovisor::{ExecRequest, Output, Sandbox, VmSize};
+use serde_json::json;
+
+use super::{VmArgs, EXIT_SANDBOX_ERROR};
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Cold boot until the agent answers Health, and `print(1)` end to end,
+    /// against a baseline VM of the same kernel whose init only powers off.
+    Boot(BootArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BootArgs {
+    /// Rounds; each round boots one VM of every kind, interleaved.
+    #[arg(long, default_value_t = 10)]
+    runs: usize,
+    #[arg(long, value_enum, default_value_t = VmSize::Small)]
+    size: VmSize,
+    /// Print the results as JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    vm: VmArgs,
+}
+
+/// p50 / p95 / mean of a sample, in milliseconds.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Summary {
+    pub p50: f64,
+    pub p95: f64,
+    pub mean: f64,
+    pub n: usize,
+}
+
+pub fn summarize(samples: &[f64]) -> Summary {
+    let mut s = samples.to_vec();
+    s.sort_by(f64::total_cmp);
+    let pick = |q: f64| -> f64 {
+        if s.is_empty() {
+            return f64::NAN;
+        }
+        let idx = ((q * s.len() as f64).ceil() as usize).clamp(1, s.len()) - 1;
+        s[idx]
+    };
+    Summary {
+        p50: pick(0.5),
+        p95: pick(0.95),
+        mean: if s.is_empty() {
+            f64::NAN
+        } else {
+            s.iter().sum::<f64>() / s.len() as f64
+        },
+        n: s.len(),
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+async fn baseline_once(sandbox: &Sandbox, size: VmSize) -> Result<f64, String> {
+    let cfg = sandbox.vm_config(size, vec!["nv.mode=poweroff".into()]);
+    let started = Instant::now();
+    let mut vm = sandbox.backend().spawn(&cfg).await.map_err(|e| e.to_string())?;
+    let exited = vm.wait_exited(Duration::from_secs(60)).await;
+    let t = ms(started.elapsed());
+    vm.kill().await;
+    exited
+        .map(|_| t)
+        .ok_or_else(|| "baseline VM did not power off within 60 s".into())
+}
+
+async fn boot_once(sandbox: &Sandbox, size: VmSize) -> Result<f64, String> {
+    let vm = sandbox.boot(size).await.map_err(|e| e.to_string())?;
+    let t = ms(vm.boot_time);
+    vm.destroy().await;
+    Ok(t)
+}
+
+/// Returns (end to end, host-side overhead = execute call minus guest-reported duration).
+async fn print_once(sandbox: &Sandbox, size: VmSize) -> Result<(f64, f64), String> {
+    let req = ExecRequest::new("python", "print(1)");
+    let mut out = Vec::new();
+    let mut sink = |o: Output<'_>| {
+        if let Output::Stdout(b) = o {
+            out.extend_from_slice(b)
+        }
+    };
+    let o = sandbox
+        .run(&req, size, &mut sink)
+        .await
+        .map_err(|e| e.to_string())?;
+    if out != b"1\n" || o.exit_code != Some(0) {
+        return Err(format!(
+            "print(1) gave {:?}, exit {:?}",
+            String::from_utf8_lossy(&out),
+            o.exit_code
+        ));
+    }
+    Ok((o.total_ms, o.execute_ms - o.duration_ms))
+}
+
+async fn boot(a: BootArgs) -> Result<serde_json::Value, String> {
+    let sandbox = a.vm.sandbox()?;
+    let (mut base, mut ready, mut e2e, mut overhead) = (vec![], vec![], vec![], vec![]);
+    for round in 0..a.runs.max(1) {
+        base.push(baseline_once(&sandbox, a.size).await?);
+        ready.push(boot_once(&sandbox, a.size).await?);
+        let (t, o) = print_once(&sandbox, a.size).await?;
+        e2e.push(t);
+        overhead.push(o);
+        if !a.json {
+            eprintln!(
+                "round {}/{}: baseline {:.0} ms, agent ready {:.0} ms, print(1) {:.0} ms",
+                round + 1,
+                a.runs.max(1),
+                base[round],
+                ready[round],
+                e2e[round]
+            );
+        }
+    }
+    let (b, r, e, o) = (
+        summarize(&base),
+        summarize(&ready),
+        summarize(&e2e),
+        summarize(&overhead),
+    );
+    Ok(json!({
+        "size": a.size,
+        "runs": a.runs.max(1),
+        "baseline_poweroff_ms": b,
+        "agent_ready_ms": r,
+        "print1_end_to_end_ms": e,
+        "host_overhead_ms": o,
+        "ratio_agent_ready_to_baseline_p50": r.p50 / b.p50,
+    }))
+}
+
+fn row(name: &str, s: &serde_json::Value) -> String {
+    let f = |k: &str| s[k].as_f64().unwrap_or(f64::NAN);
+    format!(
+        "{name:<36} {:>9.1} {:>9.1} {:>9.1}",
+        f("p50"),
+        f("p95"),
+        f("mean")
+    )
+}
+
+pub async fn bench(cmd: BenchCommand) -> u8 {
+    match cmd {
+        BenchCommand::Boot(a) => {
+            let json_out = a.json;
+            let size = a.size;
+            let accel = neurovisor::vmm::accel::choose(
+                a.vm.qemu_options().accel,
+                &neurovisor::vmm::accel::KvmProbe::host(),
+            );
+            match boot(a).await {
+                Ok(v) if json_out => {
+                    println!("{v}");
+                    0
+                }
+                Ok(v) => {
+                    println!(
+                        "neurovisor bench boot: {} rounds, size {size}, {:?} ({})",
+                        v["runs"], accel.accel, accel.reason
+                    );
+                    println!("{:<36} {:>9} {:>9} {:>9}", "", "p50 ms", "p95 ms", "mean ms");
+                    println!(
+                        "{}",
+                        row("baseline VM (init powers off)", &v["baseline_poweroff_ms"])
+                    );
+                    println!("{}", row("agent ready (answers Health)", &v["agent_ready_ms"]));
+                    println!(
+                        "{}",
+                        row("print(1) end to end (cold VM)", &v["print1_end_to_end_ms"])
+                    );
+                    println!("{}", row("host overhead per execution", &v["host_overhead_ms"]));
+                    println!(
+                        "agent ready / baseline (p50): {:.2}x   (target <= 1.2x)",
+                        v["ratio_agent_ready_to_baseline_p50"]
+                            .as_f64()
+                            .unwrap_or(f64::NAN)
+                    );
+                    println!(
+                        "host overhead p50: {:.2} ms   (target < 5 ms; execute call minus the guest-reported run time)",
+                        v["host_overhead_ms"]["p50"].as_f64().unwrap_or(f64::NAN)
+                    );
+                    0
+                }
+                Err(e) => {
+                    eprintln!("neurovisor: bench failed: {e}");
+                    EXIT_SANDBOX_ERROR
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles() {
+        let s = summarize(&[5.0, 1.0, 3.0, 2.0, 4.0]);
+        assert_eq!((s.p50, s.p95, s.mean, s.n), (3.0, 5.0, 3.0, 5));
+        assert!(summarize(&[]).p50.is_nan());
+    }
+}

@@ -1,0 +1,45 @@
+//! `neurovisor doctor`: what this host can do and how to fix what it cannot.
+
+use clap::Args;
+use neurovisor::doctor::{run_checks, Level};
+
+use super::VmArgs;
+
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// Print the checks as JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    vm: VmArgs,
+}
+
+pub fn doctor(a: DoctorArgs) -> u8 {
+    let checks = run_checks(&a.vm.qemu_options(), &a.vm.image_selection());
+    let failed = checks.iter().any(|c| c.level == Level::Fail);
+    if a.json {
+        println!("{}", serde_json::json!({ "ok": !failed, "checks": checks }));
+    } else {
+        for c in &checks {
+            let tag = match c.level {
+                Level::Ok => "ok  ",
+                Level::Warn => "warn",
+                Level::Info => "info",
+                Level::Fail => "FAIL",
+            };
+            println!("[{tag}] {:<20} {}", c.name, c.detail);
+            if let Some(fix) = &c.fix {
+                println!("       {:<20} fix: {fix}", "");
+            }
+        }
+        println!(
+            "{}",
+            if failed {
+                "Some checks failed: NeuroVisor cannot run VMs until they are fixed."
+            } else {
+                "This host can run NeuroVisor VMs."
+            }
+        );
+    }
+    u8::from(failed)
+}

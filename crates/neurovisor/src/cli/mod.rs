@@ -1,0 +1,177 @@
+//! Command-line interface: argument parsing and the subcommands.
+
+mod bench;
+mod doctor;
+mod images;
+mod run;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::{Args, Parser, Subcommand};
+use neurovisor::images::{ImageSelection, ImageSet};
+use neurovisor::vmm::qemu::QemuOptions;
+use neurovisor::vmm::{Accel, QemuBackend};
+use neurovisor::{config, Sandbox};
+
+/// Exit status for failures of the sandbox itself (VM did not boot, images missing...).
+pub const EXIT_SANDBOX_ERROR: u8 = 125;
+/// Exit status for bad input (unknown language, empty code...).
+pub const EXIT_BAD_INPUT: u8 = 2;
+/// Exit status when the program hit its time limit (as `timeout(1)`).
+pub const EXIT_TIMEOUT: u8 = 124;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "neurovisor",
+    version,
+    about = "Run untrusted code in ephemeral microVMs"
+)]
+pub struct Cli {
+    /// More log output on stderr (-v info, -vv debug); NEUROVISOR_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run code in a fresh microVM and stream its output.
+    ///
+    /// Exit status: the program's own; 128+N if it was killed by signal N;
+    /// 124 if it hit the time limit; 2 for bad input; 125 if the sandbox failed.
+    Run(run::RunArgs),
+    /// Check that this host can run VMs, and say how to fix what is missing.
+    Doctor(doctor::DoctorArgs),
+    /// Build the guest kernel and root filesystem images (cached).
+    #[command(subcommand)]
+    Images(images::ImagesCommand),
+    /// Benchmarks (printed, not asserted).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+/// Options shared by every command that boots VMs.
+#[derive(Debug, Clone, Args)]
+pub struct VmArgs {
+    /// Guest image: `default` (python, bash, javascript) or `full` (adds go, rust).
+    #[arg(long, env = "NEUROVISOR_IMAGE", default_value = "default")]
+    image: String,
+    /// Guest kernel (default: the cached build, ~/.cache/neurovisor/vmlinux).
+    #[arg(long, env = "NEUROVISOR_KERNEL")]
+    kernel: Option<PathBuf>,
+    /// Root filesystem image (default: the cached build of --image).
+    #[arg(long, env = "NEUROVISOR_ROOTFS")]
+    rootfs: Option<PathBuf>,
+    /// Accelerator: detected when not given (KVM if usable, else TCG).
+    #[arg(long, env = "NEUROVISOR_ACCEL", value_enum)]
+    accel: Option<Accel>,
+    /// Directory for per-VM sockets and logs (default /run/neurovisor for root).
+    #[arg(long, env = "NEUROVISOR_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// QEMU binary (default: qemu-system-x86_64 on PATH).
+    #[arg(long, env = "NEUROVISOR_QEMU_BIN")]
+    qemu_bin: Option<PathBuf>,
+    /// vhost-device-vsock binary (default: on PATH or in ~/.cargo/bin).
+    #[arg(long, env = "NEUROVISOR_VHOST_VSOCK_BIN")]
+    vhost_vsock_bin: Option<PathBuf>,
+    /// Run QEMU without its seccomp sandbox (debugging only).
+    #[arg(long, hide = true)]
+    no_qemu_sandbox: bool,
+}
+
+impl VmArgs {
+    pub fn qemu_options(&self) -> QemuOptions {
+        QemuOptions {
+            qemu_bin: self.qemu_bin.clone(),
+            vhost_vsock_bin: self.vhost_vsock_bin.clone(),
+            accel: self.accel,
+            no_sandbox: self.no_qemu_sandbox,
+        }
+    }
+
+    pub fn image_selection(&self) -> ImageSelection {
+        ImageSelection {
+            image: Some(self.image.clone()),
+            kernel: self.kernel.clone(),
+            rootfs: self.rootfs.clone(),
+        }
+    }
+
+    pub fn sandbox(&self) -> Result<Sandbox, String> {
+        let images = ImageSet::resolve(&self.image_selection()).map_err(|e| e.to_string())?;
+        let backend = QemuBackend::new(&self.qemu_options()).map_err(|e| e.to_string())?;
+        let state = self.state_dir.clone().unwrap_or_else(config::default_state_dir);
+        Ok(Sandbox::new(Arc::new(backend), images, state))
+    }
+}
+
+pub fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = std::env::var("NEUROVISOR_LOG")
+        .ok()
+        .and_then(|v| tracing_subscriber::EnvFilter::try_new(v).ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+pub async fn dispatch(cli: Cli) -> u8 {
+    match cli.command {
+        Command::Run(a) => run::run(a).await,
+        Command::Doctor(a) => doctor::doctor(a),
+        Command::Images(c) => images::images(c).await,
+        Command::Bench(c) => bench::bench(c).await,
+    }
+}
+
+/// Parses "30", "30s", "500ms", "2m", "1h".
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => (&s[..i], &s[i..]),
+        None => (s, "s"),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration '{s}' (use e.g. 30, 30s, 500ms, 2m)"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("invalid duration unit in '{s}' (use ms, s, m or h)")),
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("invalid duration '{s}'"));
+    }
+    Ok(std::time::Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("x").is_err());
+        assert!(parse_duration("5d").is_err());
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,255 @@
+//! `neurovisor run`: one execution in a fresh microVM, output streamed live.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Args;
+use neurovisor::exec::DEFAULT_MAX_OUTPUT;
+use neurovisor::{ExecError, ExecOutcome, ExecRequest, Output, VmSize};
+use serde_json::json;
+
+use super::{parse_duration, VmArgs, EXIT_BAD_INPUT, EXIT_SANDBOX_ERROR, EXIT_TIMEOUT};
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Language: python, bash, javascript (go and rust with --image full).
+    /// Inferred from the file extension when a file is given.
+    #[arg(short, long = "lang")]
+    lang: Option<String>,
+    /// The code to run.
+    #[arg(short, long, conflicts_with = "file")]
+    code: Option<String>,
+    /// A file with the code to run, or `-` to read it from stdin.
+    file: Option<PathBuf>,
+    /// Arguments for the program (after `--`).
+    #[arg(last = true)]
+    args: Vec<String>,
+    /// Wall-clock limit for the program (e.g. 30, 30s, 500ms, 2m).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    timeout: Duration,
+    /// VM size: small (1 vCPU, 256 MiB), medium (2, 512), large (4, 1024).
+    #[arg(long, value_enum, default_value_t = VmSize::Medium)]
+    size: VmSize,
+    /// Environment variable for the program (repeatable).
+    #[arg(short, long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
+    env: Vec<(String, String)>,
+    /// Feed this file (or `-` for this process's stdin) to the program's stdin.
+    #[arg(long, value_name = "FILE")]
+    stdin: Option<PathBuf>,
+    /// Cap on each output stream in bytes; the rest is dropped and flagged.
+    #[arg(long, default_value_t = DEFAULT_MAX_OUTPUT)]
+    max_output: u64,
+    /// Trace id passed to the program as NEUROVISOR_TRACE_ID (default: a new UUIDv7).
+    #[arg(long)]
+    trace_id: Option<String>,
+    /// Print one JSON object with the output and the result instead of streaming.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    vm: VmArgs,
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("'{s}' is not KEY=VALUE")),
+    }
+}
+
+fn language_from_extension(path: &Path) -> Option<&'static str> {
+    Some(match path.extension()?.to_str()? {
+        "py" => "python",
+        "sh" | "bash" => "bash",
+        "js" | "mjs" | "cjs" => "javascript",
+        "go" => "go",
+        "rs" => "rust",
+        _ => return None,
+    })
+}
+
+fn read_all(path: &Path, what: &str) -> Result<Vec<u8>, String> {
+    let limit = 64 << 20;
+    let mut buf = Vec::new();
+    let res = if path == Path::new("-") {
+        std::io::stdin().lock().take(limit).read_to_end(&mut buf)
+    } else {
+        std::fs::File::open(path).and_then(|f| f.take(limit).read_to_end(&mut buf))
+    };
+    res.map_err(|e| format!("cannot read {what} from {}: {e}", path.display()))?;
+    Ok(buf)
+}
+
+impl RunArgs {
+    fn request(&self) -> Result<ExecRequest, String> {
+        let code = match (&self.code, &self.file) {
+            (Some(c), _) => c.clone(),
+            (None, Some(f)) => String::from_utf8(read_all(f, "the code")?)
+                .map_err(|_| format!("the code in {} is not UTF-8 text", f.display()))?,
+            (None, None) => {
+                return Err("no code given: pass -c CODE, a file, or - to read it from stdin".into())
+            }
+        };
+        if self.file.as_deref() == Some(Path::new("-")) && self.stdin.as_deref() == Some(Path::new("-")) {
+            return Err("stdin cannot be both the code (-) and the program's input (--stdin -)".into());
+        }
+        let lang = match (&self.lang, &self.file) {
+            (Some(l), _) => l.clone(),
+            (None, Some(f)) => language_from_extension(f)
+                .ok_or_else(|| format!("cannot tell the language of {}: pass --lang", f.display()))?
+                .to_string(),
+            (None, None) => {
+                return Err("no language given: pass --lang (python, bash, javascript, ...)".into())
+            }
+        };
+        let mut req = ExecRequest::new(lang, code);
+        req.args = self.args.clone();
+        req.env = self.env.iter().cloned().collect();
+        req.timeout = self.timeout;
+        req.max_output_bytes = self.max_output;
+        if let Some(t) = &self.trace_id {
+            req.trace_id = t.clone();
+        }
+        if let Some(p) = &self.stdin {
+            req.stdin = read_all(p, "stdin")?;
+        }
+        Ok(req)
+    }
+}
+
+fn fail(json: bool, kind: &str, msg: &str, code: u8) -> u8 {
+    if json {
+        println!("{}", json!({ "ok": false, "kind": kind, "error": msg }));
+    } else {
+        eprintln!("neurovisor: {msg}");
+    }
+    code
+}
+
+fn notes(o: &ExecOutcome, req: &ExecRequest, size: VmSize) -> Vec<String> {
+    let mut n = Vec::new();
+    if o.timed_out {
+        n.push(format!(
+            "time limit of {:?} reached; the program was killed (raise it with --timeout)",
+            req.timeout
+        ));
+    }
+    if o.oom_killed {
+        n.push(format!(
+            "the guest's OOM killer killed the program (VM size {size}: {} MiB; try a larger --size)",
+            size.memory_mib()
+        ));
+    }
+    for (name, truncated, bytes) in [
+        ("stdout", o.stdout_truncated, o.stdout_bytes),
+        ("stderr", o.stderr_truncated, o.stderr_bytes),
+    ] {
+        if truncated {
+            n.push(format!(
+                "{name} truncated: the program wrote {bytes} bytes, the first {} were kept (--max-output)",
+                req.max_output_bytes
+            ));
+        }
+    }
+    n
+}
+
+pub async fn run(a: RunArgs) -> u8 {
+    let req = match a.request() {
+        Ok(r) => r,
+        Err(m) => return fail(a.json, "invalid_request", &m, EXIT_BAD_INPUT),
+    };
+    let sandbox = match a.vm.sandbox() {
+        Ok(s) => s,
+        Err(m) => return fail(a.json, "sandbox", &m, EXIT_SANDBOX_ERROR),
+    };
+    if let Err(e) = req.validate(sandbox.images()) {
+        return fail(a.json, "invalid_request", &e.to_string(), EXIT_BAD_INPUT);
+    }
+
+    let (mut out_buf, mut err_buf) = (Vec::new(), Vec::new());
+    let json_mode = a.json;
+    let mut sink = |o: Output<'_>| {
+        // Write errors (a closed pipe) must not stop the execution.
+        match (o, json_mode) {
+            (Output::Stdout(b), false) => {
+                let mut s = std::io::stdout().lock();
+                let _ = s.write_all(b).and_then(|_| s.flush());
+            }
+            (Output::Stderr(b), false) => {
+                let _ = std::io::stderr().lock().write_all(b);
+            }
+            (Output::Stdout(b), true) => out_buf.extend_from_slice(b),
+            (Output::Stderr(b), true) => err_buf.extend_from_slice(b),
+        }
+    };
+
+    let mut sigterm = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            return fail(
+                a.json,
+                "sandbox",
+                &format!("cannot handle SIGTERM: {e}"),
+                EXIT_SANDBOX_ERROR,
+            )
+        }
+    };
+    let mut execution = Box::pin(sandbox.run(&req, a.size, &mut sink));
+    let result = tokio::select! {
+        r = &mut execution => r,
+        _ = tokio::signal::ctrl_c() => {
+            drop(execution); // kills the VM and removes its state
+            return fail(a.json, "interrupted", "interrupted; the VM was destroyed", 130);
+        }
+        _ = sigterm.recv() => {
+            drop(execution);
+            return fail(a.json, "interrupted", "terminated; the VM was destroyed", 143);
+        }
+    };
+    drop(execution);
+
+    match result {
+        Ok(o) => {
+            let notes = notes(&o, &req, a.size);
+            if a.json {
+                let mut v = serde_json::to_value(&o).unwrap_or_default();
+                v["ok"] = json!(true);
+                v["language"] = json!(req.language);
+                v["size"] = json!(a.size);
+                v["stdout"] = json!(String::from_utf8_lossy(&out_buf));
+                v["stderr"] = json!(String::from_utf8_lossy(&err_buf));
+                v["notes"] = json!(notes);
+                println!("{v}");
+            } else {
+                for n in &notes {
+                    eprintln!("neurovisor: {n}");
+                }
+            }
+            if o.timed_out {
+                EXIT_TIMEOUT
+            } else {
+                u8::try_from(o.shell_status().clamp(0, 255)).unwrap_or(1)
+            }
+        }
+        Err(e @ ExecError::InvalidRequest(_)) => {
+            fail(a.json, "invalid_request", &e.to_string(), EXIT_BAD_INPUT)
+        }
+        Err(e) if e.is_invalid_request() => fail(a.json, "invalid_request", &e.to_string(), EXIT_BAD_INPUT),
+        Err(e) => fail(a.json, "sandbox", &e.to_string(), EXIT_SANDBOX_ERROR),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extension_inference_and_env_parsing() {
+        assert_eq!(language_from_extension(Path::new("a/b.py")), Some("python"));
+        assert_eq!(language_from_extension(Path::new("x.rs")), Some("rust"));
+        assert_eq!(language_from_extension(Path::new("x.txt")), None);
+        assert_eq!(parse_env("A=b=c"), Ok(("A".into(), "b=c".into())));
+        assert!(parse_env("=x").is_err() && parse_env("x").is_err());
+    }
+}

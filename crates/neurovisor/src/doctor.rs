@@ -1,0 +1,162 @@
+//! Host checks: can this machine run NeuroVisor VMs, and what fixes what is missing.
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::images::{self, ImageSelection, ImageSet, BUILD_HINT};
+use crate::vmm::accel::KvmProbe;
+use crate::vmm::find_binary;
+use crate::vmm::qemu::{QemuOptions, QEMU_HINT, VHOST_VSOCK_HINT};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    Ok,
+    /// Works, but not at full strength (e.g. TCG instead of KVM).
+    Warn,
+    /// Optional part missing.
+    Info,
+    /// NeuroVisor cannot run until this is fixed.
+    Fail,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    pub name: &'static str,
+    pub level: Level,
+    pub detail: String,
+    /// The command or step that fixes it, when not OK.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fix: Option<String>,
+}
+
+fn check(name: &'static str, level: Level, detail: impl Into<String>, fix: Option<&str>) -> Check {
+    Check {
+        name,
+        level,
+        detail: detail.into(),
+        fix: fix.map(str::to_string),
+    }
+}
+
+fn version_of(bin: &Path) -> String {
+    std::process::Command::new(bin)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.lines().next().map(str::to_string))
+        .unwrap_or_else(|| "version unknown".into())
+}
+
+/// How cgroups are mounted on this host.
+pub fn cgroup_mode() -> &'static str {
+    use nix::sys::statfs::{statfs, CGROUP2_SUPER_MAGIC};
+    let is_v2 = |p: &str| {
+        statfs(p)
+            .map(|s| s.filesystem_type() == CGROUP2_SUPER_MAGIC)
+            .unwrap_or(false)
+    };
+    if is_v2("/sys/fs/cgroup") {
+        "v2 (unified)"
+    } else if is_v2("/sys/fs/cgroup/unified") {
+        "hybrid (v1 controllers, cgroup2 at /sys/fs/cgroup/unified)"
+    } else if Path::new("/sys/fs/cgroup/memory").exists() {
+        "v1"
+    } else {
+        "none"
+    }
+}
+
+pub fn run_checks(qemu: &QemuOptions, sel: &ImageSelection) -> Vec<Check> {
+    let mut out = Vec::new();
+    let probe = KvmProbe::host();
+    out.push(match probe.verdict() {
+        Ok(r) => check("kvm", Level::Ok, r, None),
+        Err(r) => check(
+            "kvm",
+            Level::Warn,
+            format!("{r}; VMs run under QEMU TCG emulation (slower, still isolated)"),
+            Some("on a host with VMX/SVM: load kvm_intel or kvm_amd and give this user access to /dev/kvm"),
+        ),
+    });
+    out.push(
+        match find_binary(qemu.qemu_bin.as_deref(), "qemu-system-x86_64") {
+            Some(p) => check(
+                "qemu",
+                Level::Ok,
+                format!("{} ({})", p.display(), version_of(&p)),
+                None,
+            ),
+            None => check(
+                "qemu",
+                Level::Fail,
+                "qemu-system-x86_64 not found",
+                Some(QEMU_HINT),
+            ),
+        },
+    );
+    out.push(
+        match find_binary(qemu.vhost_vsock_bin.as_deref(), "vhost-device-vsock") {
+            Some(p) => check(
+                "vhost-device-vsock",
+                Level::Ok,
+                format!("{} ({})", p.display(), version_of(&p)),
+                None,
+            ),
+            None => check(
+                "vhost-device-vsock",
+                Level::Fail,
+                "not found on PATH or in ~/.cargo/bin",
+                Some(VHOST_VSOCK_HINT),
+            ),
+        },
+    );
+    match ImageSet::resolve(sel) {
+        Ok(set) => {
+            out.push(check("kernel", Level::Ok, set.kernel.display().to_string(), None));
+            out.push(check(
+                "rootfs",
+                Level::Ok,
+                format!(
+                    "image '{}' at {} ({})",
+                    set.name,
+                    set.rootfs.display(),
+                    set.language_names()
+                ),
+                None,
+            ));
+        }
+        Err(images::ImageError::MissingKernel(p)) => {
+            out.push(check(
+                "kernel",
+                Level::Fail,
+                format!("missing: {}", p.display()),
+                Some(BUILD_HINT),
+            ));
+        }
+        Err(e) => out.push(check("rootfs", Level::Fail, e.to_string(), Some(BUILD_HINT))),
+    }
+    if sel.image.as_deref().unwrap_or("default") == "default" && sel.rootfs.is_none() {
+        let full = images::image_dir("full").join("rootfs.ext4");
+        out.push(if full.is_file() {
+            check("rootfs (full)", Level::Ok, full.display().to_string(), None)
+        } else {
+            check(
+                "rootfs (full)",
+                Level::Info,
+                "optional image with Go and Rust is not built",
+                Some("neurovisor images build --image full"),
+            )
+        });
+    }
+    let mode = cgroup_mode();
+    out.push(check(
+        "cgroups",
+        if mode == "none" { Level::Warn } else { Level::Ok },
+        mode,
+        None,
+    ));
+    out
+}

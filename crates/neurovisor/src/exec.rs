@@ -1,0 +1,431 @@
+//! One execution end to end: validate, boot a fresh VM, run the code, stream
+//! its output, destroy the VM.
+//!
+//! [`Sandbox::run`] is what `neurovisor run` uses; [`Sandbox::boot`] and
+//! [`ReadyVm`] split it so callers (the benchmark, later the pool) can boot
+//! ahead of time. A [`ReadyVm`] serves exactly one execution; dropping it at any
+//! point (error, timeout, Ctrl-C) releases the VM.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hyper_util::rt::TokioIo;
+use neurovisor_proto::guest::execution_service_client::ExecutionServiceClient;
+use neurovisor_proto::guest::{execute_event::Event, ExecuteRequest, HealthRequest, HealthResponse, Limits};
+use neurovisor_proto::GUEST_AGENT_PORT;
+use serde::Serialize;
+use tokio::net::UnixStream;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::channel::GuestError;
+use crate::config::VmSize;
+use crate::images::{ImageError, ImageSet};
+use crate::vmm::{Vm, VmConfig, VmmBackend, VmmError};
+
+pub const MAX_CODE_BYTES: usize = 1 << 20;
+pub const MAX_STDIN_BYTES: usize = 8 << 20;
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_MAX_OUTPUT: u64 = 1 << 20;
+/// Extra time the host allows past the guest's own deadline before it gives up
+/// on an unresponsive guest (TCG guests can be slow to report).
+const HOST_DEADLINE_SLACK: Duration = Duration::from_secs(15);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error(transparent)]
+    Vmm(#[from] VmmError),
+    #[error(transparent)]
+    Guest(#[from] GuestError),
+    #[error("guest agent gave no result within {0:?} (the VM was destroyed)")]
+    Unresponsive(Duration),
+    #[error("guest agent protocol error: {0}")]
+    Protocol(String),
+}
+
+impl ExecError {
+    /// True when the request itself was wrong (as opposed to a sandbox failure).
+    pub fn is_invalid_request(&self) -> bool {
+        matches!(
+            self,
+            Self::InvalidRequest(_) | Self::Guest(GuestError::Rejected(_))
+        )
+    }
+}
+
+/// What to run.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExecRequest {
+    pub language: String,
+    pub code: String,
+    pub args: Vec<String>,
+    #[serde(skip)]
+    pub stdin: Vec<u8>,
+    pub env: BTreeMap<String, String>,
+    pub timeout: Duration,
+    pub max_output_bytes: u64,
+    pub trace_id: String,
+}
+
+impl ExecRequest {
+    pub fn new(language: impl Into<String>, code: impl Into<String>) -> Self {
+        Self {
+            language: language.into(),
+            code: code.into(),
+            args: Vec::new(),
+            stdin: Vec::new(),
+            env: BTreeMap::new(),
+            timeout: DEFAULT_TIMEOUT,
+            max_output_bytes: DEFAULT_MAX_OUTPUT,
+            trace_id: uuid::Uuid::now_v7().to_string(),
+        }
+    }
+
+    /// Checks the request against the image before any VM is booted.
+    pub fn validate(&self, image: &ImageSet) -> Result<(), ExecError> {
+        let bad = |m: String| Err(ExecError::InvalidRequest(m));
+        let available = if image.languages.is_empty() {
+            "see the image's Health".to_string()
+        } else {
+            image.language_names()
+        };
+        if self.language.is_empty() {
+            return bad(format!("no language given; available: {available}"));
+        }
+        if !image.languages.is_empty() && !image.has_language(&self.language) {
+            let mut msg = format!("unknown language '{}'; available: {available}", self.language);
+            if matches!(self.language.as_str(), "go" | "rust") {
+                msg.push_str(" (go and rust are in the full image: build it with `neurovisor images build --image full`, then pass --image full)");
+            }
+            return bad(msg);
+        }
+        if self.code.trim().is_empty() {
+            return bad("code is empty; pass the program's source".into());
+        }
+        if self.code.len() > MAX_CODE_BYTES {
+            return bad(format!(
+                "code is {} bytes; the limit is {MAX_CODE_BYTES} bytes",
+                self.code.len()
+            ));
+        }
+        if self.stdin.len() > MAX_STDIN_BYTES {
+            return bad(format!(
+                "stdin is {} bytes; the limit is {MAX_STDIN_BYTES} bytes",
+                self.stdin.len()
+            ));
+        }
+        if self.timeout.is_zero() || self.timeout > MAX_TIMEOUT {
+            return bad(format!(
+                "timeout {:?} is out of range; it must be between 1 ms and {} s",
+                self.timeout,
+                MAX_TIMEOUT.as_secs()
+            ));
+        }
+        if self.max_output_bytes == 0 {
+            return bad("max output bytes must be at least 1".into());
+        }
+        for k in self.env.keys() {
+            if k.is_empty() || k.contains('=') || k.contains('\0') {
+                return bad(format!("invalid environment variable name '{k}'"));
+            }
+        }
+        Ok(())
+    }
+
+    fn to_proto(&self) -> ExecuteRequest {
+        ExecuteRequest {
+            language: self.language.clone(),
+            code: self.code.clone(),
+            args: self.args.clone(),
+            stdin: self.stdin.clone().into(),
+            env: self.env.clone().into_iter().collect(),
+            timeout_ms: u32::try_from(self.timeout.as_millis()).unwrap_or(u32::MAX),
+            limits: Some(Limits {
+                max_output_bytes: self.max_output_bytes,
+                ..Default::default()
+            }),
+            trace_id: self.trace_id.clone(),
+        }
+    }
+}
+
+/// A chunk of program output, delivered as soon as the guest sends it.
+#[derive(Debug, Clone, Copy)]
+pub enum Output<'a> {
+    Stdout(&'a [u8]),
+    Stderr(&'a [u8]),
+}
+
+/// How an execution ended.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ExecOutcome {
+    pub vm_id: String,
+    pub trace_id: String,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub timed_out: bool,
+    pub oom_killed: bool,
+    pub stdout_truncated: bool,
+    pub stderr_truncated: bool,
+    pub stdout_bytes: u64,
+    pub stderr_bytes: u64,
+    /// The program's wall time as measured in the guest.
+    pub duration_ms: f64,
+    /// Spawn until the guest agent answered Health.
+    pub boot_ms: f64,
+    /// Execute call until the final status arrived.
+    pub execute_ms: f64,
+    /// Everything, boot and teardown included.
+    pub total_ms: f64,
+}
+
+impl ExecOutcome {
+    /// Exit status in shell convention: the exit code, or 128 + signal.
+    pub fn shell_status(&self) -> i32 {
+        match (self.exit_code, self.signal) {
+            (Some(c), _) => c,
+            (None, Some(s)) => 128 + s,
+            (None, None) => 1,
+        }
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Boots VMs from one backend and image set.
+pub struct Sandbox {
+    backend: Arc<dyn VmmBackend>,
+    images: ImageSet,
+    state_dir: PathBuf,
+    pub ready_timeout: Duration,
+}
+
+impl Sandbox {
+    pub fn new(backend: Arc<dyn VmmBackend>, images: ImageSet, state_dir: PathBuf) -> Self {
+        Self {
+            backend,
+            images,
+            state_dir,
+            ready_timeout: Duration::from_secs(90),
+        }
+    }
+
+    pub fn images(&self) -> &ImageSet {
+        &self.images
+    }
+
+    pub fn backend(&self) -> &dyn VmmBackend {
+        self.backend.as_ref()
+    }
+
+    pub fn vm_config(&self, size: VmSize, extra_cmdline: Vec<String>) -> VmConfig {
+        VmConfig {
+            id: uuid::Uuid::now_v7().to_string(),
+            size,
+            kernel: self.images.kernel.clone(),
+            rootfs: self.images.rootfs.clone(),
+            state_dir: self.state_dir.clone(),
+            extra_cmdline,
+        }
+    }
+
+    /// Boots a fresh VM and waits until its agent answers Health.
+    pub async fn boot(&self, size: VmSize) -> Result<ReadyVm, ExecError> {
+        let started = Instant::now();
+        let cfg = self.vm_config(size, Vec::new());
+        let mut vm = self.backend.spawn(&cfg).await?;
+        if let Err(e) = vm.wait_ready(self.ready_timeout).await {
+            vm.kill().await;
+            return Err(e.into());
+        }
+        let connected = async {
+            let stream = vm.connect(GUEST_AGENT_PORT).await?;
+            let mut client = guest_client(stream).await?;
+            let health = client.health(HealthRequest {}).await.map_err(GuestError::from)?;
+            Ok::<_, ExecError>((client, health.into_inner()))
+        }
+        .await;
+        match connected {
+            Ok((client, health)) => Ok(ReadyVm {
+                vm: Some(vm),
+                client,
+                boot_time: started.elapsed(),
+                health,
+            }),
+            Err(e) => {
+                vm.kill().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Validates, boots a fresh VM, runs the request, destroys the VM.
+    pub async fn run(
+        &self,
+        req: &ExecRequest,
+        size: VmSize,
+        on_output: &mut (dyn FnMut(Output<'_>) + Send),
+    ) -> Result<ExecOutcome, ExecError> {
+        req.validate(&self.images)?;
+        let started = Instant::now();
+        let mut vm = self.boot(size).await?;
+        let result = vm.execute(req, on_output).await;
+        vm.destroy().await;
+        let mut outcome = result?;
+        outcome.total_ms = ms(started.elapsed());
+        Ok(outcome)
+    }
+}
+
+/// One HTTP/2 connection over an already connected vsock stream. The VM is
+/// ephemeral, so there is nothing to reconnect to: the connector hands out the
+/// stream once.
+async fn guest_client(stream: UnixStream) -> Result<ExecutionServiceClient<Channel>, GuestError> {
+    let slot = Arc::new(Mutex::new(Some(stream)));
+    let channel = Endpoint::from_static("http://guest-agent.vsock")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let taken = slot.lock().ok().and_then(|mut s| s.take());
+            async move {
+                taken
+                    .map(TokioIo::new)
+                    .ok_or_else(|| std::io::Error::other("guest connection already used"))
+            }
+        }))
+        .await
+        .map_err(|e| GuestError::Connect(e.to_string()))?;
+    Ok(ExecutionServiceClient::new(channel)
+        .max_decoding_message_size(16 << 20)
+        .max_encoding_message_size(16 << 20))
+}
+
+/// A booted VM whose agent is serving. Serves one execution.
+pub struct ReadyVm {
+    vm: Option<Box<dyn Vm>>,
+    client: ExecutionServiceClient<Channel>,
+    pub boot_time: Duration,
+    pub health: HealthResponse,
+}
+
+impl ReadyVm {
+    pub fn id(&self) -> &str {
+        self.vm.as_ref().map(|v| v.id()).unwrap_or("")
+    }
+
+    pub fn pids(&self) -> Vec<u32> {
+        self.vm.as_ref().map(|v| v.pids()).unwrap_or_default()
+    }
+
+    /// Runs the request, forwarding output as it arrives.
+    pub async fn execute(
+        &mut self,
+        req: &ExecRequest,
+        on_output: &mut (dyn FnMut(Output<'_>) + Send),
+    ) -> Result<ExecOutcome, ExecError> {
+        let started = Instant::now();
+        let deadline = req.timeout + HOST_DEADLINE_SLACK;
+        let run = async {
+            let mut stream = self
+                .client
+                .execute(req.to_proto())
+                .await
+                .map_err(GuestError::from)?
+                .into_inner();
+            while let Some(ev) = stream.message().await.map_err(GuestError::from)? {
+                match ev.event {
+                    Some(Event::Stdout(b)) => on_output(Output::Stdout(&b)),
+                    Some(Event::Stderr(b)) => on_output(Output::Stderr(&b)),
+                    Some(Event::Exit(status)) => return Ok(status),
+                    None => {}
+                }
+            }
+            Err(ExecError::Protocol(
+                "the stream ended without an exit status".into(),
+            ))
+        };
+        let status = tokio::time::timeout(deadline, run)
+            .await
+            .map_err(|_| ExecError::Unresponsive(deadline))??;
+        Ok(ExecOutcome {
+            vm_id: self.id().to_string(),
+            trace_id: req.trace_id.clone(),
+            exit_code: status.exit_code,
+            signal: status.signal,
+            timed_out: status.timed_out,
+            oom_killed: status.oom_killed,
+            stdout_truncated: status.stdout_truncated,
+            stderr_truncated: status.stderr_truncated,
+            stdout_bytes: status.stdout_bytes,
+            stderr_bytes: status.stderr_bytes,
+            duration_ms: status.duration_us as f64 / 1000.0,
+            boot_ms: ms(self.boot_time),
+            execute_ms: ms(started.elapsed()),
+            total_ms: 0.0,
+        })
+    }
+
+    /// Destroys the VM (kill: it holds nothing worth a graceful stop).
+    pub async fn destroy(mut self) {
+        if let Some(vm) = self.vm.take() {
+            vm.kill().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::images::Language;
+
+    fn image() -> ImageSet {
+        ImageSet {
+            name: "default".into(),
+            kernel: "k".into(),
+            rootfs: "r".into(),
+            languages: vec![Language {
+                name: "python".into(),
+                version: "3.11.2".into(),
+            }],
+        }
+    }
+
+    fn err(req: &ExecRequest) -> String {
+        req.validate(&image()).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn validation_names_the_problem_and_the_fix() {
+        assert!(err(&ExecRequest::new("cobol", "x")).contains("unknown language 'cobol'; available: python"));
+        assert!(err(&ExecRequest::new("go", "x")).contains("--image full"));
+        assert!(err(&ExecRequest::new("python", " ")).contains("code is empty"));
+        assert!(err(&ExecRequest::new("", "x")).contains("no language"));
+        assert!(err(&ExecRequest::new("python", "x".repeat(MAX_CODE_BYTES + 1))).contains("limit"));
+        let mut r = ExecRequest::new("python", "print(1)");
+        r.timeout = Duration::from_secs(7200);
+        assert!(err(&r).contains("timeout"));
+        r.timeout = DEFAULT_TIMEOUT;
+        r.env.insert("A=B".into(), "1".into());
+        assert!(err(&r).contains("A=B"));
+        assert!(ExecRequest::new("python", "print(1)").validate(&image()).is_ok());
+        assert!(!ExecRequest::new("python", "x").trace_id.is_empty());
+    }
+
+    #[test]
+    fn shell_status_mirrors_exit_and_signal() {
+        let mut o = ExecOutcome {
+            exit_code: Some(3),
+            ..Default::default()
+        };
+        assert_eq!(o.shell_status(), 3);
+        o.exit_code = None;
+        o.signal = Some(9);
+        assert_eq!(o.shell_status(), 137);
+    }
+}

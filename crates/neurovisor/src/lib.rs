@@ -1,0 +1,18 @@
+//! NeuroVisor host library: boots ephemeral microVMs and runs code inside them.
+//!
+//! - [`vmm`]: the VMM backend trait and its implementations (QEMU microvm).
+//! - [`channel`]: the host <-> guest channel (hybrid vsock + gRPC client).
+//! - [`images`]: where the guest kernel and root filesystems live, and how they are built.
+//! - [`exec`]: one execution end to end: boot, run, stream, destroy.
+//! - [`config`]: VM size tiers and host paths.
+//! - [`doctor`]: checks that the host can run VMs and says how to fix what is missing.
+
+pub mod channel;
+pub mod config;
+pub mod doctor;
+pub mod exec;
+pub mod images;
+pub mod vmm;
+
+pub use config::VmSize;
+pub use exec::{ExecError, ExecOutcome, ExecRequest, Output, Sandbox};

@@ -1,0 +1,149 @@
+//! Chooses between hardware KVM and QEMU's TCG emulation.
+//!
+//! `/dev/kvm` existing is not enough: on PVM hosts (`kvm_pvm`, pagetable-based
+//! virtualization without VMX/SVM) a standard guest kernel runs only in
+//! instruction emulation and effectively never boots, so PVM counts as unusable.
+
+use std::os::fd::AsRawFd;
+use std::path::Path;
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+/// An accelerator and why it was chosen.
+#[derive(Debug, Clone, Serialize)]
+pub struct AccelChoice {
+    pub accel: Accel,
+    pub reason: String,
+}
+
+/// What the host offers, gathered from the filesystem so detection can be tested.
+#[derive(Debug, Clone, Default)]
+pub struct KvmProbe {
+    pub dev_kvm_exists: bool,
+    /// Error from opening `/dev/kvm` read-write, if it failed.
+    pub open_error: Option<String>,
+    /// `KVM_GET_API_VERSION`, when the device opened.
+    pub api_version: Option<i32>,
+    pub pvm_module: bool,
+    /// `kvm_intel` or `kvm_amd` is loaded.
+    pub hw_module: bool,
+}
+
+const KVM_GET_API_VERSION: libc::c_ulong = 0xAE00;
+const KVM_API_VERSION: i32 = 12;
+
+impl KvmProbe {
+    pub fn host() -> Self {
+        let sys = Path::new("/sys/module");
+        let mut probe = Self {
+            dev_kvm_exists: Path::new("/dev/kvm").exists(),
+            pvm_module: sys.join("kvm_pvm").exists(),
+            hw_module: sys.join("kvm_intel").exists() || sys.join("kvm_amd").exists(),
+            ..Default::default()
+        };
+        if probe.dev_kvm_exists {
+            match std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/kvm")
+            {
+                // SAFETY: KVM_GET_API_VERSION takes no argument and only returns a value.
+                Ok(f) => probe.api_version = Some(unsafe { libc::ioctl(f.as_raw_fd(), KVM_GET_API_VERSION) }),
+                Err(e) => probe.open_error = Some(e.to_string()),
+            }
+        }
+        probe
+    }
+
+    /// Is hardware KVM usable, and why (not)?
+    pub fn verdict(&self) -> Result<String, String> {
+        if !self.dev_kvm_exists {
+            return Err("/dev/kvm does not exist (no KVM on this host)".into());
+        }
+        if let Some(e) = &self.open_error {
+            return Err(format!("/dev/kvm cannot be opened read-write: {e}"));
+        }
+        if self.pvm_module {
+            return Err("/dev/kvm is PVM (kvm_pvm module): standard guest kernels run only in instruction emulation there".into());
+        }
+        if self.api_version != Some(KVM_API_VERSION) {
+            return Err(format!("unexpected KVM API version {:?}", self.api_version));
+        }
+        if !self.hw_module {
+            return Err("neither kvm_intel nor kvm_amd is loaded (no hardware virtualization)".into());
+        }
+        Ok("hardware KVM is available".into())
+    }
+}
+
+/// Picks the accelerator: `forced` wins, else KVM when it is usable, else TCG.
+pub fn choose(forced: Option<Accel>, probe: &KvmProbe) -> AccelChoice {
+    match (forced, probe.verdict()) {
+        (Some(Accel::Tcg), _) => AccelChoice {
+            accel: Accel::Tcg,
+            reason: "TCG requested".into(),
+        },
+        (Some(Accel::Kvm), v) => AccelChoice {
+            accel: Accel::Kvm,
+            reason: match v {
+                Ok(r) => format!("KVM requested; {r}"),
+                Err(r) => format!("KVM requested although {r}"),
+            },
+        },
+        (None, Ok(r)) => AccelChoice {
+            accel: Accel::Kvm,
+            reason: r,
+        },
+        (None, Err(r)) => AccelChoice {
+            accel: Accel::Tcg,
+            reason: format!("using TCG emulation: {r}"),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn good() -> KvmProbe {
+        KvmProbe {
+            dev_kvm_exists: true,
+            open_error: None,
+            api_version: Some(12),
+            pvm_module: false,
+            hw_module: true,
+        }
+    }
+
+    #[test]
+    fn pvm_is_unusable() {
+        let probe = KvmProbe {
+            pvm_module: true,
+            ..good()
+        };
+        let c = choose(None, &probe);
+        assert_eq!(c.accel, Accel::Tcg);
+        assert!(c.reason.contains("PVM"), "{}", c.reason);
+    }
+
+    #[test]
+    fn hardware_kvm_is_used_and_overrides_win() {
+        assert_eq!(choose(None, &good()).accel, Accel::Kvm);
+        assert_eq!(choose(Some(Accel::Tcg), &good()).accel, Accel::Tcg);
+        let none = KvmProbe::default();
+        assert_eq!(choose(None, &none).accel, Accel::Tcg);
+        assert!(choose(None, &none).reason.contains("does not exist"));
+        let denied = KvmProbe {
+            open_error: Some("Permission denied".into()),
+            ..good()
+        };
+        assert!(choose(None, &denied).reason.contains("Permission denied"));
+    }
+}

@@ -1,0 +1,193 @@
+//! VMM backends behind one narrow trait.
+//!
+//! A [`VmmBackend`] starts VMs; a [`Vm`] is one running microVM that can be waited
+//! on until its guest agent is ready, connected to over hybrid vsock, and shut
+//! down or killed. Everything a VM owns on the host (processes, sockets, its
+//! state directory) is released by [`Vm::kill`], and by `Drop` as a last resort,
+//! so no error path, timeout or cancellation leaks it.
+
+pub mod accel;
+pub mod process;
+pub mod qemu;
+pub mod qmp;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::net::UnixStream;
+
+use crate::channel::vsock::VsockError;
+use crate::config::VmSize;
+
+pub use accel::{Accel, AccelChoice};
+pub use qemu::QemuBackend;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("{what} not found: {hint}")]
+    MissingBinary { what: String, hint: String },
+    #[error("cannot start {what}: {source}")]
+    Spawn {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("VM state directory {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} exited during start-up ({status}){}", tail_suffix(.log_tail))]
+    HelperExited {
+        what: String,
+        status: String,
+        log_tail: String,
+    },
+    #[error("VM exited before its agent was ready ({status}); console log tail:\n{console_tail}")]
+    DiedDuringBoot { status: String, console_tail: String },
+    #[error("VM agent not ready after {timeout:?}; console log tail:\n{console_tail}")]
+    BootTimeout { timeout: Duration, console_tail: String },
+    #[error("guest channel: {0}")]
+    Channel(#[from] VsockError),
+    #[error("QMP: {0}")]
+    Qmp(String),
+}
+
+fn tail_suffix(tail: &str) -> String {
+    if tail.trim().is_empty() {
+        String::new()
+    } else {
+        format!(":\n{tail}")
+    }
+}
+
+/// What to boot.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Unique id; also the name of the VM's state directory.
+    pub id: String,
+    pub size: VmSize,
+    pub kernel: PathBuf,
+    pub rootfs: PathBuf,
+    /// Parent of the per-VM state directories.
+    pub state_dir: PathBuf,
+    /// Extra guest kernel command line parameters.
+    pub extra_cmdline: Vec<String>,
+}
+
+impl VmConfig {
+    pub fn vm_dir(&self) -> PathBuf {
+        self.state_dir.join("vms").join(&self.id)
+    }
+}
+
+/// Guest kernel command line shared by every backend.
+pub fn base_cmdline(cfg: &VmConfig) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "console=ttyS0",
+        "8250.nr_uarts=1",
+        "panic=-1",
+        "root=/dev/vda",
+        "ro",
+        "rootfstype=ext4",
+        "init=/sbin/neurovisor-agent",
+        "quiet",
+        "random.trust_cpu=on",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.push(format!("nv.scratch_mb={}", cfg.size.scratch_mib()));
+    args.extend(cfg.extra_cmdline.iter().cloned());
+    args
+}
+
+/// Starts VMs.
+#[async_trait]
+pub trait VmmBackend: Send + Sync {
+    /// Short name for logs and metrics ("qemu", "firecracker").
+    fn name(&self) -> &'static str;
+    /// Starts a VM. On error nothing of it is left behind.
+    async fn spawn(&self, cfg: &VmConfig) -> Result<Box<dyn Vm>, VmmError>;
+}
+
+/// One running microVM.
+#[async_trait]
+pub trait Vm: Send + Sync {
+    fn id(&self) -> &str;
+    /// Waits until the guest agent announces that it is serving, or fails with the
+    /// console log tail if the VM dies or the timeout passes first.
+    async fn wait_ready(&mut self, timeout: Duration) -> Result<(), VmmError>;
+    /// Waits until the VMM process exits on its own (e.g. the guest powered off)
+    /// and describes how; `None` if it is still running after `timeout`.
+    async fn wait_exited(&mut self, timeout: Duration) -> Option<String>;
+    /// Opens a stream to a guest vsock port.
+    async fn connect(&self, port: u32) -> Result<UnixStream, VmmError>;
+    /// Host process ids of the VM (VMM and helpers), for accounting and tests.
+    fn pids(&self) -> Vec<u32>;
+    /// The VM's state directory.
+    fn dir(&self) -> &Path;
+    /// Asks the VMM to stop, kills it after `grace`, and releases everything.
+    async fn shutdown(self: Box<Self>, grace: Duration);
+    /// Kills the VM at once and releases everything.
+    async fn kill(self: Box<Self>);
+}
+
+/// Last lines of a log file, for error messages.
+pub fn log_tail(path: &Path, lines: usize) -> String {
+    let text = match std::fs::read(path) {
+        Ok(b) => String::from_utf8_lossy(&b).into_owned(),
+        Err(_) => return String::new(),
+    };
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Looks a binary up: an explicit path, else `PATH`, else `~/.cargo/bin`
+/// (where `cargo install` puts `vhost-device-vsock`).
+pub fn find_binary(explicit: Option<&Path>, name: &str) -> Option<PathBuf> {
+    if let Some(p) = explicit {
+        return p.is_file().then(|| p.to_path_buf());
+    }
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    if let Some(home) = std::env::var_os("HOME") {
+        dirs.push(PathBuf::from(home).join(".cargo/bin"));
+    }
+    dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cmdline_carries_scratch_size_and_extras() {
+        let cfg = VmConfig {
+            id: "x".into(),
+            size: VmSize::Small,
+            kernel: "k".into(),
+            rootfs: "r".into(),
+            state_dir: "/s".into(),
+            extra_cmdline: vec!["nv.mode=poweroff".into()],
+        };
+        let c = base_cmdline(&cfg).join(" ");
+        assert!(
+            c.contains("nv.scratch_mb=64") && c.ends_with("nv.mode=poweroff"),
+            "{c}"
+        );
+        assert_eq!(cfg.vm_dir(), PathBuf::from("/s/vms/x"));
+    }
+
+    #[test]
+    fn log_tail_keeps_last_lines() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("log");
+        std::fs::write(&p, "a\nb\nc\n").expect("write");
+        assert_eq!(log_tail(&p, 2), "b\nc");
+        assert_eq!(log_tail(&dir.path().join("none"), 2), "");
+    }
+}

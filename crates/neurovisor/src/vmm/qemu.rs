@@ -1,0 +1,384 @@
+//! QEMU `microvm` backend.
+//!
+//! One VM is two processes: `qemu-system-x86_64 -M microvm` (KVM where usable,
+//! TCG otherwise) and a `vhost-device-vsock` daemon that implements the guest's
+//! virtio-vsock device and exposes it as hybrid vsock on a host Unix socket.
+//! The base image is attached read-only and shared by every VM; the guest keeps
+//! its writes in a tmpfs overlay. Control goes through QMP.
+
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::io::AsyncReadExt;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::process::Command;
+
+use super::accel::{choose, Accel, AccelChoice, KvmProbe};
+use super::process::{wait_for_path, Helper};
+use super::qmp::Qmp;
+use super::{base_cmdline, find_binary, log_tail, Vm, VmConfig, VmmBackend, VmmError};
+use crate::channel::HybridVsock;
+use neurovisor_proto::GUEST_READY_PORT;
+
+/// The guest's vsock CID; every VM has its own vsock daemon, so it can be the same.
+const GUEST_CID: u32 = 3;
+const CONSOLE_TAIL_LINES: usize = 40;
+
+#[derive(Debug, Clone, Default)]
+pub struct QemuOptions {
+    pub qemu_bin: Option<PathBuf>,
+    pub vhost_vsock_bin: Option<PathBuf>,
+    /// Force an accelerator instead of detecting one.
+    pub accel: Option<Accel>,
+    /// Run QEMU under its own seccomp sandbox (`-sandbox on,...`). On by default.
+    pub no_sandbox: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct QemuBackend {
+    qemu: PathBuf,
+    vhost_vsock: PathBuf,
+    accel: AccelChoice,
+    sandbox: bool,
+}
+
+/// Files of one VM inside its state directory.
+#[derive(Debug, Clone)]
+struct VmPaths {
+    dir: PathBuf,
+    vhost_sock: PathBuf,
+    vsock: PathBuf,
+    qmp: PathBuf,
+    console: PathBuf,
+    vmm_log: PathBuf,
+}
+
+impl VmPaths {
+    fn new(dir: PathBuf) -> Self {
+        Self {
+            vhost_sock: dir.join("vhost.sock"),
+            vsock: dir.join("vsock.sock"),
+            qmp: dir.join("qmp.sock"),
+            console: dir.join("console.log"),
+            vmm_log: dir.join("vmm.log"),
+            dir,
+        }
+    }
+}
+
+/// QEMU option values use ',' as separator; a literal comma is doubled.
+fn q(path: &Path) -> String {
+    path.display().to_string().replace(',', ",,")
+}
+
+pub const QEMU_HINT: &str = "install it with `apt-get install qemu-system-x86`";
+pub const VHOST_VSOCK_HINT: &str = "install it with `cargo install vhost-device-vsock`";
+
+impl QemuBackend {
+    pub fn new(opts: &QemuOptions) -> Result<Self, VmmError> {
+        let qemu = find_binary(opts.qemu_bin.as_deref(), "qemu-system-x86_64").ok_or_else(|| {
+            VmmError::MissingBinary {
+                what: "qemu-system-x86_64".into(),
+                hint: QEMU_HINT.into(),
+            }
+        })?;
+        let vhost_vsock =
+            find_binary(opts.vhost_vsock_bin.as_deref(), "vhost-device-vsock").ok_or_else(|| {
+                VmmError::MissingBinary {
+                    what: "vhost-device-vsock".into(),
+                    hint: VHOST_VSOCK_HINT.into(),
+                }
+            })?;
+        let accel = choose(opts.accel, &KvmProbe::host());
+        tracing::info!(accel = ?accel.accel, "{}", accel.reason);
+        Ok(Self {
+            qemu,
+            vhost_vsock,
+            accel,
+            sandbox: !opts.no_sandbox,
+        })
+    }
+
+    pub fn accel(&self) -> &AccelChoice {
+        &self.accel
+    }
+
+    fn qemu_args(&self, cfg: &VmConfig, p: &VmPaths) -> Vec<String> {
+        let mem = cfg.size.memory_mib();
+        let mut a: Vec<String> = Vec::new();
+        let mut push = |s: &[&str]| a.extend(s.iter().map(|x| x.to_string()));
+        push(&["-name", &format!("neurovisor-{}", cfg.id)]);
+        push(&[
+            "-M",
+            "microvm,acpi=on,pcie=off,rtc=on,x-option-roms=off,memory-backend=mem",
+        ]);
+        match self.accel.accel {
+            Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
+            Accel::Tcg => push(&["-accel", "tcg", "-cpu", "max"]),
+        }
+        push(&["-m", &format!("{mem}M"), "-smp", &cfg.size.vcpus().to_string()]);
+        // vhost-user needs guest memory the daemon can map.
+        push(&[
+            "-object",
+            &format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
+        ]);
+        push(&["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]);
+        push(&["-kernel", &cfg.kernel.display().to_string()]);
+        let mut cmdline = base_cmdline(cfg);
+        cmdline.push("reboot=t".into());
+        push(&["-append", &cmdline.join(" ")]);
+        push(&["-serial", &format!("file:{}", p.console.display())]);
+        push(&[
+            "-drive",
+            &format!("id=root,file={},format=raw,if=none,readonly=on", q(&cfg.rootfs)),
+            "-device",
+            "virtio-blk-device,drive=root",
+        ]);
+        push(&["-device", "virtio-rng-device"]);
+        push(&[
+            "-chardev",
+            &format!("socket,id=vsock,path={}", q(&p.vhost_sock)),
+            "-device",
+            "vhost-user-vsock-device,chardev=vsock",
+        ]);
+        push(&["-qmp", &format!("unix:{},server=on,wait=off", q(&p.qmp))]);
+        if self.sandbox {
+            push(&[
+                "-sandbox",
+                "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+            ]);
+        }
+        a
+    }
+}
+
+#[async_trait]
+impl VmmBackend for QemuBackend {
+    fn name(&self) -> &'static str {
+        "qemu"
+    }
+
+    async fn spawn(&self, cfg: &VmConfig) -> Result<Box<dyn Vm>, VmmError> {
+        let paths = VmPaths::new(cfg.vm_dir());
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(paths.dir.parent().unwrap_or(Path::new("/")))
+            .and_then(|_| std::fs::DirBuilder::new().mode(0o700).create(&paths.dir))
+            .map_err(|source| VmmError::StateDir {
+                path: paths.dir.clone(),
+                source,
+            })?;
+        // From here on, dropping `vm` releases whatever was started.
+        let vsock = HybridVsock::new(&paths.vsock);
+        let mut vm = QemuVm {
+            id: cfg.id.clone(),
+            ready: None,
+            vsock: vsock.clone(),
+            vhost: None,
+            qemu: None,
+            paths: paths.clone(),
+            removed: false,
+        };
+        vm.ready = Some(vsock.listen(GUEST_READY_PORT)?);
+
+        let mut vhost_cmd = Command::new(&self.vhost_vsock);
+        vhost_cmd
+            .arg("--guest-cid")
+            .arg(GUEST_CID.to_string())
+            .arg("--socket")
+            .arg(&paths.vhost_sock)
+            .arg("--uds-path")
+            .arg(&paths.vsock)
+            // A group of its own: no sibling guest can ever be reached.
+            .arg("--groups")
+            .arg(&cfg.id);
+        let vhost = vm
+            .vhost
+            .insert(Helper::spawn("vhost-device-vsock", vhost_cmd, &paths.vmm_log)?);
+        wait_for_path(&paths.vhost_sock, vhost, Duration::from_secs(5), &paths.vmm_log).await?;
+
+        let mut qemu_cmd = Command::new(&self.qemu);
+        qemu_cmd.args(self.qemu_args(cfg, &paths));
+        vm.qemu = Some(Helper::spawn("qemu", qemu_cmd, &paths.vmm_log)?);
+        tracing::debug!(vm = %cfg.id, pid = ?vm.pids(), "VM started");
+        Ok(Box::new(vm))
+    }
+}
+
+pub struct QemuVm {
+    id: String,
+    ready: Option<UnixListener>,
+    vsock: HybridVsock,
+    vhost: Option<Helper>,
+    qemu: Option<Helper>,
+    paths: VmPaths,
+    removed: bool,
+}
+
+async fn accept_ready(listener: &UnixListener) -> std::io::Result<()> {
+    let (mut s, _) = listener.accept().await?;
+    let mut buf = [0u8; 16];
+    let n = s.read(&mut buf).await?;
+    if buf[..n].starts_with(b"READY") {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!(
+            "unexpected readiness message {:?}",
+            String::from_utf8_lossy(&buf[..n])
+        )))
+    }
+}
+
+impl QemuVm {
+    fn console_tail(&self) -> String {
+        let mut tail = log_tail(&self.paths.console, CONSOLE_TAIL_LINES);
+        let vmm = log_tail(&self.paths.vmm_log, 10);
+        if !vmm.trim().is_empty() {
+            tail.push_str("\n--- VMM log ---\n");
+            tail.push_str(&vmm);
+        }
+        tail
+    }
+
+    async fn release(&mut self, grace: Duration) {
+        if let Some(q) = self.qemu.take() {
+            q.stop(grace).await;
+        }
+        if let Some(v) = self.vhost.take() {
+            v.stop(Duration::ZERO).await;
+        }
+        self.ready = None;
+        self.remove_dir();
+    }
+
+    fn remove_dir(&mut self) {
+        if !self.removed {
+            if let Err(e) = std::fs::remove_dir_all(&self.paths.dir) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(vm = %self.id, "cannot remove {}: {e}", self.paths.dir.display());
+                }
+            }
+            self.removed = true;
+        }
+    }
+}
+
+#[async_trait]
+impl Vm for QemuVm {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    async fn wait_ready(&mut self, timeout: Duration) -> Result<(), VmmError> {
+        let Some(listener) = self.ready.take() else {
+            return Ok(());
+        };
+        let (Some(qemu), Some(vhost)) = (self.qemu.as_mut(), self.vhost.as_mut()) else {
+            return Err(VmmError::Qmp("VM already stopped".into()));
+        };
+        let outcome = tokio::select! {
+            r = accept_ready(&listener) => r.map_err(|e| e.to_string()),
+            status = qemu.exited() => Err(format!("qemu: {status}")),
+            status = vhost.exited() => Err(format!("vhost-device-vsock: {status}")),
+            _ = tokio::time::sleep(timeout) => {
+                return Err(VmmError::BootTimeout { timeout, console_tail: self.console_tail() });
+            }
+        };
+        drop(listener);
+        let _ = std::fs::remove_file(self.vsock.host_port_path(GUEST_READY_PORT));
+        outcome.map_err(|status| VmmError::DiedDuringBoot {
+            status,
+            console_tail: self.console_tail(),
+        })
+    }
+
+    async fn wait_exited(&mut self, timeout: Duration) -> Option<String> {
+        let qemu = self.qemu.as_mut()?;
+        tokio::time::timeout(timeout, qemu.exited()).await.ok()
+    }
+
+    async fn connect(&self, port: u32) -> Result<UnixStream, VmmError> {
+        Ok(self.vsock.connect(port).await?)
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        [&self.qemu, &self.vhost]
+            .iter()
+            .filter_map(|h| h.as_ref().and_then(Helper::pid))
+            .collect()
+    }
+
+    fn dir(&self) -> &Path {
+        &self.paths.dir
+    }
+
+    async fn shutdown(mut self: Box<Self>, grace: Duration) {
+        if let Ok(mut qmp) = Qmp::connect(&self.paths.qmp).await {
+            let _ = qmp.execute("quit", None).await;
+        }
+        self.release(grace).await;
+    }
+
+    async fn kill(mut self: Box<Self>) {
+        self.release(Duration::ZERO).await;
+    }
+}
+
+impl Drop for QemuVm {
+    fn drop(&mut self) {
+        // Helpers are killed by their own Drop (kill_on_drop) and reaped by tokio.
+        self.qemu = None;
+        self.vhost = None;
+        self.remove_dir();
+    }
+}
+
+impl QemuVm {
+    /// The hybrid-vsock endpoint of this VM.
+    pub fn vsock(&self) -> &HybridVsock {
+        &self.vsock
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::VmSize;
+
+    #[test]
+    fn command_line_has_the_devices_and_limits() {
+        let backend = QemuBackend {
+            qemu: "qemu".into(),
+            vhost_vsock: "v".into(),
+            accel: AccelChoice {
+                accel: Accel::Tcg,
+                reason: String::new(),
+            },
+            sandbox: true,
+        };
+        let cfg = VmConfig {
+            id: "abc".into(),
+            size: VmSize::Large,
+            kernel: "/k/vmlinux".into(),
+            rootfs: "/r,x/rootfs.ext4".into(),
+            state_dir: "/s".into(),
+            extra_cmdline: vec![],
+        };
+        let a = backend.qemu_args(&cfg, &VmPaths::new(cfg.vm_dir())).join(" ");
+        for want in [
+            "-accel tcg",
+            "-m 1024M -smp 4",
+            "size=1024M,share=on",
+            "file=/r,,x/rootfs.ext4,format=raw,if=none,readonly=on",
+            "vhost-user-vsock-device",
+            "-no-reboot",
+            "spawn=deny",
+            "init=/sbin/neurovisor-agent",
+        ] {
+            assert!(a.contains(want), "missing {want:?} in {a}");
+        }
+    }
+}

@@ -1,0 +1,116 @@
+//! Shared helpers for the VM integration tests: a sandbox with its own state
+//! directory, and the check that nothing of a test's VMs is left on the host.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use neurovisor::images::{ImageSelection, ImageSet};
+use neurovisor::vmm::qemu::QemuOptions;
+use neurovisor::vmm::QemuBackend;
+use neurovisor::{ExecError, ExecOutcome, ExecRequest, Output, Sandbox, VmSize};
+
+pub struct TestEnv {
+    pub state: tempfile::TempDir,
+    pub sandbox: Sandbox,
+}
+
+pub fn images(name: &str) -> ImageSet {
+    ImageSet::resolve(&ImageSelection {
+        image: Some(name.into()),
+        ..Default::default()
+    })
+    .unwrap_or_else(|e| panic!("the VM tests need the guest images: {e}"))
+}
+
+pub fn env() -> TestEnv {
+    env_with_image("default")
+}
+
+pub fn env_with_image(name: &str) -> TestEnv {
+    let state = tempfile::Builder::new()
+        .prefix("nvtest-")
+        .tempdir()
+        .expect("state dir");
+    let backend = QemuBackend::new(&QemuOptions::default()).expect("qemu backend");
+    let sandbox = Sandbox::new(Arc::new(backend), images(name), state.path().to_path_buf());
+    TestEnv { state, sandbox }
+}
+
+/// The result of one execution with its output collected.
+pub struct Ran {
+    pub outcome: ExecOutcome,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+impl Ran {
+    pub fn out(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+    pub fn err(&self) -> String {
+        String::from_utf8_lossy(&self.stderr).into_owned()
+    }
+}
+
+impl TestEnv {
+    pub async fn try_run(&self, req: &ExecRequest) -> Result<Ran, ExecError> {
+        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        let mut sink = |o: Output<'_>| match o {
+            Output::Stdout(b) => stdout.extend_from_slice(b),
+            Output::Stderr(b) => stderr.extend_from_slice(b),
+        };
+        let outcome = self.sandbox.run(req, VmSize::Small, &mut sink).await?;
+        Ok(Ran {
+            outcome,
+            stdout,
+            stderr,
+        })
+    }
+
+    pub async fn run(&self, lang: &str, code: &str) -> Ran {
+        self.run_req(&ExecRequest::new(lang, code)).await
+    }
+
+    pub async fn run_req(&self, req: &ExecRequest) -> Ran {
+        self.try_run(req)
+            .await
+            .unwrap_or_else(|e| panic!("{} execution failed: {e}", req.language))
+    }
+
+    pub fn assert_clean(&self) {
+        assert_no_leftovers(self.state.path());
+    }
+}
+
+/// Host processes whose command line mentions `needle`.
+pub fn processes_mentioning(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let me = std::process::id();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        if let Ok(raw) = std::fs::read(entry.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&raw).replace('\0', " ");
+            if cmd.contains(needle) {
+                found.push(format!("{pid}: {cmd}"));
+            }
+        }
+    }
+    found
+}
+
+/// No VM process, socket or directory of this state dir remains.
+pub fn assert_no_leftovers(state: &Path) {
+    let procs = processes_mentioning(&state.display().to_string());
+    assert!(procs.is_empty(), "VM processes left behind: {procs:#?}");
+    let vms: PathBuf = state.join("vms");
+    let left: Vec<_> = std::fs::read_dir(&vms)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "VM state left behind: {left:?}");
+}

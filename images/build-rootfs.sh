@@ -1,0 +1,204 @@
+#!/usr/bin/env bash
+# Build a NeuroVisor guest root filesystem image (read-only ext4) with the guest agent as init.
+#
+#   build-rootfs.sh [--image default|full] --agent PATH_TO_AGENT_BINARY
+#
+# Base (debootstrap, cached):  $CACHE/rootfs-base/<basekey>/root/   (+ .complete marker, written last)
+# Final image (cached):        $CACHE/rootfs/<key>/rootfs.ext4, languages.json
+# Published symlink:           $CACHE/images/<image> -> $CACHE/rootfs/<key>
+# basekey = sha256(image name + package list + this script); key = sha256(basekey + sha256(agent)).
+set -euo pipefail
+
+SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+SCRIPT_PATH="$SCRIPT_DIR/$(basename "${BASH_SOURCE[0]}")"
+CACHE="${NEUROVISOR_CACHE_DIR:-$HOME/.cache/neurovisor}"
+MIRROR="${NEUROVISOR_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+SUITE=bookworm
+
+die() { echo "build-rootfs: error: $*" >&2; exit 1; }
+log() { echo "build-rootfs: $*"; }
+usage() { echo "usage: $0 [--image default|full] --agent PATH_TO_AGENT_BINARY" >&2; exit 2; }
+
+image=default
+agent=""
+while (($#)); do
+    case "$1" in
+        --image) [[ $# -ge 2 ]] || usage; image="$2"; shift 2 ;;
+        --image=*) image="${1#*=}"; shift ;;
+        --agent) [[ $# -ge 2 ]] || usage; agent="$2"; shift 2 ;;
+        --agent=*) agent="${1#*=}"; shift ;;
+        -h|--help) usage ;;
+        *) echo "build-rootfs: unknown argument: $1" >&2; usage ;;
+    esac
+done
+[[ -n "$agent" ]] || usage
+[[ -f "$agent" ]] || die "agent binary not found: $agent"
+
+case "$image" in
+    default) packages="python3,bash,nodejs" ;;
+    # rustc needs a linker (`cc`) and libc headers/crt files to link binaries.
+    full) packages="python3,bash,nodejs,golang-go,rustc,gcc,libc6-dev" ;;
+    *) die "unknown image '$image' (expected default or full)" ;;
+esac
+
+[[ $EUID -eq 0 ]] || die "must run as root (debootstrap, chroot, file ownership)"
+for tool in debootstrap chroot unshare mkfs.ext4 sha256sum flock; do
+    command -v "$tool" >/dev/null || die "missing tool '$tool' (apt-get install debootstrap e2fsprogs util-linux)"
+done
+
+sha() { sha256sum | cut -c1-16; }
+basekey="$(cat <(printf '%s\n%s\n%s\n' "$image" "$packages" "$SUITE") "$SCRIPT_PATH" | sha)"
+agent_sha="$(sha256sum "$agent" | cut -d' ' -f1)"
+key="$(printf '%s\n%s\n' "$basekey" "$agent_sha" | sha)"
+
+base="$CACHE/rootfs-base/$basekey"
+out="$CACHE/rootfs/$key"
+link="$CACHE/images/$image"
+
+# Atomically point $CACHE/images/<image> at the final image directory.
+publish() {
+    mkdir -p "$CACHE/images"
+    ln -sfn "$out" "$link.tmp.$$"
+    mv -Tf "$link.tmp.$$" "$link"
+}
+
+if [[ -f "$out/rootfs.ext4" ]]; then
+    publish
+    log "cached: $link -> $out"
+    exit 0
+fi
+
+mkdir -p "$CACHE/rootfs" "$CACHE/rootfs-base"
+exec 9>"$CACHE/rootfs/.lock-$image"
+flock 9
+start=$SECONDS
+
+# Run a shell snippet inside the rootfs with a private /proc (unmounted automatically with the namespace).
+in_root() {
+    # shellcheck disable=SC2016 # $0 expands in the inner shell
+    unshare --mount --propagation private -- \
+        chroot "$1" /bin/sh -c 'mount -t proc proc /proc && exec /bin/sh -c "$0"' "$2"
+}
+
+build_base() {
+    local tmp="$base.tmp"
+    rm -rf "$base" "$tmp"
+    mkdir -p "$tmp"
+    log "base: debootstrap --variant=minbase $SUITE with $packages (mirror $MIRROR)"
+    local dlog="$CACHE/rootfs-base/$basekey.debootstrap.log"
+    if ! debootstrap --variant=minbase --include="$packages" "$SUITE" "$tmp/root" "$MIRROR" >"$dlog" 2>&1; then
+        tail -n 40 "$dlog" >&2
+        [[ -f "$tmp/root/debootstrap/debootstrap.log" ]] && tail -n 40 "$tmp/root/debootstrap/debootstrap.log" >&2
+        die "debootstrap failed (log: $dlog)"
+    fi
+    rm -f "$dlog"
+    local r="$tmp/root"
+
+    log "base: sandbox user, directories, languages.json"
+    in_root "$r" '
+        set -e
+        groupadd -g 1000 sandbox
+        useradd -u 1000 -g 1000 -m -d /home/sandbox -s /bin/bash sandbox
+        mkdir -p /overlay /proc /sys /dev /run /tmp /etc/neurovisor
+        chmod 1777 /tmp
+        chmod 0755 /overlay /run
+    '
+    # Interpreter versions, as plain version strings.
+    local versions
+    # shellcheck disable=SC2016 # expands inside the chroot
+    versions="$(in_root "$r" '
+        command -v python3 >/dev/null && echo "python $(python3 --version 2>&1 | cut -d" " -f2)"
+        command -v bash >/dev/null && echo "bash $(bash --version | head -n1 | sed -E "s/.*version ([0-9.]+).*/\1/")"
+        command -v node >/dev/null && echo "javascript $(node --version | sed "s/^v//")"
+        command -v go >/dev/null && echo "go $(go version | cut -d" " -f3 | sed "s/^go//")"
+        command -v rustc >/dev/null && echo "rust $(rustc --version | cut -d" " -f2)"
+        true
+    ')"
+    local json="[" sep="" name version
+    while read -r name version; do
+        [[ -n "$name" && "$version" =~ ^[0-9][0-9A-Za-z.+~-]*$ ]] || die "bad version line: '$name $version'"
+        json+="$sep{\"name\": \"$name\", \"version\": \"$version\"}"
+        sep=", "
+    done <<<"$versions"
+    json+="]"
+    printf '%s\n' "$json" >"$r/etc/neurovisor/languages.json"
+    log "base: languages: $json"
+
+    log "base: trimming apt caches, docs, man pages, locales"
+    rm -rf "$r"/var/cache/apt/* "$r"/var/lib/apt/lists/* "$r"/var/cache/debconf/*-old \
+        "$r"/usr/share/doc/* "$r"/usr/share/man/* "$r"/usr/share/info/* "$r"/usr/share/lintian \
+        "$r"/usr/share/locale/* "$r"/var/log/* "$r"/debootstrap
+    find "$r/var/cache" "$r/tmp" -mindepth 1 -delete 2>/dev/null || true
+
+    printf '%s\n' "$image" >"$tmp/image"
+    touch "$tmp/.complete"
+    mv -T "$tmp" "$base"
+
+    # An older base of the same image name is superseded (its package list or this script changed).
+    local old
+    for old in "$CACHE"/rootfs-base/*/; do
+        old="${old%/}"
+        [[ "$old" != "$base" && -f "$old/image" && "$(cat "$old/image")" == "$image" ]] || continue
+        log "base: pruning superseded $old"
+        rm -rf "$old"
+    done
+}
+
+if [[ -f "$base/.complete" ]]; then
+    log "base: cached $base"
+else
+    build_base
+    log "base: built in $((SECONDS - start))s: $base"
+fi
+
+# Final image: hardlinked staging copy + agent, then mkfs.ext4 -d (no loop mounts).
+staging="$CACHE/rootfs/.staging-$key"
+tmp_out="$CACHE/rootfs/.tmp-$key"
+rm -rf "$staging" "$tmp_out"
+trap 'rm -rf "$staging" "$tmp_out"' EXIT
+cp -al "$base/root" "$staging"
+
+log "installing agent $agent as /sbin/neurovisor-agent"
+agent_dst="$staging/usr/sbin/neurovisor-agent"
+[[ -L "$staging/sbin" ]] || agent_dst="$staging/sbin/neurovisor-agent"
+rm -f "$agent_dst"  # never write through a hardlink into the cached base
+cp "$agent" "$agent_dst.new"
+chown 0:0 "$agent_dst.new"
+chmod 0755 "$agent_dst.new"
+mv -f "$agent_dst.new" "$agent_dst"
+
+used_kib="$(du -sk "$staging" | cut -f1)"
+files="$(find "$staging" -xdev | wc -l)"
+size_mib=$(((used_kib * 12 / 10) / 1024 + 64))
+inodes=$((files * 12 / 10 + 4096))
+mkdir -p "$tmp_out"
+log "mkfs.ext4: ${size_mib} MiB, $inodes inodes ($((used_kib / 1024)) MiB of files)"
+truncate -s "${size_mib}M" "$tmp_out/rootfs.ext4"
+# Read-only root: no journal, no reserved blocks.
+mkfs.ext4 -q -F -d "$staging" -L neurovisor-root -N "$inodes" -m 0 -O ^has_journal \
+    "$tmp_out/rootfs.ext4"
+cp "$staging/etc/neurovisor/languages.json" "$tmp_out/languages.json"
+printf '%s\n' "$image" >"$tmp_out/image"
+printf '%s\n' "$agent_sha" >"$tmp_out/agent.sha256"
+rm -rf "$out"
+mv -T "$tmp_out" "$out"
+rm -rf "$staging"
+trap - EXIT
+publish
+
+# Prune older final images of this image name that no published symlink points to.
+for dir in "$CACHE"/rootfs/*/; do
+    dir="${dir%/}"
+    [[ -f "$dir/image" && "$(cat "$dir/image")" == "$image" ]] || continue
+    referenced=false
+    for l in "$CACHE"/images/*; do
+        [[ -L "$l" && "$(readlink -f "$l")" == "$(readlink -f "$dir")" ]] && referenced=true
+    done
+    if ! $referenced; then
+        log "pruning unreferenced $dir"
+        rm -rf "$dir"
+    fi
+done
+
+log "done in $((SECONDS - start))s ($(du -h --apparent-size "$out/rootfs.ext4" | cut -f1) image)"
+log "image: $link/rootfs.ext4 -> $out/rootfs.ext4"
