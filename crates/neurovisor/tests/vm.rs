@@ -295,6 +295,7 @@ async fn a_vm_that_cannot_boot_reports_its_console() {
         .arg(&empty)
         .arg(&img)
         .arg("8M")
+        .stdout(std::process::Stdio::null())
         .status()
         .expect("mkfs.ext4");
     assert!(st.success());

@@ -108,9 +108,45 @@ pub fn choose(forced: Option<Accel>, probe: &KvmProbe) -> AccelChoice {
     }
 }
 
+/// The host's TSC rate in kHz, measured once per process (~10 ms).
+///
+/// Under TCG the guest's `rdtsc` returns the host's TSC, and microvm offers the
+/// guest nothing but the PIT to calibrate it against; on a busy host that
+/// calibration fails and the guest hangs in `calibrate_delay()`. Passing
+/// `tsc_early_khz=` skips the calibration.
+pub fn host_tsc_khz() -> Option<u64> {
+    static KHZ: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *KHZ.get_or_init(measure_tsc_khz)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn measure_tsc_khz() -> Option<u64> {
+    use std::time::{Duration, Instant};
+    // SAFETY: rdtsc has no preconditions on x86-64.
+    let tsc = || unsafe { core::arch::x86_64::_rdtsc() };
+    let (t0, c0) = (Instant::now(), tsc());
+    std::thread::sleep(Duration::from_millis(10));
+    let (c1, t1) = (tsc(), Instant::now());
+    let nanos = t1.duration_since(t0).as_nanos() as u64;
+    let khz = c1.checked_sub(c0)?.checked_mul(1_000_000)? / nanos.max(1);
+    // Anything outside 100 MHz .. 10 GHz is a measurement gone wrong.
+    (100_000..10_000_000).contains(&khz).then_some(khz)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn measure_tsc_khz() -> Option<u64> {
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tsc_rate_is_plausible() {
+        let khz = host_tsc_khz().expect("x86-64 host");
+        assert!((100_000..10_000_000).contains(&khz), "{khz}");
+    }
 
     fn good() -> KvmProbe {
         KvmProbe {

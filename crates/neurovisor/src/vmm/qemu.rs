@@ -15,7 +15,7 @@ use tokio::io::AsyncReadExt;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::process::Command;
 
-use super::accel::{choose, Accel, AccelChoice, KvmProbe};
+use super::accel::{choose, host_tsc_khz, Accel, AccelChoice, KvmProbe};
 use super::process::{wait_for_path, Helper};
 use super::qmp::Qmp;
 use super::{base_cmdline, find_binary, log_tail, Vm, VmConfig, VmmBackend, VmmError};
@@ -127,7 +127,16 @@ impl QemuBackend {
         push(&["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]);
         push(&["-kernel", &cfg.kernel.display().to_string()]);
         let mut cmdline = base_cmdline(cfg);
+        // Triple-fault reboot + -no-reboot: a guest reboot ends the QEMU process.
         cmdline.push("reboot=t".into());
+        if self.accel.accel == Accel::Tcg {
+            // See accel::host_tsc_khz. tsc=reliable keeps the TSC clocksource
+            // with several vCPUs (TCG vCPUs' TSCs look unsynchronized).
+            if let Some(khz) = host_tsc_khz() {
+                cmdline.push(format!("tsc_early_khz={khz}"));
+            }
+            cmdline.push("tsc=reliable".into());
+        }
         push(&["-append", &cmdline.join(" ")]);
         push(&["-serial", &format!("file:{}", p.console.display())]);
         push(&[
@@ -377,6 +386,7 @@ mod tests {
             "-no-reboot",
             "spawn=deny",
             "init=/sbin/neurovisor-agent",
+            "tsc=reliable tsc_early_khz=",
         ] {
             assert!(a.contains(want), "missing {want:?} in {a}");
         }

@@ -55,12 +55,16 @@ impl Ran {
 
 impl TestEnv {
     pub async fn try_run(&self, req: &ExecRequest) -> Result<Ran, ExecError> {
+        self.try_run_sized(req, VmSize::Small).await
+    }
+
+    pub async fn try_run_sized(&self, req: &ExecRequest, size: VmSize) -> Result<Ran, ExecError> {
         let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
         let mut sink = |o: Output<'_>| match o {
             Output::Stdout(b) => stdout.extend_from_slice(b),
             Output::Stderr(b) => stderr.extend_from_slice(b),
         };
-        let outcome = self.sandbox.run(req, VmSize::Small, &mut sink).await?;
+        let outcome = self.sandbox.run(req, size, &mut sink).await?;
         Ok(Ran {
             outcome,
             stdout,
