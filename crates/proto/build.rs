@@ -2,7 +2,11 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/execution.proto"];
+    let protos = [
+        "proto/execution.proto",
+        "proto/sandbox.proto",
+        "proto/inference.proto",
+    ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

@@ -222,6 +222,11 @@ impl Sandbox {
         &self.images
     }
 
+    /// The backend and images, e.g. to rebuild a sandbox on another state dir.
+    pub fn into_parts(self) -> (Arc<dyn VmmBackend>, ImageSet) {
+        (self.backend, self.images)
+    }
+
     pub fn backend(&self) -> &dyn VmmBackend {
         self.backend.as_ref()
     }
@@ -321,6 +326,25 @@ impl ReadyVm {
 
     pub fn pids(&self) -> Vec<u32> {
         self.vm.as_ref().map(|v| v.pids()).unwrap_or_default()
+    }
+
+    /// Without blocking: `Some(how)` if the VM's processes have exited.
+    pub fn check_exited(&mut self) -> Option<String> {
+        match self.vm.as_mut() {
+            Some(vm) => vm.check_exited(),
+            None => Some("destroyed".into()),
+        }
+    }
+
+    /// Asks the agent for Health again (a warm VM may have gone bad while idle).
+    pub async fn check_health(&mut self, timeout: Duration) -> Result<(), ExecError> {
+        let call = self.client.health(HealthRequest {});
+        match tokio::time::timeout(timeout, call).await {
+            Ok(Ok(h)) if h.get_ref().ready => Ok(()),
+            Ok(Ok(_)) => Err(ExecError::Protocol("agent reports not ready".into())),
+            Ok(Err(s)) => Err(GuestError::from(s).into()),
+            Err(_) => Err(ExecError::Unresponsive(timeout)),
+        }
     }
 
     /// Runs the request, forwarding output as it arrives.

@@ -5,6 +5,11 @@
 //! - [`images`]: where the guest kernel and root filesystems live, and how they are built.
 //! - [`exec`]: one execution end to end: boot, run, stream, destroy.
 //! - [`config`]: VM size tiers and host paths.
+//! - [`pool`]: the pre-warmed VM pool (one VM per execution, bounded by `max`).
+//! - [`server`]: the daemon: gRPC API (`neurovisor.v1.Sandbox`, inference, health,
+//!   reflection), `/metrics`, lifecycle.
+//! - [`llm`]: LLM clients (Ollama).
+//! - [`metrics`]: Prometheus metrics.
 //! - [`doctor`]: checks that the host can run VMs and says how to fix what is missing.
 
 pub mod channel;
@@ -12,6 +17,10 @@ pub mod config;
 pub mod doctor;
 pub mod exec;
 pub mod images;
+pub mod llm;
+pub mod metrics;
+pub mod pool;
+pub mod server;
 pub mod vmm;
 
 pub use config::VmSize;

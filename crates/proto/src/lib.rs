@@ -9,6 +9,18 @@ pub mod guest {
     tonic::include_proto!("neurovisor.guest.v1");
 }
 
+/// The daemon's public API (`neurovisor serve`).
+pub mod v1 {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("neurovisor.v1");
+}
+
+/// LLM inference proxied to Ollama.
+pub mod inference {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("inference");
+}
+
 /// Encoded `FileDescriptorSet` of every service, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("neurovisor_descriptor");
 

@@ -3,7 +3,9 @@
 mod bench;
 mod doctor;
 mod images;
+mod remote;
 mod run;
+mod serve;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -25,14 +27,18 @@ pub const EXIT_TIMEOUT: u8 = 124;
 #[command(
     name = "neurovisor",
     version,
-    about = "Run untrusted code in ephemeral microVMs"
+    about = "Run untrusted code in ephemeral microVMs",
+    long_about = "Run untrusted code in ephemeral microVMs.\n\nWithout a subcommand, `neurovisor [--warm N --max M --size S ...]` starts the daemon (same as `neurovisor serve`).",
+    args_conflicts_with_subcommands = true
 )]
 pub struct Cli {
     /// More log output on stderr (-v info, -vv debug); NEUROVISOR_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: serve::ServeArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -42,6 +48,8 @@ enum Command {
     /// Exit status: the program's own; 128+N if it was killed by signal N;
     /// 124 if it hit the time limit; 2 for bad input; 125 if the sandbox failed.
     Run(run::RunArgs),
+    /// Run the daemon: a pre-warmed VM pool behind a gRPC API, plus /metrics.
+    Serve(serve::ServeArgs),
     /// Check that this host can run VMs, and say how to fix what is missing.
     Doctor(doctor::DoctorArgs),
     /// Build the guest kernel and root filesystem images (cached).
@@ -125,10 +133,12 @@ pub fn init_logging(verbose: u8) {
 
 pub async fn dispatch(cli: Cli) -> u8 {
     match cli.command {
-        Command::Run(a) => run::run(a).await,
-        Command::Doctor(a) => doctor::doctor(a),
-        Command::Images(c) => images::images(c).await,
-        Command::Bench(c) => bench::bench(c).await,
+        None => serve::serve(cli.serve).await,
+        Some(Command::Serve(a)) => serve::serve(a).await,
+        Some(Command::Run(a)) => run::run(a).await,
+        Some(Command::Doctor(a)) => doctor::doctor(a),
+        Some(Command::Images(c)) => images::images(c).await,
+        Some(Command::Bench(c)) => bench::bench(c).await,
     }
 }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::Args;
 use neurovisor::exec::DEFAULT_MAX_OUTPUT;
-use neurovisor::{ExecError, ExecOutcome, ExecRequest, Output, VmSize};
+use neurovisor::{ExecOutcome, ExecRequest, Output, VmSize};
 use serde_json::json;
 
 use super::{parse_duration, VmArgs, EXIT_BAD_INPUT, EXIT_SANDBOX_ERROR, EXIT_TIMEOUT};
@@ -46,6 +46,13 @@ pub struct RunArgs {
     /// Print one JSON object with the output and the result instead of streaming.
     #[arg(long)]
     json: bool,
+    /// Run through the daemon at this address (default: the daemon at
+    /// 127.0.0.1:50051 when one is running, else a VM booted directly).
+    #[arg(long, env = "NEUROVISOR_ADDR", conflicts_with = "local")]
+    addr: Option<String>,
+    /// Always boot a VM directly, even when a daemon is running.
+    #[arg(long, env = "NEUROVISOR_LOCAL")]
+    local: bool,
     #[command(flatten)]
     vm: VmArgs,
 }
@@ -159,14 +166,23 @@ pub async fn run(a: RunArgs) -> u8 {
         Ok(r) => r,
         Err(m) => return fail(a.json, "invalid_request", &m, EXIT_BAD_INPUT),
     };
-    let sandbox = match a.vm.sandbox() {
-        Ok(s) => s,
-        Err(m) => return fail(a.json, "sandbox", &m, EXIT_SANDBOX_ERROR),
+    let daemon = match (&a.addr, a.local) {
+        (Some(addr), _) => Some(addr.clone()),
+        (None, false) => super::remote::default_daemon().await,
+        (None, true) => None,
     };
-    if let Err(e) = req.validate(sandbox.images()) {
-        return fail(a.json, "invalid_request", &e.to_string(), EXIT_BAD_INPUT);
+    let sandbox = match &daemon {
+        Some(_) => None,
+        None => match a.vm.sandbox() {
+            Ok(s) => Some(s),
+            Err(m) => return fail(a.json, "sandbox", &m, EXIT_SANDBOX_ERROR),
+        },
+    };
+    if let Some(sb) = &sandbox {
+        if let Err(e) = req.validate(sb.images()) {
+            return fail(a.json, "invalid_request", &e.to_string(), EXIT_BAD_INPUT);
+        }
     }
-
     let (mut out_buf, mut err_buf) = (Vec::new(), Vec::new());
     let json_mode = a.json;
     let mut sink = |o: Output<'_>| {
@@ -183,7 +199,6 @@ pub async fn run(a: RunArgs) -> u8 {
             (Output::Stderr(b), true) => err_buf.extend_from_slice(b),
         }
     };
-
     let mut sigterm = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(s) => s,
         Err(e) => {
@@ -195,11 +210,29 @@ pub async fn run(a: RunArgs) -> u8 {
             )
         }
     };
-    let mut execution = Box::pin(sandbox.run(&req, a.size, &mut sink));
+    let mut execution = Box::pin(async {
+        match (&sandbox, &daemon) {
+            (Some(sb), _) => sb.run(&req, a.size, &mut sink).await.map_err(|e| {
+                let kind = if e.is_invalid_request() {
+                    Kind::Invalid
+                } else {
+                    Kind::Sandbox
+                };
+                (kind, e.to_string())
+            }),
+            (None, Some(addr)) => super::remote::execute(addr, &req, &mut sink)
+                .await
+                .map_err(|e| match e {
+                    super::remote::RemoteError::Invalid(m) => (Kind::Invalid, m),
+                    super::remote::RemoteError::Other(m) => (Kind::Sandbox, m),
+                }),
+            (None, None) => Err((Kind::Sandbox, "no sandbox".to_string())),
+        }
+    });
     let result = tokio::select! {
         r = &mut execution => r,
         _ = tokio::signal::ctrl_c() => {
-            drop(execution); // kills the VM and removes its state
+            drop(execution); // kills the VM (or cancels the daemon request, which frees it)
             return fail(a.json, "interrupted", "interrupted; the VM was destroyed", 130);
         }
         _ = sigterm.recv() => {
@@ -208,17 +241,31 @@ pub async fn run(a: RunArgs) -> u8 {
         }
     };
     drop(execution);
+    finish(&a, &req, result, &out_buf, &err_buf)
+}
 
+enum Kind {
+    Invalid,
+    Sandbox,
+}
+
+fn finish(
+    a: &RunArgs,
+    req: &ExecRequest,
+    result: Result<ExecOutcome, (Kind, String)>,
+    out_buf: &[u8],
+    err_buf: &[u8],
+) -> u8 {
     match result {
         Ok(o) => {
-            let notes = notes(&o, &req, a.size);
+            let notes = notes(&o, req, a.size);
             if a.json {
                 let mut v = serde_json::to_value(&o).unwrap_or_default();
                 v["ok"] = json!(true);
                 v["language"] = json!(req.language);
                 v["size"] = json!(a.size);
-                v["stdout"] = json!(String::from_utf8_lossy(&out_buf));
-                v["stderr"] = json!(String::from_utf8_lossy(&err_buf));
+                v["stdout"] = json!(String::from_utf8_lossy(out_buf));
+                v["stderr"] = json!(String::from_utf8_lossy(err_buf));
                 v["notes"] = json!(notes);
                 println!("{v}");
             } else {
@@ -232,11 +279,8 @@ pub async fn run(a: RunArgs) -> u8 {
                 u8::try_from(o.shell_status().clamp(0, 255)).unwrap_or(1)
             }
         }
-        Err(e @ ExecError::InvalidRequest(_)) => {
-            fail(a.json, "invalid_request", &e.to_string(), EXIT_BAD_INPUT)
-        }
-        Err(e) if e.is_invalid_request() => fail(a.json, "invalid_request", &e.to_string(), EXIT_BAD_INPUT),
-        Err(e) => fail(a.json, "sandbox", &e.to_string(), EXIT_SANDBOX_ERROR),
+        Err((Kind::Invalid, m)) => fail(a.json, "invalid_request", &m, EXIT_BAD_INPUT),
+        Err((Kind::Sandbox, m)) => fail(a.json, "sandbox", &m, EXIT_SANDBOX_ERROR),
     }
 }
 

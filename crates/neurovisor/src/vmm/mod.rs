@@ -7,9 +7,13 @@
 //! so no error path, timeout or cancellation leaks it.
 
 pub mod accel;
+pub mod fc_api;
+pub mod firecracker;
+pub mod jailer;
 pub mod process;
 pub mod qemu;
 pub mod qmp;
+pub mod select;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -21,7 +25,9 @@ use crate::channel::vsock::VsockError;
 use crate::config::VmSize;
 
 pub use accel::{Accel, AccelChoice};
+pub use firecracker::{FirecrackerBackend, FirecrackerOptions};
 pub use qemu::QemuBackend;
+pub use select::{select_backend, BackendKind, BackendOptions};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
@@ -53,6 +59,24 @@ pub enum VmmError {
     Channel(#[from] VsockError),
     #[error("QMP: {0}")]
     Qmp(String),
+    /// A Firecracker API call was refused (`fault` is Firecracker's `fault_message`)
+    /// or got no answer (`status` is `None`).
+    #[error("Firecracker API call {call} failed{}: {fault}{}", status_suffix(.status), tail_suffix(.log_tail))]
+    FirecrackerApi {
+        call: String,
+        status: Option<u16>,
+        fault: String,
+        log_tail: String,
+    },
+    #[error("jailer: {0}")]
+    Jail(String),
+    /// The backend does not implement this operation (e.g. snapshots on QEMU).
+    #[error("not supported: {0}")]
+    Unsupported(String),
+}
+
+fn status_suffix(status: &Option<u16>) -> String {
+    status.map(|s| format!(" (HTTP {s})")).unwrap_or_default()
 }
 
 fn tail_suffix(tail: &str) -> String {
@@ -111,6 +135,16 @@ pub trait VmmBackend: Send + Sync {
     fn name(&self) -> &'static str;
     /// Starts a VM. On error nothing of it is left behind.
     async fn spawn(&self, cfg: &VmConfig) -> Result<Box<dyn Vm>, VmmError>;
+    /// Starts a VM from a full snapshot (made by [`Vm::create_snapshot`]) and
+    /// resumes it. `cfg` gives the new VM's id and state directory; the guest
+    /// agent is already serving, so `wait_ready` only checks that it answers.
+    async fn restore(&self, cfg: &VmConfig, snapshot: &Path, mem: &Path) -> Result<Box<dyn Vm>, VmmError> {
+        let _ = (cfg, snapshot, mem);
+        Err(VmmError::Unsupported(format!(
+            "the {} backend cannot restore snapshots",
+            self.name()
+        )))
+    }
 }
 
 /// One running microVM.
@@ -123,6 +157,8 @@ pub trait Vm: Send + Sync {
     /// Waits until the VMM process exits on its own (e.g. the guest powered off)
     /// and describes how; `None` if it is still running after `timeout`.
     async fn wait_exited(&mut self, timeout: Duration) -> Option<String>;
+    /// Without blocking: `Some(how)` if the VM's VMM or a helper has exited.
+    fn check_exited(&mut self) -> Option<String>;
     /// Opens a stream to a guest vsock port.
     async fn connect(&self, port: u32) -> Result<UnixStream, VmmError>;
     /// Host process ids of the VM (VMM and helpers), for accounting and tests.
@@ -133,6 +169,22 @@ pub trait Vm: Send + Sync {
     async fn shutdown(self: Box<Self>, grace: Duration);
     /// Kills the VM at once and releases everything.
     async fn kill(self: Box<Self>);
+    /// Pauses the guest's vCPUs (a snapshot needs a paused VM).
+    async fn pause(&self) -> Result<(), VmmError> {
+        Err(VmmError::Unsupported("this VMM backend cannot pause VMs".into()))
+    }
+    /// Resumes a paused VM.
+    async fn resume(&self) -> Result<(), VmmError> {
+        Err(VmmError::Unsupported("this VMM backend cannot resume VMs".into()))
+    }
+    /// Writes a full snapshot of a paused VM: device state to `snapshot_path`,
+    /// guest memory to `mem_path`.
+    async fn create_snapshot(&self, snapshot_path: &Path, mem_path: &Path) -> Result<(), VmmError> {
+        let _ = (snapshot_path, mem_path);
+        Err(VmmError::Unsupported(
+            "this VMM backend cannot create snapshots".into(),
+        ))
+    }
 }
 
 /// Last lines of a log file, for error messages.

@@ -116,3 +116,28 @@ pub async fn wait_for_path(
     }
     Ok(())
 }
+
+/// SIGKILLs every process whose command line mentions `needle` (a VM directory:
+/// every process of a VM names it in its arguments). Returns how many.
+pub fn kill_processes_mentioning(needle: &str) -> usize {
+    let me = std::process::id();
+    let mut n = 0;
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if pid as u32 == me {
+            continue;
+        }
+        let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        if String::from_utf8_lossy(&raw).replace('\0', " ").contains(needle)
+            && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL)
+                .is_ok()
+        {
+            n += 1;
+        }
+    }
+    n
+}

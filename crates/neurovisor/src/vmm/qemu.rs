@@ -309,6 +309,20 @@ impl Vm for QemuVm {
         tokio::time::timeout(timeout, qemu.exited()).await.ok()
     }
 
+    fn check_exited(&mut self) -> Option<String> {
+        for (name, helper) in [("qemu", &mut self.qemu), ("vhost-device-vsock", &mut self.vhost)] {
+            match helper.as_mut() {
+                None => return Some(format!("{name}: stopped")),
+                Some(h) => {
+                    if let Some(status) = h.try_exited() {
+                        return Some(format!("{name}: {status}"));
+                    }
+                }
+            }
+        }
+        None
+    }
+
     async fn connect(&self, port: u32) -> Result<UnixStream, VmmError> {
         Ok(self.vsock.connect(port).await?)
     }

@@ -1,0 +1,212 @@
+//! `neurovisor serve` (and the seed-style `neurovisor --warm N --max M`): the daemon.
+//!
+//! Settings come from flags, their environment variables, a TOML config file
+//! (`--config`), and defaults, in that order of precedence.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use neurovisor::llm::ollama::DEFAULT_OLLAMA_HOST;
+use neurovisor::pool::PoolConfig;
+use neurovisor::server::{self, DaemonConfig};
+use neurovisor::{config, VmSize};
+use serde::Deserialize;
+
+use super::{parse_duration, VmArgs, EXIT_BAD_INPUT, EXIT_SANDBOX_ERROR};
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Pre-warmed VMs kept ready [default: 3].
+    #[arg(long, env = "NEUROVISOR_POOL_SIZE")]
+    pub warm: Option<usize>,
+    /// Most VMs alive at once, warm + busy [default: 10].
+    #[arg(long, env = "NEUROVISOR_MAX_VMS")]
+    pub max: Option<usize>,
+    /// VM size of the pool [default: medium].
+    #[arg(long, value_enum, env = "NEUROVISOR_SIZE")]
+    pub size: Option<VmSize>,
+    /// gRPC listen address [default: 127.0.0.1:50051].
+    #[arg(long, env = "NEUROVISOR_GRPC_ADDR")]
+    pub grpc_addr: Option<SocketAddr>,
+    /// Prometheus /metrics listen address [default: 127.0.0.1:9090].
+    #[arg(long, env = "NEUROVISOR_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+    /// How long a request waits for a free VM before RESOURCE_EXHAUSTED [default: 30s].
+    #[arg(long, value_parser = parse_duration)]
+    pub queue_timeout: Option<Duration>,
+    /// How long in-flight executions may finish after SIGTERM [default: 30s].
+    #[arg(long, value_parser = parse_duration)]
+    pub shutdown_grace: Option<Duration>,
+    /// Ollama for inference.InferenceService/Infer [default: http://localhost:11434].
+    #[arg(long, env = "OLLAMA_HOST")]
+    pub ollama_host: Option<String>,
+    /// Default model for Infer [default: qwen3].
+    #[arg(long, env = "NEUROVISOR_MODEL")]
+    pub model: Option<String>,
+    /// TOML file with any of the settings above (snake_case keys).
+    #[arg(long, env = "NEUROVISOR_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub vm: VmArgs,
+}
+
+/// The config file: every key optional, unknown keys rejected (typos).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    warm: Option<usize>,
+    max: Option<usize>,
+    size: Option<VmSize>,
+    grpc_addr: Option<SocketAddr>,
+    metrics_addr: Option<SocketAddr>,
+    queue_timeout: Option<String>,
+    shutdown_grace: Option<String>,
+    ollama_host: Option<String>,
+    model: Option<String>,
+}
+
+impl ServeArgs {
+    fn file(&self) -> Result<FileConfig, String> {
+        let Some(path) = &self.config else {
+            return Ok(FileConfig::default());
+        };
+        let text =
+            std::fs::read_to_string(path).map_err(|e| format!("config file {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| {
+            format!(
+                "config file {}: {}",
+                path.display(),
+                e.message().lines().next().unwrap_or("invalid TOML")
+            )
+        })
+    }
+
+    pub fn resolve(&self) -> Result<DaemonConfig, String> {
+        let f = self.file()?;
+        let dur = |flag: Option<Duration>, file: &Option<String>, default: u64| -> Result<Duration, String> {
+            match (flag, file) {
+                (Some(d), _) => Ok(d),
+                (None, Some(s)) => parse_duration(s),
+                (None, None) => Ok(Duration::from_secs(default)),
+            }
+        };
+        let pool = PoolConfig {
+            warm: self.warm.or(f.warm).unwrap_or(3),
+            max: self.max.or(f.max).unwrap_or(10),
+            size: self.size.or(f.size).unwrap_or_default(),
+            queue_timeout: dur(self.queue_timeout, &f.queue_timeout, 30)?,
+            ..PoolConfig::default()
+        };
+        pool.validate()?;
+        Ok(DaemonConfig {
+            grpc_addr: self
+                .grpc_addr
+                .or(f.grpc_addr)
+                .unwrap_or(([127, 0, 0, 1], 50051).into()),
+            metrics_addr: self
+                .metrics_addr
+                .or(f.metrics_addr)
+                .unwrap_or(([127, 0, 0, 1], 9090).into()),
+            state_dir: self
+                .vm
+                .state_dir
+                .clone()
+                .unwrap_or_else(config::default_state_dir),
+            pool,
+            shutdown_grace: dur(self.shutdown_grace, &f.shutdown_grace, 30)?,
+            ollama_host: self
+                .ollama_host
+                .clone()
+                .or(f.ollama_host)
+                .unwrap_or_else(|| DEFAULT_OLLAMA_HOST.into()),
+            default_model: self.model.clone().or(f.model).unwrap_or_else(|| "qwen3".into()),
+        })
+    }
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("cannot handle SIGTERM: {e}");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+pub async fn serve(a: ServeArgs) -> u8 {
+    let cfg = match a.resolve() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("neurovisor: {e}");
+            return EXIT_BAD_INPUT;
+        }
+    };
+    let (backend, images) = match a.vm.sandbox() {
+        Ok(s) => s.into_parts(),
+        Err(e) => {
+            eprintln!("neurovisor: {e}");
+            return EXIT_SANDBOX_ERROR;
+        }
+    };
+    let summary = format!(
+        "warm {}, max {}, size {}, image {}",
+        cfg.pool.warm, cfg.pool.max, cfg.pool.size, images.name
+    );
+    let ready = move |grpc: SocketAddr, metrics: SocketAddr| {
+        eprintln!("neurovisor: serving gRPC on {grpc}, metrics on http://{metrics}/metrics ({summary})");
+    };
+    match server::run(cfg, backend, images, shutdown_signal(), ready).await {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("neurovisor: {e}");
+            EXIT_SANDBOX_ERROR
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct T {
+        #[command(flatten)]
+        s: ServeArgs,
+    }
+
+    #[test]
+    fn flags_win_over_the_file_which_wins_over_defaults() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let file = dir.path().join("nv.toml");
+        std::fs::write(&file, "warm = 1\nmax = 4\nqueue_timeout = \"5s\"\n").expect("write");
+        let t = T::parse_from(["x", "--config", file.to_str().expect("utf8"), "--max", "6"]);
+        let c = t.s.resolve().expect("valid");
+        assert_eq!((c.pool.warm, c.pool.max), (1, 6));
+        assert_eq!(c.pool.queue_timeout, Duration::from_secs(5));
+        assert_eq!(
+            c.grpc_addr,
+            "127.0.0.1:50051".parse::<SocketAddr>().expect("addr")
+        );
+
+        std::fs::write(&file, "wram = 1\n").expect("write");
+        let e = T::parse_from(["x", "--config", file.to_str().expect("utf8")])
+            .s
+            .resolve()
+            .unwrap_err();
+        assert!(e.contains("wram"), "{e}");
+        let e = T::parse_from(["x", "--warm", "5", "--max", "2"])
+            .s
+            .resolve()
+            .unwrap_err();
+        assert!(e.contains("warm (5) cannot exceed max (2)"), "{e}");
+    }
+}

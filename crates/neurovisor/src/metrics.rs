@@ -1,0 +1,190 @@
+//! Prometheus metrics of the daemon (text exposition on `/metrics`).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LanguageLabel {
+    pub language: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodLabel {
+    pub method: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabel {
+    pub model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub language: String,
+    /// ok | nonzero_exit | timeout | oom | error
+    pub outcome: String,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 0.5 ms .. ~130 s: covers warm acquisitions and TCG cold boots.
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.0005, 2.0, 19,
+    ))
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub pool_warm_vms: Gauge,
+    pub pool_active_vms: Gauge,
+    pub pool_booting_vms: Gauge,
+    pub vm_boot_seconds: Histogram,
+    pub vm_boot_failures: Counter,
+    pub vm_acquire_seconds: Histogram,
+    pub pool_exhausted: Counter,
+    pub requests_in_flight: Gauge,
+    pub code_execution_duration_seconds: HistogramFamily<LanguageLabel>,
+    pub executions: Family<OutcomeLabel, Counter>,
+    pub grpc_request_duration_seconds: HistogramFamily<MethodLabel>,
+    pub inference_requests: Family<ModelLabel, Counter>,
+    pub inference_duration_seconds: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("neurovisor");
+        let m = Self {
+            pool_warm_vms: Gauge::default(),
+            pool_active_vms: Gauge::default(),
+            pool_booting_vms: Gauge::default(),
+            vm_boot_seconds: latency_histogram(),
+            vm_boot_failures: Counter::default(),
+            vm_acquire_seconds: latency_histogram(),
+            pool_exhausted: Counter::default(),
+            requests_in_flight: Gauge::default(),
+            code_execution_duration_seconds: Family::new_with_constructor(latency_histogram),
+            executions: Family::default(),
+            grpc_request_duration_seconds: Family::new_with_constructor(latency_histogram),
+            inference_requests: Family::default(),
+            inference_duration_seconds: latency_histogram(),
+            registry: Registry::default(),
+        };
+        registry.register("pool_warm_vms", "Pre-warmed VMs ready", m.pool_warm_vms.clone());
+        registry.register(
+            "pool_active_vms",
+            "VMs currently executing",
+            m.pool_active_vms.clone(),
+        );
+        registry.register(
+            "pool_booting_vms",
+            "VMs booting for the pool",
+            m.pool_booting_vms.clone(),
+        );
+        registry.register(
+            "vm_boot_seconds",
+            "VM boot latency until the agent answers",
+            m.vm_boot_seconds.clone(),
+        );
+        registry.register(
+            "vm_boot_failures",
+            "VM boots that failed",
+            m.vm_boot_failures.clone(),
+        );
+        registry.register(
+            "vm_acquire_seconds",
+            "Time to acquire a VM",
+            m.vm_acquire_seconds.clone(),
+        );
+        registry.register(
+            "pool_exhausted",
+            "Requests refused because no VM was free",
+            m.pool_exhausted.clone(),
+        );
+        registry.register(
+            "requests_in_flight",
+            "Concurrent requests",
+            m.requests_in_flight.clone(),
+        );
+        registry.register(
+            "code_execution_duration_seconds",
+            "Program run time by language (guest-measured)",
+            m.code_execution_duration_seconds.clone(),
+        );
+        registry.register(
+            "executions",
+            "Executions by language and outcome",
+            m.executions.clone(),
+        );
+        registry.register(
+            "grpc_request_duration_seconds",
+            "gRPC method latency",
+            m.grpc_request_duration_seconds.clone(),
+        );
+        registry.register(
+            "requests",
+            "Inference requests by model",
+            m.inference_requests.clone(),
+        );
+        registry.register(
+            "inference_duration_seconds",
+            "Ollama inference time",
+            m.inference_duration_seconds.clone(),
+        );
+        Self { registry, ..m }
+    }
+
+    /// The Prometheus text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    pub fn observe_grpc(&self, method: &str, started: std::time::Instant) {
+        self.grpc_request_duration_seconds
+            .get_or_create(&MethodLabel {
+                method: method.to_string(),
+            })
+            .observe(started.elapsed().as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposes_the_documented_names() {
+        let m = Metrics::new();
+        m.code_execution_duration_seconds
+            .get_or_create(&LanguageLabel {
+                language: "python".into(),
+            })
+            .observe(0.1);
+        m.observe_grpc("Execute", std::time::Instant::now());
+        let text = m.encode();
+        for name in [
+            "neurovisor_pool_warm_vms",
+            "neurovisor_pool_active_vms",
+            "neurovisor_vm_boot_seconds_bucket",
+            "neurovisor_vm_acquire_seconds_count",
+            "neurovisor_requests_in_flight",
+            "neurovisor_code_execution_duration_seconds_bucket{language=\"python\"",
+            "neurovisor_grpc_request_duration_seconds_count{method=\"Execute\"}",
+        ] {
+            assert!(text.contains(name), "missing {name} in\n{text}");
+        }
+    }
+}

@@ -1,0 +1,472 @@
+//! The pre-warmed VM pool.
+//!
+//! Keeps `warm` booted VMs ready, never runs more than `max` VMs (warm +
+//! booting + active), hands each VM to exactly one execution and destroys it
+//! afterwards. Refilling happens in the background, so an acquisition never
+//! waits for a boot when a warm VM is there. Repeated boot failures put the
+//! pool into back-off (reported by [`Pool::status`]) instead of a boot loop.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::Notify;
+
+use crate::config::VmSize;
+use crate::exec::{ExecError, ExecOutcome, ExecRequest, Output, ReadyVm, Sandbox};
+use crate::metrics::Metrics;
+
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    /// VMs kept booted and idle.
+    pub warm: usize,
+    /// Upper bound on VMs alive at once (warm + booting + active).
+    pub max: usize,
+    pub size: VmSize,
+    /// How long a request waits for a free VM before RESOURCE_EXHAUSTED.
+    pub queue_timeout: Duration,
+    /// Background boots in parallel (boots are CPU-heavy under TCG).
+    pub parallel_boots: usize,
+    /// Health check of a warm VM before it is handed out.
+    pub health_timeout: Duration,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            warm: 3,
+            max: 10,
+            size: VmSize::Medium,
+            queue_timeout: Duration::from_secs(30),
+            parallel_boots: 2,
+            health_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl PoolConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max == 0 {
+            return Err("max must be at least 1".into());
+        }
+        if self.warm > self.max {
+            return Err(format!("warm ({}) cannot exceed max ({})", self.warm, self.max));
+        }
+        if self.parallel_boots == 0 {
+            return Err("parallel boots must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("no VM available: all {max} VMs are busy and none became free within {waited:?}; retry later, or raise --max / --queue-timeout")]
+    Exhausted { max: usize, waited: Duration },
+    #[error("VMs are failing to boot ({reason}); the pool retries in the background, retry later")]
+    Degraded { reason: String },
+    #[error("the daemon is shutting down")]
+    ShuttingDown,
+    #[error(transparent)]
+    Boot(ExecError),
+}
+
+/// A snapshot of the pool for health reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct PoolStatus {
+    pub warm: usize,
+    pub booting: usize,
+    pub active: usize,
+    pub max: usize,
+    pub warm_target: usize,
+    pub served: u64,
+    pub consecutive_boot_failures: u32,
+    /// Why the pool is not refilling, when it is backing off.
+    pub degraded: Option<String>,
+}
+
+#[derive(Default)]
+struct State {
+    warm: VecDeque<ReadyVm>,
+    booting: usize,
+    active: usize,
+    served: u64,
+    failures: u32,
+    last_error: Option<String>,
+    backoff_until: Option<Instant>,
+    shutting_down: bool,
+}
+
+impl State {
+    fn total(&self) -> usize {
+        self.warm.len() + self.booting + self.active
+    }
+
+    fn in_backoff(&self) -> bool {
+        self.backoff_until.is_some_and(|t| Instant::now() < t)
+    }
+}
+
+struct Inner {
+    sandbox: Sandbox,
+    cfg: PoolConfig,
+    state: Mutex<State>,
+    /// Signalled on every change that may let a waiter or the refiller proceed.
+    changed: Notify,
+    metrics: Arc<Metrics>,
+}
+
+/// Consecutive boot failures before the pool backs off.
+const FAILURES_BEFORE_BACKOFF: u32 = 3;
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves counters that are still usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn publish(&self, st: &State) {
+        self.metrics.pool_warm_vms.set(st.warm.len() as i64);
+        self.metrics.pool_active_vms.set(st.active as i64);
+        self.metrics.pool_booting_vms.set(st.booting as i64);
+    }
+
+    fn record_boot(&self, st: &mut State, result: Result<Duration, String>) {
+        match result {
+            Ok(t) => {
+                st.failures = 0;
+                st.last_error = None;
+                st.backoff_until = None;
+                self.metrics.vm_boot_seconds.observe(t.as_secs_f64());
+            }
+            Err(e) => {
+                st.failures += 1;
+                self.metrics.vm_boot_failures.inc();
+                tracing::warn!(failures = st.failures, "VM boot failed: {e}");
+                st.last_error = Some(e);
+                if st.failures >= FAILURES_BEFORE_BACKOFF {
+                    let exp = (st.failures - FAILURES_BEFORE_BACKOFF).min(6);
+                    let backoff = (Duration::from_secs(1) * 2u32.pow(exp)).min(MAX_BACKOFF);
+                    st.backoff_until = Some(Instant::now() + backoff);
+                }
+            }
+        }
+    }
+
+    /// Frees an active slot once its VM is gone.
+    fn release_slot(&self) {
+        let mut st = self.lock();
+        st.active = st.active.saturating_sub(1);
+        self.publish(&st);
+        drop(st);
+        self.changed.notify_waiters();
+    }
+}
+
+/// Cheap to clone; all clones share one pool.
+#[derive(Clone)]
+pub struct Pool {
+    inner: Arc<Inner>,
+}
+
+impl Pool {
+    /// Starts the pool and its background refiller.
+    pub fn start(sandbox: Sandbox, cfg: PoolConfig, metrics: Arc<Metrics>) -> Result<Self, String> {
+        cfg.validate()?;
+        let inner = Arc::new(Inner {
+            sandbox,
+            cfg,
+            state: Mutex::new(State::default()),
+            changed: Notify::new(),
+            metrics,
+        });
+        tokio::spawn(refill_loop(inner.clone()));
+        Ok(Self { inner })
+    }
+
+    pub fn sandbox(&self) -> &Sandbox {
+        &self.inner.sandbox
+    }
+
+    pub fn config(&self) -> &PoolConfig {
+        &self.inner.cfg
+    }
+
+    pub fn status(&self) -> PoolStatus {
+        let st = self.inner.lock();
+        PoolStatus {
+            warm: st.warm.len(),
+            booting: st.booting,
+            active: st.active,
+            max: self.inner.cfg.max,
+            warm_target: self.inner.cfg.warm,
+            served: st.served,
+            consecutive_boot_failures: st.failures,
+            degraded: if st.in_backoff() {
+                st.last_error.clone()
+            } else {
+                None
+            },
+        }
+    }
+
+    /// Takes a VM for one execution: a warm one when there is one (checked with
+    /// Health first), else a cold boot while under `max`, else waits up to the
+    /// queue timeout.
+    pub async fn acquire(&self) -> Result<Lease, PoolError> {
+        let inner = &self.inner;
+        let started = Instant::now();
+        let deadline = started + inner.cfg.queue_timeout;
+        enum Step {
+            Warm(Box<ReadyVm>),
+            Cold,
+            Wait,
+        }
+        loop {
+            // Registered before looking at the state, so no wake-up is missed.
+            let notified = inner.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let step = {
+                let mut st = inner.lock();
+                if st.shutting_down {
+                    return Err(PoolError::ShuttingDown);
+                }
+                let step = if let Some(vm) = st.warm.pop_front() {
+                    st.active += 1;
+                    Step::Warm(Box::new(vm))
+                } else if st.in_backoff() {
+                    return Err(PoolError::Degraded {
+                        reason: st.last_error.clone().unwrap_or_default(),
+                    });
+                } else if st.total() < inner.cfg.max {
+                    st.active += 1;
+                    Step::Cold
+                } else {
+                    Step::Wait
+                };
+                inner.publish(&st);
+                step
+            };
+            match step {
+                Step::Warm(mut vm) => {
+                    inner.changed.notify_waiters(); // the refiller replaces it
+                    let dead = vm.check_exited();
+                    let healthy = match dead {
+                        Some(how) => Err(how),
+                        None => vm
+                            .check_health(inner.cfg.health_timeout)
+                            .await
+                            .map_err(|e| e.to_string()),
+                    };
+                    if let Err(why) = healthy {
+                        tracing::warn!(vm = vm.id(), "warm VM failed its check, replacing it: {why}");
+                        vm.destroy().await;
+                        inner.release_slot();
+                        continue;
+                    }
+                    return Ok(self.lease(*vm, true, started));
+                }
+                Step::Cold => {
+                    let boot_started = Instant::now();
+                    match inner.sandbox.boot(inner.cfg.size).await {
+                        Ok(vm) => {
+                            inner.record_boot(&mut inner.lock(), Ok(boot_started.elapsed()));
+                            return Ok(self.lease(vm, false, started));
+                        }
+                        Err(e) => {
+                            inner.record_boot(&mut inner.lock(), Err(e.to_string()));
+                            inner.release_slot();
+                            return Err(PoolError::Boot(e));
+                        }
+                    }
+                }
+                Step::Wait => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() || tokio::time::timeout(left, notified).await.is_err() {
+                        inner.metrics.pool_exhausted.inc();
+                        return Err(PoolError::Exhausted {
+                            max: inner.cfg.max,
+                            waited: started.elapsed(),
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    fn lease(&self, vm: ReadyVm, warm: bool, started: Instant) -> Lease {
+        let waited = started.elapsed();
+        self.inner
+            .metrics
+            .vm_acquire_seconds
+            .observe(waited.as_secs_f64());
+        self.inner.lock().served += 1;
+        Lease {
+            vm: Some(vm),
+            inner: self.inner.clone(),
+            warm,
+            waited,
+        }
+    }
+
+    /// Stops refilling, destroys the warm VMs and waits (up to `deadline`) until
+    /// every leased and booting VM is gone too.
+    pub async fn shutdown(&self, deadline: Duration) {
+        let warm: Vec<ReadyVm> = {
+            let mut st = self.inner.lock();
+            st.shutting_down = true;
+            let w = st.warm.drain(..).collect();
+            self.inner.publish(&st);
+            w
+        };
+        self.inner.changed.notify_waiters();
+        for vm in warm {
+            vm.destroy().await;
+        }
+        let until = Instant::now() + deadline;
+        loop {
+            let notified = self.inner.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let st = self.inner.lock();
+                if st.active == 0 && st.booting == 0 {
+                    return;
+                }
+            }
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                tracing::warn!("pool shutdown: VMs still busy after {deadline:?}");
+                return;
+            }
+            let _ = tokio::time::timeout(left.min(Duration::from_millis(200)), notified).await;
+        }
+    }
+}
+
+/// One VM, leased for one execution. Dropping the lease destroys the VM.
+pub struct Lease {
+    vm: Option<ReadyVm>,
+    inner: Arc<Inner>,
+    /// The VM came booted from the pool (false: booted for this request).
+    pub warm: bool,
+    /// Time from the request until the VM was ready for it.
+    pub waited: Duration,
+}
+
+impl Lease {
+    pub fn vm_id(&self) -> &str {
+        self.vm.as_ref().map(|v| v.id()).unwrap_or("")
+    }
+
+    pub async fn execute(
+        &mut self,
+        req: &ExecRequest,
+        on_output: &mut (dyn FnMut(Output<'_>) + Send),
+    ) -> Result<ExecOutcome, ExecError> {
+        match self.vm.as_mut() {
+            Some(vm) => vm.execute(req, on_output).await,
+            None => Err(ExecError::Protocol("lease already used".into())),
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let Some(vm) = self.vm.take() else { return };
+        let inner = self.inner.clone();
+        // The slot is freed only once the VM is really gone, so `max` bounds the
+        // processes alive, not just the bookkeeping.
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move {
+                    vm.destroy().await;
+                    inner.release_slot();
+                });
+            }
+            Err(_) => {
+                drop(vm); // synchronous kill in ReadyVm's Drop
+                inner.release_slot();
+            }
+        }
+    }
+}
+
+async fn refill_loop(inner: Arc<Inner>) {
+    loop {
+        let notified = inner.changed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let (to_boot, dead) = {
+            let mut st = inner.lock();
+            if st.shutting_down {
+                return;
+            }
+            // A warm VM whose VMM died is dropped here and replaced below.
+            let mut dead = Vec::new();
+            let mut keep = VecDeque::with_capacity(st.warm.len());
+            while let Some(mut vm) = st.warm.pop_front() {
+                match vm.check_exited() {
+                    Some(how) => {
+                        tracing::warn!(vm = vm.id(), "warm VM died ({how}); replacing it");
+                        dead.push(vm);
+                    }
+                    None => keep.push_back(vm),
+                }
+            }
+            st.warm = keep;
+            let n = if st.in_backoff() {
+                0
+            } else {
+                let want = inner.cfg.warm.saturating_sub(st.warm.len() + st.booting);
+                let room = inner.cfg.max.saturating_sub(st.total() + dead.len());
+                let lanes = inner.cfg.parallel_boots.saturating_sub(st.booting);
+                want.min(room).min(lanes)
+            };
+            st.booting += n;
+            inner.publish(&st);
+            (n, dead)
+        };
+        for vm in dead {
+            vm.destroy().await;
+        }
+        for _ in 0..to_boot {
+            tokio::spawn(boot_one(inner.clone()));
+        }
+        // Re-check on every change, and periodically for dead VMs and back-off expiry.
+        let _ = tokio::time::timeout(Duration::from_secs(1), notified).await;
+    }
+}
+
+async fn boot_one(inner: Arc<Inner>) {
+    let started = Instant::now();
+    let result = inner.sandbox.boot(inner.cfg.size).await;
+    let surplus = {
+        let mut st = inner.lock();
+        st.booting -= 1;
+        let surplus = match result {
+            Ok(vm) => {
+                inner.record_boot(&mut st, Ok(started.elapsed()));
+                if st.shutting_down {
+                    Some(vm)
+                } else {
+                    st.warm.push_back(vm);
+                    None
+                }
+            }
+            Err(e) => {
+                inner.record_boot(&mut st, Err(e.to_string()));
+                None
+            }
+        };
+        inner.publish(&st);
+        surplus
+    };
+    if let Some(vm) = surplus {
+        vm.destroy().await;
+    }
+    inner.changed.notify_waiters();
+}

@@ -1,0 +1,302 @@
+//! The daemon (`neurovisor serve`): the gRPC API, the metrics endpoint, and the
+//! pool's lifecycle.
+//!
+//! Start-up takes an exclusive lock on `<state>/daemon/lock` (two daemons on one
+//! state directory refuse to start), removes what a previous daemon killed with
+//! SIGKILL left behind, then pre-warms. SIGTERM/SIGINT stop accepting, let
+//! in-flight executions finish within a grace period, destroy every VM and
+//! remove the state directory.
+
+pub mod inference;
+pub mod sandbox;
+pub mod trace;
+
+use std::fs::File;
+use std::future::Future;
+use std::io::{Read, Seek, Write};
+use std::net::SocketAddr;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use neurovisor_proto::inference::inference_service_server::InferenceServiceServer;
+use neurovisor_proto::v1::sandbox_server::SandboxServer;
+use nix::fcntl::{Flock, FlockArg};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::exec::Sandbox;
+use crate::images::ImageSet;
+use crate::llm::OllamaClient;
+use crate::metrics::Metrics;
+use crate::pool::{Pool, PoolConfig};
+use crate::vmm::process::kill_processes_mentioning;
+use crate::vmm::VmmBackend;
+
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    pub grpc_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    /// Parent state directory; the daemon works in `<state_dir>/daemon`.
+    pub state_dir: PathBuf,
+    pub pool: PoolConfig,
+    pub shutdown_grace: Duration,
+    pub ollama_host: String,
+    pub default_model: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("another neurovisor daemon (pid {pid}) is using the state directory {dir}; stop it, or give this one its own --state-dir")]
+    Locked { dir: PathBuf, pid: String },
+    #[error("state directory {dir}: {source}")]
+    StateDir {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr} for {what}: {source} (choose another address with {flag})")]
+    Bind {
+        addr: SocketAddr,
+        what: &'static str,
+        flag: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid pool configuration: {0}")]
+    Pool(String),
+    #[error("gRPC server failed: {0}")]
+    Serve(String),
+}
+
+pub fn daemon_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("daemon")
+}
+
+/// The exclusive lock of one state directory, held for the daemon's lifetime.
+pub struct StateLock {
+    _lock: Flock<File>,
+}
+
+impl StateLock {
+    pub fn acquire(dir: &Path) -> Result<Self, DaemonError> {
+        let sd = |source| DaemonError::StateDir {
+            dir: dir.to_path_buf(),
+            source,
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(sd)?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(dir.join("lock"))
+            .map_err(sd)?;
+        let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(l) => l,
+            Err((mut f, _)) => {
+                let mut pid = String::new();
+                let _ = f.read_to_string(&mut pid);
+                return Err(DaemonError::Locked {
+                    dir: dir.to_path_buf(),
+                    pid: pid.trim().to_string(),
+                });
+            }
+        };
+        lock.set_len(0).map_err(sd)?;
+        lock.rewind().map_err(sd)?;
+        write!(lock, "{}", std::process::id()).map_err(sd)?;
+        Ok(Self { _lock: lock })
+    }
+}
+
+/// Kills the processes of VMs a previous daemon left (it was SIGKILLed) and
+/// removes their directories. Returns how many VM directories were removed.
+pub fn clean_leftovers(vms_dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(vms_dir) else {
+        return 0;
+    };
+    let mut n = 0;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let killed = kill_processes_mentioning(&path.display().to_string());
+        if let Err(e) = std::fs::remove_dir_all(&path) {
+            tracing::warn!("cannot remove leftover {}: {e}", path.display());
+        } else {
+            n += 1;
+        }
+        tracing::info!(processes = killed, "removed leftover VM {}", path.display());
+    }
+    n
+}
+
+async fn bind(addr: SocketAddr, what: &'static str, flag: &'static str) -> Result<TcpListener, DaemonError> {
+    TcpListener::bind(addr).await.map_err(|source| DaemonError::Bind {
+        addr,
+        what,
+        flag,
+        source,
+    })
+}
+
+fn metrics_router(metrics: Arc<Metrics>, pool: Pool) -> axum::Router {
+    use axum::http::header::CONTENT_TYPE;
+    use axum::routing::get;
+    let m = metrics.clone();
+    axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let m = m.clone();
+                async move {
+                    (
+                        [(
+                            CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        m.encode(),
+                    )
+                }
+            }),
+        )
+        .route(
+            "/healthz",
+            get(move || {
+                let pool = pool.clone();
+                async move {
+                    let st = pool.status();
+                    let code = if st.degraded.is_some() {
+                        axum::http::StatusCode::SERVICE_UNAVAILABLE
+                    } else {
+                        axum::http::StatusCode::OK
+                    };
+                    (code, axum::Json(st))
+                }
+            }),
+        )
+}
+
+/// Runs the daemon until `shutdown` resolves, then drains and cleans up.
+/// `ready` is called with the bound addresses once serving (tests use port 0).
+pub async fn run(
+    cfg: DaemonConfig,
+    backend: Arc<dyn VmmBackend>,
+    images: ImageSet,
+    shutdown: impl Future<Output = ()>,
+    ready: impl FnOnce(SocketAddr, SocketAddr),
+) -> Result<(), DaemonError> {
+    cfg.pool.validate().map_err(DaemonError::Pool)?;
+    let dir = daemon_dir(&cfg.state_dir);
+    let lock = StateLock::acquire(&dir)?;
+    let removed = clean_leftovers(&dir.join("vms"));
+    if removed > 0 {
+        tracing::warn!("removed {removed} VM(s) left by a previous daemon");
+    }
+    let grpc = bind(cfg.grpc_addr, "gRPC", "--grpc-addr").await?;
+    let http = bind(cfg.metrics_addr, "metrics", "--metrics-addr").await?;
+    let (grpc_addr, metrics_addr) = (
+        grpc.local_addr().unwrap_or(cfg.grpc_addr),
+        http.local_addr().unwrap_or(cfg.metrics_addr),
+    );
+
+    let metrics = Arc::new(Metrics::new());
+    let sandbox = Sandbox::new(backend, images, dir.clone());
+    let pool = Pool::start(sandbox, cfg.pool.clone(), metrics.clone()).map_err(DaemonError::Pool)?;
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<SandboxServer<sandbox::SandboxService>>()
+        .await;
+    let health_task = {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            loop {
+                if pool.status().degraded.is_some() {
+                    health
+                        .set_service_status("", tonic_health::ServingStatus::NotServing)
+                        .await;
+                } else {
+                    health
+                        .set_service_status("", tonic_health::ServingStatus::Serving)
+                        .await;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        })
+    };
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(neurovisor_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| DaemonError::Serve(e.to_string()))?;
+
+    let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    let router = metrics_router(metrics.clone(), pool.clone());
+    let http_task = tokio::spawn(async move {
+        let serving = axum::serve(http, router).with_graceful_shutdown(async move {
+            let _ = http_stopped.await;
+        });
+        if let Err(e) = serving.await {
+            tracing::warn!("metrics endpoint stopped: {e}");
+        }
+    });
+
+    let (stop_grpc, grpc_stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(SandboxServer::new(sandbox::SandboxService::new(
+            pool.clone(),
+            metrics.clone(),
+        )))
+        .add_service(InferenceServiceServer::new(inference::InferenceProxy::new(
+            OllamaClient::new(&cfg.ollama_host),
+            cfg.default_model.clone(),
+            metrics.clone(),
+        )))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), async move {
+            let _ = grpc_stopped.await;
+        });
+    tokio::pin!(server);
+    tracing::info!(%grpc_addr, %metrics_addr, warm = cfg.pool.warm, max = cfg.pool.max, "daemon serving");
+    ready(grpc_addr, metrics_addr);
+
+    let mut result = Ok(());
+    tokio::select! {
+        r = &mut server => result = r.map_err(|e| DaemonError::Serve(e.to_string())),
+        _ = shutdown => {
+            tracing::info!("shutting down: draining in-flight requests (grace {:?})", cfg.shutdown_grace);
+        }
+    }
+    let _ = stop_grpc.send(());
+    // In-flight executions finish within the grace period; the pool destroys
+    // warm VMs at once and waits for leased ones.
+    let drain_server = async {
+        if tokio::time::timeout(cfg.shutdown_grace, &mut server)
+            .await
+            .is_err()
+        {
+            tracing::warn!("grace period over; cancelling the remaining requests");
+        }
+    };
+    tokio::join!(
+        drain_server,
+        pool.shutdown(cfg.shutdown_grace + Duration::from_secs(10))
+    );
+    let _ = stop_http.send(());
+    let _ = http_task.await;
+    health_task.abort();
+    // Anything still alive (cancelled requests) is killed here, synchronously.
+    clean_leftovers(&dir.join("vms"));
+    if let Err(e) = std::fs::remove_dir_all(&dir) {
+        tracing::warn!("cannot remove {}: {e}", dir.display());
+    }
+    drop(lock);
+    tracing::info!("daemon stopped");
+    result
+}
