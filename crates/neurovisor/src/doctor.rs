@@ -7,7 +7,9 @@ use serde::Serialize;
 use crate::images::{self, ImageSelection, ImageSet, BUILD_HINT};
 use crate::vmm::accel::KvmProbe;
 use crate::vmm::find_binary;
+use crate::vmm::firecracker::{decide_jailer, FIRECRACKER_HINT, JAILER_HINT};
 use crate::vmm::qemu::{QemuOptions, QEMU_HINT, VHOST_VSOCK_HINT};
+use crate::vmm::select::{choice_for_host, firecracker_binary, BackendKind, BackendOptions};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -70,6 +72,70 @@ pub fn cgroup_mode() -> &'static str {
 }
 
 pub fn run_checks(qemu: &QemuOptions, sel: &ImageSelection) -> Vec<Check> {
+    run_checks_with(
+        &BackendOptions {
+            qemu: qemu.clone(),
+            ..Default::default()
+        },
+        sel,
+    )
+}
+
+/// Firecracker and its jailer, and which backend `--backend` picks here and why.
+pub fn backend_checks(opts: &BackendOptions) -> Vec<Check> {
+    let mut out = Vec::new();
+    let fc = &opts.firecracker;
+    out.push(match firecracker_binary(fc) {
+        Some(p) => check(
+            "firecracker",
+            Level::Ok,
+            format!("{} ({})", p.display(), version_of(&p)),
+            None,
+        ),
+        None => check(
+            "firecracker",
+            Level::Info,
+            "not found: VMs run on QEMU (Firecracker is for hosts with hardware KVM)",
+            Some(FIRECRACKER_HINT),
+        ),
+    });
+    let jailer = match fc.jailer {
+        Some(false) => None,
+        _ => find_binary(fc.jailer_bin.as_deref(), "jailer"),
+    };
+    let is_root = nix::unistd::geteuid().is_root();
+    out.push(
+        match (decide_jailer(fc.jailer, jailer.as_deref(), is_root), &jailer) {
+            (Ok((Some(p), _)), _) => check(
+                "jailer",
+                Level::Ok,
+                format!("{} ({}): Firecracker VMs run jailed", p.display(), version_of(&p)),
+                None,
+            ),
+            (Ok((None, why)), None) if fc.jailer.is_none() => {
+                check("jailer", Level::Info, why, Some(JAILER_HINT))
+            }
+            (Ok((None, why)), _) => check("jailer", Level::Info, why, None),
+            (Err(e), _) => check("jailer", Level::Fail, e.to_string(), Some(JAILER_HINT)),
+        },
+    );
+    let choice = choice_for_host(opts);
+    let kind = |k: BackendKind| match k {
+        BackendKind::Auto => "auto",
+        BackendKind::Firecracker => "firecracker",
+        BackendKind::Qemu => "qemu",
+    };
+    out.push(check(
+        "backend",
+        Level::Ok,
+        format!("{} -> {}: {}", kind(opts.kind), kind(choice.kind), choice.reason),
+        None,
+    ));
+    out
+}
+
+pub fn run_checks_with(opts: &BackendOptions, sel: &ImageSelection) -> Vec<Check> {
+    let qemu = &opts.qemu;
     let mut out = Vec::new();
     let probe = KvmProbe::host();
     out.push(match probe.verdict() {
@@ -113,6 +179,7 @@ pub fn run_checks(qemu: &QemuOptions, sel: &ImageSelection) -> Vec<Check> {
             ),
         },
     );
+    out.extend(backend_checks(opts));
     match ImageSet::resolve(sel) {
         Ok(set) => {
             out.push(check("kernel", Level::Ok, set.kernel.display().to_string(), None));
@@ -159,4 +226,36 @@ pub fn run_checks(qemu: &QemuOptions, sel: &ImageSelection) -> Vec<Check> {
         None,
     ));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vmm::FirecrackerOptions;
+
+    #[test]
+    fn backend_checks_report_firecracker_jailer_and_the_choice() {
+        let opts = BackendOptions {
+            firecracker: FirecrackerOptions {
+                firecracker_bin: Some("/nonexistent/firecracker".into()),
+                jailer: Some(false),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let checks = backend_checks(&opts);
+        let get = |n: &str| checks.iter().find(|c| c.name == n).expect(n);
+        assert_eq!(get("firecracker").level, Level::Info);
+        assert!(
+            get("jailer").detail.contains("disabled"),
+            "{}",
+            get("jailer").detail
+        );
+        let b = get("backend");
+        assert!(
+            b.detail.starts_with("auto -> qemu: QEMU: no firecracker binary"),
+            "{}",
+            b.detail
+        );
+    }
 }

@@ -14,6 +14,33 @@ pub enum BenchCommand {
     /// Cold boot until the agent answers Health, and `print(1)` end to end,
     /// against a baseline VM of the same kernel whose init only powers off.
     Boot(BootArgs),
+    /// Pool: warm acquisition latency, `print(1)` warm vs cold (side by side),
+    /// and throughput of N requests at concurrency C.
+    Pool(PoolArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PoolArgs {
+    /// Samples for the acquisition and warm/cold measurements.
+    #[arg(long, default_value_t = 10)]
+    runs: usize,
+    #[arg(long, default_value_t = 2)]
+    warm: usize,
+    #[arg(long, default_value_t = 4)]
+    max: usize,
+    /// Requests in the throughput run.
+    #[arg(long, default_value_t = 20)]
+    requests: usize,
+    /// Concurrent clients in the throughput run.
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+    #[arg(long, value_enum, default_value_t = VmSize::Small)]
+    size: VmSize,
+    /// Print the results as JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    vm: VmArgs,
 }
 
 #[derive(Debug, Args)]
@@ -144,6 +171,104 @@ async fn boot(a: BootArgs) -> Result<serde_json::Value, String> {
     }))
 }
 
+async fn wait_warm(pool: &neurovisor::pool::Pool, n: usize) -> Result<(), String> {
+    let until = Instant::now() + Duration::from_secs(180);
+    while pool.status().warm < n {
+        if let Some(why) = pool.status().degraded {
+            return Err(format!("pool degraded: {why}"));
+        }
+        if Instant::now() > until {
+            return Err("pool did not fill within 180 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+async fn print1_on(lease: &mut neurovisor::pool::Lease) -> Result<(), String> {
+    let mut sink = |_: Output<'_>| {};
+    let o = lease
+        .execute(&ExecRequest::new("python", "print(1)"), &mut sink)
+        .await
+        .map_err(|e| e.to_string())?;
+    if o.exit_code != Some(0) {
+        return Err(format!("print(1) exited {:?}", o.exit_code));
+    }
+    Ok(())
+}
+
+async fn pool_bench(a: PoolArgs) -> Result<serde_json::Value, String> {
+    use neurovisor::pool::{Pool, PoolConfig};
+    let sandbox = a.vm.sandbox()?;
+    let (backend, images) = sandbox.into_parts();
+    let state = tempfile::Builder::new()
+        .prefix("bench-")
+        .tempdir_in(std::env::temp_dir())
+        .map_err(|e| e.to_string())?;
+    let cold = Sandbox::new(backend.clone(), images.clone(), state.path().join("cold"));
+    let cfg = PoolConfig {
+        warm: a.warm.max(1),
+        max: a.max.max(a.warm.max(1) + 1),
+        size: a.size,
+        queue_timeout: Duration::from_secs(300),
+        ..PoolConfig::default()
+    };
+    let pool = Pool::start(
+        Sandbox::new(backend, images, state.path().join("pool")),
+        cfg.clone(),
+        std::sync::Arc::new(neurovisor::metrics::Metrics::new()),
+    )?;
+    let runs = a.runs.max(1);
+    let (mut acquire, mut warm_e2e, mut cold_e2e) = (vec![], vec![], vec![]);
+    for _ in 0..runs {
+        wait_warm(&pool, cfg.warm).await?;
+        // Warm: acquisition (host-side, Health check included), then print(1).
+        let t0 = Instant::now();
+        let mut lease = pool.acquire().await.map_err(|e| e.to_string())?;
+        acquire.push(ms(t0.elapsed()));
+        print1_on(&mut lease).await?;
+        warm_e2e.push(ms(t0.elapsed()));
+        drop(lease);
+        // Cold, right after: boot + print(1), same size and image.
+        let mut sink = |_: Output<'_>| {};
+        let t1 = Instant::now();
+        cold.run(&ExecRequest::new("python", "print(1)"), a.size, &mut sink)
+            .await
+            .map_err(|e| e.to_string())?;
+        cold_e2e.push(ms(t1.elapsed()));
+    }
+    wait_warm(&pool, cfg.warm).await?;
+    let started = Instant::now();
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let workers: Vec<_> = (0..a.concurrency.max(1))
+        .map(|_| {
+            let (pool, next, total) = (pool.clone(), next.clone(), a.requests);
+            tokio::spawn(async move {
+                while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < total {
+                    let mut lease = pool.acquire().await.map_err(|e| e.to_string())?;
+                    print1_on(&mut lease).await?;
+                }
+                Ok::<(), String>(())
+            })
+        })
+        .collect();
+    for w in workers {
+        w.await.map_err(|e| e.to_string())??;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    pool.shutdown(Duration::from_secs(30)).await;
+    let (acq, w, c) = (summarize(&acquire), summarize(&warm_e2e), summarize(&cold_e2e));
+    Ok(json!({
+        "size": a.size, "runs": runs, "warm": cfg.warm, "max": cfg.max,
+        "acquire_warm_ms": acq,
+        "print1_warm_ms": w,
+        "print1_cold_ms": c,
+        "ratio_cold_to_warm_p50": c.p50 / w.p50,
+        "throughput": { "requests": a.requests, "concurrency": a.concurrency.max(1), "seconds": elapsed,
+                        "per_second": a.requests as f64 / elapsed },
+    }))
+}
+
 fn row(name: &str, s: &serde_json::Value) -> String {
     let f = |k: &str| s[k].as_f64().unwrap_or(f64::NAN);
     format!(
@@ -156,6 +281,46 @@ fn row(name: &str, s: &serde_json::Value) -> String {
 
 pub async fn bench(cmd: BenchCommand) -> u8 {
     match cmd {
+        BenchCommand::Pool(a) => {
+            let json_out = a.json;
+            match pool_bench(a).await {
+                Ok(v) if json_out => {
+                    println!("{v}");
+                    0
+                }
+                Ok(v) => {
+                    println!(
+                        "neurovisor bench pool: {} rounds, size {}, warm {}, max {}",
+                        v["runs"], v["size"], v["warm"], v["max"]
+                    );
+                    println!("{:<36} {:>9} {:>9} {:>9}", "", "p50 ms", "p95 ms", "mean ms");
+                    println!(
+                        "{}",
+                        row("acquire from warm pool (host-side)", &v["acquire_warm_ms"])
+                    );
+                    println!("{}", row("print(1) end to end, warm VM", &v["print1_warm_ms"]));
+                    println!("{}", row("print(1) end to end, cold boot", &v["print1_cold_ms"]));
+                    println!(
+                        "cold / warm (p50): {:.1}x   acquisition p50: {:.2} ms (target < 2 ms)",
+                        v["ratio_cold_to_warm_p50"].as_f64().unwrap_or(f64::NAN),
+                        v["acquire_warm_ms"]["p50"].as_f64().unwrap_or(f64::NAN)
+                    );
+                    let t = &v["throughput"];
+                    println!(
+                        "throughput: {} requests at concurrency {} in {:.1} s = {:.2} req/s",
+                        t["requests"],
+                        t["concurrency"],
+                        t["seconds"].as_f64().unwrap_or(f64::NAN),
+                        t["per_second"].as_f64().unwrap_or(f64::NAN)
+                    );
+                    0
+                }
+                Err(e) => {
+                    eprintln!("neurovisor: bench failed: {e}");
+                    EXIT_SANDBOX_ERROR
+                }
+            }
+        }
         BenchCommand::Boot(a) => {
             let json_out = a.json;
             let size = a.size;

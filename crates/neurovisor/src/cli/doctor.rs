@@ -1,7 +1,7 @@
 //! `neurovisor doctor`: what this host can do and how to fix what it cannot.
 
 use clap::Args;
-use neurovisor::doctor::{run_checks, Level};
+use neurovisor::doctor::{run_checks_with, Level};
 
 use super::VmArgs;
 
@@ -15,7 +15,7 @@ pub struct DoctorArgs {
 }
 
 pub fn doctor(a: DoctorArgs) -> u8 {
-    let checks = run_checks(&a.vm.qemu_options(), &a.vm.image_selection());
+    let checks = run_checks_with(&a.vm.backend_options(), &a.vm.image_selection());
     let failed = checks.iter().any(|c| c.level == Level::Fail);
     if a.json {
         println!("{}", serde_json::json!({ "ok": !failed, "checks": checks }));

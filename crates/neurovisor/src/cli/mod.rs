@@ -8,12 +8,13 @@ mod run;
 mod serve;
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
 use neurovisor::images::{ImageSelection, ImageSet};
+use neurovisor::vmm::fc_api::RateLimiter;
+use neurovisor::vmm::jailer::IdRange;
 use neurovisor::vmm::qemu::QemuOptions;
-use neurovisor::vmm::{Accel, QemuBackend};
+use neurovisor::vmm::{select_backend, Accel, BackendKind, BackendOptions, FirecrackerOptions};
 use neurovisor::{config, Sandbox};
 
 /// Exit status for failures of the sandbox itself (VM did not boot, images missing...).
@@ -87,6 +88,31 @@ pub struct VmArgs {
     /// Run QEMU without its seccomp sandbox (debugging only).
     #[arg(long, hide = true)]
     no_qemu_sandbox: bool,
+    /// VMM: `auto` uses Firecracker when its binary is found and hardware KVM
+    /// is usable, QEMU otherwise.
+    #[arg(long, env = "NEUROVISOR_BACKEND", value_enum, default_value = "auto")]
+    backend: BackendKind,
+    /// Firecracker binary (default: `firecracker` on PATH).
+    #[arg(long, env = "NEUROVISOR_FIRECRACKER_BIN")]
+    firecracker_bin: Option<PathBuf>,
+    /// Firecracker's jailer binary (default: `jailer` on PATH).
+    #[arg(long, env = "NEUROVISOR_JAILER_BIN")]
+    jailer_bin: Option<PathBuf>,
+    /// Run Firecracker under its jailer (default: when the jailer is found and we are root).
+    #[arg(long, overrides_with = "no_jailer")]
+    jailer: bool,
+    /// Run Firecracker without its jailer.
+    #[arg(long, overrides_with = "jailer")]
+    no_jailer: bool,
+    /// uids/gids for jailed VMs, FIRST-LAST (each VM gets its own).
+    #[arg(long, env = "NEUROVISOR_JAIL_IDS", default_value = "1000000000-1000065535")]
+    jail_ids: IdRange,
+    /// Firecracker: root drive bandwidth limit in bytes per second.
+    #[arg(long, env = "NEUROVISOR_DRIVE_BANDWIDTH")]
+    drive_bandwidth: Option<u64>,
+    /// Firecracker: root drive limit in operations per second.
+    #[arg(long, env = "NEUROVISOR_DRIVE_IOPS")]
+    drive_iops: Option<u64>,
 }
 
 impl VmArgs {
@@ -96,6 +122,29 @@ impl VmArgs {
             vhost_vsock_bin: self.vhost_vsock_bin.clone(),
             accel: self.accel,
             no_sandbox: self.no_qemu_sandbox,
+        }
+    }
+
+    pub fn firecracker_options(&self) -> FirecrackerOptions {
+        FirecrackerOptions {
+            firecracker_bin: self.firecracker_bin.clone(),
+            jailer_bin: self.jailer_bin.clone(),
+            jailer: match (self.jailer, self.no_jailer) {
+                (true, _) => Some(true),
+                (_, true) => Some(false),
+                _ => None,
+            },
+            jail_ids: self.jail_ids,
+            drive_rate_limiter: RateLimiter::from_rates(self.drive_bandwidth, self.drive_iops),
+            ..Default::default()
+        }
+    }
+
+    pub fn backend_options(&self) -> BackendOptions {
+        BackendOptions {
+            kind: self.backend,
+            qemu: self.qemu_options(),
+            firecracker: self.firecracker_options(),
         }
     }
 
@@ -109,9 +158,9 @@ impl VmArgs {
 
     pub fn sandbox(&self) -> Result<Sandbox, String> {
         let images = ImageSet::resolve(&self.image_selection()).map_err(|e| e.to_string())?;
-        let backend = QemuBackend::new(&self.qemu_options()).map_err(|e| e.to_string())?;
+        let (backend, _why) = select_backend(&self.backend_options()).map_err(|e| e.to_string())?;
         let state = self.state_dir.clone().unwrap_or_else(config::default_state_dir);
-        Ok(Sandbox::new(Arc::new(backend), images, state))
+        Ok(Sandbox::new(backend, images, state))
     }
 }
 

@@ -229,10 +229,17 @@ pub async fn run(
             }
         })
     };
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(neurovisor_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    // Both reflection versions: grpcurl speaks v1, many clients still v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(neurovisor_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
         .build_v1()
+        .map_err(|e| DaemonError::Serve(e.to_string()))?;
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
         .map_err(|e| DaemonError::Serve(e.to_string()))?;
 
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -249,7 +256,8 @@ pub async fn run(
     let (stop_grpc, grpc_stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
         .add_service(health_service)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(SandboxServer::new(sandbox::SandboxService::new(
             pool.clone(),
             metrics.clone(),
@@ -293,8 +301,14 @@ pub async fn run(
     health_task.abort();
     // Anything still alive (cancelled requests) is killed here, synchronously.
     clean_leftovers(&dir.join("vms"));
-    if let Err(e) = std::fs::remove_dir_all(&dir) {
-        tracing::warn!("cannot remove {}: {e}", dir.display());
+    // A VM process that was just killed may still be closing its files.
+    for attempt in 1..=5 {
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+            Err(e) if attempt == 5 => tracing::warn!("cannot remove {}: {e}", dir.display()),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
     }
     drop(lock);
     tracing::info!("daemon stopped");

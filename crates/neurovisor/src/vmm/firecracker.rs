@@ -94,10 +94,8 @@ pub fn decide_jailer(
         (Some(true), Some(_)) if !is_root => Err(VmmError::Jail(
             "the jailer must run as root (it creates a chroot, cgroups and switches uid)".into(),
         )),
-        (Some(true) | None, Some(j)) if is_root => {
-            Ok((Some(j.to_path_buf()), format!("jailer at {}", j.display())))
-        }
-        (Some(true) | None, Some(j)) => Ok((
+        (_, Some(j)) if is_root => Ok((Some(j.to_path_buf()), format!("jailer at {}", j.display()))),
+        (_, Some(j)) => Ok((
             None,
             format!(
                 "jailer at {} not used: it needs root; Firecracker runs unjailed",
@@ -128,15 +126,10 @@ pub struct FirecrackerBackend {
 }
 
 fn find_ip(explicit: Option<&Path>) -> Option<PathBuf> {
-    find_binary(explicit, "ip").or_else(|| {
-        if explicit.is_some() {
-            return None;
-        }
-        ["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip"]
-            .iter()
-            .map(PathBuf::from)
-            .find(|p| p.is_file())
-    })
+    match explicit {
+        Some(p) => find_binary(Some(p), "ip"),
+        None => jailer::find_ip(),
+    }
 }
 
 impl FirecrackerBackend {

@@ -329,6 +329,14 @@ impl Jail {
                 Err(e) => return Err(err("hard-link", e)),
             }
         }
+        if meta.len() >= 64 << 20 {
+            tracing::warn!(
+                "copying {} ({} MiB) into the jail: hard links need the state directory on the same \
+                 filesystem as the images (and the image readable by others)",
+                src.display(),
+                meta.len() >> 20
+            );
+        }
         std::fs::copy(src, &dst).map_err(|e| err("copy", e))?;
         std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o400))
             .map_err(|e| err("chmod", e))?;
@@ -388,6 +396,52 @@ impl Drop for Jail {
     fn drop(&mut self) {
         self.cleanup();
     }
+}
+
+/// Removes what jailed VMs of a previous daemon left behind (it was killed
+/// with SIGKILL: jailed VMs lose their parent-death signal, see the module
+/// docs): kills each `firecracker --id=<id>`, then removes its chroot, cgroup
+/// and network namespace. Returns how many jails were removed.
+pub fn clean_leftover_jails(state_dir: &Path) -> usize {
+    let base = state_dir.join(CHROOT_DIR);
+    let mut n = 0;
+    for exec_dir in std::fs::read_dir(&base).into_iter().flatten().flatten() {
+        let exec_name = exec_dir.file_name().to_string_lossy().into_owned();
+        for vm in std::fs::read_dir(exec_dir.path()).into_iter().flatten().flatten() {
+            let id = vm.file_name().to_string_lossy().into_owned();
+            if !valid_jail_id(&id) {
+                continue;
+            }
+            let killed = super::process::kill_processes_mentioning(&format!("--id={id}"));
+            if killed > 0 {
+                // Let the kill land before the cgroup is removed.
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            let mut jail = Jail::new(&base, &exec_name, &id, 0, 0, cgroup_version());
+            if Path::new("/run/netns").join(format!("nv-{id}")).exists() {
+                jail.netns = find_ip().map(|ip| NetNs {
+                    ip,
+                    name: format!("nv-{id}"),
+                    deleted: false,
+                });
+            }
+            jail.cleanup();
+            tracing::info!(processes = killed, "removed leftover jail of VM {id}");
+            n += 1;
+        }
+    }
+    let _ = std::fs::remove_dir(&base);
+    n
+}
+
+/// `ip` (iproute2): on PATH, else in the usual sbin directories.
+pub fn find_ip() -> Option<PathBuf> {
+    super::find_binary(None, "ip").or_else(|| {
+        ["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip"]
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.is_file())
+    })
 }
 
 /// How a file got into the jail.
@@ -596,6 +650,25 @@ mod tests {
         assert!(!base.join("firecracker").exists(), "jail left behind");
         assert!(kernel.is_file() && rootfs.is_file(), "sources must stay");
         assert_eq!(std::fs::read(&kernel).expect("read"), b"kernel");
+    }
+
+    #[test]
+    fn leftover_jails_are_removed() {
+        let state = tempfile::tempdir().expect("tempdir");
+        let src = state.path().join("k");
+        std::fs::write(&src, b"k").expect("write");
+        let (uid, gid) = me();
+        let base = state.path().join(CHROOT_DIR);
+        for id in ["a-1", "b-2"] {
+            let mut j = Jail::new(&base, "firecracker", id, uid, gid, 2);
+            j.prepare(&src, &src, &["firecracker.log"]).expect("prepare");
+            // As if the daemon had died: nothing cleaned.
+            j.cleaned = true;
+        }
+        assert_eq!(clean_leftover_jails(state.path()), 2);
+        assert!(!base.exists(), "jails left behind");
+        assert!(src.is_file());
+        assert_eq!(clean_leftover_jails(state.path()), 0);
     }
 
     #[test]

@@ -242,4 +242,71 @@ mod tests {
         assert_eq!(log_tail(&p, 2), "b\nc");
         assert_eq!(log_tail(&dir.path().join("none"), 2), "");
     }
+
+    /// A backend and VM that implement only what is required: snapshots
+    /// default to `Unsupported` (as on QEMU).
+    struct Minimal;
+
+    #[async_trait]
+    impl VmmBackend for Minimal {
+        fn name(&self) -> &'static str {
+            "minimal"
+        }
+        async fn spawn(&self, _: &VmConfig) -> Result<Box<dyn Vm>, VmmError> {
+            Ok(Box::new(Minimal))
+        }
+    }
+
+    #[async_trait]
+    impl Vm for Minimal {
+        fn id(&self) -> &str {
+            "m"
+        }
+        async fn wait_ready(&mut self, _: Duration) -> Result<(), VmmError> {
+            Ok(())
+        }
+        async fn wait_exited(&mut self, _: Duration) -> Option<String> {
+            None
+        }
+        fn check_exited(&mut self) -> Option<String> {
+            None
+        }
+        async fn connect(&self, port: u32) -> Result<UnixStream, VmmError> {
+            Err(VmmError::Unsupported(format!("connect {port}")))
+        }
+        fn pids(&self) -> Vec<u32> {
+            Vec::new()
+        }
+        fn dir(&self) -> &Path {
+            Path::new("/")
+        }
+        async fn shutdown(self: Box<Self>, _: Duration) {}
+        async fn kill(self: Box<Self>) {}
+    }
+
+    #[tokio::test]
+    async fn snapshots_default_to_unsupported() {
+        let cfg = VmConfig {
+            id: "x".into(),
+            size: VmSize::Small,
+            kernel: "k".into(),
+            rootfs: "r".into(),
+            state_dir: "/s".into(),
+            extra_cmdline: vec![],
+        };
+        let vm = Minimal.spawn(&cfg).await.expect("spawn");
+        let p = Path::new("/tmp/x");
+        for r in [
+            vm.pause().await,
+            vm.resume().await,
+            vm.create_snapshot(p, p).await,
+        ] {
+            assert!(matches!(r, Err(VmmError::Unsupported(_))), "{r:?}");
+        }
+        match Minimal.restore(&cfg, p, p).await {
+            Err(e @ VmmError::Unsupported(_)) => assert!(e.to_string().contains("minimal"), "{e}"),
+            Err(e) => panic!("unexpected error {e}"),
+            Ok(_) => panic!("restore must be unsupported by default"),
+        }
+    }
 }

@@ -19,7 +19,9 @@ pub enum BackendKind {
     /// Firecracker when its binary and hardware KVM are there, else QEMU.
     #[default]
     Auto,
+    /// Firecracker (needs hardware KVM), jailed when the jailer is available.
     Firecracker,
+    /// QEMU microvm (KVM, or TCG emulation without it).
     Qemu,
 }
 

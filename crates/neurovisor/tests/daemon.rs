@@ -1,0 +1,585 @@
+//! The daemon (`neurovisor serve`) end to end: real VMs behind the gRPC API,
+//! pool invariants under load, lifecycle (SIGTERM, SIGKILL, two daemons), and
+//! a client generated in another language (Python, grpcio-tools).
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{assert_no_leftovers, processes_mentioning};
+use neurovisor_proto::inference::inference_service_client::InferenceServiceClient;
+use neurovisor_proto::inference::InferRequest;
+use neurovisor_proto::v1::sandbox_client::SandboxClient;
+use neurovisor_proto::v1::{execute_response::Event, ExecuteRequest, LanguagesRequest};
+use tonic::transport::Channel;
+
+struct Daemon {
+    child: Option<Child>,
+    state: Arc<tempfile::TempDir>,
+    grpc: String,
+    metrics: String,
+    log: Arc<Mutex<String>>,
+}
+
+fn start_daemon_in(state: Arc<tempfile::TempDir>, extra: &[&str]) -> Daemon {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_neurovisor"));
+    cmd.args([
+        "serve",
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--size",
+        "small",
+    ])
+    .arg("--state-dir")
+    .arg(state.path())
+    .args(extra)
+    .env("NEUROVISOR_LOG", "neurovisor=info")
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn daemon");
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr"));
+    let log = Arc::new(Mutex::new(String::new()));
+    let mut first = String::new();
+    let (grpc, metrics) = loop {
+        first.clear();
+        if lines.read_line(&mut first).expect("read") == 0 {
+            let _ = child.wait();
+            panic!("daemon exited before serving: {}", log.lock().expect("log"));
+        }
+        log.lock().expect("log").push_str(&first);
+        if let Some(rest) = first.trim().strip_prefix("neurovisor: serving gRPC on ") {
+            let (g, m) = rest.split_once(", metrics on http://").expect("format");
+            break (g.to_string(), m.split('/').next().expect("addr").to_string());
+        }
+    };
+    let l = log.clone();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        while lines.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
+            l.lock().expect("log").push_str(&line);
+            line.clear();
+        }
+    });
+    Daemon {
+        child: Some(child),
+        state,
+        grpc,
+        metrics,
+        log,
+    }
+}
+
+fn start_daemon(extra: &[&str]) -> Daemon {
+    let state = Arc::new(tempfile::Builder::new().prefix("nvd-").tempdir().expect("state"));
+    start_daemon_in(state, extra)
+}
+
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).expect("connect metrics");
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").expect("write");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("read");
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (code, body)
+}
+
+impl Daemon {
+    fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
+    }
+
+    fn status(&self) -> serde_json::Value {
+        serde_json::from_str(&http_get(&self.metrics, "/healthz").1).expect("healthz json")
+    }
+
+    fn wait_for(&self, what: &str, timeout: Duration, f: impl Fn(&serde_json::Value) -> bool) {
+        let until = Instant::now() + timeout;
+        loop {
+            let st = self.status();
+            if f(&st) {
+                return;
+            }
+            assert!(
+                Instant::now() < until,
+                "timed out waiting for {what}: {st}\ndaemon log:\n{}",
+                self.log.lock().map(|l| l.clone()).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn wait_warm(&self, n: u64) {
+        self.wait_for(&format!("{n} warm VMs"), Duration::from_secs(120), |st| {
+            st["warm"] == n
+        });
+    }
+
+    async fn client(&self) -> SandboxClient<Channel> {
+        SandboxClient::connect(format!("http://{}", self.grpc))
+            .await
+            .expect("connect")
+    }
+
+    fn vm_processes(&self) -> Vec<String> {
+        processes_mentioning(&self.state.path().display().to_string())
+            .into_iter()
+            .filter(|p| p.contains("qemu-system"))
+            .collect()
+    }
+
+    fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).expect("signal");
+    }
+
+    /// SIGTERM, wait for exit; returns the exit code.
+    fn stop(mut self) -> Option<i32> {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        let code = self
+            .child
+            .take()
+            .and_then(|mut c| c.wait().ok())
+            .and_then(|s| s.code());
+        assert_no_leftovers(self.state.path());
+        let dir = self.state.path().join("daemon");
+        assert!(
+            !dir.exists(),
+            "daemon state dir not removed (exit {code:?}): {:?}\n{}",
+            std::fs::read_dir(&dir).map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>()),
+            self.log.lock().map(|l| l.clone()).unwrap_or_default()
+        );
+        code
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn req(language: &str, code: &str) -> ExecuteRequest {
+    ExecuteRequest {
+        language: language.into(),
+        code: code.into(),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn python_grpcio_client_executes_code_through_the_daemon() {
+    let python = neurovisor::config::cache_dir().join("pyenv/bin/python");
+    assert!(
+        python.is_file(),
+        "{} missing: run `bash scripts/setup.sh` (it creates the venv with grpcio-tools)",
+        python.display()
+    );
+    let d = start_daemon(&["--warm", "1", "--max", "2"]);
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
+    let out = Command::new(python)
+        .arg(format!("{root}/crates/neurovisor/tests/python/sandbox_client.py"))
+        .args([
+            "--addr",
+            &d.grpc,
+            "--proto-dir",
+            &format!("{root}/crates/proto/proto"),
+        ])
+        .output()
+        .expect("run python client");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("all checks passed"),
+        "{text}\n{}\ndaemon log: {}",
+        String::from_utf8_lossy(&out.stderr),
+        d.log.lock().expect("log")
+    );
+    assert_eq!(d.stop(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pool_invariants_under_50_concurrent_requests() {
+    let d = start_daemon(&["--warm", "2", "--max", "4", "--queue-timeout", "10s"]);
+    d.wait_warm(2);
+    let stop = Arc::new(AtomicBool::new(false));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let sampler = {
+        let (stop, peak) = (stop.clone(), peak.clone());
+        let needle = d.state.path().display().to_string();
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let n = processes_mentioning(&needle)
+                    .iter()
+                    .filter(|p| p.contains("qemu-system"))
+                    .count();
+                peak.fetch_max(n, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    let client = d.client().await;
+    let tasks: Vec<_> = (0..50)
+        .map(|i| {
+            let mut c = client.clone();
+            tokio::spawn(async move {
+                let r = c.execute_once(req("python", &format!("print({i} * 2)"))).await;
+                (i, r)
+            })
+        })
+        .collect();
+    let (mut ok, mut exhausted, mut vm_ids) = (0, 0, std::collections::HashSet::new());
+    for t in tasks {
+        let (i, r) = t.await.expect("task");
+        match r {
+            Ok(resp) => {
+                let r = resp.into_inner();
+                assert_eq!(r.stdout, format!("{}\n", i * 2).as_bytes(), "request {i}");
+                assert!(
+                    vm_ids.insert(r.vm_id.clone()),
+                    "VM {} served two requests",
+                    r.vm_id
+                );
+                ok += 1;
+            }
+            Err(s) => {
+                assert_eq!(s.code(), tonic::Code::ResourceExhausted, "request {i}: {s:?}");
+                assert!(s.message().contains("retry"), "{}", s.message());
+                exhausted += 1;
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    sampler.join().expect("sampler");
+    eprintln!(
+        "50 requests: {ok} ok, {exhausted} RESOURCE_EXHAUSTED, peak {} VMs",
+        peak.load(Ordering::Relaxed)
+    );
+    assert_eq!(ok + exhausted, 50);
+    assert!(ok >= 4, "at least max requests succeed");
+    assert!(
+        peak.load(Ordering::Relaxed) <= 4,
+        "more than max VMs alive: {}",
+        peak.load(Ordering::Relaxed)
+    );
+    d.wait_warm(2);
+    let st = d.status();
+    assert_eq!(
+        (st["active"].as_u64(), st["booting"].as_u64()),
+        (Some(0), Some(0)),
+        "{st}"
+    );
+    let (_, metrics) = http_get(&d.metrics, "/metrics");
+    for name in [
+        "neurovisor_pool_warm_vms 2",
+        "neurovisor_pool_active_vms 0",
+        "neurovisor_vm_boot_seconds_count",
+        "neurovisor_vm_acquire_seconds_count",
+        "neurovisor_requests_in_flight 0",
+        "neurovisor_code_execution_duration_seconds_count{language=\"python\"}",
+        "neurovisor_grpc_request_duration_seconds_count{method=\"ExecuteOnce\"}",
+    ] {
+        assert!(metrics.contains(name), "missing {name} in /metrics:\n{metrics}");
+    }
+    assert_eq!(d.stop(), Some(0));
+}
+
+#[test]
+fn a_killed_warm_vm_is_replaced() {
+    let d = start_daemon(&["--warm", "1", "--max", "2"]);
+    d.wait_warm(1);
+    let before = d.vm_processes();
+    assert_eq!(before.len(), 1, "{before:?}");
+    let pid: i32 = before[0]
+        .split(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("pid");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).expect("kill");
+    // The pool notices the death (liveness check), drops the VM and boots another.
+    let until = Instant::now() + Duration::from_secs(120);
+    loop {
+        let after = d.vm_processes();
+        let st = d.status();
+        if st["warm"] == 1 && after.len() == 1 && !after[0].starts_with(&format!("{pid}:")) {
+            break;
+        }
+        assert!(Instant::now() < until, "no replacement: {after:?} {st}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let r = rt.block_on(async {
+        d.client()
+            .await
+            .execute_once(req("python", "print('still serving')"))
+            .await
+    });
+    assert_eq!(r.expect("execute").into_inner().stdout, b"still serving\n"[..]);
+    assert_eq!(d.stop(), Some(0));
+}
+
+#[tokio::test]
+async fn sigterm_lets_in_flight_requests_finish_then_cleans_up() {
+    let d = start_daemon(&["--warm", "1", "--max", "3", "--shutdown-grace", "60s"]);
+    d.wait_warm(1);
+    let mut streams = Vec::new();
+    for _ in 0..2 {
+        let mut c = d.client().await;
+        let s = c
+            .execute(req(
+                "python",
+                "import time\nprint('start', flush=True)\ntime.sleep(3)\nprint('done')",
+            ))
+            .await
+            .expect("execute")
+            .into_inner();
+        streams.push(s);
+    }
+    // Both programs are running before the signal.
+    let mut outputs = [Vec::new(), Vec::new()];
+    for (i, s) in streams.iter_mut().enumerate() {
+        while !outputs[i].starts_with(b"start") {
+            match s.message().await.expect("stream").expect("event").event {
+                Some(Event::Stdout(b)) => outputs[i].extend_from_slice(&b),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    d.signal(nix::sys::signal::Signal::SIGTERM);
+    for (i, s) in streams.iter_mut().enumerate() {
+        let mut exit = None;
+        while let Some(m) = s.message().await.expect("stream completes") {
+            match m.event {
+                Some(Event::Stdout(b)) => outputs[i].extend_from_slice(&b),
+                Some(Event::Result(r)) => exit = r.exit_code,
+                _ => {}
+            }
+        }
+        assert_eq!(outputs[i], b"start\ndone\n");
+        assert_eq!(exit, Some(0));
+    }
+    // New work is refused while draining... and the daemon exits cleanly.
+    assert_eq!(d.stop(), Some(0));
+}
+
+#[test]
+fn after_sigkill_the_next_daemon_removes_the_leftovers() {
+    let state = Arc::new(tempfile::Builder::new().prefix("nvd-").tempdir().expect("state"));
+    let d = start_daemon_in(state.clone(), &["--warm", "1", "--max", "2"]);
+    d.wait_warm(1);
+    d.signal(nix::sys::signal::Signal::SIGKILL);
+    drop(d);
+    let vms = state.path().join("daemon/vms");
+    let left: Vec<_> = std::fs::read_dir(&vms).expect("vms dir").flatten().collect();
+    assert_eq!(left.len(), 1, "a SIGKILLed daemon leaves its VM directory");
+    let d2 = start_daemon_in(state.clone(), &["--warm", "0", "--max", "1"]);
+    assert!(
+        std::fs::read_dir(&vms).map(|d| d.count()).unwrap_or(0) == 0,
+        "leftovers removed before serving"
+    );
+    assert!(d2.vm_processes().is_empty());
+    assert_eq!(d2.stop(), Some(0));
+}
+
+#[test]
+fn a_second_daemon_on_the_same_state_dir_refuses_to_start() {
+    let d = start_daemon(&["--warm", "0"]);
+    let out = Command::new(env!("CARGO_BIN_EXE_neurovisor"))
+        .args([
+            "serve",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--warm",
+            "0",
+        ])
+        .arg("--state-dir")
+        .arg(d.state.path())
+        .output()
+        .expect("second daemon");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert!(
+        err.contains(&format!("another neurovisor daemon (pid {})", d.pid())),
+        "{err}"
+    );
+    assert_eq!(d.stop(), Some(0));
+}
+
+/// A stand-in for Ollama speaking its real `/api/generate` wire format.
+async fn fake_ollama() -> String {
+    use axum::routing::post;
+    let app = axum::Router::new().route(
+        "/api/generate",
+        post(|axum::Json(body): axum::Json<serde_json::Value>| async move {
+            if body["model"] == "missing" {
+                return (
+                    axum::http::StatusCode::NOT_FOUND,
+                    axum::Json(
+                        serde_json::json!({"error": "model 'missing' not found, try pulling it first"}),
+                    ),
+                );
+            }
+            (
+                axum::http::StatusCode::OK,
+                axum::Json(serde_json::json!({
+                    "model": body["model"], "created_at": "2026-11-22T12:00:00Z",
+                    "response": format!("echo: {}", body["prompt"].as_str().unwrap_or("")),
+                    "done": true, "done_reason": "stop", "total_duration": 5_043_500_667u64,
+                    "load_duration": 5_025_959u64, "prompt_eval_count": 26, "eval_count": 290
+                })),
+            )
+        }),
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(l, app).await });
+    format!("http://{addr}")
+}
+
+#[tokio::test]
+async fn api_validation_trace_ids_disconnects_and_inference() {
+    let ollama = fake_ollama().await;
+    let d = start_daemon(&["--warm", "1", "--max", "2", "--ollama-host", &ollama]);
+    let mut c = d.client().await;
+
+    for (r, field) in [
+        (req("cobol", "x"), "unknown language 'cobol'"),
+        (req("python", ""), "code is empty"),
+        (
+            ExecuteRequest {
+                timeout_ms: 7_200_000,
+                ..req("python", "1")
+            },
+            "timeout",
+        ),
+        (
+            ExecuteRequest {
+                max_output_bytes: 1 << 40,
+                ..req("python", "1")
+            },
+            "max_output_bytes",
+        ),
+    ] {
+        let e = c.execute_once(r).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().contains(field), "{field}: {}", e.message());
+    }
+
+    let langs = c
+        .languages(LanguagesRequest {})
+        .await
+        .expect("languages")
+        .into_inner();
+    let names: Vec<_> = langs.languages.iter().map(|l| l.name.as_str()).collect();
+    assert_eq!(names, ["python", "bash", "javascript"]);
+
+    // x-trace-id is honoured end to end, and minted when absent.
+    let mut r = tonic::Request::new(req("bash", "echo $NEUROVISOR_TRACE_ID"));
+    r.metadata_mut()
+        .insert("x-trace-id", "rust-trace-7".parse().expect("ascii"));
+    let resp = c.execute_once(r).await.expect("execute");
+    assert_eq!(
+        resp.metadata().get("x-trace-id").and_then(|v| v.to_str().ok()),
+        Some("rust-trace-7")
+    );
+    let body = resp.into_inner();
+    assert_eq!(
+        (body.stdout.as_ref(), body.trace_id.as_str()),
+        (&b"rust-trace-7\n"[..], "rust-trace-7")
+    );
+    let minted = c.execute_once(req("bash", "true")).await.expect("execute");
+    let id = minted
+        .metadata()
+        .get("x-trace-id")
+        .and_then(|v| v.to_str().ok())
+        .expect("trace id")
+        .to_string();
+    assert_eq!(uuid::Uuid::parse_str(&id).expect("uuid").get_version_num(), 7);
+    assert_eq!(minted.into_inner().trace_id, id);
+
+    // A client that disconnects mid-stream frees its VM at once. The client is
+    // our CLI in daemon mode, killed while its program runs: the connection
+    // drops as when a real client crashes or loses the network.
+    d.wait_warm(1);
+    let mut client = Command::new(env!("CARGO_BIN_EXE_neurovisor"))
+        .args(["run", "--addr", &d.grpc, "--lang", "python", "-c"])
+        .arg("import time\nprint('x', flush=True)\ntime.sleep(300)")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("client");
+    let mut line = String::new();
+    BufReader::new(client.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("read");
+    assert_eq!(line, "x\n");
+    assert_eq!(d.status()["active"], 1);
+    client.kill().expect("kill client");
+    let _ = client.wait();
+    d.wait_for(
+        "the VM of the disconnected client to go",
+        Duration::from_secs(10),
+        |st| st["active"] == 0,
+    );
+    assert!(d.log.lock().expect("log").contains("client disconnected"));
+    drop(c);
+
+    // Inference proxied to Ollama (a server speaking its wire format), and its errors.
+    let mut inf = InferenceServiceClient::connect(format!("http://{}", d.grpc))
+        .await
+        .expect("connect");
+    let r = inf
+        .infer(InferRequest {
+            prompt: "hello".into(),
+            model: "qwen3".into(),
+        })
+        .await
+        .expect("infer")
+        .into_inner();
+    assert_eq!(
+        (r.text.as_str(), r.model.as_str(), r.tokens),
+        ("echo: hello", "qwen3", 290)
+    );
+    let e = inf
+        .infer(InferRequest {
+            prompt: "hello".into(),
+            model: "missing".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    assert!(e.message().contains("ollama pull missing"), "{}", e.message());
+    assert_eq!(d.stop(), Some(0));
+
+    let d = start_daemon(&["--warm", "0", "--ollama-host", "http://127.0.0.1:9"]);
+    let mut inf = InferenceServiceClient::connect(format!("http://{}", d.grpc))
+        .await
+        .expect("connect");
+    let e = inf
+        .infer(InferRequest {
+            prompt: "hello".into(),
+            model: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable);
+    assert!(e.message().contains("ollama serve"), "{}", e.message());
+    assert_eq!(d.stop(), Some(0));
+}

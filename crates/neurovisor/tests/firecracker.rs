@@ -1,0 +1,1252 @@
+//! The Firecracker backend against a stand-in for Firecracker's API.
+//!
+//! No Firecracker binary is needed: the backend spawns a fake `firecracker`
+//! (a shell script that records its arguments and sleeps, or fails at once),
+//! and a test server binds the `--api-sock` path the script was given. The
+//! server validates every request (method, path, JSON body) against the
+//! official OpenAPI description, `shared/firecracker/firecracker-api.yaml`,
+//! loaded at run time; answers with the status codes the spec documents;
+//! records the sequence; and plays the parts of Firecracker the backend
+//! relies on (it needs the log files to exist, announces READY on
+//! `<uds_path>_6001` at `InstanceStart`, answers hybrid-vsock `CONNECT`s).
+//!
+//! `real_firecracker_runs_code` boots a real VM when `FIRECRACKER_BIN` is set
+//! and hardware KVM is usable, and says why it skipped otherwise.
+
+use std::collections::{BTreeMap, HashSet};
+use std::convert::Infallible;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+use neurovisor::vmm::firecracker::{FirecrackerBackend, FirecrackerOptions};
+use neurovisor::vmm::{Vm, VmConfig, VmmBackend, VmmError};
+use neurovisor::VmSize;
+
+// ---------------------------------------------------------------------------
+// The OpenAPI (swagger 2.0) description and a validator for the subset it uses
+// ---------------------------------------------------------------------------
+
+const SPEC_PATH: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../../shared/firecracker/firecracker-api.yaml"
+);
+
+struct Spec {
+    doc: Value,
+}
+
+fn yaml_to_json(v: serde_yaml_ng::Value) -> Value {
+    use serde_yaml_ng::Value as Y;
+    match v {
+        Y::Null => Value::Null,
+        Y::Bool(b) => Value::Bool(b),
+        Y::Number(n) => serde_json::to_value(&n).unwrap_or(Value::Null),
+        Y::String(s) => Value::String(s),
+        Y::Sequence(s) => Value::Array(s.into_iter().map(yaml_to_json).collect()),
+        Y::Mapping(m) => Value::Object(
+            m.into_iter()
+                .map(|(k, v)| {
+                    let key = match k {
+                        Y::String(s) => s,
+                        Y::Number(n) => n.to_string(),
+                        Y::Bool(b) => b.to_string(),
+                        other => format!("{other:?}"),
+                    };
+                    (key, yaml_to_json(v))
+                })
+                .collect(),
+        ),
+        Y::Tagged(t) => yaml_to_json(t.value),
+    }
+}
+
+impl Spec {
+    fn load() -> Arc<Spec> {
+        let text = std::fs::read_to_string(SPEC_PATH).unwrap_or_else(|e| {
+            panic!(
+                "these tests need Firecracker's API description at {SPEC_PATH} \
+                 (shared/firecracker/firecracker-api.yaml beside the repository): {e}"
+            )
+        });
+        let yaml: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).expect("firecracker-api.yaml parses");
+        let doc = yaml_to_json(yaml);
+        assert_eq!(doc["swagger"], "2.0", "unexpected spec format");
+        assert!(doc["paths"].is_object() && doc["definitions"].is_object());
+        Arc::new(Spec { doc })
+    }
+
+    /// The operation for `method path`: its path template and the operation object.
+    fn operation(&self, method: &str, path: &str) -> Result<(String, &Value), String> {
+        let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        let paths = self.doc["paths"].as_object().expect("paths");
+        for (template, item) in paths {
+            let tsegs: Vec<&str> = template.trim_start_matches('/').split('/').collect();
+            if tsegs.len() != segs.len() {
+                continue;
+            }
+            let matches = tsegs.iter().zip(&segs).all(|(t, s)| {
+                if t.starts_with('{') && t.ends_with('}') {
+                    !s.is_empty()
+                } else {
+                    t == s
+                }
+            });
+            if !matches {
+                continue;
+            }
+            return match item.get(method.to_ascii_lowercase()) {
+                Some(op) => Ok((template.clone(), op)),
+                None => Err(format!("{method} is not an operation of {template}")),
+            };
+        }
+        Err(format!("{path} matches no path of the API"))
+    }
+
+    /// Validates one request; returns the operation (for its responses) and the violations.
+    fn check(&self, method: &str, path: &str, body: Option<&Value>) -> (Option<&Value>, Vec<String>) {
+        let mut errors = Vec::new();
+        let (template, op) = match self.operation(method, path) {
+            Ok(x) => x,
+            Err(e) => return (None, vec![e]),
+        };
+        let empty = Vec::new();
+        let params = op["parameters"].as_array().unwrap_or(&empty);
+        let body_param = params.iter().find(|p| p["in"] == "body");
+        for p in params.iter().filter(|p| p["in"] == "path") {
+            let name = p["name"].as_str().unwrap_or_default();
+            if !template.contains(&format!("{{{name}}}")) {
+                errors.push(format!("{template}: path parameter {name} not in template"));
+            }
+        }
+        match (body_param, body) {
+            (None, Some(_)) => errors.push(format!("{method} {template} takes no body")),
+            (Some(p), None) if p["required"] == true => {
+                errors.push(format!("{method} {template}: the body is required"))
+            }
+            (Some(p), Some(b)) => self.validate(&p["schema"], b, "body", &mut errors),
+            _ => {}
+        }
+        (Some(op), errors)
+    }
+
+    fn resolve<'a>(&'a self, schema: &'a Value) -> &'a Value {
+        let mut s = schema;
+        while let Some(r) = s.get("$ref").and_then(Value::as_str) {
+            let name = r.strip_prefix("#/definitions/").expect("local $ref");
+            s = self.doc["definitions"]
+                .get(name)
+                .unwrap_or_else(|| panic!("dangling $ref {r}"));
+        }
+        s
+    }
+
+    /// Swagger's subset: $ref, type, enum, required, properties,
+    /// additionalProperties (unknown properties are errors unless allowed),
+    /// readOnly (not to be sent), items, minimum, maximum.
+    fn validate(&self, schema: &Value, v: &Value, at: &str, errors: &mut Vec<String>) {
+        self.validate_as(schema, v, at, true, errors)
+    }
+
+    /// `request`: read-only properties must not be sent.
+    fn validate_as(&self, schema: &Value, v: &Value, at: &str, request: bool, errors: &mut Vec<String>) {
+        let s = self.resolve(schema);
+        if let Some(t) = s.get("type").and_then(Value::as_str) {
+            let ok = match t {
+                "object" => v.is_object(),
+                "array" => v.is_array(),
+                "string" => v.is_string(),
+                "boolean" => v.is_boolean(),
+                "integer" => v.is_i64() || v.is_u64(),
+                "number" => v.is_number(),
+                other => panic!("type {other} not handled by the test validator"),
+            };
+            if !ok {
+                errors.push(format!("{at}: expected {t}, got {v}"));
+                return;
+            }
+        }
+        if let Some(allowed) = s.get("enum").and_then(Value::as_array) {
+            if !allowed.contains(v) {
+                errors.push(format!(
+                    "{at}: {v} is not one of {}",
+                    Value::Array(allowed.clone())
+                ));
+            }
+        }
+        if let Some(n) = v.as_f64() {
+            if let Some(min) = s.get("minimum").and_then(Value::as_f64) {
+                if n < min {
+                    errors.push(format!("{at}: {n} is below the minimum {min}"));
+                }
+            }
+            if let Some(max) = s.get("maximum").and_then(Value::as_f64) {
+                if n > max {
+                    errors.push(format!("{at}: {n} is above the maximum {max}"));
+                }
+            }
+        }
+        if let (Some(obj), true) = (
+            v.as_object(),
+            s.get("properties").is_some() || s.get("type") == Some(&json!("object")),
+        ) {
+            let props = s.get("properties").and_then(Value::as_object);
+            for req in s.get("required").and_then(Value::as_array).into_iter().flatten() {
+                let name = req.as_str().unwrap_or_default();
+                if !obj.contains_key(name) {
+                    errors.push(format!("{at}: missing required property {name}"));
+                }
+            }
+            for (k, val) in obj {
+                match props.and_then(|p| p.get(k)) {
+                    Some(ps) => {
+                        if request && ps.get("readOnly") == Some(&json!(true)) {
+                            errors.push(format!("{at}.{k} is read-only"));
+                        }
+                        self.validate_as(ps, val, &format!("{at}.{k}"), request, errors);
+                    }
+                    None => match s.get("additionalProperties") {
+                        Some(Value::Bool(true)) => {}
+                        Some(extra @ Value::Object(_)) => {
+                            self.validate_as(extra, val, &format!("{at}.{k}"), request, errors)
+                        }
+                        _ => errors.push(format!("{at}: unknown property {k}")),
+                    },
+                }
+            }
+        }
+        if let (Some(items), Some(arr)) = (s.get("items"), v.as_array()) {
+            for (i, item) in arr.iter().enumerate() {
+                self.validate_as(items, item, &format!("{at}[{i}]"), request, errors);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// A fake `firecracker` executable
+// ---------------------------------------------------------------------------
+
+enum Script {
+    /// Records its arguments, prints a console line, sleeps.
+    Sleep,
+    /// Prints an error and exits at once (before any socket exists).
+    Fail,
+}
+
+const CONSOLE_LINE: &str = "fake serial console: Linux version 6.1.0 (neurovisor)";
+const FAIL_LINE: &str = "Error: cannot open /dev/kvm: No such file or directory";
+
+struct FakeBin {
+    dir: tempfile::TempDir,
+    seen: Mutex<HashSet<String>>,
+}
+
+#[derive(Debug, Clone)]
+struct Invocation {
+    pid: u32,
+    args: Vec<String>,
+}
+
+impl Invocation {
+    fn arg(&self, name: &str) -> Option<&str> {
+        let i = self.args.iter().position(|a| a == name)?;
+        self.args.get(i + 1).map(String::as_str)
+    }
+}
+
+impl FakeBin {
+    /// Writes `<dir>/<name>` (the file name matters: the jailer wants "firecracker").
+    fn new(name: &str, script: Script) -> Arc<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("fakefc-")
+            .tempdir()
+            .expect("tempdir");
+        let d = dir.path().display();
+        let body = match script {
+            Script::Sleep => format!("echo '{CONSOLE_LINE}'\nexec sleep 600\n"),
+            Script::Fail => format!("echo '{FAIL_LINE}' >&2\nexit 1\n"),
+        };
+        let text = format!(
+            "#!/bin/sh\nprintf '%s\\n' \"$@\" > '{d}/args.'$$.tmp && mv '{d}/args.'$$.tmp '{d}/args.'$$\n{body}"
+        );
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).expect("write script");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        Arc::new(Self {
+            dir,
+            seen: Mutex::new(HashSet::new()),
+        })
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// The next start of the script (each one writes `args.<pid>`).
+    async fn next_invocation(&self, timeout: Duration) -> Invocation {
+        let deadline = Instant::now() + timeout;
+        loop {
+            for e in std::fs::read_dir(self.dir.path()).expect("read dir").flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let Some(pid) = name.strip_prefix("args.").and_then(|p| p.parse::<u32>().ok()) else {
+                    continue;
+                };
+                if self.seen.lock().expect("lock").insert(name) {
+                    let text = std::fs::read_to_string(e.path()).expect("args");
+                    return Invocation {
+                        pid,
+                        args: text.lines().map(str::to_string).collect(),
+                    };
+                }
+            }
+            assert!(Instant::now() < deadline, "the fake firecracker was not started");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+/// Is the process still running (not gone, not a zombie)?
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+async fn assert_gone(pid: u32) {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while alive(pid) {
+        assert!(Instant::now() < deadline, "process {pid} is still running");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The stand-in API server
+// ---------------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+struct Call {
+    method: String,
+    path: String,
+    body: Option<Value>,
+    status: u16,
+}
+
+impl Call {
+    fn name(&self) -> String {
+        format!("{} {}", self.method, self.path)
+    }
+}
+
+#[derive(Default)]
+struct Behaviour {
+    /// `"PUT /drives/rootfs"` -> fault_message to answer with.
+    faults: BTreeMap<String, String>,
+    /// Connect to `<uds_path>_6001` and say READY at InstanceStart.
+    announce_ready: bool,
+    /// Emulate the guest rebooting on SendCtrlAltDel: kill the process.
+    exit_on_ctrl_alt_del: bool,
+}
+
+struct FakeApi {
+    spec: Arc<Spec>,
+    behaviour: Behaviour,
+    /// `/` as the fake Firecracker sees it (a chroot when jailed).
+    root: Mutex<PathBuf>,
+    pid: Mutex<u32>,
+    calls: Mutex<Vec<Call>>,
+    violations: Mutex<Vec<String>>,
+    logger: Mutex<Option<PathBuf>>,
+}
+
+impl FakeApi {
+    fn new(spec: Arc<Spec>, behaviour: Behaviour) -> Arc<Self> {
+        Arc::new(Self {
+            spec,
+            behaviour,
+            root: Mutex::new(PathBuf::from("/")),
+            pid: Mutex::new(0),
+            calls: Mutex::default(),
+            violations: Mutex::default(),
+            logger: Mutex::default(),
+        })
+    }
+
+    fn calls(&self) -> Vec<Call> {
+        self.calls.lock().expect("lock").clone()
+    }
+
+    fn call_names(&self) -> Vec<String> {
+        self.calls().iter().map(Call::name).collect()
+    }
+
+    fn body_of(&self, name: &str) -> Value {
+        self.calls()
+            .into_iter()
+            .find(|c| c.name() == name)
+            .and_then(|c| c.body)
+            .unwrap_or_else(|| panic!("no {name} call"))
+    }
+
+    fn assert_spec_valid(&self) {
+        let v = self.violations.lock().expect("lock").clone();
+        assert!(v.is_empty(), "requests that violate firecracker-api.yaml: {v:#?}");
+    }
+
+    fn host_path(&self, vmm_path: &str) -> PathBuf {
+        self.root
+            .lock()
+            .expect("lock")
+            .join(vmm_path.trim_start_matches('/'))
+    }
+
+    /// Waits for the next start of `bin`, then serves the API socket it was given.
+    async fn serve_next(self: Arc<Self>, bin: Arc<FakeBin>) -> Invocation {
+        let inv = bin.next_invocation(Duration::from_secs(10)).await;
+        let api_sock = inv.arg("--api-sock").expect("--api-sock");
+        // Under the jailer, paths are inside <chroot-base>/<exec name>/<id>/root.
+        let root = match inv.arg("--chroot-base-dir") {
+            None => PathBuf::from("/"),
+            Some(base) => {
+                let exec = Path::new(inv.arg("--exec-file").expect("--exec-file"));
+                Path::new(base)
+                    .join(exec.file_name().expect("exec name"))
+                    .join(inv.arg("--id").expect("--id"))
+                    .join("root")
+            }
+        };
+        *self.root.lock().expect("lock") = root;
+        *self.pid.lock().expect("lock") = inv.pid;
+        let listener = UnixListener::bind(self.host_path(api_sock)).expect("bind the API socket");
+        let me = self.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let me = me.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        let me = me.clone();
+                        async move { Ok::<_, Infallible>(me.handle(req).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        inv
+    }
+
+    fn violation(&self, v: String) {
+        self.violations.lock().expect("lock").push(v);
+    }
+
+    /// Firecracker's logger appends to a file that must already exist.
+    fn log(&self, line: &str) {
+        if let Some(p) = self.logger.lock().expect("lock").clone() {
+            if let Ok(mut f) = std::fs::OpenOptions::new().append(true).open(p) {
+                use std::io::Write;
+                let _ = writeln!(f, "{line}");
+            }
+        }
+    }
+
+    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let method = req.method().to_string();
+        let path = req.uri().path().to_string();
+        let name = format!("{method} {path}");
+        let content_type = req
+            .headers()
+            .get(hyper::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let raw = req
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let mut errors = Vec::new();
+        let body = if raw.is_empty() {
+            None
+        } else {
+            if content_type.as_deref() != Some("application/json") {
+                errors.push(format!(
+                    "{name}: content type {content_type:?}, expected application/json"
+                ));
+            }
+            match serde_json::from_slice::<Value>(&raw) {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    errors.push(format!("{name}: body is not JSON: {e}"));
+                    None
+                }
+            }
+        };
+        let (op, spec_errors) = self.spec.check(&method, &path, body.as_ref());
+        errors.extend(spec_errors.into_iter().map(|e| format!("{name}: {e}")));
+        if errors.is_empty() {
+            errors.extend(self.semantics(&name, body.as_ref().unwrap_or(&Value::Null)));
+        }
+        let documented = |code: &str| op.is_some_and(|o| o["responses"].get(code).is_some());
+        let (status, answer) = if !errors.is_empty() {
+            for e in &errors {
+                self.violation(e.clone());
+            }
+            (400, Some(errors.join("; ")))
+        } else if let Some(fault) = self.behaviour.faults.get(&name) {
+            self.log(&format!("[anonymous-instance:fc_api] [Error] {fault}"));
+            // The status the spec documents for bad input, else its `default`.
+            (if documented("400") { 400 } else { 500 }, Some(fault.clone()))
+        } else {
+            if !documented("204") {
+                self.violation(format!("{name}: the spec documents no 204 for it"));
+            }
+            (204, None)
+        };
+        self.calls.lock().expect("lock").push(Call {
+            method,
+            path,
+            body,
+            status,
+        });
+        let mut resp = Response::builder().status(StatusCode::from_u16(status).expect("status"));
+        let body = match answer {
+            Some(fault) => {
+                resp = resp.header(hyper::header::CONTENT_TYPE, "application/json");
+                let b = json!({ "fault_message": fault });
+                let mut errs = Vec::new();
+                self.spec.validate_as(
+                    &json!({"$ref": "#/definitions/Error"}),
+                    &b,
+                    "answer",
+                    false,
+                    &mut errs,
+                );
+                assert!(errs.is_empty(), "{errs:?}");
+                Bytes::from(b.to_string())
+            }
+            None => Bytes::new(),
+        };
+        resp.body(Full::new(body)).expect("response")
+    }
+
+    /// What real Firecracker would check or do beyond the schema.
+    fn semantics(&self, name: &str, body: &Value) -> Vec<String> {
+        let mut errors = Vec::new();
+        let exists = |field: &str| -> Option<String> {
+            let p = body[field].as_str()?;
+            (!self.host_path(p).exists()).then(|| format!("{name}: {field} {p} does not exist"))
+        };
+        match name {
+            "PUT /logger" => {
+                errors.extend(exists("log_path"));
+                *self.logger.lock().expect("lock") = body["log_path"].as_str().map(|p| self.host_path(p));
+                self.log("[anonymous-instance:main] Running Firecracker v1.17.0-dev (fake)");
+            }
+            "PUT /metrics" => errors.extend(exists("metrics_path")),
+            "PUT /boot-source" => errors.extend(exists("kernel_image_path")),
+            "PUT /drives/rootfs" => errors.extend(exists("path_on_host")),
+            "PUT /snapshot/load" => {
+                errors.extend(exists("snapshot_path"));
+                if let Some(p) = body["mem_backend"]["backend_path"].as_str() {
+                    if !self.host_path(p).exists() {
+                        errors.push(format!("{name}: memory file {p} does not exist"));
+                    }
+                }
+                // The restored VM's vsock device listens on the overridden path.
+                if let Some(uds) = body["vsock_override"]["uds_path"].as_str() {
+                    self.start_vsock(self.host_path(uds), false);
+                }
+            }
+            "PUT /snapshot/create" => {
+                for f in ["snapshot_path", "mem_file_path"] {
+                    if let Some(p) = body[f].as_str() {
+                        let _ = std::fs::write(self.host_path(p), format!("fake {f}"));
+                    }
+                }
+            }
+            "PUT /actions" if body["action_type"] == "InstanceStart" => {
+                let vsock = self.body_of("PUT /vsock");
+                let uds = self.host_path(vsock["uds_path"].as_str().unwrap_or_default());
+                self.start_vsock(uds, self.behaviour.announce_ready);
+            }
+            "PUT /actions"
+                if body["action_type"] == "SendCtrlAltDel" && self.behaviour.exit_on_ctrl_alt_del =>
+            {
+                let pid = *self.pid.lock().expect("lock");
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+            }
+            _ => {}
+        }
+        errors
+    }
+
+    /// The vsock device: hybrid-vsock `CONNECT` on `uds` (echoing afterwards),
+    /// and optionally the guest agent's READY on `<uds>_6001`.
+    fn start_vsock(&self, uds: PathBuf, announce_ready: bool) {
+        let listener = UnixListener::bind(&uds).expect("bind the vsock socket");
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut r = BufReader::new(s);
+                    let mut line = String::new();
+                    if r.read_line(&mut line).await.is_err() || !line.starts_with("CONNECT ") {
+                        return;
+                    }
+                    let mut s = r.into_inner();
+                    let _ = s.write_all(b"OK 1073741824\n").await;
+                    let mut buf = [0u8; 1024];
+                    while let Ok(n) = s.read(&mut buf).await {
+                        if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        if announce_ready {
+            let mut ready = uds.into_os_string();
+            ready.push("_6001");
+            tokio::spawn(async move {
+                if let Ok(mut s) = UnixStream::connect(ready).await {
+                    let _ = s.write_all(b"READY\n").await;
+                }
+            });
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Test setup
+// ---------------------------------------------------------------------------
+
+struct Env {
+    state: tempfile::TempDir,
+    images: tempfile::TempDir,
+    bin: Arc<FakeBin>,
+    backend: FirecrackerBackend,
+}
+
+fn env(script: Script) -> Env {
+    let bin = FakeBin::new("firecracker", script);
+    let backend = FirecrackerBackend::new(&FirecrackerOptions {
+        firecracker_bin: Some(bin.path("firecracker")),
+        jailer: Some(false),
+        socket_timeout: Duration::from_secs(5),
+        ..Default::default()
+    })
+    .expect("backend");
+    Env {
+        state: tempfile::Builder::new().prefix("nvfc-").tempdir().expect("state"),
+        images: fake_images(),
+        bin,
+        backend,
+    }
+}
+
+fn fake_images() -> tempfile::TempDir {
+    let d = tempfile::tempdir().expect("images");
+    std::fs::write(d.path().join("vmlinux"), b"not a kernel").expect("write");
+    std::fs::write(d.path().join("rootfs.ext4"), b"not a filesystem").expect("write");
+    for f in ["vmlinux", "rootfs.ext4"] {
+        std::fs::set_permissions(d.path().join(f), std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    }
+    d
+}
+
+impl Env {
+    fn cfg(&self, size: VmSize) -> VmConfig {
+        VmConfig {
+            id: uuid::Uuid::now_v7().to_string(),
+            size,
+            kernel: self.images.path().join("vmlinux"),
+            rootfs: self.images.path().join("rootfs.ext4"),
+            state_dir: self.state.path().to_path_buf(),
+            extra_cmdline: vec![],
+        }
+    }
+
+    /// Spawns a VM while `api` plays its Firecracker.
+    async fn spawn(&self, api: &Arc<FakeApi>, cfg: &VmConfig) -> (Result<Box<dyn Vm>, VmmError>, Invocation) {
+        let server = tokio::spawn(api.clone().serve_next(self.bin.clone()));
+        let vm = self.backend.spawn(cfg).await;
+        (vm, server.await.expect("server"))
+    }
+
+    /// Nothing of any VM is left in the state directory.
+    fn assert_clean(&self) {
+        let mut left = Vec::new();
+        for sub in ["vms", "j"] {
+            if let Ok(d) = std::fs::read_dir(self.state.path().join(sub)) {
+                left.extend(d.flatten().map(|e| e.path()));
+            }
+        }
+        assert!(left.is_empty(), "left behind in the state dir: {left:?}");
+    }
+}
+
+const BOOT_SEQUENCE: [&str; 8] = [
+    "PUT /logger",
+    "PUT /metrics",
+    "PUT /machine-config",
+    "PUT /boot-source",
+    "PUT /drives/rootfs",
+    "PUT /vsock",
+    "PUT /entropy",
+    "PUT /actions",
+];
+
+// ---------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------
+
+#[test]
+fn the_validator_rejects_what_firecracker_would() {
+    let spec = Spec::load();
+    let errs = |m: &str, p: &str, b: Value| spec.check(m, p, Some(&b)).1;
+    assert!(errs(
+        "PUT",
+        "/drives/x",
+        json!({"drive_id": "x", "is_root_device": true})
+    )
+    .is_empty());
+    assert!(errs(
+        "PUT",
+        "/machine-config",
+        json!({"vcpu_count": 2, "mem_size_mib": 512, "smt": false})
+    )
+    .is_empty());
+    let e = errs(
+        "PUT",
+        "/machine-config",
+        json!({"vcpu_count": 0, "mem_size_mib": 512, "vcpus": 1}),
+    )
+    .join("\n");
+    assert!(
+        e.contains("below the minimum") && e.contains("unknown property vcpus"),
+        "{e}"
+    );
+    let e = errs("PUT", "/drives/rootfs", json!({"drive_id": "rootfs"})).join("\n");
+    assert!(e.contains("missing required property is_root_device"), "{e}");
+    let e = errs("PUT", "/actions", json!({"action_type": "Reboot"})).join("\n");
+    assert!(e.contains("is not one of"), "{e}");
+    let e = errs("PUT", "/vsock", json!({"guest_cid": "3", "uds_path": "/v"})).join("\n");
+    assert!(e.contains("expected integer"), "{e}");
+    let e = errs(
+        "PUT",
+        "/drives/r",
+        json!({"drive_id": "r", "is_root_device": true, "rate_limiter": {"bandwidth": {"size": 1}}}),
+    )
+    .join("\n");
+    assert!(
+        e.contains("body.rate_limiter.bandwidth: missing required property refill_time"),
+        "{e}"
+    );
+    assert!(!errs("GET", "/nope", json!({})).is_empty());
+    assert!(!errs("DELETE", "/vsock", json!({})).is_empty());
+    assert!(
+        !spec.check("PUT", "/actions", None).1.is_empty(),
+        "the body is required"
+    );
+}
+
+#[tokio::test]
+async fn boot_sequence_is_complete_ordered_and_spec_valid() {
+    let env = env(Script::Sleep);
+    let api = FakeApi::new(
+        Spec::load(),
+        Behaviour {
+            announce_ready: true,
+            ..Default::default()
+        },
+    );
+    let cfg = env.cfg(VmSize::Medium);
+    let (vm, inv) = env.spawn(&api, &cfg).await;
+    let mut vm = vm.expect("spawn");
+    vm.wait_ready(Duration::from_secs(5)).await.expect("ready");
+    api.assert_spec_valid();
+    assert_eq!(api.call_names(), BOOT_SEQUENCE);
+    assert!(api.calls().iter().all(|c| c.status == 204));
+
+    let dir = cfg.vm_dir();
+    assert_eq!(vm.dir(), dir);
+    assert_eq!(
+        inv.arg("--api-sock"),
+        Some(dir.join("firecracker.sock").to_str().expect("utf-8"))
+    );
+    assert_eq!(inv.arg("--id"), Some(cfg.id.as_str()));
+    assert_eq!(vm.pids(), vec![inv.pid]);
+
+    let d = |f: &str| dir.join(f).display().to_string();
+    assert_eq!(api.body_of("PUT /logger")["log_path"], d("firecracker.log"));
+    assert_eq!(api.body_of("PUT /metrics")["metrics_path"], d("metrics.json"));
+    assert_eq!(
+        api.body_of("PUT /machine-config"),
+        json!({"vcpu_count": 2, "mem_size_mib": 512, "smt": false})
+    );
+    let boot = api.body_of("PUT /boot-source");
+    assert_eq!(boot["kernel_image_path"], cfg.kernel.display().to_string());
+    let args = boot["boot_args"].as_str().expect("boot_args");
+    for want in [
+        "console=ttyS0",
+        "reboot=k",
+        "panic=1",
+        "pci=off",
+        "init=/sbin/neurovisor-agent",
+    ] {
+        assert!(
+            args.split(' ').any(|a| a == want),
+            "boot args lack {want}: {args}"
+        );
+    }
+    assert_eq!(
+        api.body_of("PUT /drives/rootfs"),
+        json!({"drive_id": "rootfs", "path_on_host": cfg.rootfs.display().to_string(),
+               "is_root_device": true, "is_read_only": true})
+    );
+    assert_eq!(
+        api.body_of("PUT /vsock"),
+        json!({"guest_cid": 3, "uds_path": d("vsock.sock")})
+    );
+    assert_eq!(
+        api.body_of("PUT /actions"),
+        json!({"action_type": "InstanceStart"})
+    );
+
+    // Host -> guest over the same hybrid vsock as QEMU.
+    let mut s = vm.connect(6000).await.expect("connect");
+    s.write_all(b"ping").await.expect("write");
+    let mut buf = [0u8; 4];
+    s.read_exact(&mut buf).await.expect("read");
+    assert_eq!(&buf, b"ping");
+
+    vm.kill().await;
+    assert!(!alive(inv.pid), "firecracker still running after kill");
+    env.assert_clean();
+}
+
+#[tokio::test]
+async fn drive_rate_limiter_is_sent_when_configured() {
+    let mut env = env(Script::Sleep);
+    env.backend = FirecrackerBackend::new(&FirecrackerOptions {
+        firecracker_bin: Some(env.bin.path("firecracker")),
+        jailer: Some(false),
+        drive_rate_limiter: neurovisor::vmm::fc_api::RateLimiter::from_rates(Some(50 << 20), Some(2000)),
+        ..Default::default()
+    })
+    .expect("backend");
+    let api = FakeApi::new(Spec::load(), Behaviour::default());
+    let (vm, _) = env.spawn(&api, &env.cfg(VmSize::Small)).await;
+    vm.expect("spawn").kill().await;
+    api.assert_spec_valid();
+    assert_eq!(
+        api.body_of("PUT /drives/rootfs")["rate_limiter"],
+        json!({"bandwidth": {"size": 52428800, "refill_time": 1000}, "ops": {"size": 2000, "refill_time": 1000}})
+    );
+    env.assert_clean();
+}
+
+#[tokio::test]
+async fn api_fault_names_the_call_and_carries_the_fault_message() {
+    let env = env(Script::Sleep);
+    let fault = "Unable to create the block device: No such file or directory (os error 2)";
+    let api = FakeApi::new(
+        Spec::load(),
+        Behaviour {
+            faults: [("PUT /drives/rootfs".to_string(), fault.to_string())].into(),
+            ..Default::default()
+        },
+    );
+    let (vm, inv) = env.spawn(&api, &env.cfg(VmSize::Small)).await;
+    let err = vm.err().expect("the drive call fails").to_string();
+    assert!(err.contains("PUT /drives/rootfs"), "{err}");
+    assert!(err.contains("HTTP 400"), "{err}");
+    assert!(err.contains(fault), "{err}");
+    // Firecracker's own log (the logger file) is part of the message.
+    assert!(err.contains("Running Firecracker v1.17.0-dev (fake)"), "{err}");
+    api.assert_spec_valid();
+    assert_eq!(
+        api.call_names(),
+        BOOT_SEQUENCE[..5],
+        "nothing is sent after the failed call"
+    );
+    assert_gone(inv.pid).await;
+    env.assert_clean();
+
+    // /entropy documents no 400: errors come with its `default` (500).
+    let api = FakeApi::new(
+        Spec::load(),
+        Behaviour {
+            faults: [("PUT /entropy".to_string(), "entropy device failed".to_string())].into(),
+            ..Default::default()
+        },
+    );
+    let (vm, inv) = env.spawn(&api, &env.cfg(VmSize::Small)).await;
+    let err = vm.err().expect("the entropy call fails").to_string();
+    assert!(
+        err.contains("PUT /entropy") && err.contains("HTTP 500") && err.contains("entropy device failed"),
+        "{err}"
+    );
+    assert_gone(inv.pid).await;
+    env.assert_clean();
+}
+
+#[tokio::test]
+async fn firecracker_dying_before_its_socket_is_an_error_with_its_output() {
+    let env = env(Script::Fail);
+    let cfg = env.cfg(VmSize::Small);
+    let started = Instant::now();
+    let err = env.backend.spawn(&cfg).await.err().expect("spawn fails");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "waited for the socket timeout"
+    );
+    match &err {
+        VmmError::HelperExited { what, log_tail, .. } => {
+            assert_eq!(what, "firecracker");
+            assert!(log_tail.contains(FAIL_LINE), "{log_tail}");
+        }
+        e => panic!("unexpected error: {e}"),
+    }
+    assert!(err.to_string().contains(FAIL_LINE), "{err}");
+    let inv = env.bin.next_invocation(Duration::from_secs(1)).await;
+    assert_gone(inv.pid).await;
+    env.assert_clean();
+}
+
+#[tokio::test]
+async fn a_guest_that_never_reports_ready_is_a_boot_timeout_with_the_log_tail() {
+    let env = env(Script::Sleep);
+    let api = FakeApi::new(Spec::load(), Behaviour::default());
+    let (vm, inv) = env.spawn(&api, &env.cfg(VmSize::Small)).await;
+    let mut vm = vm.expect("spawn");
+    let err = vm
+        .wait_ready(Duration::from_millis(300))
+        .await
+        .expect_err("timeout");
+    match &err {
+        VmmError::BootTimeout {
+            timeout,
+            console_tail,
+        } => {
+            assert_eq!(*timeout, Duration::from_millis(300));
+            assert!(console_tail.contains(CONSOLE_LINE), "{console_tail}");
+            assert!(console_tail.contains("Running Firecracker"), "{console_tail}");
+        }
+        e => panic!("unexpected error: {e}"),
+    }
+    api.assert_spec_valid();
+    vm.kill().await;
+    assert!(!alive(inv.pid));
+    env.assert_clean();
+}
+
+#[tokio::test]
+async fn shutdown_sends_ctrl_alt_del_then_kills() {
+    let env = env(Script::Sleep);
+    // The fake ignores Ctrl+Alt+Del: killed after the grace period.
+    let api = FakeApi::new(Spec::load(), Behaviour::default());
+    let (vm, inv) = env.spawn(&api, &env.cfg(VmSize::Small)).await;
+    let vm = vm.expect("spawn");
+    let started = Instant::now();
+    vm.shutdown(Duration::from_millis(400)).await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "killed before the grace period"
+    );
+    let calls = api.calls();
+    let last = calls.last().expect("calls");
+    assert_eq!(
+        (last.name(), last.body.clone()),
+        (
+            "PUT /actions".into(),
+            Some(json!({"action_type": "SendCtrlAltDel"}))
+        )
+    );
+    api.assert_spec_valid();
+    assert!(!alive(inv.pid));
+    env.assert_clean();
+
+    // A guest that reboots on Ctrl+Alt+Del ends Firecracker well before the deadline.
+    let api = FakeApi::new(
+        Spec::load(),
+        Behaviour {
+            exit_on_ctrl_alt_del: true,
+            ..Default::default()
+        },
+    );
+    let (vm, inv) = env.spawn(&api, &env.cfg(VmSize::Small)).await;
+    let started = Instant::now();
+    vm.expect("spawn").shutdown(Duration::from_secs(10)).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(!alive(inv.pid));
+    env.assert_clean();
+}
+
+#[tokio::test]
+async fn snapshot_pause_create_and_restore_are_spec_valid() {
+    let env = env(Script::Sleep);
+    let api = FakeApi::new(
+        Spec::load(),
+        Behaviour {
+            announce_ready: true,
+            ..Default::default()
+        },
+    );
+    let (vm, first) = env.spawn(&api, &env.cfg(VmSize::Small)).await;
+    let mut vm = vm.expect("spawn");
+    vm.wait_ready(Duration::from_secs(5)).await.expect("ready");
+    let snaps = tempfile::tempdir().expect("snapshots");
+    let (state, mem) = (snaps.path().join("vm.state"), snaps.path().join("vm.mem"));
+    vm.pause().await.expect("pause");
+    vm.create_snapshot(&state, &mem).await.expect("snapshot");
+    vm.resume().await.expect("resume");
+    assert!(state.is_file() && mem.is_file());
+    let names = api.call_names();
+    assert_eq!(
+        names[BOOT_SEQUENCE.len()..],
+        ["PATCH /vm", "PUT /snapshot/create", "PATCH /vm"]
+    );
+    let calls = api.calls();
+    let tail = &calls[BOOT_SEQUENCE.len()..];
+    assert_eq!(tail[0].body, Some(json!({"state": "Paused"})));
+    assert_eq!(
+        tail[1].body,
+        Some(json!({"snapshot_path": state.display().to_string(),
+                    "mem_file_path": mem.display().to_string(), "snapshot_type": "Full"}))
+    );
+    assert_eq!(tail[2].body, Some(json!({"state": "Resumed"})));
+    api.assert_spec_valid();
+    vm.kill().await;
+    assert!(!alive(first.pid));
+
+    // Restore into a new VM: a fresh Firecracker, logger + metrics, then LoadSnapshot.
+    let api = FakeApi::new(Spec::load(), Behaviour::default());
+    let cfg = env.cfg(VmSize::Small);
+    let server = tokio::spawn(api.clone().serve_next(env.bin.clone()));
+    let restored = env.backend.restore(&cfg, &state, &mem).await;
+    let inv = server.await.expect("server");
+    let mut restored = restored.expect("restore");
+    api.assert_spec_valid();
+    assert_eq!(
+        api.call_names(),
+        ["PUT /logger", "PUT /metrics", "PUT /snapshot/load"]
+    );
+    assert_eq!(
+        api.body_of("PUT /snapshot/load"),
+        json!({
+            "snapshot_path": state.display().to_string(),
+            "mem_backend": {"backend_type": "File", "backend_path": mem.display().to_string()},
+            "resume_vm": true,
+            "vsock_override": {"uds_path": cfg.vm_dir().join("vsock.sock").display().to_string()}
+        })
+    );
+    // The restored agent is already serving: ready as soon as its port answers.
+    restored
+        .wait_ready(Duration::from_secs(5))
+        .await
+        .expect("restored VM answers");
+    restored.kill().await;
+    assert!(!alive(inv.pid));
+    assert!(
+        state.is_file() && mem.is_file(),
+        "the snapshot files are the caller's"
+    );
+    env.assert_clean();
+}
+
+/// The jailed flow with a fake `jailer` (as root, where `ip netns` works):
+/// arguments, chroot contents, ownership, chroot-relative API paths, cleanup.
+#[tokio::test]
+async fn jailed_vm_gets_a_chroot_netns_and_ids_and_leaves_nothing() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!(
+            "SKIP jailed_vm_gets_a_chroot_netns_and_ids_and_leaves_nothing: needs root (chown, ip netns)"
+        );
+        return;
+    }
+    let probe = format!("nvtest-probe-{}", std::process::id());
+    let ok = std::process::Command::new("ip")
+        .args(["netns", "add", &probe])
+        .status();
+    if !ok.is_ok_and(|s| s.success()) {
+        eprintln!("SKIP jailed_vm_gets_a_chroot_netns_and_ids_and_leaves_nothing: `ip netns add` does not work here");
+        return;
+    }
+    let _ = std::process::Command::new("ip")
+        .args(["netns", "delete", &probe])
+        .status();
+
+    let fc = FakeBin::new("firecracker", Script::Sleep);
+    let jailer = FakeBin::new("jailer", Script::Sleep);
+    let backend = FirecrackerBackend::new(&FirecrackerOptions {
+        firecracker_bin: Some(fc.path("firecracker")),
+        jailer_bin: Some(jailer.path("jailer")),
+        jailer: Some(true),
+        jail_ids: "3000000000-3000000009".parse().expect("range"),
+        ..Default::default()
+    })
+    .expect("backend");
+    assert!(backend.jailed());
+    let env = Env {
+        state: tempfile::Builder::new().prefix("nvfc-").tempdir().expect("state"),
+        images: fake_images(),
+        bin: jailer.clone(),
+        backend,
+    };
+    let api = FakeApi::new(
+        Spec::load(),
+        Behaviour {
+            announce_ready: true,
+            ..Default::default()
+        },
+    );
+    let cfg = env.cfg(VmSize::Small);
+    let (vm, inv) = env.spawn(&api, &cfg).await;
+    let mut vm = vm.expect("spawn");
+    api.assert_spec_valid();
+    assert_eq!(api.call_names(), BOOT_SEQUENCE);
+
+    let base = env.state.path().join("j");
+    let netns = format!("/run/netns/nv-{}", cfg.id);
+    let expect: Vec<String> = [
+        "--id",
+        &cfg.id,
+        "--exec-file",
+        &fc.path("firecracker").display().to_string(),
+        "--uid",
+        "3000000000",
+        "--gid",
+        "3000000000",
+        "--chroot-base-dir",
+        &base.display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    assert_eq!(inv.args[..expect.len()], expect[..]);
+    let v = inv.arg("--cgroup-version").expect("--cgroup-version");
+    assert!(v == "1" || v == "2");
+    assert!(
+        inv.arg("--cgroup").is_some_and(|c| c.starts_with("memory.")),
+        "{:?}",
+        inv.args
+    );
+    assert_eq!(inv.arg("--netns"), Some(netns.as_str()));
+    assert!(Path::new(&netns).exists(), "network namespace not created");
+    assert_eq!(
+        inv.args[inv.args.len() - 3..],
+        ["--", "--api-sock", "/firecracker.sock"]
+    );
+
+    // Firecracker sees chroot-relative paths; kernel and rootfs are hard links.
+    let root = base.join("firecracker").join(&cfg.id).join("root");
+    assert_eq!(api.body_of("PUT /boot-source")["kernel_image_path"], "/vmlinux");
+    assert_eq!(api.body_of("PUT /drives/rootfs")["path_on_host"], "/rootfs.ext4");
+    assert_eq!(api.body_of("PUT /vsock")["uds_path"], "/vsock.sock");
+    assert_eq!(api.body_of("PUT /logger")["log_path"], "/firecracker.log");
+    let ino = |p: &Path| std::fs::metadata(p).expect("stat").ino();
+    assert_eq!(ino(&root.join("vmlinux")), ino(&cfg.kernel));
+    assert_eq!(ino(&root.join("rootfs.ext4")), ino(&cfg.rootfs));
+    let owner = |p: &Path| {
+        let m = std::fs::metadata(p).expect("stat");
+        (m.uid(), m.gid())
+    };
+    assert_eq!(owner(&root), (3_000_000_000, 3_000_000_000));
+    assert_eq!(
+        owner(&root.join("firecracker.log")),
+        (3_000_000_000, 3_000_000_000)
+    );
+    assert_eq!(
+        owner(&root.join("vsock.sock_6001")).0,
+        3_000_000_000,
+        "readiness socket"
+    );
+    vm.wait_ready(Duration::from_secs(5)).await.expect("ready");
+
+    // A second VM at the same time gets the next ids.
+    let api2 = FakeApi::new(Spec::load(), Behaviour::default());
+    let (vm2, inv2) = env.spawn(&api2, &env.cfg(VmSize::Small)).await;
+    assert_eq!(inv2.arg("--uid"), Some("3000000001"));
+    vm2.expect("second").kill().await;
+
+    vm.kill().await;
+    assert!(!alive(inv.pid));
+    assert!(!Path::new(&netns).exists(), "network namespace left behind");
+    assert!(!base.join("firecracker").exists(), "chroot left behind");
+    assert!(
+        cfg.kernel.is_file() && cfg.rootfs.is_file(),
+        "the images must stay"
+    );
+    env.assert_clean();
+}
+
+/// Boots a real Firecracker VM with the project's kernel and rootfs.
+#[tokio::test]
+async fn real_firecracker_runs_code() {
+    let Some(bin) = std::env::var_os("FIRECRACKER_BIN").filter(|v| !v.is_empty()) else {
+        eprintln!("SKIP real_firecracker_runs_code: FIRECRACKER_BIN is not set");
+        return;
+    };
+    if let Err(why) = neurovisor::vmm::accel::KvmProbe::host().verdict() {
+        eprintln!("SKIP real_firecracker_runs_code: Firecracker needs hardware KVM: {why}");
+        return;
+    }
+    let images = match neurovisor::images::ImageSet::resolve(&Default::default()) {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("SKIP real_firecracker_runs_code: no guest images: {e}");
+            return;
+        }
+    };
+    let backend = FirecrackerBackend::new(&FirecrackerOptions {
+        firecracker_bin: Some(PathBuf::from(bin)),
+        jailer_bin: std::env::var_os("JAILER_BIN").map(PathBuf::from),
+        jailer: Some(std::env::var_os("JAILER_BIN").is_some()),
+        ..Default::default()
+    })
+    .expect("backend");
+    let state = tempfile::Builder::new().prefix("nvfc-").tempdir().expect("state");
+    let sandbox = neurovisor::Sandbox::new(Arc::new(backend), images, state.path().to_path_buf());
+    let mut out = Vec::new();
+    let mut sink = |o: neurovisor::Output<'_>| {
+        if let neurovisor::Output::Stdout(b) = o {
+            out.extend_from_slice(b)
+        }
+    };
+    let req = neurovisor::ExecRequest::new("python", "print(6 * 7)");
+    let outcome = sandbox
+        .run(&req, VmSize::Small, &mut sink)
+        .await
+        .expect("run on Firecracker");
+    assert_eq!(
+        (outcome.exit_code, String::from_utf8_lossy(&out).as_ref()),
+        (Some(0), "42\n")
+    );
+    eprintln!("Firecracker boot: {:.1} ms", outcome.boot_ms);
+    let left: Vec<_> = std::fs::read_dir(state.path().join("vms"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+}
