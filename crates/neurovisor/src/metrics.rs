@@ -181,7 +181,7 @@ mod tests {
             "neurovisor_vm_boot_seconds_bucket",
             "neurovisor_vm_acquire_seconds_count",
             "neurovisor_requests_in_flight",
-            "neurovisor_code_execution_duration_seconds_bucket{language=\"python\"",
+            "neurovisor_code_execution_duration_seconds_count{language=\"python\"} 1",
             "neurovisor_grpc_request_duration_seconds_count{method=\"Execute\"}",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");

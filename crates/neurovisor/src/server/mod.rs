@@ -193,6 +193,9 @@ pub async fn run(
     cfg.pool.validate().map_err(DaemonError::Pool)?;
     let dir = daemon_dir(&cfg.state_dir);
     let lock = StateLock::acquire(&dir)?;
+    // Jailed Firecracker VMs lose the parent-death signal (the jailer changes
+    // uid), so they can outlive a SIGKILLed daemon: clean those too.
+    crate::vmm::jailer::clean_leftover_jails(&dir);
     let removed = clean_leftovers(&dir.join("vms"));
     if removed > 0 {
         tracing::warn!("removed {removed} VM(s) left by a previous daemon");

@@ -400,7 +400,8 @@ mod tests {
             "-no-reboot",
             "spawn=deny",
             "init=/sbin/neurovisor-agent",
-            "tsc=reliable tsc_early_khz=",
+            "tsc_early_khz=",
+            "tsc=reliable",
         ] {
             assert!(a.contains(want), "missing {want:?} in {a}");
         }
