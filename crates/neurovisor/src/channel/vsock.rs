@@ -104,6 +104,22 @@ impl HybridVsock {
     }
 }
 
+/// Waits for the guest agent's readiness announcement (`READY`) on the
+/// listener of [`neurovisor_proto::GUEST_READY_PORT`].
+pub async fn accept_ready(listener: &UnixListener) -> std::io::Result<()> {
+    let (mut s, _) = listener.accept().await?;
+    let mut buf = [0u8; 16];
+    let n = s.read(&mut buf).await?;
+    if buf[..n].starts_with(b"READY") {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!(
+            "unexpected readiness message {:?}",
+            String::from_utf8_lossy(&buf[..n])
+        )))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

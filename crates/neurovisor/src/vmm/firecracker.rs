@@ -19,7 +19,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::io::AsyncReadExt;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::process::Command;
 
@@ -27,7 +26,7 @@ use super::fc_api::{self, ApiClient, RateLimiter};
 use super::jailer::{self, IdLease, IdPool, IdRange, Jail, JailSpec};
 use super::process::{wait_for_path, Helper};
 use super::{base_cmdline, find_binary, log_tail, Vm, VmConfig, VmmBackend, VmmError};
-use crate::channel::HybridVsock;
+use crate::channel::{vsock, HybridVsock};
 use neurovisor_proto::{GUEST_AGENT_PORT, GUEST_READY_PORT};
 
 /// The guest's vsock CID (each VM has its own vsock device and socket).
@@ -461,20 +460,6 @@ pub struct FirecrackerVm {
     removed: bool,
 }
 
-async fn accept_ready(listener: &UnixListener) -> std::io::Result<()> {
-    let (mut s, _) = listener.accept().await?;
-    let mut buf = [0u8; 16];
-    let n = s.read(&mut buf).await?;
-    if buf[..n].starts_with(b"READY") {
-        Ok(())
-    } else {
-        Err(std::io::Error::other(format!(
-            "unexpected readiness message {:?}",
-            String::from_utf8_lossy(&buf[..n])
-        )))
-    }
-}
-
 /// Waits until the guest agent's port accepts a hybrid-vsock connection.
 async fn probe_agent(vsock: &HybridVsock) -> std::io::Result<()> {
     loop {
@@ -589,7 +574,7 @@ impl Vm for FirecrackerVm {
         let outcome = tokio::select! {
             r = async {
                 match &ready {
-                    Readiness::Listener(l) => accept_ready(l).await,
+                    Readiness::Listener(l) => vsock::accept_ready(l).await,
                     _ => probe_agent(&self.vsock).await,
                 }
             } => r.map_err(|e| e.to_string()),

@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::io::AsyncReadExt;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::process::Command;
 
@@ -19,7 +18,7 @@ use super::accel::{choose, host_tsc_khz, Accel, AccelChoice, KvmProbe};
 use super::process::{wait_for_path, Helper};
 use super::qmp::Qmp;
 use super::{base_cmdline, find_binary, log_tail, Vm, VmConfig, VmmBackend, VmmError};
-use crate::channel::HybridVsock;
+use crate::channel::{vsock, HybridVsock};
 use neurovisor_proto::GUEST_READY_PORT;
 
 /// The guest's vsock CID; every VM has its own vsock daemon, so it can be the same.
@@ -227,20 +226,6 @@ pub struct QemuVm {
     removed: bool,
 }
 
-async fn accept_ready(listener: &UnixListener) -> std::io::Result<()> {
-    let (mut s, _) = listener.accept().await?;
-    let mut buf = [0u8; 16];
-    let n = s.read(&mut buf).await?;
-    if buf[..n].starts_with(b"READY") {
-        Ok(())
-    } else {
-        Err(std::io::Error::other(format!(
-            "unexpected readiness message {:?}",
-            String::from_utf8_lossy(&buf[..n])
-        )))
-    }
-}
-
 impl QemuVm {
     fn console_tail(&self) -> String {
         let mut tail = log_tail(&self.paths.console, CONSOLE_TAIL_LINES);
@@ -289,7 +274,7 @@ impl Vm for QemuVm {
             return Err(VmmError::Qmp("VM already stopped".into()));
         };
         let outcome = tokio::select! {
-            r = accept_ready(&listener) => r.map_err(|e| e.to_string()),
+            r = vsock::accept_ready(&listener) => r.map_err(|e| e.to_string()),
             status = qemu.exited() => Err(format!("qemu: {status}")),
             status = vhost.exited() => Err(format!("vhost-device-vsock: {status}")),
             _ = tokio::time::sleep(timeout) => {
