@@ -199,13 +199,15 @@ pub async fn run(a: RunArgs) -> u8 {
             (Output::Stderr(b), true) => err_buf.extend_from_slice(b),
         }
     };
-    let mut sigterm = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
+    // Registered before anything starts, so no signal can kill us mid-boot.
+    use tokio::signal::unix::{signal, SignalKind};
+    let (mut sigterm, mut sigint) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(t), Ok(i)) => (t, i),
+        (Err(e), _) | (_, Err(e)) => {
             return fail(
                 a.json,
                 "sandbox",
-                &format!("cannot handle SIGTERM: {e}"),
+                &format!("cannot handle signals: {e}"),
                 EXIT_SANDBOX_ERROR,
             )
         }
@@ -231,7 +233,7 @@ pub async fn run(a: RunArgs) -> u8 {
     });
     let result = tokio::select! {
         r = &mut execution => r,
-        _ = tokio::signal::ctrl_c() => {
+        _ = sigint.recv() => {
             drop(execution); // kills the VM (or cancels the daemon request, which frees it)
             return fail(a.json, "interrupted", "interrupted; the VM was destroyed", 130);
         }

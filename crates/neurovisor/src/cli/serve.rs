@@ -126,19 +126,18 @@ impl ServeArgs {
     }
 }
 
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!("cannot handle SIGTERM: {e}");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+/// Registers the SIGTERM/SIGINT handlers now (not at first poll), so a signal
+/// that arrives right after start-up already drains instead of killing.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+    })
 }
 
 pub async fn serve(a: ServeArgs) -> u8 {
@@ -163,7 +162,14 @@ pub async fn serve(a: ServeArgs) -> u8 {
     let ready = move |grpc: SocketAddr, metrics: SocketAddr| {
         eprintln!("neurovisor: serving gRPC on {grpc}, metrics on http://{metrics}/metrics ({summary})");
     };
-    match server::run(cfg, backend, images, shutdown_signal(), ready).await {
+    let shutdown = match shutdown_signal() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("neurovisor: cannot install signal handlers: {e}");
+            return EXIT_SANDBOX_ERROR;
+        }
+    };
+    match server::run(cfg, backend, images, shutdown, ready).await {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("neurovisor: {e}");
