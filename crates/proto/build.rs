@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/execution.proto",
         "proto/sandbox.proto",
         "proto/inference.proto",
+        "proto/agent.proto",
     ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");

@@ -8,10 +8,13 @@
 //! - [`pool`]: the pre-warmed VM pool (one VM per execution, bounded by `max`).
 //! - [`server`]: the daemon: gRPC API (`neurovisor.v1.Sandbox`, inference, health,
 //!   reflection), `/metrics`, lifecycle.
-//! - [`llm`]: LLM clients (Ollama).
+//! - [`llm`]: LLM clients (Ollama `/api/chat` and `/api/generate`, OpenAI-compatible
+//!   chat completions) behind the [`llm::LlmClient`] trait.
+//! - [`agent`]: agent mode: an LLM solves a task by running code in fresh VMs.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`doctor`]: checks that the host can run VMs and says how to fix what is missing.
 
+pub mod agent;
 pub mod channel;
 pub mod config;
 pub mod doctor;

@@ -23,6 +23,12 @@ pub struct ModelLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabel {
+    /// Agent tasks: answer | max_iterations | llm_error
+    pub status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabel {
     pub language: String,
     /// ok | nonzero_exit | timeout | oom | error
@@ -53,6 +59,10 @@ pub struct Metrics {
     pub grpc_request_duration_seconds: HistogramFamily<MethodLabel>,
     pub inference_requests: Family<ModelLabel, Counter>,
     pub inference_duration_seconds: Histogram,
+    pub agent_tasks: Family<StatusLabel, Counter>,
+    pub agent_iterations_total: Histogram,
+    pub llm_call_duration_seconds: HistogramFamily<ModelLabel>,
+    pub model_load_duration_seconds: HistogramFamily<ModelLabel>,
 }
 
 impl Default for Metrics {
@@ -78,6 +88,12 @@ impl Metrics {
             grpc_request_duration_seconds: Family::new_with_constructor(latency_histogram),
             inference_requests: Family::default(),
             inference_duration_seconds: latency_histogram(),
+            agent_tasks: Family::default(),
+            agent_iterations_total: Histogram::new(prometheus_client::metrics::histogram::linear_buckets(
+                1.0, 1.0, 20,
+            )),
+            llm_call_duration_seconds: Family::new_with_constructor(latency_histogram),
+            model_load_duration_seconds: Family::new_with_constructor(latency_histogram),
             registry: Registry::default(),
         };
         registry.register("pool_warm_vms", "Pre-warmed VMs ready", m.pool_warm_vms.clone());
@@ -141,6 +157,26 @@ impl Metrics {
             "Ollama inference time",
             m.inference_duration_seconds.clone(),
         );
+        registry.register(
+            "agent_tasks",
+            "Agent tasks by how they ended (answer, max_iterations, llm_error)",
+            m.agent_tasks.clone(),
+        );
+        registry.register(
+            "agent_iterations_total",
+            "LLM turns per agent task",
+            m.agent_iterations_total.clone(),
+        );
+        registry.register(
+            "llm_call_duration_seconds",
+            "Per-call LLM latency (agent mode)",
+            m.llm_call_duration_seconds.clone(),
+        );
+        registry.register(
+            "model_load_duration_seconds",
+            "Model load time reported by Ollama (cold starts)",
+            m.model_load_duration_seconds.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -174,6 +210,17 @@ mod tests {
             })
             .observe(0.1);
         m.observe_grpc("Execute", std::time::Instant::now());
+        m.agent_tasks
+            .get_or_create(&StatusLabel {
+                status: "answer".into(),
+            })
+            .inc();
+        m.agent_iterations_total.observe(2.0);
+        m.llm_call_duration_seconds
+            .get_or_create(&ModelLabel {
+                model: "qwen3".into(),
+            })
+            .observe(0.5);
         let text = m.encode();
         for name in [
             "neurovisor_pool_warm_vms",
@@ -183,6 +230,9 @@ mod tests {
             "neurovisor_requests_in_flight",
             "neurovisor_code_execution_duration_seconds_count{language=\"python\"} 1",
             "neurovisor_grpc_request_duration_seconds_count{method=\"Execute\"}",
+            "neurovisor_agent_tasks_total{status=\"answer\"} 1",
+            "neurovisor_agent_iterations_total_count 1",
+            "neurovisor_llm_call_duration_seconds_count{model=\"qwen3\"} 1",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }

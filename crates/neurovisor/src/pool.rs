@@ -165,6 +165,41 @@ impl Inner {
     }
 }
 
+/// A reserved place under `max`. Freed on drop unless it became a [`Lease`],
+/// so a caller cancelled mid-boot or mid-check never leaks capacity.
+struct Slot {
+    inner: Option<Arc<Inner>>,
+}
+
+impl Slot {
+    fn new(inner: &Arc<Inner>) -> Self {
+        Self {
+            inner: Some(inner.clone()),
+        }
+    }
+
+    fn into_lease(mut self, vm: ReadyVm, warm: bool, started: Instant) -> Lease {
+        let inner = self.inner.take().expect("slot used once");
+        let waited = started.elapsed();
+        inner.metrics.vm_acquire_seconds.observe(waited.as_secs_f64());
+        inner.lock().served += 1;
+        Lease {
+            vm: Some(vm),
+            inner,
+            warm,
+            waited,
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(inner) = self.inner.take() {
+            inner.release_slot();
+        }
+    }
+}
+
 /// Cheap to clone; all clones share one pool.
 #[derive(Clone)]
 pub struct Pool {
@@ -220,8 +255,8 @@ impl Pool {
         let started = Instant::now();
         let deadline = started + inner.cfg.queue_timeout;
         enum Step {
-            Warm(Box<ReadyVm>),
-            Cold,
+            Warm(Box<ReadyVm>, Slot),
+            Cold(Slot),
             Wait,
         }
         loop {
@@ -236,14 +271,14 @@ impl Pool {
                 }
                 let step = if let Some(vm) = st.warm.pop_front() {
                     st.active += 1;
-                    Step::Warm(Box::new(vm))
+                    Step::Warm(Box::new(vm), Slot::new(inner))
                 } else if st.in_backoff() {
                     return Err(PoolError::Degraded {
                         reason: st.last_error.clone().unwrap_or_default(),
                     });
                 } else if st.total() < inner.cfg.max {
                     st.active += 1;
-                    Step::Cold
+                    Step::Cold(Slot::new(inner))
                 } else {
                     Step::Wait
                 };
@@ -251,7 +286,7 @@ impl Pool {
                 step
             };
             match step {
-                Step::Warm(mut vm) => {
+                Step::Warm(mut vm, slot) => {
                     inner.changed.notify_waiters(); // the refiller replaces it
                     let dead = vm.check_exited();
                     let healthy = match dead {
@@ -264,21 +299,21 @@ impl Pool {
                     if let Err(why) = healthy {
                         tracing::warn!(vm = vm.id(), "warm VM failed its check, replacing it: {why}");
                         vm.destroy().await;
-                        inner.release_slot();
+                        drop(slot);
                         continue;
                     }
-                    return Ok(self.lease(*vm, true, started));
+                    return Ok(slot.into_lease(*vm, true, started));
                 }
-                Step::Cold => {
+                Step::Cold(slot) => {
                     let boot_started = Instant::now();
                     match inner.sandbox.boot(inner.cfg.size).await {
                         Ok(vm) => {
                             inner.record_boot(&mut inner.lock(), Ok(boot_started.elapsed()));
-                            return Ok(self.lease(vm, false, started));
+                            return Ok(slot.into_lease(vm, false, started));
                         }
                         Err(e) => {
                             inner.record_boot(&mut inner.lock(), Err(e.to_string()));
-                            inner.release_slot();
+                            drop(slot);
                             return Err(PoolError::Boot(e));
                         }
                     }
@@ -294,21 +329,6 @@ impl Pool {
                     }
                 }
             }
-        }
-    }
-
-    fn lease(&self, vm: ReadyVm, warm: bool, started: Instant) -> Lease {
-        let waited = started.elapsed();
-        self.inner
-            .metrics
-            .vm_acquire_seconds
-            .observe(waited.as_secs_f64());
-        self.inner.lock().served += 1;
-        Lease {
-            vm: Some(vm),
-            inner: self.inner.clone(),
-            warm,
-            waited,
         }
     }
 

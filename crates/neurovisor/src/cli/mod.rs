@@ -1,5 +1,6 @@
 //! Command-line interface: argument parsing and the subcommands.
 
+mod agent;
 mod bench;
 mod doctor;
 mod images;
@@ -29,7 +30,7 @@ pub const EXIT_TIMEOUT: u8 = 124;
     name = "neurovisor",
     version,
     about = "Run untrusted code in ephemeral microVMs",
-    long_about = "Run untrusted code in ephemeral microVMs.\n\nWithout a subcommand, `neurovisor [--warm N --max M --size S ...]` starts the daemon (same as `neurovisor serve`).",
+    long_about = "Run untrusted code in ephemeral microVMs.\n\nWithout a subcommand, `neurovisor [--warm N --max M --size S ...]` starts the daemon (same as `neurovisor serve`), and `neurovisor --agent TASK [--model M]` runs one task in agent mode (same as `neurovisor agent TASK`).",
     args_conflicts_with_subcommands = true
 )]
 pub struct Cli {
@@ -40,6 +41,9 @@ pub struct Cli {
     command: Option<Command>,
     #[command(flatten)]
     serve: serve::ServeArgs,
+    /// The seed form of agent mode: `neurovisor --agent "task" --model qwen3`.
+    #[command(flatten)]
+    seed_agent: agent::SeedAgentArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -49,6 +53,12 @@ enum Command {
     /// Exit status: the program's own; 128+N if it was killed by signal N;
     /// 124 if it hit the time limit; 2 for bad input; 125 if the sandbox failed.
     Run(run::RunArgs),
+    /// Let an LLM solve a task by writing code that runs in fresh microVMs.
+    ///
+    /// Exit status: 0 with a final answer; 1 if --max-iterations was reached;
+    /// 2 for bad input; 3 if the LLM server is unreachable, lacks the model or
+    /// answered with an error; 125 if the sandbox cannot be set up.
+    Agent(agent::AgentArgs),
     /// Run the daemon: a pre-warmed VM pool behind a gRPC API, plus /metrics.
     Serve(serve::ServeArgs),
     /// Check that this host can run VMs, and say how to fix what is missing.
@@ -180,9 +190,13 @@ pub fn init_logging(verbose: u8) {
         .init();
 }
 
-pub async fn dispatch(cli: Cli) -> u8 {
+pub async fn dispatch(mut cli: Cli) -> u8 {
     match cli.command {
-        None => serve::serve(cli.serve).await,
+        None => match cli.seed_agent.agent.take() {
+            Some(task) => agent::run_seed(task, cli.seed_agent, cli.serve).await,
+            None => serve::serve(cli.serve).await,
+        },
+        Some(Command::Agent(a)) => agent::run(a).await,
         Some(Command::Serve(a)) => serve::serve(a).await,
         Some(Command::Run(a)) => run::run(a).await,
         Some(Command::Doctor(a)) => doctor::doctor(a),

@@ -7,6 +7,7 @@
 //! in-flight executions finish within a grace period, destroy every VM and
 //! remove the state directory.
 
+pub mod agent;
 pub mod inference;
 pub mod sandbox;
 pub mod trace;
@@ -21,6 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use neurovisor_proto::inference::inference_service_server::InferenceServiceServer;
+use neurovisor_proto::v1::agent_server::AgentServer;
 use neurovisor_proto::v1::sandbox_server::SandboxServer;
 use nix::fcntl::{Flock, FlockArg};
 use tokio::net::TcpListener;
@@ -264,6 +266,12 @@ pub async fn run(
         .add_service(SandboxServer::new(sandbox::SandboxService::new(
             pool.clone(),
             metrics.clone(),
+        )))
+        .add_service(AgentServer::new(agent::AgentService::new(
+            pool.clone(),
+            metrics.clone(),
+            cfg.ollama_host.clone(),
+            cfg.default_model.clone(),
         )))
         .add_service(InferenceServiceServer::new(inference::InferenceProxy::new(
             OllamaClient::new(&cfg.ollama_host),
