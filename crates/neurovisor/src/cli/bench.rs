@@ -291,7 +291,10 @@ pub async fn bench(cmd: BenchCommand) -> u8 {
                 Ok(v) => {
                     println!(
                         "neurovisor bench pool: {} rounds, size {}, warm {}, max {}",
-                        v["runs"], v["size"], v["warm"], v["max"]
+                        v["runs"],
+                        v["size"].as_str().unwrap_or("?"),
+                        v["warm"],
+                        v["max"]
                     );
                     println!("{:<36} {:>9} {:>9} {:>9}", "", "p50 ms", "p95 ms", "mean ms");
                     println!(
