@@ -17,6 +17,7 @@
 pub mod agent;
 pub mod channel;
 pub mod config;
+pub mod daemon_client;
 pub mod doctor;
 pub mod exec;
 pub mod images;

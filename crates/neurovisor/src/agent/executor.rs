@@ -4,13 +4,8 @@
 //! running daemon's `neurovisor.v1.Sandbox/Execute` ([`DaemonExecutor`], the CLI
 //! when a daemon is reachable).
 
-use std::time::Duration;
-
-use neurovisor_proto::v1::sandbox_client::SandboxClient;
-use neurovisor_proto::v1::{execute_response::Event, ExecuteRequest, LanguagesRequest};
-use tonic::transport::{Channel, Endpoint};
-
 use crate::config::VmSize;
+use crate::daemon_client::{DaemonClient, DaemonError};
 use crate::exec::{ExecError, ExecOutcome, ExecRequest, Output, Sandbox};
 use crate::images::Language;
 use crate::pool::{Pool, PoolError};
@@ -154,7 +149,7 @@ impl CodeExecutor for PoolExecutor {
 /// Executions through a running daemon (`neurovisor.v1.Sandbox/Execute`).
 pub struct DaemonExecutor {
     addr: String,
-    channel: tokio::sync::OnceCell<Channel>,
+    client: tokio::sync::OnceCell<DaemonClient>,
 }
 
 impl DaemonExecutor {
@@ -162,113 +157,51 @@ impl DaemonExecutor {
     pub fn new(addr: &str) -> Self {
         Self {
             addr: addr.to_string(),
-            channel: tokio::sync::OnceCell::new(),
+            client: tokio::sync::OnceCell::new(),
         }
     }
 
-    async fn client(&self) -> Result<SandboxClient<Channel>, ExecutorError> {
-        let channel = self
-            .channel
-            .get_or_try_init(|| async {
-                let url = if self.addr.contains("://") {
-                    self.addr.clone()
-                } else {
-                    format!("http://{}", self.addr)
-                };
-                Endpoint::from_shared(url)
-                    .map_err(|e| ExecutorError::Daemon(format!("invalid daemon address {}: {e}", self.addr)))?
-                    .connect_timeout(Duration::from_secs(3))
-                    .connect()
-                    .await
-                    .map_err(|e| {
-                        ExecutorError::Daemon(format!(
-                            "cannot reach the daemon at {} ({e}); start it with `neurovisor serve`",
-                            self.addr
-                        ))
-                    })
-            })
-            .await?;
-        Ok(SandboxClient::new(channel.clone())
-            .max_decoding_message_size(64 << 20)
-            .max_encoding_message_size(64 << 20))
+    async fn client(&self) -> Result<DaemonClient, ExecutorError> {
+        let c = self
+            .client
+            .get_or_try_init(|| DaemonClient::connect(&self.addr))
+            .await
+            .map_err(daemon_error)?;
+        Ok(c.clone())
     }
+}
 
-    fn status(&self, s: tonic::Status) -> ExecutorError {
-        match s.code() {
-            tonic::Code::InvalidArgument => ExecutorError::Invalid(s.message().to_string()),
-            _ => ExecutorError::Daemon(format!("daemon at {}: {}", self.addr, s.message())),
-        }
+fn daemon_error(e: DaemonError) -> ExecutorError {
+    match e {
+        DaemonError::Invalid(m) => ExecutorError::Invalid(m),
+        DaemonError::Other(m) => ExecutorError::Daemon(m),
     }
 }
 
 #[async_trait::async_trait]
 impl CodeExecutor for DaemonExecutor {
     async fn languages(&self) -> Result<Vec<Language>, ExecutorError> {
-        let mut c = self.client().await?;
-        let r = c
-            .languages(LanguagesRequest {})
-            .await
-            .map_err(|s| self.status(s))?
-            .into_inner();
-        Ok(r.languages
-            .into_iter()
-            .map(|l| Language {
-                name: l.name,
-                version: l.version,
-            })
-            .collect())
+        self.client().await?.languages().await.map_err(daemon_error)
     }
 
     async fn execute(&self, req: &ExecRequest) -> Result<Execution, ExecutorError> {
-        let mut c = self.client().await?;
-        let mut request = tonic::Request::new(ExecuteRequest {
-            language: req.language.clone(),
-            code: req.code.clone(),
-            args: req.args.clone(),
-            stdin: req.stdin.clone().into(),
-            env: req.env.clone().into_iter().collect(),
-            timeout_ms: u32::try_from(req.timeout.as_millis()).unwrap_or(u32::MAX),
-            max_output_bytes: req.max_output_bytes,
-        });
-        if let Ok(v) = req.trace_id.parse() {
-            request
-                .metadata_mut()
-                .insert(crate::server::trace::TRACE_HEADER, v);
-        }
-        let mut stream = c.execute(request).await.map_err(|s| self.status(s))?.into_inner();
         let mut out = Collected::default();
-        while let Some(msg) = stream.message().await.map_err(|s| self.status(s))? {
-            match msg.event {
-                Some(Event::Stdout(b)) => out.stdout.extend_from_slice(&b),
-                Some(Event::Stderr(b)) => out.stderr.extend_from_slice(&b),
-                Some(Event::Result(r)) => {
-                    return Ok(Execution {
-                        outcome: ExecOutcome {
-                            vm_id: r.vm_id,
-                            trace_id: r.trace_id,
-                            exit_code: r.exit_code,
-                            signal: r.signal,
-                            timed_out: r.timed_out,
-                            oom_killed: r.oom_killed,
-                            stdout_truncated: r.stdout_truncated,
-                            stderr_truncated: r.stderr_truncated,
-                            stdout_bytes: r.stdout_bytes,
-                            stderr_bytes: r.stderr_bytes,
-                            duration_ms: r.duration_us as f64 / 1000.0,
-                            ..Default::default()
-                        },
-                        stdout: out.stdout,
-                        stderr: out.stderr,
-                        wait_ms: Some(r.wait_us as f64 / 1000.0),
-                        warm: Some(r.warm),
-                    });
-                }
-                None => {}
-            }
-        }
-        Err(ExecutorError::Daemon(format!(
-            "daemon at {} ended the stream without a result",
-            self.addr
-        )))
+        let mut sink = |o: Output<'_>| match o {
+            Output::Stdout(b) => out.stdout.extend_from_slice(b),
+            Output::Stderr(b) => out.stderr.extend_from_slice(b),
+        };
+        let r = self
+            .client()
+            .await?
+            .execute(req, &mut sink)
+            .await
+            .map_err(daemon_error)?;
+        Ok(Execution {
+            outcome: r.outcome,
+            stdout: out.stdout,
+            stderr: out.stderr,
+            wait_ms: Some(r.wait_ms),
+            warm: Some(r.warm),
+        })
     }
 }

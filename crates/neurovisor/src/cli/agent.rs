@@ -341,7 +341,7 @@ pub async fn run(a: AgentArgs) -> u8 {
     let llm_cfg = a.llm_config();
     let daemon = match (&a.addr, a.local) {
         (Some(addr), _) => Some(addr.clone()),
-        (None, false) => super::remote::default_daemon().await,
+        (None, false) => neurovisor::daemon_client::default_daemon().await,
         (None, true) => None,
     };
     let executor: Arc<dyn CodeExecutor> = match &daemon {

@@ -4,7 +4,6 @@ mod agent;
 mod bench;
 mod doctor;
 mod images;
-mod remote;
 mod run;
 mod serve;
 

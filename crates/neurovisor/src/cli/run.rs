@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Args;
+use neurovisor::daemon_client::{DaemonClient, DaemonError};
 use neurovisor::exec::DEFAULT_MAX_OUTPUT;
 use neurovisor::{ExecOutcome, ExecRequest, Output, VmSize};
 use serde_json::json;
@@ -168,7 +169,7 @@ pub async fn run(a: RunArgs) -> u8 {
     };
     let daemon = match (&a.addr, a.local) {
         (Some(addr), _) => Some(addr.clone()),
-        (None, false) => super::remote::default_daemon().await,
+        (None, false) => neurovisor::daemon_client::default_daemon().await,
         (None, true) => None,
     };
     let sandbox = match &daemon {
@@ -222,12 +223,13 @@ pub async fn run(a: RunArgs) -> u8 {
                 };
                 (kind, e.to_string())
             }),
-            (None, Some(addr)) => super::remote::execute(addr, &req, &mut sink)
-                .await
-                .map_err(|e| match e {
-                    super::remote::RemoteError::Invalid(m) => (Kind::Invalid, m),
-                    super::remote::RemoteError::Other(m) => (Kind::Sandbox, m),
-                }),
+            (None, Some(addr)) => {
+                let remote = async { DaemonClient::connect(addr).await?.execute(&req, &mut sink).await };
+                remote.await.map(|r| r.outcome).map_err(|e| match e {
+                    DaemonError::Invalid(m) => (Kind::Invalid, m),
+                    DaemonError::Other(m) => (Kind::Sandbox, m),
+                })
+            }
             (None, None) => Err((Kind::Sandbox, "no sandbox".to_string())),
         }
     });
