@@ -178,7 +178,7 @@ impl Slot {
         }
     }
 
-    fn into_lease(mut self, vm: ReadyVm, warm: bool, started: Instant) -> Lease {
+    fn into_lease(mut self, vm: ReadyVm, warm: bool, started: Instant, health_check: Duration) -> Lease {
         let inner = self.inner.take().expect("slot used once");
         let waited = started.elapsed();
         inner.metrics.vm_acquire_seconds.observe(waited.as_secs_f64());
@@ -188,6 +188,7 @@ impl Slot {
             inner,
             warm,
             waited,
+            health_check,
         }
     }
 }
@@ -289,6 +290,7 @@ impl Pool {
                 Step::Warm(mut vm, slot) => {
                     inner.changed.notify_waiters(); // the refiller replaces it
                     let dead = vm.check_exited();
+                    let checked = Instant::now();
                     let healthy = match dead {
                         Some(how) => Err(how),
                         None => vm
@@ -302,14 +304,14 @@ impl Pool {
                         drop(slot);
                         continue;
                     }
-                    return Ok(slot.into_lease(*vm, true, started));
+                    return Ok(slot.into_lease(*vm, true, started, checked.elapsed()));
                 }
                 Step::Cold(slot) => {
                     let boot_started = Instant::now();
                     match inner.sandbox.boot(inner.cfg.size).await {
                         Ok(vm) => {
                             inner.record_boot(&mut inner.lock(), Ok(boot_started.elapsed()));
-                            return Ok(slot.into_lease(vm, false, started));
+                            return Ok(slot.into_lease(vm, false, started, Duration::ZERO));
                         }
                         Err(e) => {
                             inner.record_boot(&mut inner.lock(), Err(e.to_string()));
@@ -375,6 +377,8 @@ pub struct Lease {
     pub warm: bool,
     /// Time from the request until the VM was ready for it.
     pub waited: Duration,
+    /// Part of `waited` spent on the warm VM's Health round trip to its agent.
+    pub health_check: Duration,
 }
 
 impl Lease {
