@@ -442,11 +442,13 @@ async fn refill_loop(inner: Arc<Inner>) {
                 }
             }
             st.warm = keep;
+            // Still counted until destroyed: `max` bounds processes alive.
+            st.active += dead.len();
             let n = if st.in_backoff() {
                 0
             } else {
                 let want = inner.cfg.warm.saturating_sub(st.warm.len() + st.booting);
-                let room = inner.cfg.max.saturating_sub(st.total() + dead.len());
+                let room = inner.cfg.max.saturating_sub(st.total());
                 let lanes = inner.cfg.parallel_boots.saturating_sub(st.booting);
                 want.min(room).min(lanes)
             };
@@ -456,6 +458,7 @@ async fn refill_loop(inner: Arc<Inner>) {
         };
         for vm in dead {
             vm.destroy().await;
+            inner.release_slot();
         }
         for _ in 0..to_boot {
             tokio::spawn(boot_one(inner.clone()));
