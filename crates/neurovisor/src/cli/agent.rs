@@ -66,13 +66,8 @@ pub struct AgentArgs {
     /// Print the whole transcript and stats as one JSON document at the end.
     #[arg(long)]
     json: bool,
-    /// Run the code through the daemon at this address (default: the daemon at
-    /// 127.0.0.1:50051 when one is running, else VMs booted directly).
-    #[arg(long, env = "NEUROVISOR_ADDR", conflicts_with = "local")]
-    addr: Option<String>,
-    /// Always boot VMs directly, even when a daemon is running.
-    #[arg(long, env = "NEUROVISOR_LOCAL")]
-    local: bool,
+    #[command(flatten)]
+    target: super::DaemonTarget,
     #[command(flatten)]
     vm: VmArgs,
 }
@@ -117,9 +112,11 @@ pub async fn run_seed(task: String, seed: SeedAgentArgs, serve: ServeArgs) -> u8
         timeout: AgentConfig::default().exec_timeout,
         size: serve.size.unwrap_or_default(),
         json: seed.json,
-        addr: env_nonempty("NEUROVISOR_ADDR"),
-        local: env_nonempty("NEUROVISOR_LOCAL")
-            .is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on")),
+        target: super::DaemonTarget {
+            addr: env_nonempty("NEUROVISOR_ADDR"),
+            local: env_nonempty("NEUROVISOR_LOCAL")
+                .is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on")),
+        },
         vm: serve.vm,
     })
     .await
@@ -339,11 +336,7 @@ pub async fn run(a: AgentArgs) -> u8 {
         );
     }
     let llm_cfg = a.llm_config();
-    let daemon = match (&a.addr, a.local) {
-        (Some(addr), _) => Some(addr.clone()),
-        (None, false) => neurovisor::daemon_client::default_daemon().await,
-        (None, true) => None,
-    };
+    let daemon = a.target.resolve().await;
     let executor: Arc<dyn CodeExecutor> = match &daemon {
         Some(addr) => {
             tracing::info!(%addr, "agent executions go through the daemon");

@@ -173,6 +173,29 @@ impl VmArgs {
     }
 }
 
+/// Where `run` and `agent` send executions: a daemon, or VMs booted directly.
+#[derive(Debug, Clone, Args)]
+pub struct DaemonTarget {
+    /// Use the daemon at this address (default: the daemon at 127.0.0.1:50051
+    /// when one is running, else VMs booted directly).
+    #[arg(long, env = "NEUROVISOR_ADDR", conflicts_with = "local")]
+    pub addr: Option<String>,
+    /// Always boot VMs directly, even when a daemon is running.
+    #[arg(long, env = "NEUROVISOR_LOCAL")]
+    pub local: bool,
+}
+
+impl DaemonTarget {
+    /// The daemon address to use, or `None` for direct boots.
+    pub async fn resolve(&self) -> Option<String> {
+        match (&self.addr, self.local) {
+            (Some(addr), _) => Some(addr.clone()),
+            (None, false) => neurovisor::daemon_client::default_daemon().await,
+            (None, true) => None,
+        }
+    }
+}
+
 pub fn init_logging(verbose: u8) {
     let default = match verbose {
         0 => "warn",

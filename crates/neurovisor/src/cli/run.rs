@@ -47,13 +47,8 @@ pub struct RunArgs {
     /// Print one JSON object with the output and the result instead of streaming.
     #[arg(long)]
     json: bool,
-    /// Run through the daemon at this address (default: the daemon at
-    /// 127.0.0.1:50051 when one is running, else a VM booted directly).
-    #[arg(long, env = "NEUROVISOR_ADDR", conflicts_with = "local")]
-    addr: Option<String>,
-    /// Always boot a VM directly, even when a daemon is running.
-    #[arg(long, env = "NEUROVISOR_LOCAL")]
-    local: bool,
+    #[command(flatten)]
+    target: super::DaemonTarget,
     #[command(flatten)]
     vm: VmArgs,
 }
@@ -167,11 +162,7 @@ pub async fn run(a: RunArgs) -> u8 {
         Ok(r) => r,
         Err(m) => return fail(a.json, "invalid_request", &m, EXIT_BAD_INPUT),
     };
-    let daemon = match (&a.addr, a.local) {
-        (Some(addr), _) => Some(addr.clone()),
-        (None, false) => neurovisor::daemon_client::default_daemon().await,
-        (None, true) => None,
-    };
+    let daemon = a.target.resolve().await;
     let sandbox = match &daemon {
         Some(_) => None,
         None => match a.vm.sandbox() {
