@@ -12,6 +12,7 @@
 //!   chat completions) behind the [`llm::LlmClient`] trait.
 //! - [`agent`]: agent mode: an LLM solves a task by running code in fresh VMs.
 //! - [`metrics`]: Prometheus metrics.
+//! - [`security`]: capabilities, seccomp, per-VM cgroups, jails, rate limits, eBPF LSM.
 //! - [`doctor`]: checks that the host can run VMs and says how to fix what is missing.
 
 pub mod agent;
@@ -24,6 +25,7 @@ pub mod images;
 pub mod llm;
 pub mod metrics;
 pub mod pool;
+pub mod security;
 pub mod server;
 pub mod vmm;
 
