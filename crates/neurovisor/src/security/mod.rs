@@ -13,5 +13,6 @@ pub mod cgroups;
 #[cfg(feature = "ebpf")]
 pub mod ebpf;
 pub mod jail;
+pub mod lsm;
 pub mod rate_limit;
 pub mod seccomp;
