@@ -5,11 +5,21 @@ mod cli;
 use std::process::ExitCode;
 
 use clap::Parser;
+use neurovisor::security::seccomp::{self, Role};
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
     cli::init_logging(args.verbose);
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // The hooks confine API threads once the daemon arms its seccomp filters
+    // (`neurovisor serve`); for other commands they do nothing.
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .thread_name("nv-api")
+        .thread_keep_alive(std::time::Duration::from_secs(1))
+        .on_thread_start(seccomp::thread_hook(Role::Api))
+        .on_thread_park(seccomp::thread_hook(Role::Api))
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("neurovisor: cannot start the async runtime: {e}");

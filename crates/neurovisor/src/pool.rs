@@ -70,6 +70,8 @@ pub enum PoolError {
     ShuttingDown,
     #[error(transparent)]
     Boot(ExecError),
+    #[error("the VM management runtime is gone: {0}")]
+    Runtime(String),
 }
 
 /// A snapshot of the pool for health reports.
@@ -115,6 +117,9 @@ struct Inner {
     /// Signalled on every change that may let a waiter or the refiller proceed.
     changed: Notify,
     metrics: Arc<Metrics>,
+    /// Where VMs are booted and destroyed: the daemon's VM management
+    /// runtime, whose threads may fork VMMs (see `security::seccomp`).
+    vm_rt: tokio::runtime::Handle,
 }
 
 /// Consecutive boot failures before the pool backs off.
@@ -208,8 +213,18 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// Starts the pool and its background refiller.
+    /// Starts the pool and its background refiller on the current runtime.
     pub fn start(sandbox: Sandbox, cfg: PoolConfig, metrics: Arc<Metrics>) -> Result<Self, String> {
+        Self::start_on(sandbox, cfg, metrics, tokio::runtime::Handle::current())
+    }
+
+    /// Starts the pool; VMs are booted and destroyed only on `vm_rt`.
+    pub fn start_on(
+        sandbox: Sandbox,
+        cfg: PoolConfig,
+        metrics: Arc<Metrics>,
+        vm_rt: tokio::runtime::Handle,
+    ) -> Result<Self, String> {
         cfg.validate()?;
         let inner = Arc::new(Inner {
             sandbox,
@@ -217,8 +232,9 @@ impl Pool {
             state: Mutex::new(State::default()),
             changed: Notify::new(),
             metrics,
+            vm_rt,
         });
-        tokio::spawn(refill_loop(inner.clone()));
+        inner.vm_rt.spawn(refill_loop(inner.clone()));
         Ok(Self { inner })
     }
 
@@ -300,7 +316,7 @@ impl Pool {
                     };
                     if let Err(why) = healthy {
                         tracing::warn!(vm = vm.id(), "warm VM failed its check, replacing it: {why}");
-                        vm.destroy().await;
+                        let _ = inner.vm_rt.spawn(vm.destroy()).await;
                         drop(slot);
                         continue;
                     }
@@ -308,7 +324,20 @@ impl Pool {
                 }
                 Step::Cold(slot) => {
                     let boot_started = Instant::now();
-                    match inner.sandbox.boot(inner.cfg.size).await {
+                    let boot = {
+                        let inner = inner.clone();
+                        AbortOnDrop(inner.vm_rt.clone().spawn(async move {
+                            inner.sandbox.boot(inner.cfg.size).await
+                        }))
+                    };
+                    let booted = match boot.join().await {
+                        Ok(r) => r,
+                        Err(e) => {
+                            drop(slot);
+                            return Err(PoolError::Runtime(e.to_string()));
+                        }
+                    };
+                    match booted {
                         Ok(vm) => {
                             inner.record_boot(&mut inner.lock(), Ok(boot_started.elapsed()));
                             return Ok(slot.into_lease(vm, false, started, Duration::ZERO));
@@ -346,7 +375,7 @@ impl Pool {
         };
         self.inner.changed.notify_waiters();
         for vm in warm {
-            vm.destroy().await;
+            let _ = self.inner.vm_rt.spawn(vm.destroy()).await;
         }
         let until = Instant::now() + deadline;
         loop {
@@ -404,18 +433,28 @@ impl Drop for Lease {
         let inner = self.inner.clone();
         // The slot is freed only once the VM is really gone, so `max` bounds the
         // processes alive, not just the bookkeeping.
-        match tokio::runtime::Handle::try_current() {
-            Ok(rt) => {
-                rt.spawn(async move {
-                    vm.destroy().await;
-                    inner.release_slot();
-                });
-            }
-            Err(_) => {
-                drop(vm); // synchronous kill in ReadyVm's Drop
-                inner.release_slot();
-            }
-        }
+        let rt = inner.vm_rt.clone();
+        // If that runtime is gone, the task is dropped unrun: ReadyVm's Drop
+        // still kills the VM synchronously.
+        rt.spawn(async move {
+            vm.destroy().await;
+            inner.release_slot();
+        });
+    }
+}
+
+/// Aborts the task when dropped (a cancelled request stops its cold boot).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> AbortOnDrop<T> {
+    async fn join(mut self) -> Result<T, tokio::task::JoinError> {
+        (&mut self.0).await
+    }
+}
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -36,6 +36,9 @@ pub struct ServeArgs {
     /// How long a request waits for a free VM before RESOURCE_EXHAUSTED [default: 30s].
     #[arg(long, value_parser = parse_duration)]
     pub queue_timeout: Option<Duration>,
+    /// Run without seccomp filters and capability drops (debugging only).
+    #[arg(long, env = "NEUROVISOR_NO_CONFINE")]
+    pub no_confine: bool,
     /// How long in-flight executions may finish after SIGTERM [default: 30s].
     #[arg(long, value_parser = parse_duration)]
     pub shutdown_grace: Option<Duration>,
@@ -122,6 +125,7 @@ impl ServeArgs {
                 .or(f.ollama_host)
                 .unwrap_or_else(|| DEFAULT_OLLAMA_HOST.into()),
             default_model: self.model.clone().or(f.model).unwrap_or_else(|| "qwen3".into()),
+            confine: !self.no_confine && nix::unistd::geteuid().is_root(),
         })
     }
 }

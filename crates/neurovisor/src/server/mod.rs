@@ -33,6 +33,7 @@ use crate::images::ImageSet;
 use crate::llm::OllamaClient;
 use crate::metrics::Metrics;
 use crate::pool::{Pool, PoolConfig};
+use crate::security::{caps, seccomp};
 use crate::vmm::process::kill_processes_mentioning;
 use crate::vmm::VmmBackend;
 
@@ -46,10 +47,52 @@ pub struct DaemonConfig {
     pub shutdown_grace: Duration,
     pub ollama_host: String,
     pub default_model: String,
+    /// Confine the daemon's threads after start-up (seccomp per thread role,
+    /// capabilities, NoNewPrivs); see [`crate::security::seccomp`].
+    pub confine: bool,
+}
+
+/// The runtime VMs are booted and destroyed on; its threads are confined to
+/// the VM management role.
+struct VmRuntime(Option<tokio::runtime::Runtime>);
+
+impl VmRuntime {
+    fn new() -> Result<Self, DaemonError> {
+        let hook = seccomp::thread_hook(seccomp::Role::Vm);
+        let park = seccomp::thread_hook(seccomp::Role::Vm);
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("nv-vm")
+            .thread_keep_alive(Duration::from_secs(1))
+            .on_thread_start(hook)
+            .on_thread_park(park)
+            .enable_all()
+            .build()
+            .map(|rt| Self(Some(rt)))
+            .map_err(|e| DaemonError::Serve(format!("cannot start the VM runtime: {e}")))
+    }
+
+    fn handle(&self) -> tokio::runtime::Handle {
+        match &self.0 {
+            Some(rt) => rt.handle().clone(),
+            None => tokio::runtime::Handle::current(),
+        }
+    }
+}
+
+impl Drop for VmRuntime {
+    fn drop(&mut self) {
+        // Dropping a runtime inside another one would block: let it go instead.
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
+    #[error("cannot confine the daemon: {0} (run as root, or pass --no-confine to debug)")]
+    Confine(String),
     #[error("another neurovisor daemon (pid {pid}) is using the state directory {dir}; stop it, or give this one its own --state-dir")]
     Locked { dir: PathBuf, pid: String },
     #[error("state directory {dir}: {source}")]
@@ -209,9 +252,27 @@ pub async fn run(
         http.local_addr().unwrap_or(cfg.metrics_addr),
     );
 
+    let vm_rt = VmRuntime::new()?;
+    if cfg.confine {
+        let firecracker = backend.name() == "firecracker";
+        let filters = seccomp::RoleFilters::new(caps::vm_role_caps(firecracker, cfg!(feature = "ebpf")))
+            .map_err(|e| DaemonError::Confine(e.to_string()))?;
+        seccomp::arm(
+            filters,
+            &[tokio::runtime::Handle::current(), vm_rt.handle()],
+            Duration::from_secs(15),
+        )
+        .await
+        .map_err(|e| DaemonError::Confine(e.to_string()))?;
+        tracing::info!("confined: seccomp allowlists per thread role, capabilities dropped, NoNewPrivs");
+    } else {
+        tracing::warn!("running unconfined: no seccomp filters, all capabilities kept");
+    }
+
     let metrics = Arc::new(Metrics::new());
     let sandbox = Sandbox::new(backend, images, dir.clone());
-    let pool = Pool::start(sandbox, cfg.pool.clone(), metrics.clone()).map_err(DaemonError::Pool)?;
+    let pool = Pool::start_on(sandbox, cfg.pool.clone(), metrics.clone(), vm_rt.handle())
+        .map_err(DaemonError::Pool)?;
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -310,8 +371,10 @@ pub async fn run(
     let _ = stop_http.send(());
     let _ = http_task.await;
     health_task.abort();
-    // Anything still alive (cancelled requests) is killed here, synchronously.
-    clean_leftovers(&dir.join("vms"));
+    // Anything still alive (cancelled requests) is killed here, by a VM
+    // management thread: only those may signal jailed processes.
+    let vms = dir.join("vms");
+    let _ = vm_rt.handle().spawn(async move { clean_leftovers(&vms) }).await;
     // A VM process that was just killed may still be closing its files.
     for attempt in 1..=5 {
         match std::fs::remove_dir_all(&dir) {

@@ -100,6 +100,7 @@ fn pool_status(e: PoolError) -> Status {
         PoolError::Exhausted { .. } => Status::resource_exhausted(e.to_string()),
         PoolError::Degraded { .. } | PoolError::ShuttingDown => Status::unavailable(e.to_string()),
         PoolError::Boot(inner) => Status::internal(format!("VM boot failed: {inner}")),
+        PoolError::Runtime(_) => Status::internal(e.to_string()),
     }
 }
 
