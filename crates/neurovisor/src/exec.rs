@@ -16,12 +16,13 @@ use neurovisor_proto::guest::execution_service_client::ExecutionServiceClient;
 use neurovisor_proto::guest::{execute_event::Event, ExecuteRequest, HealthRequest, HealthResponse, Limits};
 use neurovisor_proto::GUEST_AGENT_PORT;
 use serde::Serialize;
-use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::channel::vsock::GuestStream;
 use crate::channel::GuestError;
 use crate::config::VmSize;
 use crate::images::{ImageError, ImageSet};
+use crate::security::rate_limit::RateLimitConfig;
 use crate::vmm::{Vm, VmConfig, VmmBackend, VmmError};
 
 pub const MAX_CODE_BYTES: usize = 1 << 20;
@@ -206,6 +207,8 @@ pub struct Sandbox {
     images: ImageSet,
     state_dir: PathBuf,
     pub ready_timeout: Duration,
+    /// Limits on what each VM's guest sends over vsock.
+    pub rate_limit: RateLimitConfig,
 }
 
 impl Sandbox {
@@ -215,6 +218,7 @@ impl Sandbox {
             images,
             state_dir,
             ready_timeout: Duration::from_secs(90),
+            rate_limit: RateLimitConfig::default(),
         }
     }
 
@@ -239,6 +243,7 @@ impl Sandbox {
             rootfs: self.images.rootfs.clone(),
             state_dir: self.state_dir.clone(),
             extra_cmdline,
+            rate_limit: self.rate_limit,
         }
     }
 
@@ -292,8 +297,9 @@ impl Sandbox {
 
 /// One HTTP/2 connection over an already connected vsock stream. The VM is
 /// ephemeral, so there is nothing to reconnect to: the connector hands out the
-/// stream once.
-async fn guest_client(stream: UnixStream) -> Result<ExecutionServiceClient<Channel>, GuestError> {
+/// stream once. Its reads are paced by the VM's rate limiter, so a guest that
+/// sends too fast meets HTTP/2 flow control.
+async fn guest_client(stream: GuestStream) -> Result<ExecutionServiceClient<Channel>, GuestError> {
     let slot = Arc::new(Mutex::new(Some(stream)));
     let channel = Endpoint::from_static("http://guest-agent.vsock")
         .connect_with_connector(tower::service_fn(move |_| {

@@ -35,6 +35,38 @@ pub struct OutcomeLabel {
     pub outcome: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    /// What ran out: bytes | ops
+    pub kind: String,
+}
+
+/// Counters of the guest channel's rate limiters. The vsock layer lives below
+/// the daemon and has no handle on its [`Metrics`], so these are process-wide
+/// and every [`Metrics`] registers the same counters.
+#[derive(Debug, Default)]
+pub struct VsockCounters {
+    /// Reads or operations that had to wait, or connections refused, for lack of tokens.
+    pub throttled: Family<KindLabel, Counter>,
+    /// Guest connections closed because the ops bucket was empty.
+    pub rejected_connections: Counter,
+}
+
+impl VsockCounters {
+    /// The `kind` counter of `neurovisor_vsock_throttled_total`.
+    pub fn throttled(&self, kind: &str) -> Counter {
+        self.throttled
+            .get_or_create(&KindLabel { kind: kind.into() })
+            .clone()
+    }
+}
+
+/// The process-wide vsock counters (see [`VsockCounters`]).
+pub fn vsock_counters() -> &'static VsockCounters {
+    static COUNTERS: std::sync::LazyLock<VsockCounters> = std::sync::LazyLock::new(VsockCounters::default);
+    &COUNTERS
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -63,6 +95,8 @@ pub struct Metrics {
     pub agent_iterations_total: Histogram,
     pub llm_call_duration_seconds: HistogramFamily<ModelLabel>,
     pub model_load_duration_seconds: HistogramFamily<ModelLabel>,
+    pub vsock_throttled: Family<KindLabel, Counter>,
+    pub vsock_rejected_connections: Counter,
 }
 
 impl Default for Metrics {
@@ -94,6 +128,8 @@ impl Metrics {
             )),
             llm_call_duration_seconds: Family::new_with_constructor(latency_histogram),
             model_load_duration_seconds: Family::new_with_constructor(latency_histogram),
+            vsock_throttled: vsock_counters().throttled.clone(),
+            vsock_rejected_connections: vsock_counters().rejected_connections.clone(),
             registry: Registry::default(),
         };
         registry.register("pool_warm_vms", "Pre-warmed VMs ready", m.pool_warm_vms.clone());
@@ -177,6 +213,16 @@ impl Metrics {
             "Model load time reported by Ollama (cold starts)",
             m.model_load_duration_seconds.clone(),
         );
+        registry.register(
+            "vsock_throttled",
+            "Guest vsock reads, operations or connections held back by the rate limiter, by bucket (bytes, ops)",
+            m.vsock_throttled.clone(),
+        );
+        registry.register(
+            "vsock_rejected_connections",
+            "Guest vsock connections closed because the ops rate limit was exhausted",
+            m.vsock_rejected_connections.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -221,6 +267,17 @@ mod tests {
                 model: "qwen3".into(),
             })
             .observe(0.5);
+        let limiter =
+            crate::security::rate_limit::RateLimiter::new(crate::security::rate_limit::RateLimitConfig {
+                bandwidth: None,
+                ops: Some(crate::security::rate_limit::TokenBucketConfig {
+                    size: 1,
+                    one_time_burst: 0,
+                    refill_time: 1_000_000,
+                }),
+            });
+        assert!(limiter.admit_connection());
+        assert!(!limiter.admit_connection());
         let text = m.encode();
         for name in [
             "neurovisor_pool_warm_vms",
@@ -233,6 +290,8 @@ mod tests {
             "neurovisor_agent_tasks_total{status=\"answer\"} 1",
             "neurovisor_agent_iterations_total_count 1",
             "neurovisor_llm_call_duration_seconds_count{model=\"qwen3\"} 1",
+            "neurovisor_vsock_throttled_total{kind=\"ops\"}",
+            "neurovisor_vsock_rejected_connections_total",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }

@@ -680,6 +680,7 @@ impl Env {
             rootfs: self.images.path().join("rootfs.ext4"),
             state_dir: self.state.path().to_path_buf(),
             extra_cmdline: vec![],
+            rate_limit: Default::default(),
         }
     }
 

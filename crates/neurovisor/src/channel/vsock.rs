@@ -4,12 +4,20 @@
 //! `OK <host_port>\n`; the stream is then the guest's port.
 //! Guest -> host: a guest connecting to CID 2 port P reaches a listener on
 //! `<uds_path>_P`.
+//!
+//! Everything the guest sends passes through the VM's [`RateLimiter`]: streams
+//! are [`GuestStream`]s whose reads are paced by the byte bucket, and every
+//! connection the guest opens to a host port costs an op token (connections
+//! over the limit are closed).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
+
+use crate::security::rate_limit::{RateLimitConfig, RateLimitedStream, RateLimiter};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VsockError {
@@ -40,16 +48,27 @@ pub enum VsockError {
 /// The longest handshake reply: "OK 4294967295\n".
 const MAX_REPLY: usize = 32;
 
+/// A stream to or from the guest; reads are paced by the VM's byte bucket.
+pub type GuestStream = RateLimitedStream<UnixStream>;
+
+/// One VM's hybrid-vsock endpoint. Clones share the VM's rate limiter.
 #[derive(Debug, Clone)]
 pub struct HybridVsock {
     uds_path: PathBuf,
+    limiter: Arc<RateLimiter>,
 }
 
 impl HybridVsock {
-    pub fn new(uds_path: impl Into<PathBuf>) -> Self {
+    pub fn new(uds_path: impl Into<PathBuf>, limits: RateLimitConfig) -> Self {
         Self {
             uds_path: uds_path.into(),
+            limiter: Arc::new(RateLimiter::new(limits)),
         }
+    }
+
+    /// The VM's rate limiter (shared by all its streams and listeners).
+    pub fn limiter(&self) -> &Arc<RateLimiter> {
+        &self.limiter
     }
 
     pub fn uds_path(&self) -> &Path {
@@ -64,7 +83,7 @@ impl HybridVsock {
     }
 
     /// Opens a stream to guest port `port`.
-    pub async fn connect(&self, port: u32) -> Result<UnixStream, VsockError> {
+    pub async fn connect(&self, port: u32) -> Result<GuestStream, VsockError> {
         let mut s = UnixStream::connect(&self.uds_path)
             .await
             .map_err(|source| VsockError::Connect {
@@ -90,7 +109,7 @@ impl HybridVsock {
         }
         let reply = String::from_utf8_lossy(&reply).into_owned();
         if reply.starts_with("OK ") {
-            Ok(s)
+            Ok(RateLimitedStream::new(s, self.limiter.clone()))
         } else {
             Err(VsockError::Refused { port, reply })
         }
@@ -102,21 +121,34 @@ impl HybridVsock {
         let _ = std::fs::remove_file(&path);
         UnixListener::bind(&path).map_err(|source| VsockError::Listen { path, source })
     }
-}
 
-/// Waits for the guest agent's readiness announcement (`READY`) on the
-/// listener of [`neurovisor_proto::GUEST_READY_PORT`].
-pub async fn accept_ready(listener: &UnixListener) -> std::io::Result<()> {
-    let (mut s, _) = listener.accept().await?;
-    let mut buf = [0u8; 16];
-    let n = s.read(&mut buf).await?;
-    if buf[..n].starts_with(b"READY") {
-        Ok(())
-    } else {
-        Err(std::io::Error::other(format!(
-            "unexpected readiness message {:?}",
-            String::from_utf8_lossy(&buf[..n])
-        )))
+    /// Accepts the next guest connection on `listener` (made by [`Self::listen`])
+    /// that the ops bucket admits; connections over the limit are closed at once.
+    pub async fn accept(&self, listener: &UnixListener) -> std::io::Result<GuestStream> {
+        loop {
+            let (s, _) = listener.accept().await?;
+            if self.limiter.admit_connection() {
+                return Ok(RateLimitedStream::new(s, self.limiter.clone()));
+            }
+            tracing::debug!(path = %self.uds_path.display(), "guest connection over the ops rate limit closed");
+            drop(s);
+        }
+    }
+
+    /// Waits for the guest agent's readiness announcement (`READY`) on the
+    /// listener of [`neurovisor_proto::GUEST_READY_PORT`].
+    pub async fn accept_ready(&self, listener: &UnixListener) -> std::io::Result<()> {
+        let mut s = self.accept(listener).await?;
+        let mut buf = [0u8; 16];
+        let n = s.read(&mut buf).await?;
+        if buf[..n].starts_with(b"READY") {
+            Ok(())
+        } else {
+            Err(std::io::Error::other(format!(
+                "unexpected readiness message {:?}",
+                String::from_utf8_lossy(&buf[..n])
+            )))
+        }
     }
 }
 
@@ -136,7 +168,7 @@ mod tests {
     #[tokio::test]
     async fn handshake_ok_keeps_following_bytes() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let hv = HybridVsock::new(dir.path().join("v.sock"));
+        let hv = HybridVsock::new(dir.path().join("v.sock"), RateLimitConfig::default());
         let l = UnixListener::bind(hv.uds_path()).expect("bind");
         let server = tokio::spawn(fake_mux(l, "OK 1073741824\nhello"));
         let mut s = hv.connect(6000).await.expect("connect");
@@ -150,11 +182,76 @@ mod tests {
     #[tokio::test]
     async fn refused_port_is_an_error() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let hv = HybridVsock::new(dir.path().join("v.sock"));
+        let hv = HybridVsock::new(dir.path().join("v.sock"), RateLimitConfig::default());
         let l = UnixListener::bind(hv.uds_path()).expect("bind");
         let server = tokio::spawn(fake_mux(l, ""));
         let e = hv.connect(6000).await.unwrap_err();
         assert!(matches!(e, VsockError::Refused { port: 6000, .. }), "{e}");
         server.await.expect("server");
+    }
+
+    #[tokio::test]
+    async fn guest_connections_beyond_the_ops_limit_are_closed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let limits = RateLimitConfig {
+            bandwidth: None,
+            // 3 connections, then one per hour: the rest must be refused.
+            ops: Some(crate::security::rate_limit::TokenBucketConfig {
+                size: 3,
+                one_time_burst: 0,
+                refill_time: 3_600_000,
+            }),
+        };
+        let hv = HybridVsock::new(dir.path().join("v.sock"), limits);
+        let l = hv.listen(6001).expect("listen");
+        let path = hv.host_port_path(6001);
+        // The guest side: 5 connections, each says hello and reads the reply.
+        let guest = tokio::spawn(async move {
+            let mut replies = Vec::new();
+            for _ in 0..5 {
+                let mut s = UnixStream::connect(&path).await.expect("connect");
+                // A refused connection may already be closed: write errors are expected.
+                let _ = s.write_all(b"hi").await;
+                let mut r = Vec::new();
+                // A closed connection reads as EOF (or a reset).
+                let _ = s.read_to_end(&mut r).await;
+                replies.push(r);
+            }
+            replies
+        });
+        // The host side: the first 3 are admitted and answered, then the 4th and
+        // 5th are closed inside `accept`, which keeps waiting.
+        for _ in 0..3 {
+            let mut s = hv.accept(&l).await.expect("accept");
+            let mut buf = [0u8; 2];
+            s.read_exact(&mut buf).await.expect("read");
+            s.write_all(b"ok").await.expect("write");
+        }
+        let pending = tokio::time::timeout(Duration::from_millis(500), hv.accept(&l)).await;
+        assert!(pending.is_err(), "a fourth connection was admitted");
+        let replies = guest.await.expect("guest");
+        assert_eq!(
+            replies.iter().filter(|r| r.as_slice() == b"ok").count(),
+            3,
+            "{replies:?}"
+        );
+        assert_eq!(replies.iter().filter(|r| r.is_empty()).count(), 2, "{replies:?}");
+        let s = hv.limiter().stats();
+        assert_eq!((s.ops, s.rejected_connections), (3, 2));
+    }
+
+    #[tokio::test]
+    async fn accept_ready_reads_the_announcement() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let hv = HybridVsock::new(dir.path().join("v.sock"), RateLimitConfig::default());
+        let l = hv.listen(6001).expect("listen");
+        let path = hv.host_port_path(6001);
+        let guest = tokio::spawn(async move {
+            let mut s = UnixStream::connect(&path).await.expect("connect");
+            s.write_all(b"READY\n").await.expect("write");
+        });
+        hv.accept_ready(&l).await.expect("ready");
+        guest.await.expect("guest");
+        assert_eq!(hv.limiter().stats().ops, 1);
     }
 }

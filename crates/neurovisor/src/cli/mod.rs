@@ -11,6 +11,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use neurovisor::images::{ImageSelection, ImageSet};
+use neurovisor::security::rate_limit::RateLimitConfig;
 use neurovisor::vmm::fc_api::RateLimiter;
 use neurovisor::vmm::jailer::IdRange;
 use neurovisor::vmm::qemu::QemuOptions;
@@ -122,6 +123,14 @@ pub struct VmArgs {
     /// Firecracker: root drive limit in operations per second.
     #[arg(long, env = "NEUROVISOR_DRIVE_IOPS")]
     drive_iops: Option<u64>,
+    /// Guest-to-host vsock bandwidth limit in bytes per second (0 = unlimited;
+    /// default 16 MiB/s with a 4 MiB burst).
+    #[arg(long, env = "NEUROVISOR_VSOCK_BANDWIDTH", value_name = "BYTES_PER_SEC")]
+    vsock_bandwidth: Option<u64>,
+    /// Guest-initiated vsock connections per second; excess ones are closed
+    /// (0 = unlimited; default 50/s with a burst of 100).
+    #[arg(long, env = "NEUROVISOR_VSOCK_OPS", value_name = "OPS_PER_SEC")]
+    vsock_ops: Option<u64>,
 }
 
 impl VmArgs {
@@ -169,7 +178,9 @@ impl VmArgs {
         let images = ImageSet::resolve(&self.image_selection()).map_err(|e| e.to_string())?;
         let (backend, _why) = select_backend(&self.backend_options()).map_err(|e| e.to_string())?;
         let state = self.state_dir.clone().unwrap_or_else(config::default_state_dir);
-        Ok(Sandbox::new(backend, images, state))
+        let mut sandbox = Sandbox::new(backend, images, state);
+        sandbox.rate_limit = RateLimitConfig::default().with_rates(self.vsock_bandwidth, self.vsock_ops);
+        Ok(sandbox)
     }
 }
 

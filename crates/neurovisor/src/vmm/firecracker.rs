@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixListener;
 use tokio::process::Command;
 
 use super::fc_api::{self, ApiClient, RateLimiter};
@@ -216,7 +216,7 @@ impl FirecrackerBackend {
             vmm_log: dir.join("vmm.log"),
             dir,
             api: ApiClient::new(layout.host(API_SOCK)).with_log(layout.host(LOG)),
-            vsock: HybridVsock::new(layout.host(VSOCK)),
+            vsock: HybridVsock::new(layout.host(VSOCK), cfg.rate_limit),
             layout,
             ready: Readiness::Done,
             process: None,
@@ -574,7 +574,7 @@ impl Vm for FirecrackerVm {
         let outcome = tokio::select! {
             r = async {
                 match &ready {
-                    Readiness::Listener(l) => vsock::accept_ready(l).await,
+                    Readiness::Listener(l) => self.vsock.accept_ready(l).await,
                     _ => probe_agent(&self.vsock).await,
                 }
             } => r.map_err(|e| e.to_string()),
@@ -603,7 +603,7 @@ impl Vm for FirecrackerVm {
         }
     }
 
-    async fn connect(&self, port: u32) -> Result<UnixStream, VmmError> {
+    async fn connect(&self, port: u32) -> Result<vsock::GuestStream, VmmError> {
         Ok(self.vsock.connect(port).await?)
     }
 
@@ -690,6 +690,7 @@ mod tests {
             rootfs: "r".into(),
             state_dir: "/s".into(),
             extra_cmdline: vec!["nv.mode=poweroff".into()],
+            rate_limit: Default::default(),
         };
         let a = FirecrackerBackend::boot_args(&cfg);
         for want in [

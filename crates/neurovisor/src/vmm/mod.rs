@@ -19,10 +19,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::net::UnixStream;
 
-use crate::channel::vsock::VsockError;
+use crate::channel::vsock::{GuestStream, VsockError};
 use crate::config::VmSize;
+use crate::security::rate_limit::RateLimitConfig;
 
 pub use accel::{Accel, AccelChoice};
 pub use firecracker::{FirecrackerBackend, FirecrackerOptions};
@@ -99,6 +99,8 @@ pub struct VmConfig {
     pub state_dir: PathBuf,
     /// Extra guest kernel command line parameters.
     pub extra_cmdline: Vec<String>,
+    /// Limits on what the guest sends over vsock (bytes read, connections).
+    pub rate_limit: RateLimitConfig,
 }
 
 impl VmConfig {
@@ -159,8 +161,8 @@ pub trait Vm: Send + Sync {
     async fn wait_exited(&mut self, timeout: Duration) -> Option<String>;
     /// Without blocking: `Some(how)` if the VM's VMM or a helper has exited.
     fn check_exited(&mut self) -> Option<String>;
-    /// Opens a stream to a guest vsock port.
-    async fn connect(&self, port: u32) -> Result<UnixStream, VmmError>;
+    /// Opens a stream to a guest vsock port (reads paced by the VM's rate limiter).
+    async fn connect(&self, port: u32) -> Result<GuestStream, VmmError>;
     /// Host process ids of the VM (VMM and helpers), for accounting and tests.
     fn pids(&self) -> Vec<u32>;
     /// The VM's state directory.
@@ -225,6 +227,7 @@ mod tests {
             rootfs: "r".into(),
             state_dir: "/s".into(),
             extra_cmdline: vec!["nv.mode=poweroff".into()],
+            rate_limit: RateLimitConfig::default(),
         };
         let c = base_cmdline(&cfg).join(" ");
         assert!(
@@ -271,7 +274,7 @@ mod tests {
         fn check_exited(&mut self) -> Option<String> {
             None
         }
-        async fn connect(&self, port: u32) -> Result<UnixStream, VmmError> {
+        async fn connect(&self, port: u32) -> Result<GuestStream, VmmError> {
             Err(VmmError::Unsupported(format!("connect {port}")))
         }
         fn pids(&self) -> Vec<u32> {
@@ -293,6 +296,7 @@ mod tests {
             rootfs: "r".into(),
             state_dir: "/s".into(),
             extra_cmdline: vec![],
+            rate_limit: RateLimitConfig::default(),
         };
         let vm = Minimal.spawn(&cfg).await.expect("spawn");
         let p = Path::new("/tmp/x");

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixListener;
 use tokio::process::Command;
 
 use super::accel::{choose, host_tsc_khz, Accel, AccelChoice, KvmProbe};
@@ -180,7 +180,7 @@ impl VmmBackend for QemuBackend {
                 source,
             })?;
         // From here on, dropping `vm` releases whatever was started.
-        let vsock = HybridVsock::new(&paths.vsock);
+        let vsock = HybridVsock::new(&paths.vsock, cfg.rate_limit);
         let mut vm = QemuVm {
             id: cfg.id.clone(),
             ready: None,
@@ -274,7 +274,7 @@ impl Vm for QemuVm {
             return Err(VmmError::Qmp("VM already stopped".into()));
         };
         let outcome = tokio::select! {
-            r = vsock::accept_ready(&listener) => r.map_err(|e| e.to_string()),
+            r = self.vsock.accept_ready(&listener) => r.map_err(|e| e.to_string()),
             status = qemu.exited() => Err(format!("qemu: {status}")),
             status = vhost.exited() => Err(format!("vhost-device-vsock: {status}")),
             _ = tokio::time::sleep(timeout) => {
@@ -308,7 +308,7 @@ impl Vm for QemuVm {
         None
     }
 
-    async fn connect(&self, port: u32) -> Result<UnixStream, VmmError> {
+    async fn connect(&self, port: u32) -> Result<vsock::GuestStream, VmmError> {
         Ok(self.vsock.connect(port).await?)
     }
 
@@ -374,6 +374,7 @@ mod tests {
             rootfs: "/r,x/rootfs.ext4".into(),
             state_dir: "/s".into(),
             extra_cmdline: vec![],
+            rate_limit: Default::default(),
         };
         let a = backend.qemu_args(&cfg, &VmPaths::new(cfg.vm_dir())).join(" ");
         for want in [
