@@ -114,6 +114,13 @@ pub struct VmArgs {
     /// Run Firecracker without its jailer.
     #[arg(long, overrides_with = "jailer")]
     no_jailer: bool,
+    /// Jail the QEMU backend's processes (own uid, namespaces, private root).
+    /// Default: when running as root.
+    #[arg(long, overrides_with = "no_jail")]
+    jail: bool,
+    /// Run the QEMU backend's processes unjailed.
+    #[arg(long, env = "NEUROVISOR_NO_JAIL", overrides_with = "jail")]
+    no_jail: bool,
     /// uids/gids for jailed VMs, FIRST-LAST (each VM gets its own).
     #[arg(long, env = "NEUROVISOR_JAIL_IDS", default_value = "1000000000-1000065535")]
     jail_ids: IdRange,
@@ -140,6 +147,12 @@ impl VmArgs {
             vhost_vsock_bin: self.vhost_vsock_bin.clone(),
             accel: self.accel,
             no_sandbox: self.no_qemu_sandbox,
+            jail: match (self.jail, self.no_jail) {
+                (true, _) => Some(true),
+                (_, true) => Some(false),
+                _ => None,
+            },
+            jail_ids: self.jail_ids,
         }
     }
 

@@ -15,10 +15,14 @@ use tokio::net::UnixListener;
 use tokio::process::Command;
 
 use super::accel::{choose, host_tsc_khz, Accel, AccelChoice, KvmProbe};
+use super::jailer::{IdLease, IdPool, IdRange};
 use super::process::{wait_for_path, Helper};
 use super::qmp::Qmp;
 use super::{base_cmdline, find_binary, log_tail, Vm, VmConfig, VmmBackend, VmmError};
 use crate::channel::{vsock, HybridVsock};
+use crate::security::cgroups::{self, CgroupLayout, CgroupLimits, VmCgroup};
+use crate::security::jail::{self, Bind, JailLimits, JailSpec};
+use crate::security::seccomp;
 use neurovisor_proto::GUEST_READY_PORT;
 
 /// The guest's vsock CID; every VM has its own vsock daemon, so it can be the same.
@@ -33,6 +37,11 @@ pub struct QemuOptions {
     pub accel: Option<Accel>,
     /// Run QEMU under its own seccomp sandbox (`-sandbox on,...`). On by default.
     pub no_sandbox: bool,
+    /// Jail the VMM processes (own uid, namespaces, private root; see
+    /// [`crate::security::jail`]). `None`: when running as root.
+    pub jail: Option<bool>,
+    /// uids/gids for jailed VMs (each VM gets its own).
+    pub jail_ids: IdRange,
 }
 
 #[derive(Debug, Clone)]
@@ -41,6 +50,11 @@ pub struct QemuBackend {
     vhost_vsock: PathBuf,
     accel: AccelChoice,
     sandbox: bool,
+    jail: Option<IdPool>,
+    /// Per-VM cgroups (when running as root and cgroups are mounted).
+    cgroups: Option<CgroupLayout>,
+    /// The filter vhost-device-vsock gets before exec (jailed only).
+    vhost_filter: Option<Vec<libc::sock_filter>>,
 }
 
 /// Files of one VM inside its state directory.
@@ -92,11 +106,32 @@ impl QemuBackend {
             })?;
         let accel = choose(opts.accel, &KvmProbe::host());
         tracing::info!(accel = ?accel.accel, "{}", accel.reason);
+        let root = nix::unistd::geteuid().is_root();
+        let jail = match opts.jail {
+            Some(true) if !root => {
+                return Err(VmmError::Jail(
+                    "jailing VMs needs root (run as root, or pass --no-jail)".into(),
+                ))
+            }
+            Some(true) => true,
+            Some(false) => false,
+            None => root,
+        };
+        if !jail {
+            tracing::warn!("VMM processes run unjailed (not root, or --no-jail)");
+        }
         Ok(Self {
             qemu,
             vhost_vsock,
             accel,
             sandbox: !opts.no_sandbox,
+            jail: jail.then(|| IdPool::new(opts.jail_ids)),
+            cgroups: if root { detect_cgroups() } else { None },
+            vhost_filter: if jail {
+                Some(to_libc(seccomp::compile("vhost-device-vsock").map_err(|e| VmmError::Jail(e.to_string()))?))
+            } else {
+                None
+            },
         })
     }
 
@@ -104,7 +139,8 @@ impl QemuBackend {
         &self.accel
     }
 
-    fn qemu_args(&self, cfg: &VmConfig, p: &VmPaths) -> Vec<String> {
+    /// `p`, `kernel` and `rootfs` are paths as QEMU sees them (inside its jail).
+    fn qemu_args(&self, cfg: &VmConfig, p: &VmPaths, kernel: &Path, rootfs: &Path) -> Vec<String> {
         let mem = cfg.size.memory_mib();
         let mut a: Vec<String> = Vec::new();
         let mut push = |s: &[&str]| a.extend(s.iter().map(|x| x.to_string()));
@@ -124,7 +160,7 @@ impl QemuBackend {
             &format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
         ]);
         push(&["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]);
-        push(&["-kernel", &cfg.kernel.display().to_string()]);
+        push(&["-kernel", &kernel.display().to_string()]);
         let mut cmdline = base_cmdline(cfg);
         // Triple-fault reboot + -no-reboot: a guest reboot ends the QEMU process.
         cmdline.push("reboot=t".into());
@@ -140,7 +176,7 @@ impl QemuBackend {
         push(&["-serial", &format!("file:{}", p.console.display())]);
         push(&[
             "-drive",
-            &format!("id=root,file={},format=raw,if=none,readonly=on", q(&cfg.rootfs)),
+            &format!("id=root,file={},format=raw,if=none,readonly=on", q(rootfs)),
             "-device",
             "virtio-blk-device,drive=root",
         ]);
@@ -160,6 +196,132 @@ impl QemuBackend {
         }
         a
     }
+}
+
+impl QemuBackend {
+    /// A command for one of the VM's processes, jailed when `ids` is given.
+    /// `argv[0]` names the VM's host directory, so the processes of a VM can be
+    /// found (and, after a crash, killed) by it even though their arguments
+    /// only name paths inside the jail.
+    fn command(
+        &self,
+        bin: &Path,
+        cfg: &VmConfig,
+        paths: &VmPaths,
+        ids: Option<&IdLease>,
+        cgroup: Option<&VmCgroup>,
+        is_vmm: bool,
+    ) -> Result<Command, VmmError> {
+        let procs = cgroup.map(VmCgroup::procs_files).unwrap_or_default();
+        let name = bin
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "vmm".into());
+        let Some(ids) = ids else {
+            let mut cmd = Command::new(bin);
+            cmd.arg0(format!("{name}:{}", paths.dir.display()));
+            if !procs.is_empty() {
+                // SAFETY: pre_exec_join only makes raw open/write/close calls.
+                unsafe {
+                    cmd.pre_exec(move || cgroups::pre_exec_join(&procs));
+                }
+            }
+            return Ok(cmd);
+        };
+        // A binary under /usr keeps its path (QEMU finds its firmware relative
+        // to it); others are bound in on their own.
+        let in_usr = bin.starts_with("/usr/");
+        let inside = if in_usr {
+            bin.to_path_buf()
+        } else {
+            PathBuf::from(jail::JAIL_BIN_DIR).join(&name)
+        };
+        let kvm = is_vmm && self.accel.accel == Accel::Kvm;
+        let mut binds = jail::system_binds();
+        binds.extend(jail::device_binds(kvm));
+        let bind = |host: &Path, jail: PathBuf, writable| Bind {
+            host: host.to_path_buf(),
+            jail,
+            writable,
+        };
+        if !in_usr {
+            binds.push(bind(bin, inside.clone(), false));
+        }
+        binds.push(bind(&paths.dir, jail::JAIL_VM_DIR.into(), true));
+        if is_vmm {
+            binds.push(bind(&cfg.kernel, jail::JAIL_KERNEL.into(), false));
+            binds.push(bind(&cfg.rootfs, jail::JAIL_ROOTFS.into(), false));
+        }
+        let mut groups = Vec::new();
+        if kvm {
+            if let Ok(m) = std::fs::metadata("/dev/kvm") {
+                groups.push(std::os::unix::fs::MetadataExt::gid(&m));
+            }
+        }
+        let root = paths.dir.join(if is_vmm { "root-vmm" } else { "root-helper" });
+        std::fs::DirBuilder::new()
+            .mode(0o755)
+            .create(&root)
+            .map_err(|source| VmmError::StateDir {
+                path: root.clone(),
+                source,
+            })?;
+        let spec = JailSpec {
+            root,
+            uid: ids.uid,
+            gid: ids.gid,
+            groups,
+            binds,
+            limits: JailLimits::for_vmm(cfg.size.memory_mib()),
+            hostname: format!("nv-{}", cfg.id.get(..8).unwrap_or(&cfg.id)),
+            cgroup_procs: procs,
+            seccomp: if is_vmm { None } else { self.vhost_filter.clone() },
+        };
+        let prepared = spec.prepare().map_err(|e| VmmError::Jail(e.to_string()))?;
+        let mut cmd = Command::new(&inside);
+        cmd.arg0(format!("{name}:{}", paths.dir.display()));
+        prepared.apply(&mut cmd);
+        Ok(cmd)
+    }
+}
+
+fn detect_cgroups() -> Option<CgroupLayout> {
+    match CgroupLayout::detect() {
+        Ok(layout) => Some(layout),
+        Err(e) => {
+            tracing::warn!("VMs run without per-VM cgroups: {e}");
+            None
+        }
+    }
+}
+
+/// seccompiler's BPF instructions as the kernel's (same layout).
+fn to_libc(prog: seccompiler::BpfProgram) -> Vec<libc::sock_filter> {
+    prog.into_iter()
+        .map(|i| libc::sock_filter {
+            code: i.code,
+            jt: i.jt,
+            jf: i.jf,
+            k: i.k,
+        })
+        .collect()
+}
+
+/// Lets the jailed processes (uid/gid of the VM) into the VM directory: group
+/// access for the jail's gid, and the daemon's listening sockets writable.
+fn open_to_jail(paths: &VmPaths, gid: u32) -> Result<(), VmmError> {
+    use std::os::unix::fs::PermissionsExt;
+    let err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| VmmError::StateDir { path, source }
+    };
+    std::os::unix::fs::chown(&paths.dir, Some(0), Some(gid)).map_err(err(&paths.dir))?;
+    std::fs::set_permissions(&paths.dir, std::fs::Permissions::from_mode(0o770)).map_err(err(&paths.dir))?;
+    for entry in std::fs::read_dir(&paths.dir).map_err(err(&paths.dir))?.flatten() {
+        let p = entry.path();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o666)).map_err(err(&p))?;
+    }
+    Ok(())
 }
 
 #[async_trait]
@@ -189,17 +351,38 @@ impl VmmBackend for QemuBackend {
             qemu: None,
             paths: paths.clone(),
             removed: false,
+            ids: None,
+            cgroup: None,
         };
+        if let Some(layout) = &self.cgroups {
+            let limits = CgroupLimits::for_vm(u64::from(cfg.size.memory_mib()), cfg.size.vcpus());
+            vm.cgroup = Some(
+                VmCgroup::create(layout, &cfg.id, &limits).map_err(|e| VmmError::Jail(e.to_string()))?,
+            );
+        }
         vm.ready = Some(vsock.listen(GUEST_READY_PORT)?);
+        if let Some(pool) = &self.jail {
+            let ids = vm.ids.insert(pool.lease()?);
+            open_to_jail(&paths, ids.gid)?;
+        }
+        // Paths as the VMM processes see them.
+        let (inner, kernel, rootfs) = match vm.ids {
+            Some(_) => (
+                VmPaths::new(jail::JAIL_VM_DIR.into()),
+                PathBuf::from(jail::JAIL_KERNEL),
+                PathBuf::from(jail::JAIL_ROOTFS),
+            ),
+            None => (paths.clone(), cfg.kernel.clone(), cfg.rootfs.clone()),
+        };
 
-        let mut vhost_cmd = Command::new(&self.vhost_vsock);
+        let mut vhost_cmd = self.command(&self.vhost_vsock, cfg, &paths, vm.ids.as_ref(), vm.cgroup.as_ref(), false)?;
         vhost_cmd
             .arg("--guest-cid")
             .arg(GUEST_CID.to_string())
             .arg("--socket")
-            .arg(&paths.vhost_sock)
+            .arg(&inner.vhost_sock)
             .arg("--uds-path")
-            .arg(&paths.vsock)
+            .arg(&inner.vsock)
             // A group of its own: no sibling guest can ever be reached.
             .arg("--groups")
             .arg(&cfg.id);
@@ -208,8 +391,8 @@ impl VmmBackend for QemuBackend {
             .insert(Helper::spawn("vhost-device-vsock", vhost_cmd, &paths.vmm_log)?);
         wait_for_path(&paths.vhost_sock, vhost, Duration::from_secs(5), &paths.vmm_log).await?;
 
-        let mut qemu_cmd = Command::new(&self.qemu);
-        qemu_cmd.args(self.qemu_args(cfg, &paths));
+        let mut qemu_cmd = self.command(&self.qemu, cfg, &paths, vm.ids.as_ref(), vm.cgroup.as_ref(), true)?;
+        qemu_cmd.args(self.qemu_args(cfg, &inner, &kernel, &rootfs));
         vm.qemu = Some(Helper::spawn("qemu", qemu_cmd, &paths.vmm_log)?);
         tracing::debug!(vm = %cfg.id, pid = ?vm.pids(), "VM started");
         Ok(Box::new(vm))
@@ -224,6 +407,10 @@ pub struct QemuVm {
     qemu: Option<Helper>,
     paths: VmPaths,
     removed: bool,
+    /// The jail's uid/gid, returned to the pool when the VM is gone.
+    ids: Option<IdLease>,
+    /// Removed (killing whatever is left in it) once the VMM is stopped.
+    cgroup: Option<VmCgroup>,
 }
 
 impl QemuVm {
@@ -243,6 +430,15 @@ impl QemuVm {
         }
         if let Some(v) = self.vhost.take() {
             v.stop(Duration::ZERO).await;
+        }
+        // The jailed processes die with the ones we spawned, asynchronously:
+        // removing the cgroup waits until they are really gone.
+        if let Some(cg) = self.cgroup.take() {
+            let id = self.id.clone();
+            let removed = tokio::task::spawn_blocking(move || cg.remove()).await;
+            if let Ok(Err(e)) = removed {
+                tracing::warn!(vm = %id, "cgroup: {e}");
+            }
         }
         self.ready = None;
         self.remove_dir();
@@ -366,6 +562,9 @@ mod tests {
                 reason: String::new(),
             },
             sandbox: true,
+            jail: None,
+            cgroups: None,
+            vhost_filter: None,
         };
         let cfg = VmConfig {
             id: "abc".into(),
@@ -376,7 +575,9 @@ mod tests {
             extra_cmdline: vec![],
             rate_limit: Default::default(),
         };
-        let a = backend.qemu_args(&cfg, &VmPaths::new(cfg.vm_dir())).join(" ");
+        let a = backend
+            .qemu_args(&cfg, &VmPaths::new(cfg.vm_dir()), &cfg.kernel, &cfg.rootfs)
+            .join(" ");
         for want in [
             "-accel tcg",
             "-m 1024M -smp 4",
