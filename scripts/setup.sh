@@ -20,8 +20,10 @@ done
 say() { printf '\n== %s\n' "$*"; }
 
 # Runtime: qemu, e2fsprogs. Image builds: linux-source + kernel build deps, debootstrap.
+# eBPF programs (cargo feature `ebpf`): clang, bpftool, libbpf headers.
 packages=(qemu-system-x86 e2fsprogs linux-source-6.1 build-essential flex bison bc
-          libelf-dev libssl-dev debootstrap xz-utils cpio python3 python3-venv ca-certificates curl)
+          libelf-dev libssl-dev debootstrap xz-utils cpio python3 python3-venv ca-certificates curl
+          clang bpftool libbpf-dev)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -14,5 +14,15 @@ cargo clippy --release --locked --workspace --all-targets -- -D warnings
 echo; echo "== tests (integration tests boot real VMs)"
 cargo test --release --locked --workspace
 
+echo; echo "== security proofs (each exits non-zero if its protection did not hold)"
+for ex in seccomp_proof capabilities_proof rate_limit_proof cgroups_demo; do
+    cargo run --release --locked -q -p neurovisor --example "$ex"
+done
+cargo clippy --release --locked -p neurovisor --all-targets --features ebpf -- -D warnings
+cargo test --release --locked -p neurovisor --features ebpf --test ebpf
+cargo run --release --locked -q -p neurovisor --features ebpf --example ebpf_proof
+# Exit 3: this kernel refuses BPF LSM programs (EPERM at load, see the ebpf
+# module docs); the policy then runs as a dry run whose decisions are checked.
+cargo run --release --locked -q -p neurovisor --features ebpf --example lsm_proof || [ $? -eq 3 ]
 echo; echo "== benchmark: neurovisor bench boot"
 ./target/release/neurovisor bench boot --runs 5 --size small

@@ -326,9 +326,12 @@ impl Pool {
                     let boot_started = Instant::now();
                     let boot = {
                         let inner = inner.clone();
-                        AbortOnDrop(inner.vm_rt.clone().spawn(async move {
-                            inner.sandbox.boot(inner.cfg.size).await
-                        }))
+                        AbortOnDrop(
+                            inner
+                                .vm_rt
+                                .clone()
+                                .spawn(async move { inner.sandbox.boot(inner.cfg.size).await }),
+                        )
                     };
                     let booted = match boot.join().await {
                         Ok(r) => r,

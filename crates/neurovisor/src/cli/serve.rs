@@ -126,6 +126,7 @@ impl ServeArgs {
                 .unwrap_or_else(|| DEFAULT_OLLAMA_HOST.into()),
             default_model: self.model.clone().or(f.model).unwrap_or_else(|| "qwen3".into()),
             confine: !self.no_confine && nix::unistd::geteuid().is_root(),
+            rate_limit: Default::default(),
         })
     }
 }
@@ -145,7 +146,7 @@ fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
 }
 
 pub async fn serve(a: ServeArgs) -> u8 {
-    let cfg = match a.resolve() {
+    let mut cfg = match a.resolve() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("neurovisor: {e}");
@@ -153,7 +154,10 @@ pub async fn serve(a: ServeArgs) -> u8 {
         }
     };
     let (backend, images) = match a.vm.sandbox() {
-        Ok(s) => s.into_parts(),
+        Ok(s) => {
+            cfg.rate_limit = s.rate_limit;
+            s.into_parts()
+        }
         Err(e) => {
             eprintln!("neurovisor: {e}");
             return EXIT_SANDBOX_ERROR;

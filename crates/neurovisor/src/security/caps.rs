@@ -29,7 +29,10 @@ pub const VM_ROLE_CAPS: &[(Capability, &str)] = &[
         "new mount/PID/network/IPC/UTS namespaces, mounts and pivot_root for a VMM's jail",
     ),
     (Capability::CAP_SETUID, "switch a jailed VMM to its VM's uid"),
-    (Capability::CAP_SETGID, "switch a jailed VMM to its VM's gid and groups"),
+    (
+        Capability::CAP_SETGID,
+        "switch a jailed VMM to its VM's gid and groups",
+    ),
     (
         Capability::CAP_SETPCAP,
         "empty a jailed VMM's bounding set before it execs",

@@ -301,10 +301,8 @@ impl Prepared {
                 wait_and_exit(pid);
             }
             // PID 1 of the new namespace.
-            if let Err(e) = self.build_and_drop() {
-                // Let std report it to the parent as an exec failure.
-                return Err(e);
-            }
+            // An error is reported to the daemon by std, as an exec failure.
+            self.build_and_drop()?;
         }
         Ok(())
     }

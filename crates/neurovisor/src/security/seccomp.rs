@@ -112,7 +112,10 @@ fn specs() -> Result<BTreeMap<String, Spec>, SeccompError> {
 /// The syscalls filter `name` allows (conditioned ones included), for review and tests.
 pub fn allowed(name: &str) -> Result<BTreeSet<String>, SeccompError> {
     let (mut plain, cond) = resolve(&specs()?, name, 0)?;
-    plain.extend(cond.iter().filter_map(|r| r["syscall"].as_str().map(str::to_string)));
+    plain.extend(
+        cond.iter()
+            .filter_map(|r| r["syscall"].as_str().map(str::to_string)),
+    );
     Ok(plain)
 }
 
@@ -245,7 +248,10 @@ pub async fn arm(
     loop {
         let open = unfiltered_threads();
         if FAILED.load(Ordering::SeqCst) {
-            return Err(SeccompError::Unfiltered(open.len(), "a thread failed to install its filter".into()));
+            return Err(SeccompError::Unfiltered(
+                open.len(),
+                "a thread failed to install its filter".into(),
+            ));
         }
         if open.is_empty() {
             return Ok(());
@@ -267,7 +273,11 @@ pub async fn arm(
 /// Threads of this process without a seccomp filter, as "tid (name)".
 pub fn unfiltered_threads() -> Vec<String> {
     let mut open = Vec::new();
-    for t in std::fs::read_dir("/proc/self/task").into_iter().flatten().flatten() {
+    for t in std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
         let field = |k: &str| {
             status
@@ -276,7 +286,11 @@ pub fn unfiltered_threads() -> Vec<String> {
                 .unwrap_or_default()
         };
         if field("Seccomp:") != "2" {
-            open.push(format!("{} ({})", t.file_name().to_string_lossy(), field("Name:")));
+            open.push(format!(
+                "{} ({})",
+                t.file_name().to_string_lossy(),
+                field("Name:")
+            ));
         }
     }
     open
@@ -285,7 +299,10 @@ pub fn unfiltered_threads() -> Vec<String> {
 /// Applies filter `name` to the calling thread (for proofs and tests).
 pub fn apply_to_current_thread(name: &str) -> Result<(), SeccompError> {
     let prog = compile(name)?;
-    seccompiler::apply_filter(&prog).map_err(|source| SeccompError::Install { role: "custom", source })
+    seccompiler::apply_filter(&prog).map_err(|source| SeccompError::Install {
+        role: "custom",
+        source,
+    })
 }
 
 #[cfg(test)]
@@ -299,14 +316,41 @@ mod tests {
         }
         let api = allowed("api").expect("api");
         let vm = allowed("vm").expect("vm");
-        for forbidden in ["execve", "mount", "unshare", "ptrace", "bpf", "init_module", "kexec_load", "reboot", "setuid"] {
+        for forbidden in [
+            "execve",
+            "mount",
+            "unshare",
+            "ptrace",
+            "bpf",
+            "init_module",
+            "kexec_load",
+            "reboot",
+            "setuid",
+        ] {
             assert!(!api.contains(forbidden), "api allows {forbidden}");
         }
-        for needed in ["execve", "mount", "unshare", "pivot_root", "setresuid", "memfd_create", "seccomp"] {
+        for needed in [
+            "execve",
+            "mount",
+            "unshare",
+            "pivot_root",
+            "setresuid",
+            "memfd_create",
+            "seccomp",
+        ] {
             assert!(vm.contains(needed), "vm lacks {needed}");
         }
         assert!(api.is_subset(&vm), "vm must hold everything api does");
-        for never in ["ptrace", "bpf", "init_module", "finit_module", "kexec_load", "reboot", "swapon", "open_by_handle_at"] {
+        for never in [
+            "ptrace",
+            "bpf",
+            "init_module",
+            "finit_module",
+            "kexec_load",
+            "reboot",
+            "swapon",
+            "open_by_handle_at",
+        ] {
             assert!(!vm.contains(never), "vm allows {never}");
         }
         assert!(!allowed("vhost-device-vsock").expect("vhost").contains("mount"));
@@ -314,8 +358,8 @@ mod tests {
 
     #[test]
     fn unknown_syscall_names_are_an_error() {
-        let specs: BTreeMap<String, Spec> = serde_json::from_str(r#"{"x": {"syscalls": ["no_such_call"]}}"#)
-            .expect("json");
+        let specs: BTreeMap<String, Spec> =
+            serde_json::from_str(r#"{"x": {"syscalls": ["no_such_call"]}}"#).expect("json");
         let (plain, _) = resolve(&specs, "x", 0).expect("resolve");
         let json = serde_json::json!({"x": {"mismatch_action": "kill_process", "match_action": "allow",
             "filter": plain.iter().map(|s| serde_json::json!({"syscall": s})).collect::<Vec<_>>() }});

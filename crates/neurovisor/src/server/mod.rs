@@ -50,6 +50,8 @@ pub struct DaemonConfig {
     /// Confine the daemon's threads after start-up (seccomp per thread role,
     /// capabilities, NoNewPrivs); see [`crate::security::seccomp`].
     pub confine: bool,
+    /// Token buckets on what each VM's guest sends to the host.
+    pub rate_limit: crate::security::rate_limit::RateLimitConfig,
 }
 
 /// The runtime VMs are booted and destroyed on; its threads are confined to
@@ -270,7 +272,8 @@ pub async fn run(
     }
 
     let metrics = Arc::new(Metrics::new());
-    let sandbox = Sandbox::new(backend, images, dir.clone());
+    let mut sandbox = Sandbox::new(backend, images, dir.clone());
+    sandbox.rate_limit = cfg.rate_limit;
     let pool = Pool::start_on(sandbox, cfg.pool.clone(), metrics.clone(), vm_rt.handle())
         .map_err(DaemonError::Pool)?;
 

@@ -128,7 +128,9 @@ impl QemuBackend {
             jail: jail.then(|| IdPool::new(opts.jail_ids)),
             cgroups: if root { detect_cgroups() } else { None },
             vhost_filter: if jail {
-                Some(to_libc(seccomp::compile("vhost-device-vsock").map_err(|e| VmmError::Jail(e.to_string()))?))
+                Some(to_libc(
+                    seccomp::compile("vhost-device-vsock").map_err(|e| VmmError::Jail(e.to_string()))?,
+                ))
             } else {
                 None
             },
@@ -356,9 +358,8 @@ impl VmmBackend for QemuBackend {
         };
         if let Some(layout) = &self.cgroups {
             let limits = CgroupLimits::for_vm(u64::from(cfg.size.memory_mib()), cfg.size.vcpus());
-            vm.cgroup = Some(
-                VmCgroup::create(layout, &cfg.id, &limits).map_err(|e| VmmError::Jail(e.to_string()))?,
-            );
+            vm.cgroup =
+                Some(VmCgroup::create(layout, &cfg.id, &limits).map_err(|e| VmmError::Jail(e.to_string()))?);
         }
         vm.ready = Some(vsock.listen(GUEST_READY_PORT)?);
         if let Some(pool) = &self.jail {
@@ -375,7 +376,14 @@ impl VmmBackend for QemuBackend {
             None => (paths.clone(), cfg.kernel.clone(), cfg.rootfs.clone()),
         };
 
-        let mut vhost_cmd = self.command(&self.vhost_vsock, cfg, &paths, vm.ids.as_ref(), vm.cgroup.as_ref(), false)?;
+        let mut vhost_cmd = self.command(
+            &self.vhost_vsock,
+            cfg,
+            &paths,
+            vm.ids.as_ref(),
+            vm.cgroup.as_ref(),
+            false,
+        )?;
         vhost_cmd
             .arg("--guest-cid")
             .arg(GUEST_CID.to_string())
@@ -391,7 +399,8 @@ impl VmmBackend for QemuBackend {
             .insert(Helper::spawn("vhost-device-vsock", vhost_cmd, &paths.vmm_log)?);
         wait_for_path(&paths.vhost_sock, vhost, Duration::from_secs(5), &paths.vmm_log).await?;
 
-        let mut qemu_cmd = self.command(&self.qemu, cfg, &paths, vm.ids.as_ref(), vm.cgroup.as_ref(), true)?;
+        let mut qemu_cmd =
+            self.command(&self.qemu, cfg, &paths, vm.ids.as_ref(), vm.cgroup.as_ref(), true)?;
         qemu_cmd.args(self.qemu_args(cfg, &inner, &kernel, &rootfs));
         vm.qemu = Some(Helper::spawn("qemu", qemu_cmd, &paths.vmm_log)?);
         tracing::debug!(vm = %cfg.id, pid = ?vm.pids(), "VM started");

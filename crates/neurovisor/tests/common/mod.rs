@@ -2,6 +2,8 @@
 //! directory, and the check that nothing of a test's VMs is left on the host.
 #![allow(dead_code)]
 
+pub mod daemon;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 

@@ -1,0 +1,179 @@
+//! A `neurovisor serve` child process for tests: started on free ports with
+//! its own state directory, stopped with SIGTERM and checked for leftovers.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use neurovisor_proto::v1::sandbox_client::SandboxClient;
+use neurovisor_proto::v1::ExecuteRequest;
+use tonic::transport::Channel;
+
+use super::{assert_no_leftovers, processes_mentioning};
+
+pub struct Daemon {
+    pub child: Option<Child>,
+    pub state: Arc<tempfile::TempDir>,
+    pub grpc: String,
+    pub metrics: String,
+    pub log: Arc<Mutex<String>>,
+}
+
+pub fn start_daemon_in(state: Arc<tempfile::TempDir>, extra: &[&str]) -> Daemon {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_neurovisor"));
+    cmd.args([
+        "serve",
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--size",
+        "small",
+    ])
+    .arg("--state-dir")
+    .arg(state.path())
+    .args(extra)
+    .env("NEUROVISOR_LOG", "neurovisor=info")
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn daemon");
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr"));
+    let log = Arc::new(Mutex::new(String::new()));
+    let mut first = String::new();
+    let (grpc, metrics) = loop {
+        first.clear();
+        if lines.read_line(&mut first).expect("read") == 0 {
+            let _ = child.wait();
+            panic!("daemon exited before serving: {}", log.lock().expect("log"));
+        }
+        log.lock().expect("log").push_str(&first);
+        if let Some(rest) = first.trim().strip_prefix("neurovisor: serving gRPC on ") {
+            let (g, m) = rest.split_once(", metrics on http://").expect("format");
+            break (g.to_string(), m.split('/').next().expect("addr").to_string());
+        }
+    };
+    let l = log.clone();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        while lines.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
+            l.lock().expect("log").push_str(&line);
+            line.clear();
+        }
+    });
+    Daemon {
+        child: Some(child),
+        state,
+        grpc,
+        metrics,
+        log,
+    }
+}
+
+pub fn start_daemon(extra: &[&str]) -> Daemon {
+    let state = Arc::new(tempfile::Builder::new().prefix("nvd-").tempdir().expect("state"));
+    start_daemon_in(state, extra)
+}
+
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).expect("connect metrics");
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").expect("write");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("read");
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (code, body)
+}
+
+impl Daemon {
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::from_str(&http_get(&self.metrics, "/healthz").1).expect("healthz json")
+    }
+
+    pub fn wait_for(&self, what: &str, timeout: Duration, f: impl Fn(&serde_json::Value) -> bool) {
+        let until = Instant::now() + timeout;
+        loop {
+            let st = self.status();
+            if f(&st) {
+                return;
+            }
+            assert!(
+                Instant::now() < until,
+                "timed out waiting for {what}: {st}\ndaemon log:\n{}",
+                self.log.lock().map(|l| l.clone()).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn wait_warm(&self, n: u64) {
+        self.wait_for(&format!("{n} warm VMs"), Duration::from_secs(120), |st| {
+            st["warm"] == n
+        });
+    }
+
+    pub async fn client(&self) -> SandboxClient<Channel> {
+        SandboxClient::connect(format!("http://{}", self.grpc))
+            .await
+            .expect("connect")
+    }
+
+    pub fn vm_processes(&self) -> Vec<String> {
+        processes_mentioning(&self.state.path().display().to_string())
+            .into_iter()
+            .filter(|p| p.contains("qemu-system"))
+            .collect()
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).expect("signal");
+    }
+
+    /// SIGTERM, wait for exit; returns the exit code.
+    pub fn stop(mut self) -> Option<i32> {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        let code = self
+            .child
+            .take()
+            .and_then(|mut c| c.wait().ok())
+            .and_then(|s| s.code());
+        assert_no_leftovers(self.state.path());
+        let dir = self.state.path().join("daemon");
+        assert!(
+            !dir.exists(),
+            "daemon state dir not removed (exit {code:?}): {:?}\n{}",
+            std::fs::read_dir(&dir).map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>()),
+            self.log.lock().map(|l| l.clone()).unwrap_or_default()
+        );
+        code
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn req(language: &str, code: &str) -> ExecuteRequest {
+    ExecuteRequest {
+        language: language.into(),
+        code: code.into(),
+        ..Default::default()
+    }
+}
