@@ -61,6 +61,13 @@ impl VsockCounters {
     }
 }
 
+/// Syscalls counted by the eBPF guard for VMs that have ended (process-wide,
+/// like [`vsock_counters`]: the VMM backends have no handle on `Metrics`).
+pub fn vmm_syscalls() -> &'static Counter {
+    static COUNTER: std::sync::LazyLock<Counter> = std::sync::LazyLock::new(Counter::default);
+    &COUNTER
+}
+
 /// The process-wide vsock counters (see [`VsockCounters`]).
 pub fn vsock_counters() -> &'static VsockCounters {
     static COUNTERS: std::sync::LazyLock<VsockCounters> = std::sync::LazyLock::new(VsockCounters::default);
@@ -222,6 +229,11 @@ impl Metrics {
             "vsock_rejected_connections",
             "Guest vsock connections closed because the ops rate limit was exhausted",
             m.vsock_rejected_connections.clone(),
+        );
+        registry.register(
+            "vmm_syscalls",
+            "Syscalls made by the VMM processes of finished VMs (eBPF guard, feature ebpf)",
+            vmm_syscalls().clone(),
         );
         Self { registry, ..m }
     }

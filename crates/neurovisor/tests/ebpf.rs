@@ -17,6 +17,8 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
+mod common;
+
 use neurovisor::security::ebpf::{BpfError, Cgroup2Dir, EbpfGuard, LsmMode};
 use neurovisor::security::lsm;
 
@@ -259,4 +261,38 @@ fn file_policy_decisions_are_right_in_a_dry_run() {
 
     guard.release_cgroup(confined.id()).expect("release");
     check(&guard, Path::new("/etc/shadow"), true, false);
+}
+
+/// A daemon built with the feature loads the guard, confines each VM's cgroup
+/// and reports the syscalls of finished VMs on `/metrics`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_counts_each_vms_syscalls() {
+    if !is_root() {
+        return skip("the_daemon_counts_each_vms_syscalls", "needs root");
+    }
+    let d = common::daemon::start_daemon(&["--warm", "1", "--max", "2"]);
+    d.wait_warm(1);
+    let mut c = d.client().await;
+    let r = c
+        .execute_once(common::daemon::req("python", "print(1)"))
+        .await
+        .expect("execute")
+        .into_inner();
+    assert_eq!(&r.stdout[..], b"1\n");
+    // The VM is destroyed after the response; its count lands then.
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let count = loop {
+        let (_, m) = common::daemon::http_get(&d.metrics, "/metrics");
+        let n: u64 = m
+            .lines()
+            .find_map(|l| l.strip_prefix("neurovisor_vmm_syscalls_total "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        if n > 0 || std::time::Instant::now() > until {
+            break n;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert!(count > 1000, "a VM's QEMU made only {count} counted syscalls");
+    assert_eq!(d.stop(), Some(0));
 }

@@ -16,3 +16,4 @@ pub mod jail;
 pub mod lsm;
 pub mod rate_limit;
 pub mod seccomp;
+pub mod vm_guard;

@@ -171,11 +171,12 @@ pub struct RoleFilters {
 }
 
 impl RoleFilters {
-    /// `vm_caps`: what VM management threads keep (see [`caps::vm_role_caps`]).
-    pub fn new(vm_caps: Vec<::caps::Capability>) -> Result<Self, SeccompError> {
+    /// `vm_caps`: what VM management threads keep (see [`caps::vm_role_caps`]);
+    /// `vm_filter`: `vm`, or `vm-ebpf` when an eBPF guard is loaded.
+    pub fn new(vm_caps: Vec<::caps::Capability>, vm_filter: &str) -> Result<Self, SeccompError> {
         Ok(Self {
             api: compile("api")?,
-            vm: compile("vm")?,
+            vm: compile(vm_filter)?,
             no_clone3: no_clone3()?,
             vm_caps,
         })

@@ -33,7 +33,7 @@ use crate::images::ImageSet;
 use crate::llm::OllamaClient;
 use crate::metrics::Metrics;
 use crate::pool::{Pool, PoolConfig};
-use crate::security::{caps, seccomp};
+use crate::security::{caps, lsm, seccomp, vm_guard};
 use crate::vmm::process::kill_processes_mentioning;
 use crate::vmm::VmmBackend;
 
@@ -52,6 +52,52 @@ pub struct DaemonConfig {
     pub confine: bool,
     /// Token buckets on what each VM's guest sends to the host.
     pub rate_limit: crate::security::rate_limit::RateLimitConfig,
+}
+
+/// Says at start-up whether the BPF LSM is active, and how to enable it.
+fn report_bpf_lsm() {
+    let path = std::path::Path::new(lsm::LSM_LIST_PATH);
+    if !path.exists() && nix::unistd::geteuid().is_root() {
+        // securityfs is often not mounted in containers and minimal hosts.
+        let _ = nix::mount::mount(
+            Some("securityfs"),
+            "/sys/kernel/security",
+            Some("securityfs"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        );
+    }
+    match lsm::bpf_lsm_status() {
+        Ok(true) => tracing::info!("BPF LSM is active"),
+        Ok(false) => tracing::warn!("{}", lsm::enable_hint(&lsm::active_lsms().unwrap_or_default())),
+        Err(e) => tracing::warn!("cannot tell whether the BPF LSM is active: {e}"),
+    }
+}
+
+/// Loads the eBPF guard (optional at run time): the `file_open` policy for
+/// VM cgroups protecting host secrets and the daemon's lock, and per-VM
+/// syscall counts. A host that refuses it gets a warning, not a failure.
+#[cfg(feature = "ebpf")]
+fn load_ebpf_guard(dir: &Path) {
+    use crate::security::ebpf::{EbpfGuard, LsmMode};
+    match EbpfGuard::load(LsmMode::IfActive) {
+        Ok(mut g) => {
+            for p in [
+                PathBuf::from("/etc/shadow"),
+                PathBuf::from("/etc/gshadow"),
+                dir.join("lock"),
+            ] {
+                if p.exists() {
+                    if let Err(e) = g.protect_path(&p) {
+                        tracing::warn!("eBPF: cannot protect {}: {e}", p.display());
+                    }
+                }
+            }
+            tracing::info!(enforcing = g.lsm_enforcing(), "eBPF guard loaded");
+            vm_guard::install(g);
+        }
+        Err(e) => tracing::warn!("eBPF guard not loaded: {e}"),
+    }
 }
 
 /// The runtime VMs are booted and destroyed on; its threads are confined to
@@ -254,11 +300,18 @@ pub async fn run(
         http.local_addr().unwrap_or(cfg.metrics_addr),
     );
 
+    report_bpf_lsm();
+    #[cfg(feature = "ebpf")]
+    load_ebpf_guard(&dir);
     let vm_rt = VmRuntime::new()?;
     if cfg.confine {
         let firecracker = backend.name() == "firecracker";
-        let filters = seccomp::RoleFilters::new(caps::vm_role_caps(firecracker, cfg!(feature = "ebpf")))
-            .map_err(|e| DaemonError::Confine(e.to_string()))?;
+        let ebpf = vm_guard::loaded();
+        let filters = seccomp::RoleFilters::new(
+            caps::vm_role_caps(firecracker, ebpf),
+            if ebpf { "vm-ebpf" } else { "vm" },
+        )
+        .map_err(|e| DaemonError::Confine(e.to_string()))?;
         seccomp::arm(
             filters,
             &[tokio::runtime::Handle::current(), vm_rt.handle()],

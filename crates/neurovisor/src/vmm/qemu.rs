@@ -22,7 +22,7 @@ use super::{base_cmdline, find_binary, log_tail, Vm, VmConfig, VmmBackend, VmmEr
 use crate::channel::{vsock, HybridVsock};
 use crate::security::cgroups::{self, CgroupLayout, CgroupLimits, VmCgroup};
 use crate::security::jail::{self, Bind, JailLimits, JailSpec};
-use crate::security::seccomp;
+use crate::security::{seccomp, vm_guard};
 use neurovisor_proto::GUEST_READY_PORT;
 
 /// The guest's vsock CID; every VM has its own vsock daemon, so it can be the same.
@@ -358,8 +358,9 @@ impl VmmBackend for QemuBackend {
         };
         if let Some(layout) = &self.cgroups {
             let limits = CgroupLimits::for_vm(u64::from(cfg.size.memory_mib()), cfg.size.vcpus());
-            vm.cgroup =
-                Some(VmCgroup::create(layout, &cfg.id, &limits).map_err(|e| VmmError::Jail(e.to_string()))?);
+            let cg = VmCgroup::create(layout, &cfg.id, &limits).map_err(|e| VmmError::Jail(e.to_string()))?;
+            vm_guard::vm_started(&cfg.id, cg.cgroup_v2_id());
+            vm.cgroup = Some(cg);
         }
         vm.ready = Some(vsock.listen(GUEST_READY_PORT)?);
         if let Some(pool) = &self.jail {
@@ -443,6 +444,7 @@ impl QemuVm {
         // The jailed processes die with the ones we spawned, asynchronously:
         // removing the cgroup waits until they are really gone.
         if let Some(cg) = self.cgroup.take() {
+            vm_guard::vm_stopped(&self.id, cg.cgroup_v2_id());
             let id = self.id.clone();
             let removed = tokio::task::spawn_blocking(move || cg.remove()).await;
             if let Ok(Err(e)) = removed {
@@ -545,6 +547,10 @@ impl Drop for QemuVm {
         // Helpers are killed by their own Drop (kill_on_drop) and reaped by tokio.
         self.qemu = None;
         self.vhost = None;
+        if let Some(cg) = self.cgroup.take() {
+            vm_guard::vm_stopped(&self.id, cg.cgroup_v2_id());
+            drop(cg); // kills what is left in it, removes it
+        }
         self.remove_dir();
     }
 }
