@@ -225,6 +225,63 @@ pub fn run_checks_with(opts: &BackendOptions, sel: &ImageSelection) -> Vec<Check
         mode,
         None,
     ));
+    out.extend(security_checks());
+    out
+}
+
+/// The host-side defense layers this host can run.
+fn security_checks() -> Vec<Check> {
+    let mut out = Vec::new();
+    let root = nix::unistd::geteuid().is_root();
+    out.push(if root {
+        check(
+            "jail",
+            Level::Ok,
+            "VMM processes jailed (own uid, namespaces, private root); daemon threads confined (seccomp, capabilities)",
+            None,
+        )
+    } else {
+        check(
+            "jail",
+            Level::Warn,
+            "not root: VMM processes run unjailed and the daemon keeps its privileges",
+            Some("run neurovisor as root"),
+        )
+    });
+    out.push(match crate::security::seccomp::compile("api") {
+        Ok(_) => check(
+            "seccomp",
+            Level::Ok,
+            "allowlists compile for this architecture",
+            None,
+        ),
+        Err(e) => check("seccomp", Level::Fail, e.to_string(), None),
+    });
+    use crate::security::lsm;
+    out.push(match lsm::bpf_lsm_status() {
+        Ok(true) => check(
+            "bpf lsm",
+            Level::Ok,
+            if cfg!(feature = "ebpf") {
+                "active; the daemon loads its file_open policy"
+            } else {
+                "active (build with --features ebpf to use it)"
+            },
+            None,
+        ),
+        Ok(false) => check(
+            "bpf lsm",
+            Level::Info,
+            lsm::enable_hint(&lsm::active_lsms().unwrap_or_default()),
+            None,
+        ),
+        Err(e) => check(
+            "bpf lsm",
+            Level::Info,
+            e.to_string(),
+            Some("mount -t securityfs securityfs /sys/kernel/security"),
+        ),
+    });
     out
 }
 
