@@ -48,6 +48,18 @@ fn rss_kib(pid: i32) -> u64 {
         .unwrap_or(0)
 }
 
+fn dir_bytes(p: &std::path::Path) -> u64 {
+    let mut n = 0;
+    for e in std::fs::read_dir(p).into_iter().flatten().flatten() {
+        match e.metadata() {
+            Ok(m) if m.is_dir() => n += dir_bytes(&e.path()),
+            Ok(m) => n += m.len(),
+            Err(_) => {}
+        }
+    }
+    n
+}
+
 /// Every VM cgroup directory of `vm_id` on this host.
 fn cgroup_dirs(vm_id: &str) -> Vec<String> {
     let mut found = Vec::new();
@@ -114,6 +126,13 @@ async fn hostile_programs_leave_the_host_intact() {
     .await;
     let err = String::from_utf8_lossy(&r.stderr);
     assert!(err.contains("No space left on device"), "disk fill: {err}");
+    // The guest's writable layer is RAM-backed in the guest: the host's disk
+    // holds only the VM's logs and sockets.
+    let used = dir_bytes(d.state.path());
+    assert!(
+        used < 16 << 20,
+        "the state dir grew to {used} bytes during a disk fill"
+    );
     still_serving(&d, "a disk fill").await;
 
     // Many small files: ends (inode or space limit, or the clock), host untouched.
