@@ -520,6 +520,8 @@ async fn boot_one(inner: Arc<Inner>) {
             Ok(vm) => {
                 inner.record_boot(&mut st, Ok(started.elapsed()));
                 if st.shutting_down {
+                    // Still alive: counted until destroyed, so shutdown waits for it.
+                    st.active += 1;
                     Some(vm)
                 } else {
                     st.warm.push_back(vm);
@@ -536,6 +538,7 @@ async fn boot_one(inner: Arc<Inner>) {
     };
     if let Some(vm) = surplus {
         vm.destroy().await;
+        inner.release_slot();
     }
     inner.changed.notify_waiters();
 }

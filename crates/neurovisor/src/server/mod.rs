@@ -54,6 +54,17 @@ pub struct DaemonConfig {
     pub rate_limit: crate::security::rate_limit::RateLimitConfig,
 }
 
+/// Removes VM cgroups nobody holds any more (their daemon was killed, or
+/// their removal was cut short); live VMs' cgroups are locked and kept.
+fn clean_leftover_cgroups() {
+    if let Ok(layout) = crate::security::cgroups::CgroupLayout::detect() {
+        let n = crate::security::cgroups::clean_leftovers(&layout);
+        if n > 0 {
+            tracing::warn!("removed {n} VM cgroup(s) left behind");
+        }
+    }
+}
+
 /// Says at start-up whether the BPF LSM is active, and how to enable it.
 fn report_bpf_lsm() {
     let path = std::path::Path::new(lsm::LSM_LIST_PATH);
@@ -290,6 +301,7 @@ pub async fn run(
     // uid), so they can outlive a SIGKILLed daemon: clean those too.
     crate::vmm::jailer::clean_leftover_jails(&dir);
     let removed = clean_leftovers(&dir.join("vms"));
+    clean_leftover_cgroups();
     if removed > 0 {
         tracing::warn!("removed {removed} VM(s) left by a previous daemon");
     }
@@ -430,7 +442,13 @@ pub async fn run(
     // Anything still alive (cancelled requests) is killed here, by a VM
     // management thread: only those may signal jailed processes.
     let vms = dir.join("vms");
-    let _ = vm_rt.handle().spawn(async move { clean_leftovers(&vms) }).await;
+    let _ = vm_rt
+        .handle()
+        .spawn(async move {
+            clean_leftovers(&vms);
+            clean_leftover_cgroups();
+        })
+        .await;
     // A VM process that was just killed may still be closing its files.
     for attempt in 1..=5 {
         match std::fs::remove_dir_all(&dir) {

@@ -150,6 +150,8 @@ impl Daemon {
             .and_then(|mut c| c.wait().ok())
             .and_then(|s| s.code());
         assert_no_leftovers(self.state.path());
+        let leaked = super::unowned_vm_cgroups();
+        assert!(leaked.is_empty(), "VM cgroups left with no owner: {leaked:?}");
         let dir = self.state.path().join("daemon");
         assert!(
             !dir.exists(),

@@ -120,3 +120,40 @@ pub fn assert_no_leftovers(state: &Path) {
         .unwrap_or_default();
     assert!(left.is_empty(), "VM state left behind: {left:?}");
 }
+
+/// VM cgroups (`<memory or v2 root>/neurovisor/vm-*`) that no live VM holds: a live
+/// `VmCgroup` keeps an flock on its first directory. Checked twice, 300 ms
+/// apart, so a cgroup caught between its mkdir and its lock is not reported.
+pub fn unowned_vm_cgroups() -> Vec<PathBuf> {
+    let scan = || {
+        let mut found = Vec::new();
+        // The locked directory: the v1 memory one, or the v2 one.
+        for base in ["/sys/fs/cgroup/memory/neurovisor", "/sys/fs/cgroup/neurovisor"] {
+            for e in std::fs::read_dir(base).into_iter().flatten().flatten() {
+                let p = e.path();
+                if !p
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("vm-"))
+                {
+                    continue;
+                }
+                let Ok(f) = std::fs::File::open(&p) else { continue };
+                if nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).is_ok() {
+                    found.push(p);
+                }
+            }
+        }
+        found
+    };
+    let first = scan();
+    if first.is_empty() {
+        return first;
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let second = scan();
+    first
+        .into_iter()
+        .filter(|p| second.contains(p) && p.exists())
+        .collect()
+}
