@@ -25,4 +25,4 @@ cargo run --release --locked -q -p neurovisor --features ebpf --example ebpf_pro
 # module docs); the policy then runs as a dry run whose decisions are checked.
 cargo run --release --locked -q -p neurovisor --features ebpf --example lsm_proof || [ $? -eq 3 ]
 echo; echo "== benchmark: neurovisor bench boot"
-./target/release/neurovisor bench boot --runs 5 --size small
+./target/release/neurovisor bench boot --runs 9 --size small

@@ -36,6 +36,11 @@ pub struct OutcomeLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VmLabel {
+    pub vm_id: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabel {
     /// What ran out: bytes | ops
     pub kind: String,
@@ -104,6 +109,10 @@ pub struct Metrics {
     pub model_load_duration_seconds: HistogramFamily<ModelLabel>,
     pub vsock_throttled: Family<KindLabel, Counter>,
     pub vsock_rejected_connections: Counter,
+    /// Per live VM, read from its cgroup at every scrape.
+    pub cgroup_memory_usage_bytes: Family<VmLabel, Gauge>,
+    pub cgroup_cpu_throttled: Family<VmLabel, Counter>,
+    pub cgroup_tasks: Family<VmLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -137,6 +146,9 @@ impl Metrics {
             model_load_duration_seconds: Family::new_with_constructor(latency_histogram),
             vsock_throttled: vsock_counters().throttled.clone(),
             vsock_rejected_connections: vsock_counters().rejected_connections.clone(),
+            cgroup_memory_usage_bytes: Family::default(),
+            cgroup_cpu_throttled: Family::default(),
+            cgroup_tasks: Family::default(),
             registry: Registry::default(),
         };
         registry.register("pool_warm_vms", "Pre-warmed VMs ready", m.pool_warm_vms.clone());
@@ -235,15 +247,50 @@ impl Metrics {
             "Syscalls made by the VMM processes of finished VMs (eBPF guard, feature ebpf)",
             vmm_syscalls().clone(),
         );
+        registry.register(
+            "cgroup_memory_usage_bytes",
+            "Memory charged to a live VM's cgroup (guest RAM in use + VMM)",
+            m.cgroup_memory_usage_bytes.clone(),
+        );
+        registry.register(
+            "cgroup_cpu_throttled",
+            "CFS periods in which a live VM's cgroup hit its CPU quota",
+            m.cgroup_cpu_throttled.clone(),
+        );
+        registry.register(
+            "cgroup_tasks",
+            "Processes and threads in a live VM's cgroup",
+            m.cgroup_tasks.clone(),
+        );
         Self { registry, ..m }
     }
 
     /// The Prometheus text exposition format.
     pub fn encode(&self) -> String {
+        self.refresh_cgroups();
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+
+    /// Per-VM series for the VMs alive now; ended VMs' series disappear.
+    fn refresh_cgroups(&self) {
+        self.cgroup_memory_usage_bytes.clear();
+        self.cgroup_cpu_throttled.clear();
+        self.cgroup_tasks.clear();
+        for (vm_id, st) in crate::security::cgroups::live_stats() {
+            let l = VmLabel { vm_id };
+            if let Some(v) = st.memory_usage_bytes() {
+                self.cgroup_memory_usage_bytes.get_or_create(&l).set(v as i64);
+            }
+            if let Some(v) = st.cpu_throttled() {
+                self.cgroup_cpu_throttled.get_or_create(&l).inc_by(v);
+            }
+            if let Some(v) = st.pids_current() {
+                self.cgroup_tasks.get_or_create(&l).set(v as i64);
+            }
+        }
     }
 
     pub fn observe_grpc(&self, method: &str, started: std::time::Instant) {

@@ -127,6 +127,16 @@ async fn pool_invariants_under_50_concurrent_requests() {
     ] {
         assert!(metrics.contains(name), "missing {name} in /metrics:\n{metrics}");
     }
+    if nix::unistd::geteuid().is_root() {
+        // One series per live VM (the 2 warm ones); ended VMs' series are gone.
+        for family in [
+            "neurovisor_cgroup_memory_usage_bytes{",
+            "neurovisor_cgroup_tasks{",
+        ] {
+            let n = metrics.lines().filter(|l| l.starts_with(family)).count();
+            assert_eq!(n, 2, "{family} series:\n{metrics}");
+        }
+    }
     assert_eq!(d.stop(), Some(0));
 }
 

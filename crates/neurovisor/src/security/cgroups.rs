@@ -392,7 +392,7 @@ fn try_lock_dir(dir: &Path) -> Option<File> {
 }
 
 /// Where the VM cgroup's pieces are.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum Dirs {
     V2 {
         dir: PathBuf,
@@ -472,6 +472,9 @@ impl VmCgroup {
                 source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
             })?;
         tracing::debug!(cgroup = %cg.name, dirs = ?cg.created, ?limits, "VM cgroup created");
+        if let Ok(mut live) = LIVE.lock() {
+            live.insert(vm_id.to_string(), cg.stats());
+        }
         Ok(cg)
     }
 
@@ -637,6 +640,82 @@ impl VmCgroup {
         all
     }
 
+    /// A reader of this cgroup's usage figures.
+    pub fn stats(&self) -> CgroupStats {
+        CgroupStats {
+            dirs: self.dirs.clone(),
+        }
+    }
+
+    /// Memory charged to the cgroup now.
+    pub fn memory_usage_bytes(&self) -> Option<u64> {
+        self.stats().memory_usage_bytes()
+    }
+
+    /// The highest memory charge seen.
+    pub fn memory_peak_bytes(&self) -> Option<u64> {
+        self.stats().memory_peak_bytes()
+    }
+
+    /// Processes the OOM killer killed in this cgroup.
+    pub fn oom_kills(&self) -> Option<u64> {
+        self.stats().oom_kills()
+    }
+
+    /// CFS periods in which the cgroup was throttled by its CPU quota.
+    pub fn cpu_throttled(&self) -> Option<u64> {
+        self.stats().cpu_throttled()
+    }
+
+    /// CPU time used, in microseconds.
+    pub fn cpu_usage_usec(&self) -> Option<u64> {
+        self.stats().cpu_usage_usec()
+    }
+
+    /// Tasks in the cgroup now.
+    pub fn pids_current(&self) -> Option<u64> {
+        self.stats().pids_current()
+    }
+
+    /// Kills everything left in the cgroup, waits until it is empty and removes
+    /// its directories in every hierarchy. Blocks (polling with short sleeps,
+    /// up to a few seconds): async callers should use `spawn_blocking`.
+    pub fn remove(mut self) -> Result<(), CgroupError> {
+        self.remove_inner(REMOVE_TIMEOUT)
+    }
+
+    fn remove_inner(&mut self, timeout: Duration) -> Result<(), CgroupError> {
+        if self.removed {
+            return Ok(());
+        }
+        self.removed = true;
+        if let Ok(mut live) = LIVE.lock() {
+            live.remove(self.name.trim_start_matches(VM_PREFIX));
+        }
+        let dirs = std::mem::take(&mut self.created);
+        let result = empty_and_remove(&dirs, timeout);
+        self._lock = None;
+        result
+    }
+}
+
+/// Reads one VM cgroup's usage figures (cheap to clone; used by `/metrics`).
+#[derive(Debug, Clone)]
+pub struct CgroupStats {
+    dirs: Dirs,
+}
+
+/// Registered by [`VmCgroup::create`], removed when the cgroup is removed.
+static LIVE: std::sync::Mutex<BTreeMap<String, CgroupStats>> = std::sync::Mutex::new(BTreeMap::new());
+
+/// The cgroups of this process's live VMs, by VM id.
+pub fn live_stats() -> Vec<(String, CgroupStats)> {
+    LIVE.lock()
+        .map(|l| l.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+        .unwrap_or_default()
+}
+
+impl CgroupStats {
     fn memory_dir(&self) -> &Path {
         match &self.dirs {
             Dirs::V2 { dir } => dir,
@@ -713,24 +792,6 @@ impl VmCgroup {
     /// Tasks in the cgroup now (`pids.current`).
     pub fn pids_current(&self) -> Option<u64> {
         read_u64(&self.pids_dir().join("pids.current"))
-    }
-
-    /// Kills everything left in the cgroup, waits until it is empty and removes
-    /// its directories in every hierarchy. Blocks (polling with short sleeps,
-    /// up to a few seconds): async callers should use `spawn_blocking`.
-    pub fn remove(mut self) -> Result<(), CgroupError> {
-        self.remove_inner(REMOVE_TIMEOUT)
-    }
-
-    fn remove_inner(&mut self, timeout: Duration) -> Result<(), CgroupError> {
-        if self.removed {
-            return Ok(());
-        }
-        self.removed = true;
-        let dirs = std::mem::take(&mut self.created);
-        let result = empty_and_remove(&dirs, timeout);
-        self._lock = None;
-        result
     }
 }
 
@@ -1057,22 +1118,22 @@ mod tests {
         match &layout {
             CgroupLayout::V2 { .. } => {
                 assert_eq!(
-                    read(cg.memory_dir().join("memory.max")),
+                    read(cg.stats().memory_dir().join("memory.max")),
                     (96u64 << 20).to_string()
                 );
-                assert_eq!(read(cg.memory_dir().join("memory.oom.group")), "1");
-                assert_eq!(read(cg.cpu_dir().join("cpu.max")), "50000 100000");
+                assert_eq!(read(cg.stats().memory_dir().join("memory.oom.group")), "1");
+                assert_eq!(read(cg.stats().cpu_dir().join("cpu.max")), "50000 100000");
             }
             CgroupLayout::V1 { unified, .. } => {
                 assert_eq!(
-                    read(cg.memory_dir().join("memory.limit_in_bytes")),
+                    read(cg.stats().memory_dir().join("memory.limit_in_bytes")),
                     (96u64 << 20).to_string()
                 );
-                assert_eq!(read(cg.cpu_dir().join("cpu.cfs_quota_us")), "50000");
+                assert_eq!(read(cg.stats().cpu_dir().join("cpu.cfs_quota_us")), "50000");
                 assert_eq!(cg.cgroup_v2_id().is_some(), unified.is_some());
             }
         }
-        assert_eq!(read(cg.pids_dir().join("pids.max")), "20");
+        assert_eq!(read(cg.stats().pids_dir().join("pids.max")), "20");
 
         // A child joins every hierarchy before exec.
         let mut child = spawn_in(&cg, "sleep", &["60"]);
