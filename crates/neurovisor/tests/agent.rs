@@ -11,8 +11,8 @@ mod common;
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, Stdio};
+use std::io::Read;
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,6 +21,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::Response;
 use common::assert_no_leftovers;
+use common::daemon::Daemon;
 use neurovisor::agent::{
     AgentConfig, AgentController, AgentError, AgentEvent, AgentOutcome, AgentReport, CallSource,
     SandboxExecutor, StopReason, ToolErrorKind,
@@ -990,105 +991,8 @@ async fn cli_streams_the_model_text_before_the_turn_ends() {
 
 // ---------------------------------------------------------------- the daemon's Agent/RunTask
 
-struct Daemon {
-    child: Option<Child>,
-    state: tempfile::TempDir,
-    grpc: String,
-    metrics: String,
-}
-
 fn start_daemon(ollama: &str) -> Daemon {
-    let state = tempfile::Builder::new()
-        .prefix("nvagentd-")
-        .tempdir()
-        .expect("state");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_neurovisor"))
-        .args([
-            "serve",
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--size",
-            "small",
-            "--warm",
-            "1",
-            "--max",
-            "2",
-            "--ollama-host",
-            ollama,
-        ])
-        .arg("--state-dir")
-        .arg(state.path())
-        .env_remove("NEUROVISOR_MODEL")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn daemon");
-    let mut lines = BufReader::new(child.stderr.take().expect("stderr"));
-    let mut line = String::new();
-    let (grpc, metrics) = loop {
-        line.clear();
-        if lines.read_line(&mut line).expect("read") == 0 {
-            let _ = child.wait();
-            panic!("daemon exited before serving");
-        }
-        if let Some(rest) = line.trim().strip_prefix("neurovisor: serving gRPC on ") {
-            let (g, m) = rest.split_once(", metrics on http://").expect("format");
-            break (g.to_string(), m.split('/').next().expect("addr").to_string());
-        }
-    };
-    // Keep draining its log so it never blocks on a full pipe.
-    std::thread::spawn(move || {
-        let mut sink = String::new();
-        while lines.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
-            sink.clear();
-        }
-    });
-    Daemon {
-        child: Some(child),
-        state,
-        grpc,
-        metrics,
-    }
-}
-
-fn get_metrics(addr: &str) -> String {
-    use std::io::Write;
-    let mut s = std::net::TcpStream::connect(addr).expect("connect metrics");
-    write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").expect("write");
-    let mut t = String::new();
-    s.read_to_string(&mut t).expect("read");
-    t
-}
-
-impl Daemon {
-    fn stop(mut self) -> Option<i32> {
-        let child = self.child.take()?;
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .expect("SIGTERM");
-        let mut child = child;
-        let code = child.wait().ok().and_then(|s| s.code());
-        assert_no_leftovers(self.state.path());
-        assert!(
-            !self.state.path().join("daemon").exists(),
-            "daemon state left behind"
-        );
-        code
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
+    common::daemon::start_daemon(&["--warm", "1", "--max", "2", "--ollama-host", ollama])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1245,7 +1149,7 @@ async fn grpc_run_task_streams_the_session_through_the_daemon() {
 
     let metrics = tokio::task::spawn_blocking({
         let m = d.metrics.clone();
-        move || get_metrics(&m)
+        move || common::daemon::http_get(&m, "/metrics").1
     })
     .await
     .expect("join");

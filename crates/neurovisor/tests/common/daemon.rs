@@ -35,6 +35,8 @@ pub fn start_daemon_in(state: Arc<tempfile::TempDir>, extra: &[&str]) -> Daemon 
     .arg(state.path())
     .args(extra)
     .env("NEUROVISOR_LOG", "neurovisor=info")
+    // Tests choose their model explicitly; a developer's default must not leak in.
+    .env_remove("NEUROVISOR_MODEL")
     .stdin(Stdio::null())
     .stdout(Stdio::null())
     .stderr(Stdio::piped());
