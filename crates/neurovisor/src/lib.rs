@@ -27,6 +27,7 @@ pub mod metrics;
 pub mod pool;
 pub mod security;
 pub mod server;
+pub mod supervisor;
 pub mod vmm;
 
 pub use config::VmSize;

@@ -191,6 +191,8 @@ impl VmArgs {
         let images = ImageSet::resolve(&self.image_selection()).map_err(|e| e.to_string())?;
         let (backend, _why) = select_backend(&self.backend_options()).map_err(|e| e.to_string())?;
         let state = self.state_dir.clone().unwrap_or_else(config::default_state_dir);
+        // VMs of a `run` that was killed (SIGKILL) left their directories.
+        neurovisor::supervisor::clean_before_start(&state.join("vms"));
         let mut sandbox = Sandbox::new(backend, images, state);
         sandbox.rate_limit = RateLimitConfig::default().with_rates(self.vsock_bandwidth, self.vsock_ops);
         Ok(sandbox)

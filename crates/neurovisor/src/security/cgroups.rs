@@ -618,6 +618,17 @@ impl VmCgroup {
         self.v2_id
     }
 
+    /// The VM's own directories (not shared parents) in the order they can
+    /// be removed, as C strings for a keeper ([`crate::supervisor::keeper`]).
+    pub fn removal_order(&self) -> Vec<CString> {
+        self.created
+            .iter()
+            .rev()
+            .filter(|d| d.file_name().is_some_and(|n| n == self.name.as_str()))
+            .filter_map(|d| CString::new(d.as_os_str().as_encoded_bytes()).ok())
+            .collect()
+    }
+
     /// The `cgroup.procs` files a child writes "0" to (see [`pre_exec_join`]),
     /// one per hierarchy, prepared so that nothing allocates after fork.
     pub fn procs_files(&self) -> Vec<CString> {

@@ -13,12 +13,11 @@
 //! - with rlimits on open files, file size, processes and core dumps;
 //! - in the VM's cgroup (joined before anything else happens).
 //!
-//! How: the daemon forks the child (`Command::pre_exec`). That child joins the
-//! cgroup, unshares the namespaces and forks again: a PID namespace applies to
-//! children only. The grandchild (PID 1 of the new namespace) builds the root,
-//! drops privileges and execs the VMM; the intermediate child only waits for it
-//! and exits with its status, so killing the process the daemon spawned kills
-//! the VMM too (parent-death signal), and the VMM dying ends the intermediate.
+//! How: the process is started under a keeper
+//! ([`crate::supervisor::keeper`]), which unshares the PID namespace, so its
+//! child is PID 1 of a new one; that child joins the cgroup, unshares the
+//! other namespaces ([`Prepared::enter`]), builds the root, drops privileges
+//! and execs the VMM. The keeper reaps it and carries the owner's death to it.
 //! Everything the child does between fork and exec is a raw syscall on data
 //! prepared beforehand: nothing allocates after `fork` in a threaded process.
 
@@ -92,8 +91,6 @@ pub struct JailSpec {
     pub binds: Vec<Bind>,
     pub limits: JailLimits,
     pub hostname: String,
-    /// `cgroup.procs` files to join (one per hierarchy), written before anything else.
-    pub cgroup_procs: Vec<CString>,
     /// A seccomp filter installed right before exec (it must allow `execve`).
     pub seccomp: Option<Vec<libc::sock_filter>>,
 }
@@ -165,7 +162,6 @@ pub struct Prepared {
     groups: Vec<libc::gid_t>,
     limits: JailLimits,
     hostname: CString,
-    cgroup_procs: Vec<CString>,
     seccomp: Option<Vec<libc::sock_filter>>,
 }
 
@@ -251,7 +247,6 @@ impl JailSpec {
             groups: self.groups,
             limits: self.limits,
             hostname: CString::new(self.hostname.replace('\0', "")).unwrap_or_default(),
-            cgroup_procs: self.cgroup_procs,
             seccomp: self.seccomp,
         }))
     }
@@ -266,45 +261,18 @@ fn check(rc: libc::c_int) -> std::io::Result<()> {
 }
 
 impl Prepared {
-    /// Makes `cmd` run jailed. `cmd`'s program must be a path inside the jail.
-    pub fn apply(self: &Arc<Self>, cmd: &mut tokio::process::Command) {
-        let me = self.clone();
-        // SAFETY: the closure only makes raw syscalls on data prepared above.
+    /// Enters the jail: new mount, network, IPC and UTS namespaces, the
+    /// private root, no privileges. Runs in the VM process between fork and
+    /// exec, as PID 1 of the PID namespace its keeper made
+    /// ([`crate::supervisor::keeper`]).
+    pub fn enter(&self) -> std::io::Result<()> {
+        // SAFETY: raw, async-signal-safe syscalls on prepared buffers.
         unsafe {
-            cmd.pre_exec(move || me.in_child());
-        }
-    }
-
-    /// Runs in the forked child, between fork and exec.
-    fn in_child(&self) -> std::io::Result<()> {
-        // SAFETY (whole fn): raw, async-signal-safe syscalls on prepared buffers.
-        unsafe {
-            for f in &self.cgroup_procs {
-                let fd = libc::open(f.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                check(fd)?;
-                let rc = libc::write(fd, b"0".as_ptr().cast(), 1);
-                libc::close(fd);
-                if rc != 1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
             check(libc::unshare(
-                libc::CLONE_NEWNS
-                    | libc::CLONE_NEWPID
-                    | libc::CLONE_NEWNET
-                    | libc::CLONE_NEWIPC
-                    | libc::CLONE_NEWUTS,
+                libc::CLONE_NEWNS | libc::CLONE_NEWNET | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS,
             ))?;
-            let pid = libc::fork();
-            check(pid)?;
-            if pid > 0 {
-                wait_and_exit(pid);
-            }
-            // PID 1 of the new namespace.
-            // An error is reported to the daemon by std, as an exec failure.
-            self.build_and_drop()?;
+            self.build_and_drop()
         }
-        Ok(())
     }
 
     unsafe fn build_and_drop(&self) -> std::io::Result<()> {
@@ -420,25 +388,4 @@ impl Prepared {
         }
         Ok(())
     }
-}
-
-/// The intermediate child: waits for the jailed PID 1 and exits like it.
-unsafe fn wait_and_exit(pid: libc::pid_t) -> ! {
-    // Close everything, including std's exec-status pipe, so the daemon's
-    // spawn() returns as soon as the grandchild has exec'd.
-    libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-    let mut status = 0;
-    loop {
-        let r = libc::waitpid(pid, &mut status, 0);
-        if r == pid {
-            break;
-        }
-        if r < 0 && *libc::__errno_location() != libc::EINTR {
-            libc::_exit(125);
-        }
-    }
-    if libc::WIFEXITED(status) {
-        libc::_exit(libc::WEXITSTATUS(status));
-    }
-    libc::_exit(128 + libc::WTERMSIG(status));
 }

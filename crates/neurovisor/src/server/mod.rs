@@ -301,6 +301,8 @@ pub async fn run(
     // uid), so they can outlive a SIGKILLed daemon: clean those too.
     crate::vmm::jailer::clean_leftover_jails(&dir);
     let removed = clean_leftovers(&dir.join("vms"));
+    // Also what killed `run`s left (their VMs' owners are gone).
+    crate::supervisor::clean_stale_vms(&cfg.state_dir.join("vms"));
     clean_leftover_cgroups();
     if removed > 0 {
         tracing::warn!("removed {removed} VM(s) left by a previous daemon");

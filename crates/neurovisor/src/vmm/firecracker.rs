@@ -23,6 +23,7 @@ use tokio::net::UnixListener;
 use tokio::process::Command;
 
 use super::fc_api::{self, ApiClient, RateLimiter};
+use crate::supervisor::keeper::KeeperSpec;
 use super::jailer::{self, IdLease, IdPool, IdRange, Jail, JailSpec};
 use super::process::{wait_for_path, Helper};
 use super::{base_cmdline, find_binary, log_tail, Vm, VmConfig, VmmBackend, VmmError};
@@ -277,7 +278,7 @@ impl FirecrackerBackend {
         } else {
             vm.ready = Readiness::AgentProbe;
         }
-        let process = vm.process.insert(Helper::spawn(what, cmd, &vm.vmm_log)?);
+        let process = vm.process.insert(Helper::spawn(what, cmd, &vm.vmm_log, KeeperSpec::default())?);
         wait_for_path(
             &vm.layout.host(API_SOCK),
             process,
@@ -608,7 +609,7 @@ impl Vm for FirecrackerVm {
     }
 
     fn pids(&self) -> Vec<u32> {
-        self.process.iter().filter_map(Helper::pid).collect()
+        self.process.iter().filter_map(Helper::vm_pid).collect()
     }
 
     fn dir(&self) -> &Path {

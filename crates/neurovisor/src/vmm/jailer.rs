@@ -93,10 +93,18 @@ impl std::str::FromStr for IdRange {
     }
 }
 
-/// Hands out uid/gid slots to concurrent VMs of one backend.
+/// Where uid leases are locked, host-wide: every `neurovisor` process on the
+/// host (daemon or CLI) takes its slots from the same lock files, so two
+/// processes never give their VMs the same uid.
+pub const ID_LOCK_DIR: &str = "/run/neurovisor-ids";
+
+/// Hands out uid/gid slots to concurrent VMs, unique across processes: a slot
+/// is taken by an flock on `<lock dir>/<uid>`, held by its [`IdLease`]
+/// (released by the kernel if the holder dies).
 #[derive(Debug, Clone)]
 pub struct IdPool {
     range: IdRange,
+    lock_dir: PathBuf,
     used: Arc<Mutex<BTreeSet<u32>>>,
 }
 
@@ -107,6 +115,7 @@ pub struct IdLease {
     pub gid: u32,
     slot: u32,
     used: Arc<Mutex<BTreeSet<u32>>>,
+    _lock: crate::supervisor::FileLock,
 }
 
 impl Drop for IdLease {
@@ -119,8 +128,14 @@ impl Drop for IdLease {
 
 impl IdPool {
     pub fn new(range: IdRange) -> Self {
+        Self::with_lock_dir(range, ID_LOCK_DIR)
+    }
+
+    /// A pool whose leases are locked under `lock_dir` (tests).
+    pub fn with_lock_dir(range: IdRange, lock_dir: impl Into<PathBuf>) -> Self {
         Self {
             range,
+            lock_dir: lock_dir.into(),
             used: Arc::default(),
         }
     }
@@ -129,22 +144,47 @@ impl IdPool {
         self.range
     }
 
-    /// The lowest free slot.
+    /// The lowest slot free in this process and not locked by another.
     pub fn lease(&self) -> Result<IdLease, VmmError> {
         let mut used = self
             .used
             .lock()
             .map_err(|_| VmmError::Jail("uid pool lock poisoned".into()))?;
-        let slot = (0..self.range.count)
-            .find(|s| !used.contains(s))
-            .ok_or_else(|| VmmError::Jail(format!("all {} jail uids are in use", self.range.count)))?;
-        used.insert(slot);
-        Ok(IdLease {
-            uid: self.range.uid_base + slot,
-            gid: self.range.gid_base + slot,
-            slot,
-            used: self.used.clone(),
-        })
+        let io = |source: std::io::Error| VmmError::StateDir {
+            path: self.lock_dir.clone(),
+            source,
+        };
+        match std::fs::DirBuilder::new().mode(0o700).create(&self.lock_dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(io(e)),
+            _ => {}
+        }
+        // Lock files of other users' making must not steer our uids.
+        let meta = std::fs::symlink_metadata(&self.lock_dir).map_err(io)?;
+        if !meta.is_dir() || std::os::unix::fs::MetadataExt::uid(&meta) != nix::unistd::geteuid().as_raw() {
+            return Err(VmmError::Jail(format!(
+                "{} must be a directory owned by this user (remove it and retry)",
+                self.lock_dir.display()
+            )));
+        }
+        for slot in (0..self.range.count).filter(|s| !used.contains(s)) {
+            let uid = self.range.uid_base + slot;
+            let Some(lock) = crate::supervisor::FileLock::try_acquire(&self.lock_dir.join(uid.to_string())).map_err(io)?
+            else {
+                continue;
+            };
+            used.insert(slot);
+            return Ok(IdLease {
+                uid,
+                gid: self.range.gid_base + slot,
+                slot,
+                used: self.used.clone(),
+                _lock: lock,
+            });
+        }
+        Err(VmmError::Jail(format!(
+            "all {} jail uids are in use (by this and other neurovisor processes)",
+            self.range.count
+        )))
     }
 }
 
@@ -600,13 +640,34 @@ mod tests {
         assert!("0-10".parse::<IdRange>().is_err());
         assert!("10-5".parse::<IdRange>().is_err());
         assert!("x".parse::<IdRange>().is_err());
-        let pool = IdPool::new(r);
+        let locks = tempfile::tempdir().expect("tempdir");
+        let pool = IdPool::with_lock_dir(r, locks.path().join("ids"));
         let a = pool.lease().expect("a");
         let b = pool.lease().expect("b");
         assert_eq!((a.uid, b.uid, b.gid), (2000, 2001, 2001));
         assert!(pool.lease().is_err(), "the range has two slots");
         drop(a);
         assert_eq!(pool.lease().expect("again").uid, 2000);
+    }
+
+    #[test]
+    fn pools_sharing_a_lock_dir_never_lease_the_same_uid() {
+        // Two pools stand for two processes: flocks on separate open files
+        // exclude each other even within one process.
+        let locks = tempfile::tempdir().expect("tempdir");
+        let r: IdRange = "3000-3003".parse().expect("range");
+        let (p1, p2) = (
+            IdPool::with_lock_dir(r, locks.path()),
+            IdPool::with_lock_dir(r, locks.path()),
+        );
+        let a = [p1.lease().expect("a1"), p1.lease().expect("a2")];
+        let b = [p2.lease().expect("b1"), p2.lease().expect("b2")];
+        let mut uids: Vec<u32> = a.iter().chain(&b).map(|l| l.uid).collect();
+        uids.sort_unstable();
+        assert_eq!(uids, vec![3000, 3001, 3002, 3003]);
+        assert!(p2.lease().is_err(), "every uid is leased by one of them");
+        drop(a);
+        assert_eq!(p2.lease().expect("freed by the other").uid, 3000);
     }
 
     fn me() -> (u32, u32) {

@@ -1,9 +1,12 @@
 //! Child processes of a VM (the VMM and its helpers).
 //!
-//! Every child gets `PR_SET_PDEATHSIG(SIGKILL)`, so a daemon that is killed
-//! cannot orphan a VM, and is killed and reaped when its owner is done with it.
-//! Note: the death signal follows the *thread* that spawned the child, so
-//! children must be spawned from runtime worker threads, never from
+//! Every VM process is started under a keeper
+//! ([`crate::supervisor::keeper`]): the keeper carries the death of this
+//! process (SIGKILL included) to the VM process and reaps it, so neither an
+//! orphan nor a zombie is left. A [`Helper`] is our handle on the keeper:
+//! stopping it asks the keeper to kill and reap the VM process, then reaps
+//! the keeper. Note: the death signal follows the *thread* that spawned the
+//! keeper, so helpers must be spawned from runtime worker threads, never from
 //! `spawn_blocking` threads (which exit when idle).
 
 use std::path::Path;
@@ -13,78 +16,119 @@ use std::time::Duration;
 use tokio::process::{Child, Command};
 
 use super::VmmError;
+use crate::supervisor::keeper::{Keeper, KeeperSpec};
 
-/// A child process that is killed when dropped.
+/// How long a keeper gets to kill and reap its VM process before it is killed itself.
+const KEEPER_GRACE: Duration = Duration::from_secs(3);
+
+/// A VM process, through its keeper. Dropping it asks the keeper to kill and
+/// reap the VM process; the runtime reaps the keeper in the background.
 #[derive(Debug)]
 pub struct Helper {
     pub what: &'static str,
     child: Child,
+    exited: bool,
 }
 
 impl Helper {
-    /// Spawns `cmd` with output appended to `log`.
-    pub fn spawn(what: &'static str, mut cmd: Command, log: &Path) -> Result<Self, VmmError> {
+    /// Spawns `cmd` under a keeper (`spec`: cgroup, jail), with output
+    /// appended to `log`. `cmd` must have no `pre_exec` hooks of its own.
+    pub fn spawn(what: &'static str, mut cmd: Command, log: &Path, spec: KeeperSpec) -> Result<Self, VmmError> {
+        let err = |source| VmmError::Spawn {
+            what: what.to_string(),
+            source,
+        };
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
-            .map_err(|source| VmmError::Spawn {
-                what: what.to_string(),
-                source,
-            })?;
-        let err = out.try_clone().map_err(|source| VmmError::Spawn {
-            what: what.to_string(),
-            source,
-        })?;
+            .map_err(err)?;
+        let out_err = out.try_clone().map_err(err)?;
         cmd.stdin(Stdio::null())
             .stdout(Stdio::from(out))
-            .stderr(Stdio::from(err))
-            .kill_on_drop(true);
-        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().map_err(|source| VmmError::Spawn {
-            what: what.to_string(),
-            source,
-        })?;
-        Ok(Self { what, child })
+            .stderr(Stdio::from(out_err))
+            .kill_on_drop(false);
+        Keeper::new(spec).apply(&mut cmd);
+        let child = cmd.spawn().map_err(err)?;
+        Ok(Self {
+            what,
+            child,
+            exited: false,
+        })
     }
 
+    /// The keeper's pid.
     pub fn pid(&self) -> Option<u32> {
         self.child.id()
     }
 
+    /// The VM process's pid (the keeper's child), while it runs.
+    pub fn vm_pid(&self) -> Option<u32> {
+        child_of(self.child.id()?)
+    }
+
     /// Waits for the process to exit and describes how it ended.
     pub async fn exited(&mut self) -> String {
-        match self.child.wait().await {
+        let s = match self.child.wait().await {
             Ok(s) => s.to_string(),
             Err(e) => format!("wait failed: {e}"),
-        }
+        };
+        self.exited = true;
+        s
     }
 
     /// Returns the exit description if the process has already exited.
     pub fn try_exited(&mut self) -> Option<String> {
-        match self.child.try_wait() {
+        let s = match self.child.try_wait() {
             Ok(Some(s)) => Some(s.to_string()),
             Ok(None) => None,
             Err(e) => Some(format!("wait failed: {e}")),
-        }
+        };
+        self.exited |= s.is_some();
+        s
     }
 
-    /// Waits up to `grace` for a voluntary exit, then kills; always reaps.
+    /// Waits up to `grace` for a voluntary exit, then has the keeper kill and
+    /// reap the VM process; always reaps the keeper.
     pub async fn stop(mut self, grace: Duration) {
         if !grace.is_zero() && tokio::time::timeout(grace, self.child.wait()).await.is_ok() {
+            self.exited = true;
             return;
         }
-        let _ = self.child.start_kill();
-        let _ = self.child.wait().await;
+        self.terminate();
+        if tokio::time::timeout(KEEPER_GRACE, self.child.wait()).await.is_err() {
+            tracing::warn!(what = self.what, "keeper did not stop in {KEEPER_GRACE:?}; killing it");
+            let _ = self.child.start_kill();
+            let _ = self.child.wait().await;
+        }
+        self.exited = true;
     }
+
+    /// Asks the keeper to kill and reap the VM process.
+    fn terminate(&self) {
+        if let Some(pid) = self.child.id().and_then(|p| i32::try_from(p).ok()) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
+        }
+    }
+}
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        if !self.exited {
+            self.terminate();
+        }
+    }
+}
+
+/// The first process whose parent is `pid` (a keeper has exactly one child).
+pub fn child_of(pid: u32) -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let child: u32 = e.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+        // The command name may hold spaces and parentheses: fields follow the last ')'.
+        let ppid: u32 = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()?;
+        (ppid == pid).then_some(child)
+    })
 }
 
 /// Waits until `path` exists (a helper creating its socket), or the helper exits.

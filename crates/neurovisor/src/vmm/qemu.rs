@@ -20,7 +20,9 @@ use super::process::{wait_for_path, Helper};
 use super::qmp::Qmp;
 use super::{base_cmdline, find_binary, log_tail, Vm, VmConfig, VmmBackend, VmmError};
 use crate::channel::{vsock, HybridVsock};
-use crate::security::cgroups::{self, CgroupLayout, CgroupLimits, VmCgroup};
+use crate::security::cgroups::{CgroupLayout, CgroupLimits, VmCgroup};
+use crate::supervisor::keeper::KeeperSpec;
+use crate::supervisor::OwnerLock;
 use crate::security::jail::{self, Bind, JailLimits, JailSpec};
 use crate::security::{seccomp, vm_guard};
 use neurovisor_proto::GUEST_READY_PORT;
@@ -213,8 +215,12 @@ impl QemuBackend {
         ids: Option<&IdLease>,
         cgroup: Option<&VmCgroup>,
         is_vmm: bool,
-    ) -> Result<Command, VmmError> {
-        let procs = cgroup.map(VmCgroup::procs_files).unwrap_or_default();
+    ) -> Result<(Command, KeeperSpec), VmmError> {
+        let mut spec = KeeperSpec {
+            cgroup_procs: cgroup.map(VmCgroup::procs_files).unwrap_or_default(),
+            cgroup_dirs: cgroup.map(VmCgroup::removal_order).unwrap_or_default(),
+            jail: None,
+        };
         let name = bin
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -222,13 +228,7 @@ impl QemuBackend {
         let Some(ids) = ids else {
             let mut cmd = Command::new(bin);
             cmd.arg0(format!("{name}:{}", paths.dir.display()));
-            if !procs.is_empty() {
-                // SAFETY: pre_exec_join only makes raw open/write/close calls.
-                unsafe {
-                    cmd.pre_exec(move || cgroups::pre_exec_join(&procs));
-                }
-            }
-            return Ok(cmd);
+            return Ok((cmd, spec));
         };
         // A binary under /usr keeps its path (QEMU finds its firmware relative
         // to it); others are bound in on their own.
@@ -268,7 +268,7 @@ impl QemuBackend {
                 path: root.clone(),
                 source,
             })?;
-        let spec = JailSpec {
+        let jail_spec = JailSpec {
             root,
             uid: ids.uid,
             gid: ids.gid,
@@ -276,14 +276,12 @@ impl QemuBackend {
             binds,
             limits: JailLimits::for_vmm(cfg.size.memory_mib()),
             hostname: format!("nv-{}", cfg.id.get(..8).unwrap_or(&cfg.id)),
-            cgroup_procs: procs,
             seccomp: if is_vmm { None } else { self.vhost_filter.clone() },
         };
-        let prepared = spec.prepare().map_err(|e| VmmError::Jail(e.to_string()))?;
+        spec.jail = Some(jail_spec.prepare().map_err(|e| VmmError::Jail(e.to_string()))?);
         let mut cmd = Command::new(&inside);
         cmd.arg0(format!("{name}:{}", paths.dir.display()));
-        prepared.apply(&mut cmd);
-        Ok(cmd)
+        Ok((cmd, spec))
     }
 }
 
@@ -320,6 +318,9 @@ fn open_to_jail(paths: &VmPaths, gid: u32) -> Result<(), VmmError> {
     std::os::unix::fs::chown(&paths.dir, Some(0), Some(gid)).map_err(err(&paths.dir))?;
     std::fs::set_permissions(&paths.dir, std::fs::Permissions::from_mode(0o770)).map_err(err(&paths.dir))?;
     for entry in std::fs::read_dir(&paths.dir).map_err(err(&paths.dir))?.flatten() {
+        if entry.file_name() == crate::supervisor::OWNER_FILE {
+            continue;
+        }
         let p = entry.path();
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o666)).map_err(err(&p))?;
     }
@@ -343,6 +344,10 @@ impl VmmBackend for QemuBackend {
                 path: paths.dir.clone(),
                 source,
             })?;
+        let owner = OwnerLock::take(&paths.dir).map_err(|source| VmmError::StateDir {
+            path: paths.dir.clone(),
+            source,
+        })?;
         // From here on, dropping `vm` releases whatever was started.
         let vsock = HybridVsock::new(&paths.vsock, cfg.rate_limit);
         let mut vm = QemuVm {
@@ -355,6 +360,7 @@ impl VmmBackend for QemuBackend {
             removed: false,
             ids: None,
             cgroup: None,
+            _owner: owner,
         };
         if let Some(layout) = &self.cgroups {
             let limits = CgroupLimits::for_vm(u64::from(cfg.size.memory_mib()), cfg.size.vcpus());
@@ -377,7 +383,7 @@ impl VmmBackend for QemuBackend {
             None => (paths.clone(), cfg.kernel.clone(), cfg.rootfs.clone()),
         };
 
-        let mut vhost_cmd = self.command(
+        let (mut vhost_cmd, vhost_spec) = self.command(
             &self.vhost_vsock,
             cfg,
             &paths,
@@ -397,13 +403,13 @@ impl VmmBackend for QemuBackend {
             .arg(&cfg.id);
         let vhost = vm
             .vhost
-            .insert(Helper::spawn("vhost-device-vsock", vhost_cmd, &paths.vmm_log)?);
+            .insert(Helper::spawn("vhost-device-vsock", vhost_cmd, &paths.vmm_log, vhost_spec)?);
         wait_for_path(&paths.vhost_sock, vhost, Duration::from_secs(5), &paths.vmm_log).await?;
 
-        let mut qemu_cmd =
+        let (mut qemu_cmd, qemu_spec) =
             self.command(&self.qemu, cfg, &paths, vm.ids.as_ref(), vm.cgroup.as_ref(), true)?;
         qemu_cmd.args(self.qemu_args(cfg, &inner, &kernel, &rootfs));
-        vm.qemu = Some(Helper::spawn("qemu", qemu_cmd, &paths.vmm_log)?);
+        vm.qemu = Some(Helper::spawn("qemu", qemu_cmd, &paths.vmm_log, qemu_spec)?);
         tracing::debug!(vm = %cfg.id, pid = ?vm.pids(), "VM started");
         Ok(Box::new(vm))
     }
@@ -421,6 +427,8 @@ pub struct QemuVm {
     ids: Option<IdLease>,
     /// Removed (killing whatever is left in it) once the VMM is stopped.
     cgroup: Option<VmCgroup>,
+    /// Held while the VM lives: the directory is not stale (see [`crate::supervisor`]).
+    _owner: OwnerLock,
 }
 
 impl QemuVm {
@@ -522,7 +530,7 @@ impl Vm for QemuVm {
     fn pids(&self) -> Vec<u32> {
         [&self.qemu, &self.vhost]
             .iter()
-            .filter_map(|h| h.as_ref().and_then(Helper::pid))
+            .filter_map(|h| h.as_ref().and_then(Helper::vm_pid))
             .collect()
     }
 
@@ -544,7 +552,8 @@ impl Vm for QemuVm {
 
 impl Drop for QemuVm {
     fn drop(&mut self) {
-        // Helpers are killed by their own Drop (kill_on_drop) and reaped by tokio.
+        // Helpers ask their keepers to kill and reap the VM processes (Drop);
+        // the runtime reaps the keepers.
         self.qemu = None;
         self.vhost = None;
         if let Some(cg) = self.cgroup.take() {

@@ -1,0 +1,201 @@
+//! The keeper: a small process between the host and every VM process.
+//!
+//! Every VMM process (QEMU, `vhost-device-vsock`, Firecracker or its jailer)
+//! is started as the only child of a *keeper*, forked from the spawning
+//! process. The keeper exists because nothing of ours runs after a SIGKILL:
+//! - it has a parent-death signal (SIGTERM) and checks its parent right after
+//!   setting it, so the death of the CLI or daemon — SIGKILL included — always
+//!   reaches it, also through a jail (whose uid switch clears a death signal);
+//! - on that signal, or on SIGTERM from the host, it SIGKILLs its child and
+//!   *reaps* it, so a VM process is never left as a zombie to PID 1;
+//! - when its parent is gone it also removes the VM's cgroup directories once
+//!   they are empty (the owner cannot any more); the VM's state directory is
+//!   left for the next `run` or `serve` (see [`super::clean_stale_vms`]);
+//! - when the child exits on its own, it exits the same way (same code, or
+//!   the same signal), so the host sees the VM process's own status.
+//!
+//! The keeper stays outside the VM's cgroup: the child joins it right after
+//! the fork, so killing everything in the cgroup never kills the keeper
+//! before it has reaped. With a jail, the keeper unshares the PID namespace
+//! (the child becomes its PID 1); the child unshares the other namespaces
+//! itself, because `pivot_root` would move the keeper's root too if they
+//! shared a mount namespace.
+//!
+//! Everything here runs between `fork` and `exec` of a threaded process: raw
+//! async-signal-safe syscalls on data prepared beforehand, no allocation.
+
+use std::ffi::CString;
+use std::sync::Arc;
+
+use crate::security::jail;
+
+/// The name the keeper shows in `ps` (`comm`, at most 15 bytes).
+pub const KEEPER_COMM: &std::ffi::CStr = c"nv-keeper";
+
+/// How long an orphaned keeper retries removing the VM's cgroup while the
+/// other processes of the VM are still being killed by their own keepers.
+const ORPHAN_RMDIR_MS: u32 = 2_000;
+
+/// What a keeper does for one VM process, prepared before the fork.
+#[derive(Default)]
+pub struct KeeperSpec {
+    /// `cgroup.procs` files the child joins (one per hierarchy).
+    pub cgroup_procs: Vec<CString>,
+    /// The VM's cgroup directories, removed (in this order) by an orphaned keeper.
+    pub cgroup_dirs: Vec<CString>,
+    /// Run the child jailed (new namespaces, private root, no privileges).
+    pub jail: Option<Arc<jail::Prepared>>,
+}
+
+/// A [`KeeperSpec`] bound to the process that spawns.
+pub struct Keeper {
+    spec: KeeperSpec,
+    /// The spawning process: a different parent means it died.
+    parent: libc::pid_t,
+}
+
+fn check(rc: libc::c_int) -> std::io::Result<()> {
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+impl Keeper {
+    pub fn new(spec: KeeperSpec) -> Arc<Self> {
+        Arc::new(Self {
+            spec,
+            parent: std::process::id() as libc::pid_t,
+        })
+    }
+
+    /// Makes `cmd` start under a keeper. Must be the first `pre_exec` hook of
+    /// `cmd` (it forks: hooks registered before it would run in the keeper).
+    pub fn apply(self: &Arc<Self>, cmd: &mut tokio::process::Command) {
+        let me = self.clone();
+        // SAFETY: the hook only makes raw syscalls on data prepared above.
+        unsafe {
+            cmd.pre_exec(move || me.in_child());
+        }
+    }
+
+    /// In the forked child of the spawning process, which becomes the keeper;
+    /// returns (to go on to exec) only in the keeper's own child.
+    fn in_child(&self) -> std::io::Result<()> {
+        // SAFETY (whole fn): raw, async-signal-safe syscalls on prepared data.
+        unsafe {
+            // The death signal first, then the check: a parent that died in
+            // between is caught by the check instead.
+            check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM))?;
+            if libc::getppid() != self.parent {
+                libc::_exit(137);
+            }
+            // Signals wait in the mask until the keeper asks for them; the
+            // child gets the old mask back before anything else.
+            let mut all: libc::sigset_t = std::mem::zeroed();
+            let mut old: libc::sigset_t = std::mem::zeroed();
+            libc::sigfillset(&mut all);
+            check(libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old))?;
+            if self.spec.jail.is_some() {
+                // Applies to children only: the child is PID 1 of the namespace.
+                check(libc::unshare(libc::CLONE_NEWPID))?;
+            }
+            let keeper = libc::getpid();
+            let pid = libc::fork();
+            check(pid)?;
+            if pid > 0 {
+                self.keep(pid, &all);
+            }
+            check(libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()))?;
+            check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL))?;
+            if libc::getppid() != keeper && self.spec.jail.is_none() {
+                libc::_exit(137);
+            }
+            crate::security::cgroups::pre_exec_join(&self.spec.cgroup_procs)?;
+            if let Some(j) = &self.spec.jail {
+                j.enter()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The keeper's life: wait for the child or a stop request; never returns.
+    unsafe fn keep(&self, child: libc::pid_t, all: &libc::sigset_t) -> ! {
+        // Close everything, including std's exec-status pipe, so spawn()
+        // returns as soon as the child has exec'd (or reports its failure).
+        libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+        libc::prctl(libc::PR_SET_NAME, KEEPER_COMM.as_ptr());
+        // A keeper is a copy of the daemon's memory: never dump it.
+        let none = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        libc::setrlimit(libc::RLIMIT_CORE, &none);
+        let tick = libc::timespec {
+            tv_sec: 1,
+            tv_nsec: 0,
+        };
+        loop {
+            let sig = libc::sigtimedwait(all, std::ptr::null_mut(), &tick);
+            let mut status = 0;
+            if libc::waitpid(child, &mut status, libc::WNOHANG) == child {
+                self.finish(status);
+            }
+            let orphan = libc::getppid() != self.parent;
+            if orphan || matches!(sig, libc::SIGTERM | libc::SIGINT | libc::SIGHUP) {
+                libc::kill(child, libc::SIGKILL);
+                loop {
+                    let r = libc::waitpid(child, &mut status, 0);
+                    if r == child || (r < 0 && *libc::__errno_location() != libc::EINTR) {
+                        break;
+                    }
+                }
+                self.finish(status);
+            }
+        }
+    }
+
+    /// Cleans up after an owner that is gone, then exits like the child.
+    unsafe fn finish(&self, status: libc::c_int) -> ! {
+        if libc::getppid() != self.parent {
+            self.remove_cgroups();
+        }
+        if libc::WIFSIGNALED(status) {
+            let sig = libc::WTERMSIG(status);
+            libc::signal(sig, libc::SIG_DFL);
+            let mut one: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut one);
+            libc::sigaddset(&mut one, sig);
+            libc::pthread_sigmask(libc::SIG_UNBLOCK, &one, std::ptr::null_mut());
+            libc::kill(libc::getpid(), sig);
+            libc::_exit(128 + sig);
+        }
+        libc::_exit(if libc::WIFEXITED(status) {
+            libc::WEXITSTATUS(status)
+        } else {
+            125
+        });
+    }
+
+    /// Removes the VM's cgroup directories once the other VM processes are
+    /// gone too (EBUSY until then); whichever keeper is last succeeds.
+    unsafe fn remove_cgroups(&self) {
+        let pause = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 10_000_000,
+        };
+        for _ in 0..ORPHAN_RMDIR_MS / 10 {
+            let mut busy = false;
+            for d in &self.spec.cgroup_dirs {
+                if libc::rmdir(d.as_ptr()) < 0 && *libc::__errno_location() == libc::EBUSY {
+                    busy = true;
+                }
+            }
+            if !busy {
+                return;
+            }
+            libc::nanosleep(&pause, std::ptr::null_mut());
+        }
+    }
+}

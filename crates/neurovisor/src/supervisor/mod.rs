@@ -1,0 +1,191 @@
+//! The VM supervisor: what every backend's VMs get from the host, whatever
+//! the VMM.
+//!
+//! - [`keeper`]: every VM process starts under a keeper, which carries the
+//!   owner's death (SIGKILL included) to it, reaps it, and removes the VM's
+//!   cgroup when the owner is gone.
+//! - [`OwnerLock`]: a VM directory is locked (flock) by the process that owns
+//!   the VM for as long as the VM lives. A directory nobody holds is stale:
+//!   [`clean_stale_vms`] (run at the start of every `run` and `serve`) kills
+//!   what is left of it and removes it, without touching live VMs of other
+//!   processes.
+//! - Per-VM cgroups are [`crate::security::cgroups::VmCgroup`]s (locked the
+//!   same way; [`crate::security::cgroups::clean_leftovers`] removes unheld
+//!   ones), jail uids come from host-wide leases
+//!   ([`crate::vmm::jailer::IdPool`]).
+
+pub mod keeper;
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+/// The lock file in every VM directory.
+pub const OWNER_FILE: &str = "owner.lock";
+
+/// An exclusive flock held on a file while this value lives.
+#[derive(Debug)]
+pub struct FileLock {
+    _file: File,
+}
+
+impl FileLock {
+    /// Creates (mode 0600, not following symlinks) and locks `path` without
+    /// waiting; `Ok(None)` when another open file holds the lock.
+    pub fn try_acquire(path: &Path) -> std::io::Result<Option<Self>> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path)?;
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } < 0 {
+            let e = std::io::Error::last_os_error();
+            return if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                Ok(None)
+            } else {
+                Err(e)
+            };
+        }
+        Ok(Some(Self { _file: file }))
+    }
+}
+
+/// The owner's lock on one VM directory.
+#[derive(Debug)]
+pub struct OwnerLock {
+    _lock: FileLock,
+}
+
+impl OwnerLock {
+    /// Locks a VM directory just created by its owner.
+    pub fn take(vm_dir: &Path) -> std::io::Result<Self> {
+        match FileLock::try_acquire(&vm_dir.join(OWNER_FILE))? {
+            Some(l) => Ok(Self { _lock: l }),
+            None => Err(std::io::Error::new(
+                std::io::ErrorKind::WouldBlock,
+                format!("{} is locked by another process", vm_dir.display()),
+            )),
+        }
+    }
+}
+
+/// Whether the VM directory `dir` has an owner alive. A directory without a
+/// lock file is being created right now, unless it is older than a few
+/// seconds (then its creator died before locking it).
+fn owned(dir: &Path) -> bool {
+    let lock = dir.join(OWNER_FILE);
+    if !lock.exists() {
+        let young = std::fs::metadata(dir)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age < std::time::Duration::from_secs(10));
+        return young;
+    }
+    // A lock file seconds old: its creator had time to lock it.
+    let settled = std::fs::metadata(&lock)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age >= std::time::Duration::from_millis(500));
+    match FileLock::try_acquire(&lock) {
+        Ok(Some(_held_while_checking)) => !settled,
+        Ok(None) => true,
+        // Unreadable: leave it alone rather than guess.
+        Err(_) => true,
+    }
+}
+
+/// Removes the VM directories under `vms_dir` whose owner is gone, killing
+/// any process still running from one. Returns the directories removed.
+pub fn clean_stale_vms(vms_dir: &Path) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    for entry in std::fs::read_dir(vms_dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if !path.is_dir() || owned(&path) {
+            continue;
+        }
+        // Keepers kill their VM processes when the owner dies; this catches
+        // anything older, or a keeper that was killed itself.
+        let killed = crate::vmm::process::kill_processes_mentioning(&path.display().to_string());
+        if killed > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        match std::fs::remove_dir_all(&path) {
+            Ok(()) => {
+                tracing::info!(processes = killed, "removed stale VM directory {}", path.display());
+                removed.push(path);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!("cannot remove stale VM directory {}: {e}", path.display()),
+        }
+    }
+    removed
+}
+
+/// What `run` and `serve` clean before they start VMs: stale VM directories
+/// under `vms_dir` and VM cgroups nobody holds.
+pub fn clean_before_start(vms_dir: &Path) {
+    let dirs = clean_stale_vms(vms_dir);
+    let cgroups = match crate::security::cgroups::CgroupLayout::detect() {
+        Ok(layout) if nix::unistd::geteuid().is_root() => crate::security::cgroups::clean_leftovers(&layout),
+        _ => 0,
+    };
+    if !dirs.is_empty() || cgroups > 0 {
+        tracing::warn!(
+            directories = dirs.len(),
+            cgroups,
+            "removed what VMs of a killed process left behind"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_locked_directory_is_kept_and_an_unlocked_one_removed() {
+        let vms = tempfile::tempdir().expect("tempdir");
+        let live = vms.path().join("live");
+        let dead = vms.path().join("dead");
+        std::fs::create_dir(&live).expect("mkdir");
+        std::fs::create_dir(&dead).expect("mkdir");
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
+        let _owner = OwnerLock::take(&live).expect("lock");
+        drop(OwnerLock::take(&dead).expect("lock"));
+        for d in [&live, &dead] {
+            let f = File::open(d.join(OWNER_FILE)).expect("open");
+            f.set_modified(old).expect("age the lock file");
+        }
+        let removed = clean_stale_vms(vms.path());
+        assert_eq!(removed, vec![dead.clone()]);
+        assert!(live.exists() && !dead.exists());
+        // A second lock on a held directory is refused.
+        assert!(OwnerLock::take(&live).is_err());
+    }
+
+    #[test]
+    fn a_young_directory_without_lock_is_being_created() {
+        let vms = tempfile::tempdir().expect("tempdir");
+        let new = vms.path().join("new");
+        std::fs::create_dir(&new).expect("mkdir");
+        assert!(clean_stale_vms(vms.path()).is_empty());
+        assert!(new.exists());
+    }
+
+    #[test]
+    fn the_lock_does_not_follow_symlinks() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let target = dir.path().join("target");
+        std::fs::write(&target, "x").expect("write");
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&target, &link).expect("symlink");
+        assert!(FileLock::try_acquire(&link).is_err());
+    }
+}
