@@ -119,7 +119,7 @@ fn cli(state: &Path, args: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_neurovisor"));
     c.args(args)
         .env("NEUROVISOR_STATE_DIR", state)
-        .env("NEUROVISOR_LOCAL", "1")
+        .env("NEUROVISOR_LOCAL", "true")
         .env_remove("NEUROVISOR_LOG")
         .stdin(Stdio::null())
         .stderr(Stdio::null());
@@ -150,16 +150,21 @@ fn ms(d: Duration) -> String {
 fn sigkill_of_run_at_30_points_leaves_no_vm_process_zombie_or_cgroup() {
     let state = tempfile::Builder::new().prefix("nvkill-").tempdir().expect("state");
     let rounds = 32;
+    // Kill points spread over one measured run (boot, execution, teardown),
+    // so they cover the same phases however loaded the machine is.
+    let t0 = Instant::now();
+    let long = "import time; print('up', flush=True); time.sleep(1)";
+    let o = cli(state.path(), &["run", "--size", "small", "--lang", "python", "-c", long])
+        .output()
+        .expect("reference run");
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "up");
+    let span = t0.elapsed() + Duration::from_millis(300);
+    println!("reference run: {}", ms(t0.elapsed()));
     let mut phases: BTreeMap<&str, usize> = BTreeMap::new();
     let (mut vm_worst, mut keeper_worst) = (Duration::ZERO, Duration::ZERO);
     for i in 0..rounds {
-        // Kill points spread over boot (~0-1.3 s), execution and teardown.
-        let delay = Duration::from_millis(40 + (i as u64 * 2600) / rounds as u64 + (i as u64 * 37) % 50);
-        let code = if i % 3 == 0 {
-            "print('up', flush=True)"
-        } else {
-            "import time; print('up', flush=True); time.sleep(0.5)"
-        };
+        let delay = Duration::from_millis(20 + (i as u64 * 37) % 50) + span * i / rounds;
+        let code = if i % 3 == 0 { "print('up', flush=True)" } else { long };
         let mut child = cli(state.path(), &["run", "--size", "small", "--lang", "python", "-c", code])
             .stdout(Stdio::piped())
             .spawn()
