@@ -150,21 +150,30 @@ fn ms(d: Duration) -> String {
 fn sigkill_of_run_at_30_points_leaves_no_vm_process_zombie_or_cgroup() {
     let state = tempfile::Builder::new().prefix("nvkill-").tempdir().expect("state");
     let rounds = 32;
-    // Kill points spread over one measured run (boot, execution, teardown),
-    // so they cover the same phases however loaded the machine is.
-    let t0 = Instant::now();
-    let long = "import time; print('up', flush=True); time.sleep(1)";
-    let o = cli(state.path(), &["run", "--size", "small", "--lang", "python", "-c", long])
-        .output()
-        .expect("reference run");
-    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "up");
-    let span = t0.elapsed() + Duration::from_millis(300);
-    println!("reference run: {}", ms(t0.elapsed()));
+    // Every third round aims at boot (a random moment after spawn), at the
+    // execution (a random moment after the program's first line) or at
+    // teardown (just after the last line of a program that then exits).
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1);
+    println!("seed {seed}");
+    let mut rng = seed | 1;
+    let mut random_ms = |max: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        Duration::from_millis(rng % max.max(1))
+    };
     let mut phases: BTreeMap<&str, usize> = BTreeMap::new();
     let (mut vm_worst, mut keeper_worst) = (Duration::ZERO, Duration::ZERO);
     for i in 0..rounds {
-        let delay = Duration::from_millis(20 + (i as u64 * 37) % 50) + span * i / rounds;
-        let code = if i % 3 == 0 { "print('up', flush=True)" } else { long };
+        let aim = ["boot", "execution", "teardown"][i % 3];
+        let (code, delay) = match aim {
+            "boot" => ("print('up', flush=True)", random_ms(1500)),
+            "execution" => ("import time; print('up', flush=True); time.sleep(2)", random_ms(1500)),
+            _ => ("print('up', flush=True)", random_ms(80)),
+        };
         let mut child = cli(state.path(), &["run", "--size", "small", "--lang", "python", "-c", code])
             .stdout(Stdio::piped())
             .spawn()
@@ -172,9 +181,10 @@ fn sigkill_of_run_at_30_points_leaves_no_vm_process_zombie_or_cgroup() {
         let owner = child.id();
         let printed = watch_output(&mut child);
         let mut seen: BTreeMap<u32, Proc> = BTreeMap::new();
-        let t0 = Instant::now();
+        let mut t0 = Instant::now();
+        let mut waiting_for_output = aim != "boot";
         let mut exited = false;
-        while t0.elapsed() < delay {
+        while waiting_for_output || t0.elapsed() < delay {
             for p in vm_processes(state.path(), Some(owner)) {
                 seen.entry(p.pid).or_insert(p);
             }
@@ -182,12 +192,20 @@ fn sigkill_of_run_at_30_points_leaves_no_vm_process_zombie_or_cgroup() {
                 exited = true;
                 break;
             }
-            std::thread::sleep(Duration::from_millis(5));
+            if waiting_for_output && printed.load(Ordering::SeqCst) {
+                waiting_for_output = false;
+                t0 = Instant::now();
+            }
+            std::thread::sleep(Duration::from_millis(2));
         }
         let phase = if exited {
             "after exit"
         } else if printed.load(Ordering::SeqCst) {
-            "execution/teardown"
+            if aim == "teardown" {
+                "teardown"
+            } else {
+                "execution"
+            }
         } else if seen.values().any(|p| p.comm.starts_with("qemu")) {
             "boot"
         } else {
@@ -216,8 +234,9 @@ fn sigkill_of_run_at_30_points_leaves_no_vm_process_zombie_or_cgroup() {
         vm_worst = vm_worst.max(vm_time);
         keeper_worst = keeper_worst.max(keeper_time);
         println!(
-            "round {i:2}: killed at {:>5} ({phase}): VM processes {} gone in {}, keepers {} in {}",
+            "round {i:2}: killed {:>7} after {} ({phase}): VM processes {} gone in {}, keepers {} in {}",
             ms(delay),
+            if aim == "boot" { "spawn" } else { "output" },
             vms.len(),
             ms(vm_time),
             keepers.len(),
@@ -227,7 +246,7 @@ fn sigkill_of_run_at_30_points_leaves_no_vm_process_zombie_or_cgroup() {
     println!("phases: {phases:?}; worst: VM processes {}, keepers {}", ms(vm_worst), ms(keeper_worst));
     assert!(phases.get("boot").copied().unwrap_or(0) >= 3, "too few kills during boot: {phases:?}");
     assert!(
-        phases.get("execution/teardown").copied().unwrap_or(0) >= 3,
+        phases.get("execution").copied().unwrap_or(0) >= 3,
         "too few kills during execution: {phases:?}"
     );
     // The next run removes what the killed ones left (their directories).

@@ -17,6 +17,7 @@
 pub mod keeper;
 
 use std::fs::File;
+use std::os::unix::fs::DirBuilderExt;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -70,6 +71,160 @@ impl OwnerLock {
                 std::io::ErrorKind::WouldBlock,
                 format!("{} is locked by another process", vm_dir.display()),
             )),
+        }
+    }
+}
+
+/// Confines VMs the same way for every backend: per-VM cgroups (v1, hybrid
+/// or v2, when running as root), jail uids from host-wide leases, the eBPF
+/// guard's registration, and the owner lock on the VM directory.
+#[derive(Debug, Clone, Default)]
+pub struct Supervisor {
+    cgroups: Option<crate::security::cgroups::CgroupLayout>,
+    ids: Option<crate::vmm::jailer::IdPool>,
+}
+
+impl Supervisor {
+    /// Detects the cgroup layout when running as root; `ids` gives jailed
+    /// VMs their uids (`None`: VMs run unjailed).
+    pub fn new(ids: Option<crate::vmm::jailer::IdPool>) -> Self {
+        let cgroups = if nix::unistd::geteuid().is_root() {
+            match crate::security::cgroups::CgroupLayout::detect() {
+                Ok(layout) => Some(layout),
+                Err(e) => {
+                    tracing::warn!("VMs run without per-VM cgroups: {e}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        Self { cgroups, ids }
+    }
+
+    /// A supervisor with exactly these parts (tests, or callers that detected them).
+    pub fn with_parts(
+        cgroups: Option<crate::security::cgroups::CgroupLayout>,
+        ids: Option<crate::vmm::jailer::IdPool>,
+    ) -> Self {
+        Self { cgroups, ids }
+    }
+
+    pub fn jailed(&self) -> bool {
+        self.ids.is_some()
+    }
+
+    /// Creates the VM's directory (0700, locked by this process), its cgroup
+    /// with the size's limits, and its uid lease when jailed. On error
+    /// nothing is left behind.
+    pub fn confine(&self, cfg: &crate::vmm::VmConfig) -> Result<Confinement, crate::vmm::VmmError> {
+        use crate::vmm::VmmError;
+        let dir = cfg.vm_dir();
+        let state_err = |source| VmmError::StateDir {
+            path: dir.clone(),
+            source,
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir.parent().unwrap_or(Path::new("/")))
+            .and_then(|_| std::fs::DirBuilder::new().mode(0o700).create(&dir))
+            .map_err(state_err)?;
+        // From here on, dropping the confinement removes the directory.
+        let mut c = Confinement {
+            vm_id: cfg.id.clone(),
+            dir: dir.clone(),
+            cgroup: None,
+            ids: None,
+            owner: None,
+        };
+        c.owner = Some(OwnerLock::take(&dir).map_err(state_err)?);
+        if let Some(layout) = &self.cgroups {
+            let limits = crate::security::cgroups::CgroupLimits::for_vm(
+                u64::from(cfg.size.memory_mib()),
+                cfg.size.vcpus(),
+            );
+            let cg = crate::security::cgroups::VmCgroup::create(layout, &cfg.id, &limits)
+                .map_err(|e| VmmError::Jail(e.to_string()))?;
+            crate::security::vm_guard::vm_started(&cfg.id, cg.cgroup_v2_id());
+            c.cgroup = Some(cg);
+        }
+        if let Some(pool) = &self.ids {
+            c.ids = Some(pool.lease()?);
+        }
+        Ok(c)
+    }
+}
+
+/// What one VM holds on the host beyond its processes: its directory (and
+/// the owner lock on it), cgroup and uid lease. Released by
+/// [`Confinement::release`] once the VM's processes are stopped, or by `Drop`.
+#[derive(Debug)]
+pub struct Confinement {
+    vm_id: String,
+    dir: PathBuf,
+    cgroup: Option<crate::security::cgroups::VmCgroup>,
+    ids: Option<crate::vmm::jailer::IdLease>,
+    owner: Option<OwnerLock>,
+}
+
+impl Confinement {
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The jail's uid and gid, when the VM is jailed.
+    pub fn ids(&self) -> Option<&crate::vmm::jailer::IdLease> {
+        self.ids.as_ref()
+    }
+
+    pub fn cgroup(&self) -> Option<&crate::security::cgroups::VmCgroup> {
+        self.cgroup.as_ref()
+    }
+
+    /// What a keeper needs to put a VM process into this VM's cgroup (and,
+    /// with `jail`, into a jail), and to remove the cgroup if we die.
+    pub fn keeper_spec(&self, jail: Option<std::sync::Arc<crate::security::jail::Prepared>>) -> keeper::KeeperSpec {
+        keeper::KeeperSpec {
+            cgroup_procs: self.cgroup.as_ref().map(|c| c.procs_files()).unwrap_or_default(),
+            cgroup_dirs: self.cgroup.as_ref().map(|c| c.removal_order()).unwrap_or_default(),
+            jail,
+        }
+    }
+
+    /// After the VM's processes are stopped: kills whatever is left in the
+    /// cgroup and removes it (off the async threads), then the directory.
+    pub async fn release(&mut self) {
+        if let Some(cg) = self.cgroup.take() {
+            crate::security::vm_guard::vm_stopped(&self.vm_id, cg.cgroup_v2_id());
+            let id = self.vm_id.clone();
+            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || cg.remove()).await {
+                tracing::warn!(vm = %id, "cgroup: {e}");
+            }
+        }
+        self.remove_dir();
+    }
+
+    fn remove_dir(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(vm = %self.vm_id, "cannot remove {}: {e}", self.dir.display());
+            }
+        }
+        // Unlocked only once gone: a cleaner never sees it unowned before.
+        self.owner = None;
+        self.ids = None;
+    }
+}
+
+impl Drop for Confinement {
+    fn drop(&mut self) {
+        if let Some(cg) = self.cgroup.take() {
+            crate::security::vm_guard::vm_stopped(&self.vm_id, cg.cgroup_v2_id());
+            drop(cg); // kills what is left in it, removes it
+        }
+        if self.owner.is_some() {
+            self.remove_dir();
         }
     }
 }

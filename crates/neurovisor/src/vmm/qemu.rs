@@ -15,16 +15,15 @@ use tokio::net::UnixListener;
 use tokio::process::Command;
 
 use super::accel::{choose, host_tsc_khz, Accel, AccelChoice, KvmProbe};
-use super::jailer::{IdLease, IdPool, IdRange};
+use super::jailer::{IdPool, IdRange};
 use super::process::{wait_for_path, Helper};
 use super::qmp::Qmp;
 use super::{base_cmdline, find_binary, log_tail, Vm, VmConfig, VmmBackend, VmmError};
 use crate::channel::{vsock, HybridVsock};
-use crate::security::cgroups::{CgroupLayout, CgroupLimits, VmCgroup};
 use crate::supervisor::keeper::KeeperSpec;
-use crate::supervisor::OwnerLock;
+use crate::supervisor::{Confinement, Supervisor};
 use crate::security::jail::{self, Bind, JailLimits, JailSpec};
-use crate::security::{seccomp, vm_guard};
+use crate::security::seccomp;
 use neurovisor_proto::GUEST_READY_PORT;
 
 /// The guest's vsock CID; every VM has its own vsock daemon, so it can be the same.
@@ -52,9 +51,8 @@ pub struct QemuBackend {
     vhost_vsock: PathBuf,
     accel: AccelChoice,
     sandbox: bool,
-    jail: Option<IdPool>,
-    /// Per-VM cgroups (when running as root and cgroups are mounted).
-    cgroups: Option<CgroupLayout>,
+    /// Cgroups, jail uids, owner locks: the same for every backend.
+    supervisor: Supervisor,
     /// The filter vhost-device-vsock gets before exec (jailed only).
     vhost_filter: Option<Vec<libc::sock_filter>>,
 }
@@ -127,8 +125,7 @@ impl QemuBackend {
             vhost_vsock,
             accel,
             sandbox: !opts.no_sandbox,
-            jail: jail.then(|| IdPool::new(opts.jail_ids)),
-            cgroups: if root { detect_cgroups() } else { None },
+            supervisor: Supervisor::new(jail.then(|| IdPool::new(opts.jail_ids))),
             vhost_filter: if jail {
                 Some(to_libc(
                     seccomp::compile("vhost-device-vsock").map_err(|e| VmmError::Jail(e.to_string()))?,
@@ -212,23 +209,17 @@ impl QemuBackend {
         bin: &Path,
         cfg: &VmConfig,
         paths: &VmPaths,
-        ids: Option<&IdLease>,
-        cgroup: Option<&VmCgroup>,
+        conf: &Confinement,
         is_vmm: bool,
     ) -> Result<(Command, KeeperSpec), VmmError> {
-        let mut spec = KeeperSpec {
-            cgroup_procs: cgroup.map(VmCgroup::procs_files).unwrap_or_default(),
-            cgroup_dirs: cgroup.map(VmCgroup::removal_order).unwrap_or_default(),
-            jail: None,
-        };
         let name = bin
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "vmm".into());
-        let Some(ids) = ids else {
+        let Some(ids) = conf.ids() else {
             let mut cmd = Command::new(bin);
             cmd.arg0(format!("{name}:{}", paths.dir.display()));
-            return Ok((cmd, spec));
+            return Ok((cmd, conf.keeper_spec(None)));
         };
         // A binary under /usr keeps its path (QEMU finds its firmware relative
         // to it); others are bound in on their own.
@@ -278,20 +269,10 @@ impl QemuBackend {
             hostname: format!("nv-{}", cfg.id.get(..8).unwrap_or(&cfg.id)),
             seccomp: if is_vmm { None } else { self.vhost_filter.clone() },
         };
-        spec.jail = Some(jail_spec.prepare().map_err(|e| VmmError::Jail(e.to_string()))?);
+        let prepared = jail_spec.prepare().map_err(|e| VmmError::Jail(e.to_string()))?;
         let mut cmd = Command::new(&inside);
         cmd.arg0(format!("{name}:{}", paths.dir.display()));
-        Ok((cmd, spec))
-    }
-}
-
-fn detect_cgroups() -> Option<CgroupLayout> {
-    match CgroupLayout::detect() {
-        Ok(layout) => Some(layout),
-        Err(e) => {
-            tracing::warn!("VMs run without per-VM cgroups: {e}");
-            None
-        }
+        Ok((cmd, conf.keeper_spec(Some(prepared))))
     }
 }
 
@@ -335,20 +316,8 @@ impl VmmBackend for QemuBackend {
 
     async fn spawn(&self, cfg: &VmConfig) -> Result<Box<dyn Vm>, VmmError> {
         let paths = VmPaths::new(cfg.vm_dir());
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(paths.dir.parent().unwrap_or(Path::new("/")))
-            .and_then(|_| std::fs::DirBuilder::new().mode(0o700).create(&paths.dir))
-            .map_err(|source| VmmError::StateDir {
-                path: paths.dir.clone(),
-                source,
-            })?;
-        let owner = OwnerLock::take(&paths.dir).map_err(|source| VmmError::StateDir {
-            path: paths.dir.clone(),
-            source,
-        })?;
         // From here on, dropping `vm` releases whatever was started.
+        let conf = self.supervisor.confine(cfg)?;
         let vsock = HybridVsock::new(&paths.vsock, cfg.rate_limit);
         let mut vm = QemuVm {
             id: cfg.id.clone(),
@@ -357,24 +326,14 @@ impl VmmBackend for QemuBackend {
             vhost: None,
             qemu: None,
             paths: paths.clone(),
-            removed: false,
-            ids: None,
-            cgroup: None,
-            _owner: owner,
+            conf,
         };
-        if let Some(layout) = &self.cgroups {
-            let limits = CgroupLimits::for_vm(u64::from(cfg.size.memory_mib()), cfg.size.vcpus());
-            let cg = VmCgroup::create(layout, &cfg.id, &limits).map_err(|e| VmmError::Jail(e.to_string()))?;
-            vm_guard::vm_started(&cfg.id, cg.cgroup_v2_id());
-            vm.cgroup = Some(cg);
-        }
         vm.ready = Some(vsock.listen(GUEST_READY_PORT)?);
-        if let Some(pool) = &self.jail {
-            let ids = vm.ids.insert(pool.lease()?);
+        if let Some(ids) = vm.conf.ids() {
             open_to_jail(&paths, ids.gid)?;
         }
         // Paths as the VMM processes see them.
-        let (inner, kernel, rootfs) = match vm.ids {
+        let (inner, kernel, rootfs) = match vm.conf.ids() {
             Some(_) => (
                 VmPaths::new(jail::JAIL_VM_DIR.into()),
                 PathBuf::from(jail::JAIL_KERNEL),
@@ -383,14 +342,7 @@ impl VmmBackend for QemuBackend {
             None => (paths.clone(), cfg.kernel.clone(), cfg.rootfs.clone()),
         };
 
-        let (mut vhost_cmd, vhost_spec) = self.command(
-            &self.vhost_vsock,
-            cfg,
-            &paths,
-            vm.ids.as_ref(),
-            vm.cgroup.as_ref(),
-            false,
-        )?;
+        let (mut vhost_cmd, vhost_spec) = self.command(&self.vhost_vsock, cfg, &paths, &vm.conf, false)?;
         vhost_cmd
             .arg("--guest-cid")
             .arg(GUEST_CID.to_string())
@@ -406,8 +358,7 @@ impl VmmBackend for QemuBackend {
             .insert(Helper::spawn("vhost-device-vsock", vhost_cmd, &paths.vmm_log, vhost_spec)?);
         wait_for_path(&paths.vhost_sock, vhost, Duration::from_secs(5), &paths.vmm_log).await?;
 
-        let (mut qemu_cmd, qemu_spec) =
-            self.command(&self.qemu, cfg, &paths, vm.ids.as_ref(), vm.cgroup.as_ref(), true)?;
+        let (mut qemu_cmd, qemu_spec) = self.command(&self.qemu, cfg, &paths, &vm.conf, true)?;
         qemu_cmd.args(self.qemu_args(cfg, &inner, &kernel, &rootfs));
         vm.qemu = Some(Helper::spawn("qemu", qemu_cmd, &paths.vmm_log, qemu_spec)?);
         tracing::debug!(vm = %cfg.id, pid = ?vm.pids(), "VM started");
@@ -422,13 +373,8 @@ pub struct QemuVm {
     vhost: Option<Helper>,
     qemu: Option<Helper>,
     paths: VmPaths,
-    removed: bool,
-    /// The jail's uid/gid, returned to the pool when the VM is gone.
-    ids: Option<IdLease>,
-    /// Removed (killing whatever is left in it) once the VMM is stopped.
-    cgroup: Option<VmCgroup>,
-    /// Held while the VM lives: the directory is not stale (see [`crate::supervisor`]).
-    _owner: OwnerLock,
+    /// Directory, cgroup, uid lease: released once the processes are stopped.
+    conf: Confinement,
 }
 
 impl QemuVm {
@@ -449,29 +395,8 @@ impl QemuVm {
         if let Some(v) = self.vhost.take() {
             v.stop(Duration::ZERO).await;
         }
-        // The jailed processes die with the ones we spawned, asynchronously:
-        // removing the cgroup waits until they are really gone.
-        if let Some(cg) = self.cgroup.take() {
-            vm_guard::vm_stopped(&self.id, cg.cgroup_v2_id());
-            let id = self.id.clone();
-            let removed = tokio::task::spawn_blocking(move || cg.remove()).await;
-            if let Ok(Err(e)) = removed {
-                tracing::warn!(vm = %id, "cgroup: {e}");
-            }
-        }
         self.ready = None;
-        self.remove_dir();
-    }
-
-    fn remove_dir(&mut self) {
-        if !self.removed {
-            if let Err(e) = std::fs::remove_dir_all(&self.paths.dir) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    tracing::warn!(vm = %self.id, "cannot remove {}: {e}", self.paths.dir.display());
-                }
-            }
-            self.removed = true;
-        }
+        self.conf.release().await;
     }
 }
 
@@ -552,15 +477,11 @@ impl Vm for QemuVm {
 
 impl Drop for QemuVm {
     fn drop(&mut self) {
-        // Helpers ask their keepers to kill and reap the VM processes (Drop);
-        // the runtime reaps the keepers.
+        // Helpers ask their keepers to kill and reap the VM processes (Drop),
+        // the runtime reaps the keepers; then `conf`'s Drop empties and
+        // removes the cgroup and the directory.
         self.qemu = None;
         self.vhost = None;
-        if let Some(cg) = self.cgroup.take() {
-            vm_guard::vm_stopped(&self.id, cg.cgroup_v2_id());
-            drop(cg); // kills what is left in it, removes it
-        }
-        self.remove_dir();
     }
 }
 
@@ -586,8 +507,7 @@ mod tests {
                 reason: String::new(),
             },
             sandbox: true,
-            jail: None,
-            cgroups: None,
+            supervisor: Supervisor::default(),
             vhost_filter: None,
         };
         let cfg = VmConfig {
