@@ -113,6 +113,8 @@ pub struct Metrics {
     pub cgroup_memory_usage_bytes: Family<VmLabel, Gauge>,
     pub cgroup_cpu_throttled: Family<VmLabel, Counter>,
     pub cgroup_tasks: Family<VmLabel, Gauge>,
+    /// Where the per-VM series come from (the backend's supervisor).
+    live_vms: std::sync::Mutex<crate::supervisor::LiveVms>,
 }
 
 impl Default for Metrics {
@@ -125,6 +127,7 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("neurovisor");
         let m = Self {
+            live_vms: Default::default(),
             pool_warm_vms: Gauge::default(),
             pool_active_vms: Gauge::default(),
             pool_booting_vms: Gauge::default(),
@@ -274,12 +277,20 @@ impl Metrics {
         out
     }
 
+    /// Reports the cgroups of `live`'s VMs (a backend's [`crate::supervisor::LiveVms`]).
+    pub fn watch_vms(&self, live: crate::supervisor::LiveVms) {
+        if let Ok(mut l) = self.live_vms.lock() {
+            *l = live;
+        }
+    }
+
     /// Per-VM series for the VMs alive now; ended VMs' series disappear.
     fn refresh_cgroups(&self) {
+        let live = self.live_vms.lock().map(|l| l.snapshot()).unwrap_or_default();
         self.cgroup_memory_usage_bytes.clear();
         self.cgroup_cpu_throttled.clear();
         self.cgroup_tasks.clear();
-        for (vm_id, st) in crate::security::cgroups::live_stats() {
+        for (vm_id, st) in live {
             let l = VmLabel { vm_id };
             if let Some(v) = st.memory_usage_bytes() {
                 self.cgroup_memory_usage_bytes.get_or_create(&l).set(v as i64);

@@ -472,9 +472,6 @@ impl VmCgroup {
                 source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
             })?;
         tracing::debug!(cgroup = %cg.name, dirs = ?cg.created, ?limits, "VM cgroup created");
-        if let Ok(mut live) = LIVE.lock() {
-            live.insert(vm_id.to_string(), cg.stats());
-        }
         Ok(cg)
     }
 
@@ -700,9 +697,6 @@ impl VmCgroup {
             return Ok(());
         }
         self.removed = true;
-        if let Ok(mut live) = LIVE.lock() {
-            live.remove(self.name.trim_start_matches(VM_PREFIX));
-        }
         let dirs = std::mem::take(&mut self.created);
         let result = empty_and_remove(&dirs, timeout);
         self._lock = None;
@@ -714,16 +708,6 @@ impl VmCgroup {
 #[derive(Debug, Clone)]
 pub struct CgroupStats {
     dirs: Dirs,
-}
-
-/// Registered by [`VmCgroup::create`], removed when the cgroup is removed.
-static LIVE: std::sync::Mutex<BTreeMap<String, CgroupStats>> = std::sync::Mutex::new(BTreeMap::new());
-
-/// The cgroups of this process's live VMs, by VM id.
-pub fn live_stats() -> Vec<(String, CgroupStats)> {
-    LIVE.lock()
-        .map(|l| l.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
-        .unwrap_or_default()
 }
 
 impl CgroupStats {

@@ -339,6 +339,7 @@ pub async fn run(
     }
 
     let metrics = Arc::new(Metrics::new());
+    metrics.watch_vms(backend.live_vms());
     let mut sandbox = Sandbox::new(backend, images, dir.clone());
     sandbox.rate_limit = cfg.rate_limit;
     let pool = Pool::start_on(sandbox, cfg.pool.clone(), metrics.clone(), vm_rt.handle())

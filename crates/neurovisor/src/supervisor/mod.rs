@@ -20,7 +20,9 @@ use std::fs::File;
 use std::os::unix::fs::DirBuilderExt;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 /// The lock file in every VM directory.
 pub const OWNER_FILE: &str = "owner.lock";
@@ -82,6 +84,33 @@ impl OwnerLock {
 pub struct Supervisor {
     cgroups: Option<crate::security::cgroups::CgroupLayout>,
     ids: Option<crate::vmm::jailer::IdPool>,
+    live: LiveVms,
+}
+
+/// The cgroups of the live VMs of one supervisor, by VM id (read by `/metrics`).
+#[derive(Debug, Clone, Default)]
+pub struct LiveVms(Arc<Mutex<BTreeMap<String, crate::security::cgroups::CgroupStats>>>);
+
+impl LiveVms {
+    /// A snapshot: VM id and its cgroup's figures.
+    pub fn snapshot(&self) -> Vec<(String, crate::security::cgroups::CgroupStats)> {
+        self.0
+            .lock()
+            .map(|l| l.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default()
+    }
+
+    fn insert(&self, id: &str, stats: crate::security::cgroups::CgroupStats) {
+        if let Ok(mut l) = self.0.lock() {
+            l.insert(id.to_string(), stats);
+        }
+    }
+
+    fn remove(&self, id: &str) {
+        if let Ok(mut l) = self.0.lock() {
+            l.remove(id);
+        }
+    }
 }
 
 impl Supervisor {
@@ -99,7 +128,16 @@ impl Supervisor {
         } else {
             None
         };
-        Self { cgroups, ids }
+        Self {
+            cgroups,
+            ids,
+            live: LiveVms::default(),
+        }
+    }
+
+    /// The live VMs' cgroups (for `/metrics`).
+    pub fn live(&self) -> &LiveVms {
+        &self.live
     }
 
     /// A supervisor with exactly these parts (tests, or callers that detected them).
@@ -107,7 +145,11 @@ impl Supervisor {
         cgroups: Option<crate::security::cgroups::CgroupLayout>,
         ids: Option<crate::vmm::jailer::IdPool>,
     ) -> Self {
-        Self { cgroups, ids }
+        Self {
+            cgroups,
+            ids,
+            live: LiveVms::default(),
+        }
     }
 
     pub fn jailed(&self) -> bool {
@@ -137,6 +179,7 @@ impl Supervisor {
             cgroup: None,
             ids: None,
             owner: None,
+            live: self.live.clone(),
         };
         c.owner = Some(OwnerLock::take(&dir).map_err(state_err)?);
         if let Some(layout) = &self.cgroups {
@@ -147,6 +190,7 @@ impl Supervisor {
             let cg = crate::security::cgroups::VmCgroup::create(layout, &cfg.id, &limits)
                 .map_err(|e| VmmError::Jail(e.to_string()))?;
             crate::security::vm_guard::vm_started(&cfg.id, cg.cgroup_v2_id());
+            self.live.insert(&cfg.id, cg.stats());
             c.cgroup = Some(cg);
         }
         if let Some(pool) = &self.ids {
@@ -166,6 +210,7 @@ pub struct Confinement {
     cgroup: Option<crate::security::cgroups::VmCgroup>,
     ids: Option<crate::vmm::jailer::IdLease>,
     owner: Option<OwnerLock>,
+    live: LiveVms,
 }
 
 impl Confinement {
@@ -196,6 +241,7 @@ impl Confinement {
     /// cgroup and removes it (off the async threads), then the directory.
     pub async fn release(&mut self) {
         if let Some(cg) = self.cgroup.take() {
+            self.live.remove(&self.vm_id);
             crate::security::vm_guard::vm_stopped(&self.vm_id, cg.cgroup_v2_id());
             let id = self.vm_id.clone();
             if let Ok(Err(e)) = tokio::task::spawn_blocking(move || cg.remove()).await {
@@ -220,6 +266,7 @@ impl Confinement {
 impl Drop for Confinement {
     fn drop(&mut self) {
         if let Some(cg) = self.cgroup.take() {
+            self.live.remove(&self.vm_id);
             crate::security::vm_guard::vm_stopped(&self.vm_id, cg.cgroup_v2_id());
             drop(cg); // kills what is left in it, removes it
         }

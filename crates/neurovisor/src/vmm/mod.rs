@@ -135,6 +135,10 @@ pub fn base_cmdline(cfg: &VmConfig) -> Vec<String> {
 pub trait VmmBackend: Send + Sync {
     /// Short name for logs and metrics ("qemu", "firecracker").
     fn name(&self) -> &'static str;
+    /// The live VMs' cgroups, for `/metrics` (none without a supervisor).
+    fn live_vms(&self) -> crate::supervisor::LiveVms {
+        crate::supervisor::LiveVms::default()
+    }
     /// Starts a VM. On error nothing of it is left behind.
     async fn spawn(&self, cfg: &VmConfig) -> Result<Box<dyn Vm>, VmmError>;
     /// Starts a VM from a full snapshot (made by [`Vm::create_snapshot`]) and

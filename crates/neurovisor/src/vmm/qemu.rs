@@ -314,6 +314,10 @@ impl VmmBackend for QemuBackend {
         "qemu"
     }
 
+    fn live_vms(&self) -> crate::supervisor::LiveVms {
+        self.supervisor.live().clone()
+    }
+
     async fn spawn(&self, cfg: &VmConfig) -> Result<Box<dyn Vm>, VmmError> {
         let paths = VmPaths::new(cfg.vm_dir());
         // From here on, dropping `vm` releases whatever was started.
