@@ -200,28 +200,34 @@ impl QemuBackend {
 pub const GUEST_HZ: u64 = 100;
 
 /// Kernel parameters that keep a TCG guest from calibrating its timers against
-/// each other at boot.
+/// each other at boot (issue 9: ~1 % of 2-vCPU boots on a loaded host hung
+/// before the first console line, both vCPUs spinning).
 ///
 /// Under TCG the vCPUs are host threads that the host scheduler preempts at
-/// will, and the only tick source during early boot is the emulated PIT/LAPIC.
-/// Every calibration loop in the guest that waits for `jiffies` to move (the
-/// BSP's `timer_irq_works()` in `check_timer()`, a secondary CPU's
-/// `calibrate_delay()` in `smp_callin()`, which on TCG falls through to
-/// `calibrate_delay_direct()`/`calibrate_delay_converge()` because microvm's
-/// CPUs are not known siblings with a constant TSC) is therefore racing the
-/// host scheduler; about 1 % of 2-vCPU boots on a loaded host never left it.
+/// will, and `jiffies` only moves when the boot CPU's emulated timer interrupt
+/// gets through. microvm's TCG CPU (AuthenticAMD family 0xf) has no
+/// `constant_tsc`, so a secondary CPU cannot copy the boot CPU's loops per
+/// jiffy (`calibrate_delay_is_known()`); in `smp_callin()` it runs
+/// `calibrate_delay_direct()`, which on these hosts fails ("failed to get a
+/// good estimate ... Consider using lpj="), then `calibrate_delay_converge()`:
+/// loops with interrupts off that end only when `jiffies` moves, while the
+/// boot CPU spins in `schedule()` (hence `native_sched_clock`) in
+/// `native_cpu_up()` waiting for the secondary's call-in. Each SMP boot took
+/// ~270 ms in that handshake (31 ms with the preset) and came out with a wrong
+/// BogoMIPS value; the rare boot that never came out is the hang.
 /// - `tsc_early_khz=`: the host's TSC rate (the guest's `rdtsc` is the host's)
-///   instead of a PIT calibration,
-/// - `lpj=`: loops per jiffy for the TSC delay loop (`tsc_khz * 1000 / HZ`), so
+///   instead of a PIT calibration on the boot CPU,
+/// - `lpj=`: loops per jiffy of the TSC delay loop (`tsc_khz * 1000 / HZ`), so
 ///   no CPU runs `calibrate_delay()`'s jiffies-driven loops,
-/// - `no_timer_check`: skip `timer_irq_works()` (KVM guests set this
-///   themselves in `paravirt_ops_setup()`),
+/// - `no_timer_check`: skip the boot CPU's `timer_irq_works()` (another busy
+///   wait on `jiffies` in `check_timer()`; KVM guests set it themselves in
+///   `paravirt_ops_setup()`),
 /// - `tsc=reliable`: keep the TSC clocksource with several vCPUs (TCG vCPUs'
 ///   TSCs look unsynchronized).
 ///
-/// Not used with KVM (QEMU or Firecracker): there the kvmclock/CPUID give the
-/// TSC rate, the KVM paravirt setup sets `no_timer_check`, and vCPUs are not
-/// emulated threads racing each other.
+/// Not used with KVM (QEMU or Firecracker): there kvmclock/CPUID give the TSC
+/// rate and `constant_tsc`, the KVM paravirt setup sets `no_timer_check`, and
+/// vCPUs run on hardware rather than racing emulated timers.
 pub fn tcg_timer_cmdline(tsc_khz: Option<u64>) -> Vec<String> {
     let mut args = Vec::new();
     if let Some(khz) = tsc_khz {
