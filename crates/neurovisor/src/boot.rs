@@ -127,7 +127,9 @@ pub struct BootStats {
 
 impl std::fmt::Debug for BootStats {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BootStats").field("cfg", &self.cfg).finish_non_exhaustive()
+        f.debug_struct("BootStats")
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
     }
 }
 
@@ -175,7 +177,10 @@ impl BootStats {
         let (base, mut basis) = if n < self.cfg.min_samples {
             (
                 self.cfg.default,
-                format!("default {:?}, {n} of {} boots measured", self.cfg.default, self.cfg.min_samples),
+                format!(
+                    "default {:?}, {n} of {} boots measured",
+                    self.cfg.default, self.cfg.min_samples
+                ),
             )
         } else {
             let p95 = percentile(recent(), 95.0).unwrap_or(self.cfg.default);

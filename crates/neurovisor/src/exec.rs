@@ -349,7 +349,10 @@ impl Sandbox {
                         ExecError::BootStalled { vm_id, .. } => vm_id.as_str(),
                         _ => "",
                     };
-                    tracing::warn!(attempt = attempt + 1, "VM boot failed, retrying on a fresh VM: {e}");
+                    tracing::warn!(
+                        attempt = attempt + 1,
+                        "VM boot failed, retrying on a fresh VM: {e}"
+                    );
                     self.boot_stats.record_retry(attempt, vm_id, &e.to_string());
                     attempt += 1;
                 }
@@ -419,13 +422,21 @@ impl Sandbox {
         }
     }
 
-    fn stalled(&self, vm_id: &str, key: &str, after: Duration, budget: &Budget, console_tail: String) -> ExecError {
+    fn stalled(
+        &self,
+        vm_id: &str,
+        key: &str,
+        after: Duration,
+        budget: &Budget,
+        console_tail: String,
+    ) -> ExecError {
         self.boot_stats.record_stall(key);
-        let console = if console_tail.trim().is_empty() || console_tail.trim_start().starts_with("--- VMM log") {
-            "empty: the guest kernel printed nothing"
-        } else {
-            "has output"
-        };
+        let console =
+            if console_tail.trim().is_empty() || console_tail.trim_start().starts_with("--- VMM log") {
+                "empty: the guest kernel printed nothing"
+            } else {
+                "has output"
+            };
         tracing::warn!(
             vm = vm_id,
             after_ms = after.as_millis() as u64,

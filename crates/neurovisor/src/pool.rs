@@ -340,15 +340,13 @@ impl Pool {
                 }
                 Step::Cold(slot) => {
                     let boot_started = Instant::now();
-                    let boot = {
-                        let inner = inner.clone();
-                        AbortOnDrop(
-                            inner
-                                .vm_rt
-                                .clone()
-                                .spawn(async move { inner.sandbox.boot_attempt(inner.cfg.size, attempt).await }),
-                        )
-                    };
+                    let boot =
+                        {
+                            let inner = inner.clone();
+                            AbortOnDrop(inner.vm_rt.clone().spawn(async move {
+                                inner.sandbox.boot_attempt(inner.cfg.size, attempt).await
+                            }))
+                        };
                     let booted = match boot.join().await {
                         Ok(r) => r,
                         Err(e) => {
@@ -374,7 +372,10 @@ impl Pool {
                                     attempt = attempt + 1,
                                     "VM boot failed for a waiting request, retrying on a fresh VM: {e}"
                                 );
-                                inner.sandbox.boot_stats().record_retry(attempt, vm_id, &e.to_string());
+                                inner
+                                    .sandbox
+                                    .boot_stats()
+                                    .record_retry(attempt, vm_id, &e.to_string());
                                 inner.metrics.vm_boot_retries.inc();
                                 attempt += 1;
                                 continue;

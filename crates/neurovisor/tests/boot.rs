@@ -45,7 +45,10 @@ async fn a_hung_boot_is_detected_as_a_stall_by_a_budget_from_measured_boots() {
     }
     let key = env.sandbox.boot_key(VmSize::Small);
     let budget = env.sandbox.boot_stats().budget(&key, 0);
-    eprintln!("stall budget after {min} boots: {:?} ({})", budget.timeout, budget.basis);
+    eprintln!(
+        "stall budget after {min} boots: {:?} ({})",
+        budget.timeout, budget.basis
+    );
     assert!(budget.basis.contains("p95"), "{}", budget.basis);
     assert!(budget.timeout < Duration::from_secs(30), "{budget:?}");
 
@@ -93,7 +96,10 @@ async fn a_stalled_boot_of_a_direct_run_is_retried_on_a_fresh_vm() {
     assert_eq!(report.recent_retries.len(), 1);
     let r = &report.recent_retries[0];
     assert_eq!(r.attempt, 0);
-    assert!(r.reason.contains("VM boot stalled") && !r.vm_id.is_empty(), "{r:?}");
+    assert!(
+        r.reason.contains("VM boot stalled") && !r.vm_id.is_empty(),
+        "{r:?}"
+    );
     env.assert_clean();
 }
 
@@ -152,7 +158,10 @@ async fn forty_two_vcpu_boots_at_concurrency_4_never_stall() {
     for w in workers {
         failures.extend(w.await.expect("worker"));
     }
-    let report = env.sandbox.boot_stats().report(&env.sandbox.boot_key(VmSize::Medium));
+    let report = env
+        .sandbox
+        .boot_stats()
+        .report(&env.sandbox.boot_key(VmSize::Medium));
     eprintln!(
         "{BOOTS} 2-vCPU boots at concurrency 4 in {:?}: {} stalled/failed; boot p50 {:?} ms, p95 {:?} ms, max {:?} ms",
         started.elapsed(),

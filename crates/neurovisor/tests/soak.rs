@@ -15,9 +15,18 @@ use common::daemon::{req, start_daemon_sized};
 const EXECUTIONS: usize = 300;
 const CLIENTS: usize = 4;
 
+/// 5-7 minutes on a 2-core host (425 s measured on a shared, loaded one), so
+/// not part of a plain `cargo test`; `scripts/test.sh` (CI) runs it with
+/// `cargo test --release -p neurovisor --test soak -- --ignored`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "soak test, 5-7 min: run with --ignored (scripts/test.sh does)"]
 async fn soak_300_executions_through_the_pool_without_a_client_visible_failure() {
-    let state = Arc::new(tempfile::Builder::new().prefix("nvsoak-").tempdir().expect("state"));
+    let state = Arc::new(
+        tempfile::Builder::new()
+            .prefix("nvsoak-")
+            .tempdir()
+            .expect("state"),
+    );
     let d = start_daemon_sized(
         state,
         "medium",
