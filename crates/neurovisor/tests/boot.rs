@@ -124,6 +124,34 @@ async fn retries_are_bounded_and_the_error_names_the_stall() {
     env.assert_clean();
 }
 
+/// Issue 9, deterministically: without a preset `lpj=`, a 2-vCPU TCG guest's
+/// second CPU calibrates its delay loop against jiffies at every boot (the
+/// racy path that sometimes never finished) and ends up with a BogoMIPS value
+/// of its own (measured: 5191 on CPU 0, 3778 on CPU 1). With the preset both
+/// CPUs report exactly the same value.
+#[tokio::test]
+async fn no_guest_cpu_calibrates_its_delay_loop_at_boot() {
+    let env = env_with(BudgetConfig::default());
+    let ran = env
+        .try_run_sized(
+            &ExecRequest::new("bash", "grep -i '^bogomips' /proc/cpuinfo"),
+            VmSize::Medium,
+        )
+        .await
+        .expect("run");
+    let out = ran.out();
+    let values: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.split(':').nth(1).map(str::trim))
+        .collect();
+    assert_eq!(values.len(), 2, "two vCPUs: {out}");
+    assert_eq!(
+        values[0], values[1],
+        "a secondary CPU calibrated its delay loop itself (lpj not preset?)"
+    );
+    env.assert_clean();
+}
+
 /// Issue 9: about 1 in 100 cold boots of 2-vCPU TCG guests at concurrency 4
 /// hung in the guest's timer calibration (fixed by `lpj=` + `no_timer_check`).
 /// 40 boots at concurrency 4, each with a generous fixed budget and no retry:
