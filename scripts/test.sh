@@ -14,6 +14,9 @@ cargo clippy --release --locked --workspace --all-targets -- -D warnings
 echo; echo "== tests (integration tests boot real VMs)"
 cargo test --release --locked --workspace
 
+echo; echo "== soak: 300 executions through the daemon pool, no client-visible failure (5-7 min)"
+cargo test --release --locked -p neurovisor --test soak -- --ignored --nocapture
+
 echo; echo "== security proofs (each exits non-zero if its protection did not hold)"
 for ex in seccomp_proof capabilities_proof rate_limit_proof cgroups_demo; do
     cargo run --release --locked -q -p neurovisor --example "$ex"

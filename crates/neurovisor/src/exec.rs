@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,6 +19,7 @@ use neurovisor_proto::GUEST_AGENT_PORT;
 use serde::Serialize;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::boot::{BootStats, Budget};
 use crate::channel::vsock::GuestStream;
 use crate::channel::GuestError;
 use crate::config::VmSize;
@@ -48,6 +50,17 @@ pub enum ExecError {
     Unresponsive(Duration),
     #[error("guest agent protocol error: {0}")]
     Protocol(String),
+    /// The boot took longer than its stall budget (see [`crate::boot`]).
+    #[error("VM boot stalled: VM {vm_id} was not ready after {after:.1?} (stall budget: {basis}); console log tail:\n{console_tail}")]
+    BootStalled {
+        vm_id: String,
+        after: Duration,
+        basis: String,
+        console_tail: String,
+    },
+    /// Every boot attempt for this request failed.
+    #[error("VM boot failed {attempts} times; the last attempt: {last}")]
+    BootFailed { attempts: u32, last: Box<ExecError> },
 }
 
 impl ExecError {
@@ -57,6 +70,54 @@ impl ExecError {
             self,
             Self::InvalidRequest(_) | Self::Guest(GuestError::Rejected(_))
         )
+    }
+
+    /// A boot failure that a fresh VM may not repeat (stall, guest died or did
+    /// not answer), as opposed to a host problem (missing binary, state
+    /// directory, jail set-up, bad image) that would fail again at once.
+    pub fn is_retryable_boot_failure(&self) -> bool {
+        match self {
+            Self::BootStalled { .. } | Self::Guest(_) | Self::Unresponsive(_) | Self::Protocol(_) => true,
+            Self::Vmm(e) => matches!(
+                e,
+                VmmError::DiedDuringBoot { .. }
+                    | VmmError::BootTimeout { .. }
+                    | VmmError::HelperExited { .. }
+                    | VmmError::Channel(_)
+                    | VmmError::Qmp(_)
+            ),
+            Self::InvalidRequest(_) | Self::Image(_) | Self::BootFailed { .. } => false,
+        }
+    }
+
+    pub fn is_stall(&self) -> bool {
+        match self {
+            Self::BootStalled { .. } => true,
+            Self::BootFailed { last, .. } => last.is_stall(),
+            _ => false,
+        }
+    }
+}
+
+/// Test hook: the next `remaining` boots of a [`Sandbox`] get `cmdline` added to
+/// their kernel command line (e.g. `root=/dev/nothing rootwait`, a boot that
+/// never reaches init). Only reachable through [`Sandbox::inject_boot_fault`],
+/// never from a request.
+#[derive(Default)]
+struct BootFault {
+    remaining: AtomicUsize,
+    cmdline: Mutex<Vec<String>>,
+}
+
+impl BootFault {
+    fn take(&self) -> Vec<String> {
+        let took = self
+            .remaining
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        match took {
+            Ok(_) => self.cmdline.lock().map(|c| c.clone()).unwrap_or_default(),
+            Err(_) => Vec::new(),
+        }
     }
 }
 
@@ -206,9 +267,11 @@ pub struct Sandbox {
     backend: Arc<dyn VmmBackend>,
     images: ImageSet,
     state_dir: PathBuf,
-    pub ready_timeout: Duration,
+    /// Boot times so far, and the stall budget derived from them.
+    boot_stats: BootStats,
     /// Limits on what each VM's guest sends over vsock.
     pub rate_limit: RateLimitConfig,
+    fault: BootFault,
 }
 
 impl Sandbox {
@@ -217,9 +280,35 @@ impl Sandbox {
             backend,
             images,
             state_dir,
-            ready_timeout: Duration::from_secs(90),
+            boot_stats: BootStats::default(),
             rate_limit: RateLimitConfig::default(),
+            fault: BootFault::default(),
         }
+    }
+
+    /// Shares boot statistics (and their budget configuration) with others.
+    pub fn with_boot_stats(mut self, stats: BootStats) -> Self {
+        self.boot_stats = stats;
+        self
+    }
+
+    pub fn boot_stats(&self) -> &BootStats {
+        &self.boot_stats
+    }
+
+    /// The key boot times are kept under: backend and size.
+    pub fn boot_key(&self, size: VmSize) -> String {
+        format!("{}/{}", self.backend.name(), size.name())
+    }
+
+    /// Test hook (see `BootFault`): the next `boots` boots get `cmdline` on
+    /// their kernel command line.
+    #[doc(hidden)]
+    pub fn inject_boot_fault(&self, boots: usize, cmdline: &[&str]) {
+        if let Ok(mut c) = self.fault.cmdline.lock() {
+            *c = cmdline.iter().map(|s| s.to_string()).collect();
+        }
+        self.fault.remaining.store(boots, Ordering::SeqCst);
     }
 
     pub fn images(&self) -> &ImageSet {
@@ -247,33 +336,119 @@ impl Sandbox {
         }
     }
 
-    /// Boots a fresh VM and waits until its agent answers Health.
+    /// Boots a fresh VM and waits until its agent answers Health; a boot that
+    /// stalls or dies is retried on a fresh VM (up to the budget's `retries`).
     pub async fn boot(&self, size: VmSize) -> Result<ReadyVm, ExecError> {
-        let started = Instant::now();
-        let cfg = self.vm_config(size, Vec::new());
-        let mut vm = self.backend.spawn(&cfg).await?;
-        if let Err(e) = vm.wait_ready(self.ready_timeout).await {
-            vm.kill().await;
-            return Err(e.into());
+        let retries = self.boot_stats.config().retries;
+        let mut attempt = 0;
+        loop {
+            match self.boot_attempt(size, attempt).await {
+                Ok(vm) => return Ok(vm),
+                Err(e) if e.is_retryable_boot_failure() && attempt < retries => {
+                    let vm_id = match &e {
+                        ExecError::BootStalled { vm_id, .. } => vm_id.as_str(),
+                        _ => "",
+                    };
+                    tracing::warn!(
+                        attempt = attempt + 1,
+                        "VM boot failed, retrying on a fresh VM: {e}"
+                    );
+                    self.boot_stats.record_retry(attempt, vm_id, &e.to_string());
+                    attempt += 1;
+                }
+                Err(e) if attempt > 0 => {
+                    return Err(ExecError::BootFailed {
+                        attempts: attempt + 1,
+                        last: Box::new(e),
+                    })
+                }
+                Err(e) => return Err(e),
+            }
         }
-        let connected = async {
+    }
+
+    /// One boot attempt (`attempt` 0 is the first) under its stall budget.
+    pub async fn boot_attempt(&self, size: VmSize, attempt: u32) -> Result<ReadyVm, ExecError> {
+        let key = self.boot_key(size);
+        let budget = self.boot_stats.budget(&key, attempt);
+        let started = Instant::now();
+        let deadline = tokio::time::Instant::now() + budget.timeout;
+        let cfg = self.vm_config(size, self.fault.take());
+        let mut vm = self.backend.spawn(&cfg).await?;
+        let stalled = |vm: &dyn Vm, console_tail: String| {
+            self.stalled(vm.id(), &key, started.elapsed(), &budget, console_tail)
+        };
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match vm.wait_ready(left).await {
+            Ok(()) => {}
+            Err(VmmError::BootTimeout { console_tail, .. }) => {
+                let e = stalled(vm.as_ref(), console_tail);
+                vm.kill().await;
+                return Err(e);
+            }
+            Err(e) => {
+                vm.kill().await;
+                return Err(e.into());
+            }
+        }
+        let connected = tokio::time::timeout_at(deadline, async {
             let stream = vm.connect(GUEST_AGENT_PORT).await?;
             let mut client = guest_client(stream).await?;
             let health = client.health(HealthRequest {}).await.map_err(GuestError::from)?;
             Ok::<_, ExecError>((client, health.into_inner()))
-        }
-        .await;
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Err(stalled(
+                vm.as_ref(),
+                "(the agent said READY but did not answer Health)".into(),
+            ))
+        });
         match connected {
-            Ok((client, health)) => Ok(ReadyVm {
-                vm: Some(vm),
-                client,
-                boot_time: started.elapsed(),
-                health,
-            }),
+            Ok((client, health)) => {
+                let boot_time = started.elapsed();
+                self.boot_stats.record_ready(&key, boot_time);
+                Ok(ReadyVm {
+                    vm: Some(vm),
+                    client,
+                    boot_time,
+                    health,
+                })
+            }
             Err(e) => {
                 vm.kill().await;
                 Err(e)
             }
+        }
+    }
+
+    fn stalled(
+        &self,
+        vm_id: &str,
+        key: &str,
+        after: Duration,
+        budget: &Budget,
+        console_tail: String,
+    ) -> ExecError {
+        self.boot_stats.record_stall(key);
+        let console =
+            if console_tail.trim().is_empty() || console_tail.trim_start().starts_with("--- VMM log") {
+                "empty: the guest kernel printed nothing"
+            } else {
+                "has output"
+            };
+        tracing::warn!(
+            vm = vm_id,
+            after_ms = after.as_millis() as u64,
+            budget = %budget.basis,
+            console,
+            "VM boot stalled"
+        );
+        ExecError::BootStalled {
+            vm_id: vm_id.to_string(),
+            after,
+            basis: budget.basis.clone(),
+            console_tail,
         }
     }
 

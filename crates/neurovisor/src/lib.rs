@@ -4,6 +4,7 @@
 //! - [`channel`]: the host <-> guest channel (hybrid vsock + gRPC client).
 //! - [`images`]: where the guest kernel and root filesystems live, and how they are built.
 //! - [`exec`]: one execution end to end: boot, run, stream, destroy.
+//! - [`boot`]: stall budgets derived from measured boot times, retry bookkeeping.
 //! - [`config`]: VM size tiers and host paths.
 //! - [`pool`]: the pre-warmed VM pool (one VM per execution, bounded by `max`).
 //! - [`server`]: the daemon: gRPC API (`neurovisor.v1.Sandbox`, inference, health,
@@ -16,6 +17,7 @@
 //! - [`doctor`]: checks that the host can run VMs and says how to fix what is missing.
 
 pub mod agent;
+pub mod boot;
 pub mod channel;
 pub mod config;
 pub mod daemon_client;

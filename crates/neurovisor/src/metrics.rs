@@ -95,6 +95,10 @@ pub struct Metrics {
     pub pool_booting_vms: Gauge,
     pub vm_boot_seconds: Histogram,
     pub vm_boot_failures: Counter,
+    /// Boots that exceeded their stall budget (also counted in `vm_boot_failures`).
+    pub vm_boot_stalls: Counter,
+    /// Failed boots retried on a fresh VM for a waiting request.
+    pub vm_boot_retries: Counter,
     pub vm_acquire_seconds: Histogram,
     pub pool_exhausted: Counter,
     pub requests_in_flight: Gauge,
@@ -133,6 +137,8 @@ impl Metrics {
             pool_booting_vms: Gauge::default(),
             vm_boot_seconds: latency_histogram(),
             vm_boot_failures: Counter::default(),
+            vm_boot_stalls: Counter::default(),
+            vm_boot_retries: Counter::default(),
             vm_acquire_seconds: latency_histogram(),
             pool_exhausted: Counter::default(),
             requests_in_flight: Gauge::default(),
@@ -174,6 +180,16 @@ impl Metrics {
             "vm_boot_failures",
             "VM boots that failed",
             m.vm_boot_failures.clone(),
+        );
+        registry.register(
+            "vm_boot_stalls",
+            "VM boots that exceeded their stall budget (derived from measured boot times)",
+            m.vm_boot_stalls.clone(),
+        );
+        registry.register(
+            "vm_boot_retries",
+            "Failed VM boots retried on a fresh VM for a waiting request",
+            m.vm_boot_retries.clone(),
         );
         registry.register(
             "vm_acquire_seconds",

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio::sync::Notify;
 
+use crate::boot::BootReport;
 use crate::config::VmSize;
 use crate::exec::{ExecError, ExecOutcome, ExecRequest, Output, ReadyVm, Sandbox};
 use crate::metrics::Metrics;
@@ -86,6 +87,8 @@ pub struct PoolStatus {
     pub consecutive_boot_failures: u32,
     /// Why the pool is not refilling, when it is backing off.
     pub degraded: Option<String>,
+    /// Boot times, stall budget, stalls and retried boots.
+    pub boot: BootReport,
 }
 
 #[derive(Default)]
@@ -138,7 +141,7 @@ impl Inner {
         self.metrics.pool_booting_vms.set(st.booting as i64);
     }
 
-    fn record_boot(&self, st: &mut State, result: Result<Duration, String>) {
+    fn record_boot(&self, st: &mut State, result: Result<Duration, &ExecError>) {
         match result {
             Ok(t) => {
                 st.failures = 0;
@@ -149,6 +152,10 @@ impl Inner {
             Err(e) => {
                 st.failures += 1;
                 self.metrics.vm_boot_failures.inc();
+                if e.is_stall() {
+                    self.metrics.vm_boot_stalls.inc();
+                }
+                let e = e.to_string();
                 tracing::warn!(failures = st.failures, "VM boot failed: {e}");
                 st.last_error = Some(e);
                 if st.failures >= FAILURES_BEFORE_BACKOFF {
@@ -261,15 +268,24 @@ impl Pool {
             } else {
                 None
             },
+            boot: self
+                .inner
+                .sandbox
+                .boot_stats()
+                .report(&self.inner.sandbox.boot_key(self.inner.cfg.size)),
         }
     }
 
     /// Takes a VM for one execution: a warm one when there is one (checked with
     /// Health first), else a cold boot while under `max`, else waits up to the
-    /// queue timeout.
+    /// queue timeout. A cold boot that stalls or dies is retried (a warm VM
+    /// that became free meanwhile, or another cold boot, up to the boot
+    /// budget's `retries`): the request's code has not run yet. A pool in
+    /// back-off fails at once.
     pub async fn acquire(&self) -> Result<Lease, PoolError> {
         let inner = &self.inner;
         let started = Instant::now();
+        let mut attempt: u32 = 0;
         let deadline = started + inner.cfg.queue_timeout;
         enum Step {
             Warm(Box<ReadyVm>, Slot),
@@ -324,15 +340,13 @@ impl Pool {
                 }
                 Step::Cold(slot) => {
                     let boot_started = Instant::now();
-                    let boot = {
-                        let inner = inner.clone();
-                        AbortOnDrop(
-                            inner
-                                .vm_rt
-                                .clone()
-                                .spawn(async move { inner.sandbox.boot(inner.cfg.size).await }),
-                        )
-                    };
+                    let boot =
+                        {
+                            let inner = inner.clone();
+                            AbortOnDrop(inner.vm_rt.clone().spawn(async move {
+                                inner.sandbox.boot_attempt(inner.cfg.size, attempt).await
+                            }))
+                        };
                     let booted = match boot.join().await {
                         Ok(r) => r,
                         Err(e) => {
@@ -346,8 +360,32 @@ impl Pool {
                             return Ok(slot.into_lease(vm, false, started, Duration::ZERO));
                         }
                         Err(e) => {
-                            inner.record_boot(&mut inner.lock(), Err(e.to_string()));
+                            inner.record_boot(&mut inner.lock(), Err(&e));
                             drop(slot);
+                            let retries = inner.sandbox.boot_stats().config().retries;
+                            if e.is_retryable_boot_failure() && attempt < retries {
+                                let vm_id = match &e {
+                                    ExecError::BootStalled { vm_id, .. } => vm_id.as_str(),
+                                    _ => "",
+                                };
+                                tracing::warn!(
+                                    attempt = attempt + 1,
+                                    "VM boot failed for a waiting request, retrying on a fresh VM: {e}"
+                                );
+                                inner
+                                    .sandbox
+                                    .boot_stats()
+                                    .record_retry(attempt, vm_id, &e.to_string());
+                                inner.metrics.vm_boot_retries.inc();
+                                attempt += 1;
+                                continue;
+                            }
+                            if attempt > 0 {
+                                return Err(PoolError::Boot(ExecError::BootFailed {
+                                    attempts: attempt + 1,
+                                    last: Box::new(e),
+                                }));
+                            }
                             return Err(PoolError::Boot(e));
                         }
                     }
@@ -512,7 +550,9 @@ async fn refill_loop(inner: Arc<Inner>) {
 
 async fn boot_one(inner: Arc<Inner>) {
     let started = Instant::now();
-    let result = inner.sandbox.boot(inner.cfg.size).await;
+    // One attempt: a failed background boot is replaced by the refiller
+    // (subject to back-off), and no request is waiting on this one.
+    let result = inner.sandbox.boot_attempt(inner.cfg.size, 0).await;
     let surplus = {
         let mut st = inner.lock();
         st.booting -= 1;
@@ -529,7 +569,7 @@ async fn boot_one(inner: Arc<Inner>) {
                 }
             }
             Err(e) => {
-                inner.record_boot(&mut st, Err(e.to_string()));
+                inner.record_boot(&mut st, Err(&e));
                 None
             }
         };

@@ -1,14 +1,16 @@
-//! Pool behaviour that needs no daemon: back-off after repeated boot failures.
+//! Pool behaviour that needs no daemon: back-off after repeated boot failures,
+//! retry of a stalled boot for a waiting request.
 
 mod common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use neurovisor::boot::{BootStats, BudgetConfig};
 use neurovisor::metrics::Metrics;
 use neurovisor::pool::{Pool, PoolConfig, PoolError};
 use neurovisor::vmm::QemuBackend;
-use neurovisor::{Sandbox, VmSize};
+use neurovisor::{ExecRequest, Output, Sandbox, VmSize};
 
 #[tokio::test]
 async fn repeated_boot_failures_back_off_and_report_why() {
@@ -58,6 +60,70 @@ async fn repeated_boot_failures_back_off_and_report_why() {
         after - before <= 4,
         "boot loop: {before} -> {after} failures in 3 s"
     );
+    pool.shutdown(Duration::from_secs(10)).await;
+    common::assert_no_leftovers(state.path());
+}
+
+/// A request waiting on a cold boot whose VM hangs gets a fresh VM: the client
+/// sees its result, the stall and the retry are counted with their reason.
+#[tokio::test]
+async fn a_cold_boot_that_stalls_is_retried_and_the_request_succeeds() {
+    let state = tempfile::Builder::new()
+        .prefix("nvpool-")
+        .tempdir()
+        .expect("state");
+    let backend = QemuBackend::new(&Default::default()).expect("backend");
+    let sandbox = Sandbox::new(
+        Arc::new(backend),
+        common::images("default"),
+        state.path().to_path_buf(),
+    )
+    .with_boot_stats(BootStats::new(BudgetConfig {
+        default: Duration::from_secs(8),
+        min_samples: usize::MAX,
+        ..BudgetConfig::default()
+    }));
+    // The first boot never reaches init (waits for a root disk that is not there).
+    sandbox.inject_boot_fault(1, &["root=/dev/nv-no-such-disk", "rootwait"]);
+    let metrics = Arc::new(Metrics::new());
+    let pool = Pool::start(
+        sandbox,
+        PoolConfig {
+            warm: 0,
+            max: 2,
+            size: VmSize::Small,
+            queue_timeout: Duration::from_secs(60),
+            ..PoolConfig::default()
+        },
+        metrics.clone(),
+    )
+    .expect("pool");
+    let mut lease = pool.acquire().await.expect("the retry boots a working VM");
+    let mut out = Vec::new();
+    let outcome = lease
+        .execute(&ExecRequest::new("python", "print('retried')"), &mut |o| {
+            if let Output::Stdout(b) = o {
+                out.extend_from_slice(b)
+            }
+        })
+        .await
+        .expect("execute");
+    assert_eq!((outcome.exit_code, out.as_slice()), (Some(0), &b"retried\n"[..]));
+    drop(lease);
+    let st = pool.status();
+    assert_eq!((st.boot.stalls, st.boot.retries), (1, 1), "{st:?}");
+    assert!(
+        st.boot.recent_retries[0].reason.contains("VM boot stalled"),
+        "{st:?}"
+    );
+    assert_eq!(st.consecutive_boot_failures, 0, "the retry's success resets it");
+    let text = metrics.encode();
+    for line in [
+        "neurovisor_vm_boot_retries_total 1",
+        "neurovisor_vm_boot_stalls_total 1",
+    ] {
+        assert!(text.contains(line), "missing {line}:\n{text}");
+    }
     pool.shutdown(Duration::from_secs(10)).await;
     common::assert_no_leftovers(state.path());
 }

@@ -111,9 +111,9 @@ pub fn choose(forced: Option<Accel>, probe: &KvmProbe) -> AccelChoice {
 /// The host's TSC rate in kHz, measured once per process (~10 ms).
 ///
 /// Under TCG the guest's `rdtsc` returns the host's TSC, and microvm offers the
-/// guest nothing but the PIT to calibrate it against; on a busy host that
-/// calibration fails and the guest hangs in `calibrate_delay()`. Passing
-/// `tsc_early_khz=` skips the calibration.
+/// guest nothing but the PIT to calibrate it against; on a busy host those
+/// calibrations fail or hang. `tsc_early_khz=` and `lpj=` derived from this
+/// rate skip them (see [`super::qemu::tcg_timer_cmdline`]).
 pub fn host_tsc_khz() -> Option<u64> {
     static KHZ: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
     *KHZ.get_or_init(measure_tsc_khz)

@@ -166,12 +166,7 @@ impl QemuBackend {
         // Triple-fault reboot + -no-reboot: a guest reboot ends the QEMU process.
         cmdline.push("reboot=t".into());
         if self.accel.accel == Accel::Tcg {
-            // See accel::host_tsc_khz. tsc=reliable keeps the TSC clocksource
-            // with several vCPUs (TCG vCPUs' TSCs look unsynchronized).
-            if let Some(khz) = host_tsc_khz() {
-                cmdline.push(format!("tsc_early_khz={khz}"));
-            }
-            cmdline.push("tsc=reliable".into());
+            cmdline.extend(tcg_timer_cmdline(host_tsc_khz()));
         }
         push(&["-append", &cmdline.join(" ")]);
         push(&["-serial", &format!("file:{}", p.console.display())]);
@@ -197,6 +192,50 @@ impl QemuBackend {
         }
         a
     }
+}
+
+/// `CONFIG_HZ` of the guest kernel (`CONFIG_HZ_100=y` in
+/// `images/kernel/microvm.config`; a unit test keeps the two in step).
+pub const GUEST_HZ: u64 = 100;
+
+/// Kernel parameters that keep a TCG guest from calibrating its timers against
+/// each other at boot (issue 9: ~1 % of 2-vCPU boots on a loaded host hung
+/// before the first console line, both vCPUs spinning).
+///
+/// Under TCG the vCPUs are host threads that the host scheduler preempts at
+/// will, and `jiffies` only moves when the boot CPU's emulated timer interrupt
+/// gets through. microvm's TCG CPU (AuthenticAMD family 0xf) has no
+/// `constant_tsc`, so a secondary CPU cannot copy the boot CPU's loops per
+/// jiffy (`calibrate_delay_is_known()`); in `smp_callin()` it runs
+/// `calibrate_delay_direct()`, which on these hosts fails ("failed to get a
+/// good estimate ... Consider using lpj="), then `calibrate_delay_converge()`:
+/// loops with interrupts off that end only when `jiffies` moves, while the
+/// boot CPU spins in `schedule()` (hence `native_sched_clock`) in
+/// `native_cpu_up()` waiting for the secondary's call-in. Each SMP boot took
+/// ~270 ms in that handshake (31 ms with the preset) and came out with a wrong
+/// BogoMIPS value; the rare boot that never came out is the hang.
+/// - `tsc_early_khz=`: the host's TSC rate (the guest's `rdtsc` is the host's)
+///   instead of a PIT calibration on the boot CPU,
+/// - `lpj=`: loops per jiffy of the TSC delay loop (`tsc_khz * 1000 / HZ`), so
+///   no CPU runs `calibrate_delay()`'s jiffies-driven loops,
+/// - `no_timer_check`: skip the boot CPU's `timer_irq_works()` (another busy
+///   wait on `jiffies` in `check_timer()`; KVM guests set it themselves in
+///   `paravirt_ops_setup()`),
+/// - `tsc=reliable`: keep the TSC clocksource with several vCPUs (TCG vCPUs'
+///   TSCs look unsynchronized).
+///
+/// Not used with KVM (QEMU or Firecracker): there kvmclock/CPUID give the TSC
+/// rate and `constant_tsc`, the KVM paravirt setup sets `no_timer_check`, and
+/// vCPUs run on hardware rather than racing emulated timers.
+pub fn tcg_timer_cmdline(tsc_khz: Option<u64>) -> Vec<String> {
+    let mut args = Vec::new();
+    if let Some(khz) = tsc_khz {
+        args.push(format!("tsc_early_khz={khz}"));
+        args.push(format!("lpj={}", khz * 1000 / GUEST_HZ));
+    }
+    args.push("no_timer_check".into());
+    args.push("tsc=reliable".into());
+    args
 }
 
 impl QemuBackend {
@@ -536,9 +575,51 @@ mod tests {
             "spawn=deny",
             "init=/sbin/neurovisor-agent",
             "tsc_early_khz=",
+            " lpj=",
+            " no_timer_check",
             "tsc=reliable",
         ] {
             assert!(a.contains(want), "missing {want:?} in {a}");
         }
+        // KVM guests need none of the TCG timer parameters.
+        let kvm = QemuBackend {
+            accel: AccelChoice {
+                accel: Accel::Kvm,
+                reason: String::new(),
+            },
+            ..backend
+        };
+        let k = kvm
+            .qemu_args(&cfg, &VmPaths::new(cfg.vm_dir()), &cfg.kernel, &cfg.rootfs)
+            .join(" ");
+        for unwanted in ["lpj=", "no_timer_check", "tsc_early_khz="] {
+            assert!(!k.contains(unwanted), "{unwanted:?} on a KVM command line: {k}");
+        }
+    }
+
+    /// The boot-hang fix (issue 9): on TCG no CPU may calibrate its delay loop
+    /// or the timer against jiffies; lpj must match the TSC rate and the HZ the
+    /// guest kernel is built with.
+    #[test]
+    fn tcg_boots_preset_lpj_from_the_tsc_and_skip_the_timer_check() {
+        let a = tcg_timer_cmdline(Some(2_100_000));
+        assert_eq!(
+            a,
+            [
+                "tsc_early_khz=2100000",
+                "lpj=21000000",
+                "no_timer_check",
+                "tsc=reliable"
+            ]
+        );
+        // Without a TSC rate there is no lpj to preset, but the timer check is
+        // still skipped.
+        assert!(tcg_timer_cmdline(None).contains(&"no_timer_check".to_string()));
+        let config = include_str!("../../../../images/kernel/microvm.config");
+        let hz_option = format!("CONFIG_HZ_{GUEST_HZ}=y");
+        assert!(
+            config.lines().any(|l| l.trim() == hz_option),
+            "GUEST_HZ ({GUEST_HZ}) must match the kernel config's CONFIG_HZ_*"
+        );
     }
 }

@@ -21,6 +21,11 @@ pub struct Daemon {
 }
 
 pub fn start_daemon_in(state: Arc<tempfile::TempDir>, extra: &[&str]) -> Daemon {
+    start_daemon_sized(state, "small", extra)
+}
+
+/// A daemon whose pool boots VMs of `size` (`small` elsewhere).
+pub fn start_daemon_sized(state: Arc<tempfile::TempDir>, size: &str, extra: &[&str]) -> Daemon {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_neurovisor"));
     cmd.args([
         "serve",
@@ -29,7 +34,7 @@ pub fn start_daemon_in(state: Arc<tempfile::TempDir>, extra: &[&str]) -> Daemon 
         "--metrics-addr",
         "127.0.0.1:0",
         "--size",
-        "small",
+        size,
     ])
     .arg("--state-dir")
     .arg(state.path())
