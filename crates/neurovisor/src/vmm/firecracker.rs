@@ -109,6 +109,9 @@ pub fn decide_jailer(
 #[derive(Debug, Clone)]
 struct JailSetup {
     jailer: PathBuf,
+    /// The Firecracker binary, resolved: the jailer canonicalizes `--exec-file`
+    /// and names the chroot's directory after the resolved file.
+    exec_file: PathBuf,
     ip: PathBuf,
     exec_name: String,
     cgroup_version: u8,
@@ -145,10 +148,16 @@ impl FirecrackerBackend {
         };
         let is_root = nix::unistd::geteuid().is_root();
         let (jailer, jailer_reason) = decide_jailer(opts.jailer, found_jailer.as_deref(), is_root)?;
+        let exec_file = match jailer {
+            None => firecracker.clone(),
+            Some(_) => std::fs::canonicalize(&firecracker)
+                .map_err(|e| VmmError::Jail(format!("cannot resolve {}: {e}", firecracker.display())))?,
+        };
         let jail = match jailer {
             None => None,
             Some(jailer) => Some(JailSetup {
-                exec_name: jailer::exec_file_name(&firecracker)?,
+                exec_name: jailer::exec_file_name(&exec_file)?,
+                exec_file,
                 ip: find_ip(opts.ip_bin.as_deref()).ok_or_else(|| VmmError::MissingBinary {
                     what: "ip (iproute2, for the jailed VMs' network namespaces)".into(),
                     hint: jailer::IP_HINT.into(),
@@ -254,7 +263,7 @@ impl FirecrackerBackend {
                 jail.create_netns(&setup.ip, &format!("nv-{}", cfg.id)).await?;
                 let spec = JailSpec {
                     id: cfg.id.clone(),
-                    exec_file: self.firecracker.clone(),
+                    exec_file: setup.exec_file.clone(),
                     uid,
                     gid,
                     chroot_base: cfg.state_dir.join(jailer::CHROOT_DIR),
