@@ -12,11 +12,32 @@
 //! created there. [`Jail::cleanup`] removes the chroot, the cgroup and the
 //! namespace once the VM has exited.
 //!
+//! The kernel and rootfs (and snapshot files on restore) are resolved through
+//! symlinks first ([`Jail::place`]): the default kernel path is a symlink, and
+//! a hard link to a symlink points at a path that does not exist in the chroot.
+//!
 //! The jailer execs Firecracker in place (no `--daemonize`, no `--new-pid-ns`),
 //! so the process we spawn *is* the VMM and is killed and reaped like any
 //! other. Its parent-death signal does not survive the jailer's switch of uid,
 //! though: if the daemon is killed with SIGKILL, jailed VMs outlive it until
 //! their guest stops.
+//!
+//! Observed with the real jailer (v1.17.0-dev, the one
+//! `shared/firecracker/build-firecracker.sh` builds): the pid we spawn keeps
+//! its pid through the jailer's setup (chroot by `pivot_root` in its own mount
+//! namespace, `setns` into `--netns`, cgroup, `mknod` of `/dev/kvm` etc.) and
+//! then, after `setgid`/`setuid` to the VM's ids, `execve`s `/firecracker`
+//! inside the chroot: `/proc/<pid>/comm` becomes `firecracker`, its Uid/Gid
+//! lines show the VM's ids in all four fields, and the jailer passes
+//! `--id <id> --start-time-us ... --parent-cpu-time-us ...` ahead of our
+//! arguments. It also writes `/firecracker.pid` into the chroot. With
+//! `PR_SET_PDEATHSIG(SIGKILL)` set before the jailer starts, SIGKILLing its
+//! parent leaves Firecracker running (reparented to the nearest subreaper or
+//! init), while a control child without a uid switch (`sleep`) is killed:
+//! the kernel clears the death signal when the effective uid changes (see
+//! prctl(2)), and nothing sets it again after the switch. The death signal
+//! therefore cannot protect jailed VMs; a parent that outlives the daemon's
+//! crash (or [`clean_leftover_jails`] at the next start) has to.
 
 use std::collections::BTreeSet;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
