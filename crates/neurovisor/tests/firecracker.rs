@@ -1332,8 +1332,12 @@ fn can_jail() -> Result<(), String> {
     if !nix::unistd::geteuid().is_root() {
         return Err("needs root (chroot, cgroups, uid switch, ip netns)".into());
     }
-    let probe = format!("nvtest-probe-{}-{:?}", std::process::id(), std::thread::current().id())
-        .replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "");
+    let probe = format!(
+        "nvtest-probe-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    )
+    .replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "");
     let ok = std::process::Command::new("ip")
         .args(["netns", "add", &probe])
         .status()
@@ -1530,7 +1534,13 @@ async fn real_firecracker_accepts_the_boot_sequence() {
     let (vm, pid) = real.spawn_running(&cfg).await;
     assert!(alive(pid));
     assert_eq!(vm.dir(), cfg.vm_dir());
-    for f in ["firecracker.sock", "firecracker.log", "metrics.json", "vmm.log", "vsock.sock"] {
+    for f in [
+        "firecracker.sock",
+        "firecracker.log",
+        "metrics.json",
+        "vmm.log",
+        "vsock.sock",
+    ] {
         assert!(cfg.vm_dir().join(f).exists(), "{f} missing in the VM directory");
     }
     // Firecracker's own log (from the answer to PUT /logger on): every call accepted.
@@ -1541,7 +1551,10 @@ async fn real_firecracker_accepts_the_boot_sequence() {
         "{log}"
     );
     assert!(log.contains(r#"{\"action_type\":\"InstanceStart\"}"#), "{log}");
-    assert!(!log.contains("Status code: 4") && !log.contains("Status code: 5"), "{log}");
+    assert!(
+        !log.contains("Status code: 4") && !log.contains("Status code: 5"),
+        "{log}"
+    );
     vm.kill().await;
     assert_reaped(pid);
     real.assert_clean(&[&cfg.id]);
@@ -1563,13 +1576,20 @@ async fn real_jailer_confines_firecracker_and_teardown_leaves_nothing() {
         let m = std::fs::symlink_metadata(root.join(f)).expect("image in the chroot");
         assert!(m.file_type().is_file(), "{f} in the chroot is not a regular file");
     }
-    assert!(root.join("dev/kvm").exists(), "the jailer creates /dev/kvm in the chroot");
+    assert!(
+        root.join("dev/kvm").exists(),
+        "the jailer creates /dev/kvm in the chroot"
+    );
 
     // The process we spawned *is* Firecracker: the jailer execs it in place.
     let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).expect("comm");
     assert_eq!(comm.trim(), "firecracker", "pid {pid} is not the VMM");
     let pid_file = std::fs::read_to_string(root.join("firecracker.pid")).expect("the jailer's pid file");
-    assert_eq!(pid_file.trim(), pid.to_string(), "the jailer exec'd Firecracker in place");
+    assert_eq!(
+        pid_file.trim(),
+        pid.to_string(),
+        "the jailer exec'd Firecracker in place"
+    );
     let uid = status_field(pid, "Uid");
     let gid = status_field(pid, "Gid");
     assert_eq!(uid, vec![3_100_000_010; 4], "real, effective, saved, fs uid");
@@ -1595,7 +1615,8 @@ async fn real_jailer_confines_firecracker_and_teardown_leaves_nothing() {
     );
     let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("/proc/<pid>/cgroup");
     assert!(
-        own.lines().any(|l| l.ends_with(&format!("/neurovisor/{}", cfg.id))),
+        own.lines()
+            .any(|l| l.ends_with(&format!("/neurovisor/{}", cfg.id))),
         "{own}"
     );
 
@@ -1636,7 +1657,10 @@ async fn snapshot_round_trip(real: &Real) {
     let api = real.api(&cfg.id);
     assert_eq!(api.instance_info().await.expect("GET /").state, "Paused");
 
-    let snaps = tempfile::Builder::new().prefix("nvsnap-").tempdir().expect("snapshots");
+    let snaps = tempfile::Builder::new()
+        .prefix("nvsnap-")
+        .tempdir()
+        .expect("snapshots");
     let (state, mem) = (snaps.path().join("vm.state"), snaps.path().join("vm.mem"));
     let started = Instant::now();
     vm.create_snapshot(&state, &mem).await.expect("create snapshot");
@@ -1661,7 +1685,11 @@ async fn snapshot_round_trip(real: &Real) {
     assert_ne!(pid, pid2, "a new process");
     assert!(alive(pid2));
     let info = real.api(&cfg2.id).instance_info().await.expect("GET /");
-    assert_eq!((info.id.as_str(), info.state.as_str()), (cfg2.id.as_str(), "Running"), "resume_vm");
+    assert_eq!(
+        (info.id.as_str(), info.state.as_str()),
+        (cfg2.id.as_str(), "Running"),
+        "resume_vm"
+    );
     eprintln!(
         "real Firecracker snapshot (jailed: {}): PUT /snapshot/create of {} MiB in {:.1} ms; \
          restore into a new process (start + logger + metrics + PUT /snapshot/load, resume_vm) in {:.1} ms",
@@ -1672,7 +1700,10 @@ async fn snapshot_round_trip(real: &Real) {
     );
     restored.kill().await;
     assert_reaped(pid2);
-    assert!(state.is_file() && mem.is_file(), "the snapshot files are the caller's");
+    assert!(
+        state.is_file() && mem.is_file(),
+        "the snapshot files are the caller's"
+    );
     real.assert_clean(&[&cfg.id, &cfg2.id]);
 }
 
@@ -1691,4 +1722,95 @@ async fn real_jailed_firecracker_snapshots_and_restores_into_a_new_jail() {
     let bins = skip_unless!(name, real_bins());
     skip_unless!(name, can_jail());
     snapshot_round_trip(&Real::new(bins, true, "3100000030+10")).await;
+}
+
+/// The command of issue 9 through the CLI, jailed, with the default images:
+/// the configuration must be accepted (it failed at `PUT /boot-source` when the
+/// symlinked kernel was hard-linked into the chroot as a symlink). With
+/// hardware KVM the code runs; on PVM the guest dies in emulation
+/// (KVM_EXIT_INTERNAL_ERROR) and the CLI reports that, after the whole
+/// configuration was accepted. Either way nothing of the VM is left.
+#[tokio::test]
+async fn real_cli_run_on_jailed_firecracker_gets_past_the_configuration() {
+    let name = "real_cli_run_on_jailed_firecracker_gets_past_the_configuration";
+    let bins = skip_unless!(name, real_bins());
+    skip_unless!(name, can_jail());
+    skip_unless!(
+        name,
+        neurovisor::images::ImageSet::resolve(&Default::default())
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    );
+    let state = tempfile::Builder::new().prefix("nvfc-").tempdir().expect("state");
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_neurovisor"))
+        .args(["run", "--backend", "firecracker", "--firecracker-bin"])
+        .arg(&bins.firecracker)
+        .arg("--jailer-bin")
+        .arg(&bins.jailer)
+        .args(["--jail-ids", "3100000040-3100000049", "--size", "small"])
+        .args(["--lang", "python", "-c", "print(1)"])
+        .env("NEUROVISOR_STATE_DIR", state.path())
+        .env_remove("NEUROVISOR_LOG")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(150), out)
+        .await
+        .expect("neurovisor run did not finish within 150 s")
+        .expect("run neurovisor");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    let pvm = neurovisor::vmm::accel::KvmProbe::host().verdict().is_err();
+    if pvm {
+        assert_eq!(out.status.code(), Some(125), "stdout: {stdout}\nstderr: {stderr}");
+        // The guest dies in emulation, or (on a very slow host) is not ready in time.
+        let died = stderr.contains("VM exited before its agent was ready")
+            && stderr.contains("KVM_EXIT_INTERNAL_ERROR");
+        assert!(
+            died || stderr.contains("VM agent not ready after"),
+            "not the PVM failure after a complete configuration:\n{stderr}"
+        );
+        assert!(
+            !stderr.contains("Firecracker API call") && !stderr.contains("Status code: 400"),
+            "{stderr}"
+        );
+    } else {
+        assert_eq!(
+            (out.status.code(), stdout.as_ref()),
+            (Some(0), "1\n"),
+            "stderr: {stderr}"
+        );
+    }
+    eprintln!("neurovisor run (PVM: {pvm}) ended with {}", out.status);
+    // The VM's id is Firecracker's instance id in its log lines: `[<id>:main]`.
+    let ids: Vec<&str> = stderr
+        .split('[')
+        .filter_map(|s| s.split_once(':').map(|(id, _)| id))
+        .filter(|id| id.len() == 36 && neurovisor::vmm::jailer::valid_jail_id(id))
+        .collect();
+    assert!(
+        !pvm || !ids.is_empty(),
+        "no instance id in the log tail:\n{stderr}"
+    );
+    let mut left = Vec::new();
+    for sub in ["vms", "j"] {
+        if let Ok(d) = std::fs::read_dir(state.path().join(sub)) {
+            left.extend(d.flatten().map(|e| e.path()));
+        }
+    }
+    assert!(left.is_empty(), "left behind in the state dir: {left:?}");
+    let procs = processes_mentioning(&state.path().display().to_string());
+    assert!(procs.is_empty(), "{procs:?}");
+    for id in ids {
+        assert!(processes_mentioning(id).is_empty(), "processes of VM {id} left");
+        assert!(
+            !Path::new("/run/netns").join(format!("nv-{id}")).exists(),
+            "netns of {id} left"
+        );
+        if let Some(cg) = jail_cgroup(id) {
+            assert!(!cg.exists(), "cgroup {} left behind", cg.display());
+        }
+    }
 }

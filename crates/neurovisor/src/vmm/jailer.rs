@@ -710,8 +710,15 @@ mod tests {
         for name in [KERNEL, ROOTFS] {
             let placed = jail.host_path(name);
             let m = std::fs::symlink_metadata(&placed).expect("placed");
-            assert!(m.file_type().is_file(), "{name} in the jail is not a regular file: {m:?}");
-            assert_eq!(m.ino(), std::fs::metadata(&kernel).expect("kernel").ino(), "{name}");
+            assert!(
+                m.file_type().is_file(),
+                "{name} in the jail is not a regular file: {m:?}"
+            );
+            assert_eq!(
+                m.ino(),
+                std::fs::metadata(&kernel).expect("kernel").ino(),
+                "{name}"
+            );
             assert_eq!(std::fs::read(&placed).expect("read"), b"kernel");
         }
         // A dangling symlink or a directory is an error, not a broken jail.
