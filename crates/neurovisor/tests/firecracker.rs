@@ -1814,3 +1814,97 @@ async fn real_cli_run_on_jailed_firecracker_gets_past_the_configuration() {
         }
     }
 }
+
+/// SIGTERM to `neurovisor run` while its jailed VM is up: the VM is destroyed
+/// through `Drop` (the execution future is dropped), which must still remove
+/// the chroot, the netns and the cgroup (removable only once Firecracker has
+/// exited, which `Drop` waits for).
+#[tokio::test]
+async fn real_cli_terminated_while_jailed_firecracker_runs_leaves_no_jail() {
+    let name = "real_cli_terminated_while_jailed_firecracker_runs_leaves_no_jail";
+    let bins = skip_unless!(name, real_bins());
+    skip_unless!(name, can_jail());
+    skip_unless!(
+        name,
+        neurovisor::images::ImageSet::resolve(&Default::default())
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    );
+    let state = tempfile::Builder::new().prefix("nvfc-").tempdir().expect("state");
+    let mut cli = tokio::process::Command::new(env!("CARGO_BIN_EXE_neurovisor"))
+        .args(["run", "--backend", "firecracker", "--firecracker-bin"])
+        .arg(&bins.firecracker)
+        .arg("--jailer-bin")
+        .arg(&bins.jailer)
+        .args(["--jail-ids", "3100000050-3100000059", "--size", "small"])
+        .args(["--lang", "python", "-c", "print(1)"])
+        .env("NEUROVISOR_STATE_DIR", state.path())
+        .env_remove("NEUROVISOR_LOG")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start neurovisor run");
+    // Wait until the VM is configured and started: its pid file and InstanceStart's 204.
+    let jails = state.path().join("j").join(
+        std::fs::canonicalize(&bins.firecracker)
+            .expect("resolve")
+            .file_name()
+            .expect("name"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (id, pid) = loop {
+        let found = std::fs::read_dir(&jails)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .find_map(|e| {
+                let root = e.path().join("root");
+                let log = std::fs::read_to_string(root.join("firecracker.log")).ok()?;
+                let started = log.matches("Status code: 204").count() >= BOOT_SEQUENCE.len();
+                let pid: u32 = std::fs::read_to_string(root.join("firecracker.pid"))
+                    .ok()?
+                    .trim()
+                    .parse()
+                    .ok()?;
+                started.then(|| (e.file_name().to_string_lossy().into_owned(), pid))
+            });
+        if let Some(f) = found {
+            break f;
+        }
+        if let Ok(Some(status)) = cli.try_wait() {
+            let mut err = String::new();
+            if let Some(mut e) = cli.stderr.take() {
+                let _ = e.read_to_string(&mut err).await;
+            }
+            panic!("neurovisor run ended ({status}) before its VM started:\n{err}");
+        }
+        assert!(Instant::now() < deadline, "the VM did not start within 30 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let cg = jail_cgroup(&id);
+    assert!(cg.as_ref().is_none_or(|c| c.is_dir()), "no cgroup for VM {id}");
+    assert!(alive(pid));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(cli.id().expect("pid") as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    let status = tokio::time::timeout(Duration::from_secs(20), cli.wait())
+        .await
+        .expect("neurovisor run did not stop within 20 s of SIGTERM")
+        .expect("wait");
+    assert_eq!(status.code(), Some(143));
+    assert!(!alive(pid), "Firecracker {pid} outlived the CLI");
+    assert!(!jails.join(&id).exists(), "chroot left behind");
+    assert!(
+        !Path::new("/run/netns").join(format!("nv-{id}")).exists(),
+        "netns left behind"
+    );
+    if let Some(cg) = cg {
+        assert!(!cg.exists(), "cgroup {} left behind", cg.display());
+    }
+    let procs = processes_mentioning(&state.path().display().to_string());
+    assert!(procs.is_empty(), "{procs:?}");
+}

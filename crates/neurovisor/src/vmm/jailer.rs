@@ -412,10 +412,22 @@ impl Jail {
             let _ = std::fs::remove_dir(parent);
         }
         for dir in &self.cgroup_dirs {
-            // A cgroup directory is removed with rmdir once it has no processes.
-            if let Err(e) = std::fs::remove_dir(dir) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    tracing::warn!("cannot remove cgroup {}: {e}", dir.display());
+            // A cgroup directory is removed with rmdir once it has no processes;
+            // the threads of a just-killed VMM may take a moment to leave it.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_millis(500);
+            loop {
+                match std::fs::remove_dir(dir) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                    Err(e)
+                        if e.raw_os_error() == Some(libc::EBUSY) && std::time::Instant::now() < deadline =>
+                    {
+                        std::thread::sleep(std::time::Duration::from_millis(5));
+                    }
+                    Err(e) => {
+                        tracing::warn!("cannot remove cgroup {}: {e}", dir.display());
+                        break;
+                    }
                 }
             }
         }
