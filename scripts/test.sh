@@ -7,6 +7,18 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 bash scripts/setup.sh --full
 
+echo; echo "== Firecracker and jailer (real binaries for tests/firecracker.rs; built once, cached)"
+# Built from the source kept in ../shared (CI's fresh clone has it beside the
+# repository); the script installs libseccomp-dev itself and prints the directory.
+# Its check for libseccomp (`ldconfig -p | grep libseccomp.so`) is already met by
+# the runtime library, libseccomp.so.2; linking needs the -dev package.
+if ! dpkg -s libseccomp-dev >/dev/null 2>&1; then
+    apt-get install -y -q libseccomp-dev || { apt-get update -q && apt-get install -y -q libseccomp-dev; }
+fi
+fc_dir=$(bash ../shared/firecracker/build-firecracker.sh)
+export FIRECRACKER_BIN="$fc_dir/firecracker" JAILER_BIN="$fc_dir/jailer"
+"$FIRECRACKER_BIN" --version
+
 echo; echo "== fmt and clippy"
 cargo fmt --all -- --check
 cargo clippy --release --locked --workspace --all-targets -- -D warnings

@@ -74,17 +74,42 @@ impl ApiClient {
         self.call(Method::PATCH, path, body).await.map(|_| ())
     }
 
+    /// `GET path` (no body); returns the answer's body on 2xx.
+    pub async fn get(&self, path: &str) -> Result<Bytes, VmmError> {
+        self.send_call(Method::GET, path, None).await
+    }
+
+    /// `GET /`: the instance's id, state (`Not started`, `Running`, `Paused`) and version.
+    pub async fn instance_info(&self) -> Result<InstanceInfo, VmmError> {
+        let body = self.get("/").await?;
+        serde_json::from_slice(&body).map_err(|e| {
+            self.error(
+                "GET /",
+                None,
+                format!("unexpected answer {}: {e}", String::from_utf8_lossy(&body)),
+            )
+        })
+    }
+
     /// Sends one request with a JSON body; returns the answer's body on 2xx.
     pub async fn call(&self, method: Method, path: &str, body: &impl Serialize) -> Result<Bytes, VmmError> {
         let name = format!("{method} {path}");
         let json = serde_json::to_vec(body).map_err(|e| self.error(&name, None, e.to_string()))?;
-        let request = Request::builder()
+        self.send_call(method, path, Some(json)).await
+    }
+
+    async fn send_call(&self, method: Method, path: &str, json: Option<Vec<u8>>) -> Result<Bytes, VmmError> {
+        let name = format!("{method} {path}");
+        let mut builder = Request::builder()
             .method(method)
             .uri(path)
             .header(hyper::header::HOST, "localhost")
-            .header(hyper::header::ACCEPT, "application/json")
-            .header(hyper::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(json)))
+            .header(hyper::header::ACCEPT, "application/json");
+        if json.is_some() {
+            builder = builder.header(hyper::header::CONTENT_TYPE, "application/json");
+        }
+        let request = builder
+            .body(Full::new(json.map(Bytes::from).unwrap_or_default()))
             .map_err(|e| self.error(&name, None, e.to_string()))?;
         tracing::debug!(call = %name, socket = %self.socket.display(), "Firecracker API");
         match tokio::time::timeout(self.timeout, self.send(request)).await {
@@ -178,6 +203,16 @@ pub fn fault_message(body: &[u8]) -> String {
 }
 
 // ---- Request bodies (definitions of firecracker-api.yaml) ----
+
+/// `InstanceInfo` (the answer to `GET /`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct InstanceInfo {
+    pub app_name: String,
+    pub id: String,
+    /// `Not started`, `Running` or `Paused`.
+    pub state: String,
+    pub vmm_version: String,
+}
 
 /// `Logger`
 #[derive(Debug, Clone, Serialize)]

@@ -110,6 +110,9 @@ pub fn decide_jailer(
 #[derive(Debug, Clone)]
 struct JailSetup {
     jailer: PathBuf,
+    /// The Firecracker binary, resolved: the jailer canonicalizes `--exec-file`
+    /// and names the chroot's directory after the resolved file.
+    exec_file: PathBuf,
     ip: PathBuf,
     exec_name: String,
     cgroup_version: u8,
@@ -146,10 +149,16 @@ impl FirecrackerBackend {
         };
         let is_root = nix::unistd::geteuid().is_root();
         let (jailer, jailer_reason) = decide_jailer(opts.jailer, found_jailer.as_deref(), is_root)?;
+        let exec_file = match jailer {
+            None => firecracker.clone(),
+            Some(_) => std::fs::canonicalize(&firecracker)
+                .map_err(|e| VmmError::Jail(format!("cannot resolve {}: {e}", firecracker.display())))?,
+        };
         let jail = match jailer {
             None => None,
             Some(jailer) => Some(JailSetup {
-                exec_name: jailer::exec_file_name(&firecracker)?,
+                exec_name: jailer::exec_file_name(&exec_file)?,
+                exec_file,
                 ip: find_ip(opts.ip_bin.as_deref()).ok_or_else(|| VmmError::MissingBinary {
                     what: "ip (iproute2, for the jailed VMs' network namespaces)".into(),
                     hint: jailer::IP_HINT.into(),
@@ -255,7 +264,7 @@ impl FirecrackerBackend {
                 jail.create_netns(&setup.ip, &format!("nv-{}", cfg.id)).await?;
                 let spec = JailSpec {
                     id: cfg.id.clone(),
-                    exec_file: self.firecracker.clone(),
+                    exec_file: setup.exec_file.clone(),
                     uid,
                     gid,
                     chroot_base: cfg.state_dir.join(jailer::CHROOT_DIR),
@@ -672,8 +681,43 @@ impl Vm for FirecrackerVm {
 impl Drop for FirecrackerVm {
     fn drop(&mut self) {
         // The process is killed by its own Drop (kill_on_drop) and reaped by tokio.
+        // (`pid` is `None` once it has been reaped.)
+        let pid = self.process.as_ref().and_then(Helper::pid);
         self.process = None;
+        if let (Some(pid), Some(_)) = (pid, &self.jail) {
+            // The jail's cgroup can be removed only once the VMM has left it,
+            // i.e. has exited (a zombie no longer counts); SIGKILL takes milliseconds.
+            if !wait_until_exited(pid, Duration::from_secs(1)) {
+                tracing::warn!(vm = %self.id, pid, "Firecracker still running 1 s after SIGKILL");
+            }
+        }
         self.remove_files();
+    }
+}
+
+/// Polls `/proc` until every thread of `pid` has exited (the leader a zombie
+/// or gone; its other threads may still be exiting when the leader is a
+/// zombie already), for at most `timeout`.
+fn wait_until_exited(pid: u32, timeout: Duration) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    let exited = |stat: &str| {
+        stat.rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X']))
+    };
+    loop {
+        let all_exited = match std::fs::read_dir(format!("/proc/{pid}/task")) {
+            Err(_) => true,
+            Ok(tasks) => tasks
+                .flatten()
+                .all(|t| std::fs::read_to_string(t.path().join("stat")).map_or(true, |s| exited(&s))),
+        };
+        if all_exited {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
 

@@ -12,11 +12,32 @@
 //! created there. [`Jail::cleanup`] removes the chroot, the cgroup and the
 //! namespace once the VM has exited.
 //!
+//! The kernel and rootfs (and snapshot files on restore) are resolved through
+//! symlinks first ([`Jail::place`]): the default kernel path is a symlink, and
+//! a hard link to a symlink points at a path that does not exist in the chroot.
+//!
 //! The jailer execs Firecracker in place (no `--daemonize`, no `--new-pid-ns`),
 //! so the process we spawn *is* the VMM and is killed and reaped like any
 //! other. Its parent-death signal does not survive the jailer's switch of uid,
 //! though: if the daemon is killed with SIGKILL, jailed VMs outlive it until
 //! their guest stops.
+//!
+//! Observed with the real jailer (v1.17.0-dev, the one
+//! `shared/firecracker/build-firecracker.sh` builds): the pid we spawn keeps
+//! its pid through the jailer's setup (chroot by `pivot_root` in its own mount
+//! namespace, `setns` into `--netns`, cgroup, `mknod` of `/dev/kvm` etc.) and
+//! then, after `setgid`/`setuid` to the VM's ids, `execve`s `/firecracker`
+//! inside the chroot: `/proc/<pid>/comm` becomes `firecracker`, its Uid/Gid
+//! lines show the VM's ids in all four fields, and the jailer passes
+//! `--id <id> --start-time-us ... --parent-cpu-time-us ...` ahead of our
+//! arguments. It also writes `/firecracker.pid` into the chroot. With
+//! `PR_SET_PDEATHSIG(SIGKILL)` set before the jailer starts, SIGKILLing its
+//! parent leaves Firecracker running (reparented to the nearest subreaper or
+//! init), while a control child without a uid switch (`sleep`) is killed:
+//! the kernel clears the death signal when the effective uid changes (see
+//! prctl(2)), and nothing sets it again after the switch. The death signal
+//! therefore cannot protect jailed VMs; a parent that outlives the daemon's
+//! crash (or [`clean_leftover_jails`] at the next start) has to.
 
 use std::collections::BTreeSet;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -355,12 +376,24 @@ impl Jail {
 
     /// Hard-links `src` into the jail, or copies it when that is impossible
     /// (another filesystem) or would not let the jail's user read it.
+    ///
+    /// `src` is resolved first: `link(2)` does not follow symlinks, so a
+    /// symlinked image (the default kernel, `~/.cache/neurovisor/vmlinux`, is
+    /// one) would otherwise become a link to the symlink, whose target does not
+    /// exist inside the chroot.
     pub fn place(&self, src: &Path, name: &str) -> Result<Placed, VmmError> {
         let dst = self.host_path(name);
         let err = |what: &str, e: std::io::Error| {
             VmmError::Jail(format!("{what} {} to {}: {e}", src.display(), dst.display()))
         };
+        let src = &std::fs::canonicalize(src).map_err(|e| err("resolve", e))?;
         let meta = std::fs::metadata(src).map_err(|e| err("stat", e))?;
+        if !meta.is_file() {
+            return Err(VmmError::Jail(format!(
+                "{} is not a regular file; only files can be placed into the jail",
+                src.display()
+            )));
+        }
         let world_readable = meta.permissions().mode() & 0o004 != 0;
         if world_readable {
             match std::fs::hard_link(src, &dst) {
@@ -419,10 +452,22 @@ impl Jail {
             let _ = std::fs::remove_dir(parent);
         }
         for dir in &self.cgroup_dirs {
-            // A cgroup directory is removed with rmdir once it has no processes.
-            if let Err(e) = std::fs::remove_dir(dir) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    tracing::warn!("cannot remove cgroup {}: {e}", dir.display());
+            // A cgroup directory is removed with rmdir once it has no processes;
+            // the threads of a just-killed VMM may take a moment to leave it.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_millis(500);
+            loop {
+                match std::fs::remove_dir(dir) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                    Err(e)
+                        if e.raw_os_error() == Some(libc::EBUSY) && std::time::Instant::now() < deadline =>
+                    {
+                        std::thread::sleep(std::time::Duration::from_millis(5));
+                    }
+                    Err(e) => {
+                        tracing::warn!("cannot remove cgroup {}: {e}", dir.display());
+                        break;
+                    }
                 }
             }
         }
@@ -711,6 +756,51 @@ mod tests {
         assert!(!base.join("firecracker").exists(), "jail left behind");
         assert!(kernel.is_file() && rootfs.is_file(), "sources must stay");
         assert_eq!(std::fs::read(&kernel).expect("read"), b"kernel");
+    }
+
+    /// The default kernel is a symlink (`~/.cache/neurovisor/vmlinux` ->
+    /// `kernel/<key>/vmlinux`): the jail must get the file it points to, since
+    /// the symlink's target does not exist inside the chroot.
+    #[test]
+    fn symlinked_images_are_resolved_before_placing() {
+        use std::os::unix::fs::MetadataExt;
+        let state = tempfile::tempdir().expect("tempdir");
+        let src = tempfile::tempdir().expect("tempdir");
+        let keyed = src.path().join("kernel/abc");
+        std::fs::create_dir_all(&keyed).expect("mkdir");
+        let kernel = keyed.join("vmlinux");
+        std::fs::write(&kernel, b"kernel").expect("write");
+        std::fs::set_permissions(&kernel, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        // A symlink to the file (absolute, like `ln -sfn`), and a symlinked directory.
+        let link = src.path().join("vmlinux");
+        std::os::unix::fs::symlink(&kernel, &link).expect("symlink");
+        std::os::unix::fs::symlink(&keyed, src.path().join("images")).expect("symlink");
+        let rootfs = src.path().join("images/vmlinux");
+        let (uid, gid) = me();
+        let base = state.path().join(CHROOT_DIR);
+        let jail = Jail::new(&base, "firecracker", "vm-s", uid, gid, 2);
+        jail.prepare(&link, &rootfs, &[]).expect("prepare");
+        for name in [KERNEL, ROOTFS] {
+            let placed = jail.host_path(name);
+            let m = std::fs::symlink_metadata(&placed).expect("placed");
+            assert!(
+                m.file_type().is_file(),
+                "{name} in the jail is not a regular file: {m:?}"
+            );
+            assert_eq!(
+                m.ino(),
+                std::fs::metadata(&kernel).expect("kernel").ino(),
+                "{name}"
+            );
+            assert_eq!(std::fs::read(&placed).expect("read"), b"kernel");
+        }
+        // A dangling symlink or a directory is an error, not a broken jail.
+        let dangling = src.path().join("dangling");
+        std::os::unix::fs::symlink(src.path().join("nothing"), &dangling).expect("symlink");
+        assert!(jail.place(&dangling, "x").is_err());
+        assert!(jail.place(src.path(), "y").is_err());
+        drop(jail);
+        assert!(link.is_symlink() && kernel.is_file(), "sources must stay");
     }
 
     #[test]
