@@ -1159,11 +1159,9 @@ async fn jailed_vm_gets_a_chroot_netns_and_ids_and_leaves_nothing() {
     assert_eq!(inv.args[..expect.len()], expect[..]);
     let v = inv.arg("--cgroup-version").expect("--cgroup-version");
     assert!(v == "1" || v == "2");
-    assert!(
-        inv.arg("--cgroup").is_some_and(|c| c.starts_with("memory.")),
-        "{:?}",
-        inv.args
-    );
+    // The VM's cgroup is the supervisor's (the keeper put the jailer in it):
+    // the jailer makes none of its own.
+    assert!(inv.arg("--cgroup").is_none(), "{:?}", inv.args);
     assert_eq!(inv.arg("--netns"), Some(netns.as_str()));
     assert!(Path::new(&netns).exists(), "network namespace not created");
     assert_eq!(
@@ -1494,15 +1492,17 @@ fn processes_mentioning(needle: &str) -> Vec<String> {
     found
 }
 
-/// The memory cgroup the jailer creates for VM `id` (`None` without a memory controller).
+/// The memory cgroup the supervisor creates for VM `id` (`None` without a memory controller).
 fn jail_cgroup(id: &str) -> Option<PathBuf> {
     let base = if neurovisor::vmm::jailer::cgroup_version() == 2 {
         PathBuf::from("/sys/fs/cgroup")
     } else {
         PathBuf::from("/sys/fs/cgroup/memory")
     };
-    base.is_dir()
-        .then(|| base.join(neurovisor::vmm::jailer::PARENT_CGROUP).join(id))
+    base.is_dir().then(|| {
+        base.join(neurovisor::vmm::jailer::PARENT_CGROUP)
+            .join(format!("vm-{id}"))
+    })
 }
 
 /// A process that was reaped is gone from /proc (a zombie would still be there).
@@ -1611,12 +1611,14 @@ async fn real_jailer_confines_firecracker_and_teardown_leaves_nothing() {
     let limit = std::fs::read_to_string(cg.join(limit_file)).expect("memory limit");
     assert_eq!(
         limit.trim(),
-        neurovisor::vmm::jailer::JailSpec::memory_limit_for(VmSize::Small.memory_mib()).to_string()
+        neurovisor::security::cgroups::CgroupLimits::for_vm(u64::from(VmSize::Small.memory_mib()), 1)
+            .memory_bytes
+            .to_string()
     );
     let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("/proc/<pid>/cgroup");
     assert!(
         own.lines()
-            .any(|l| l.ends_with(&format!("/neurovisor/{}", cfg.id))),
+            .any(|l| l.ends_with(&format!("/neurovisor/vm-{}", cfg.id))),
         "{own}"
     );
 

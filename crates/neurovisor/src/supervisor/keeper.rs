@@ -89,6 +89,8 @@ impl Keeper {
             // between is caught by the check instead.
             check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM))?;
             if libc::getppid() != self.parent {
+                // The owner died while forking us: nobody else will remove the cgroup.
+                self.remove_cgroups();
                 libc::_exit(137);
             }
             // Signals wait in the mask until the keeper asks for them; the
@@ -107,7 +109,11 @@ impl Keeper {
             if pid > 0 {
                 self.keep(pid, &all);
             }
-            check(libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()))?;
+            check(libc::pthread_sigmask(
+                libc::SIG_SETMASK,
+                &old,
+                std::ptr::null_mut(),
+            ))?;
             check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL))?;
             if libc::getppid() != keeper && self.spec.jail.is_none() {
                 libc::_exit(137);

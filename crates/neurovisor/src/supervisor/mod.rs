@@ -16,11 +16,11 @@
 
 pub mod keeper;
 
-use std::fs::File;
-use std::os::unix::fs::DirBuilderExt;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
 use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -229,10 +229,17 @@ impl Confinement {
 
     /// What a keeper needs to put a VM process into this VM's cgroup (and,
     /// with `jail`, into a jail), and to remove the cgroup if we die.
-    pub fn keeper_spec(&self, jail: Option<std::sync::Arc<crate::security::jail::Prepared>>) -> keeper::KeeperSpec {
+    pub fn keeper_spec(
+        &self,
+        jail: Option<std::sync::Arc<crate::security::jail::Prepared>>,
+    ) -> keeper::KeeperSpec {
         keeper::KeeperSpec {
             cgroup_procs: self.cgroup.as_ref().map(|c| c.procs_files()).unwrap_or_default(),
-            cgroup_dirs: self.cgroup.as_ref().map(|c| c.removal_order()).unwrap_or_default(),
+            cgroup_dirs: self
+                .cgroup
+                .as_ref()
+                .map(|c| c.removal_order())
+                .unwrap_or_default(),
             jail,
         }
     }
@@ -320,7 +327,11 @@ pub fn clean_stale_vms(vms_dir: &Path) -> Vec<PathBuf> {
         }
         match std::fs::remove_dir_all(&path) {
             Ok(()) => {
-                tracing::info!(processes = killed, "removed stale VM directory {}", path.display());
+                tracing::info!(
+                    processes = killed,
+                    "removed stale VM directory {}",
+                    path.display()
+                );
                 removed.push(path);
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

@@ -14,7 +14,6 @@
 //! (Firecracker's logger), `metrics.json`, `vsock.sock` and `vsock.sock_6001`
 //! (the readiness listener, bound before Firecracker starts).
 
-use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -23,11 +22,11 @@ use tokio::net::UnixListener;
 use tokio::process::Command;
 
 use super::fc_api::{self, ApiClient, RateLimiter};
-use crate::supervisor::keeper::KeeperSpec;
-use super::jailer::{self, IdLease, IdPool, IdRange, Jail, JailSpec};
+use super::jailer::{self, IdPool, IdRange, Jail, JailSpec};
 use super::process::{wait_for_path, Helper};
 use super::{base_cmdline, find_binary, log_tail, Vm, VmConfig, VmmBackend, VmmError};
 use crate::channel::{vsock, HybridVsock};
+use crate::supervisor::{Confinement, Supervisor};
 use neurovisor_proto::{GUEST_AGENT_PORT, GUEST_READY_PORT};
 
 /// The guest's vsock CID (each VM has its own vsock device and socket).
@@ -116,12 +115,13 @@ struct JailSetup {
     ip: PathBuf,
     exec_name: String,
     cgroup_version: u8,
-    ids: IdPool,
 }
 
 #[derive(Debug, Clone)]
 pub struct FirecrackerBackend {
     firecracker: PathBuf,
+    /// Cgroups, jail uids, owner locks: the same for every backend.
+    supervisor: Supervisor,
     jail: Option<JailSetup>,
     jailer_reason: String,
     drive_rate_limiter: Option<RateLimiter>,
@@ -164,12 +164,13 @@ impl FirecrackerBackend {
                     hint: jailer::IP_HINT.into(),
                 })?,
                 cgroup_version: jailer::cgroup_version(),
-                ids: IdPool::new(opts.jail_ids),
                 jailer,
             }),
         };
         tracing::info!(firecracker = %firecracker.display(), "{jailer_reason}");
+        let ids = jail.is_some().then(|| IdPool::new(opts.jail_ids));
         Ok(Self {
+            supervisor: Supervisor::new(ids),
             firecracker,
             jail,
             jailer_reason,
@@ -201,15 +202,9 @@ impl FirecrackerBackend {
             )));
         }
         let dir = cfg.vm_dir();
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir.parent().unwrap_or(Path::new("/")))
-            .and_then(|_| std::fs::DirBuilder::new().mode(0o700).create(&dir))
-            .map_err(|source| VmmError::StateDir {
-                path: dir.clone(),
-                source,
-            })?;
+        // Directory, cgroup (the keeper puts Firecracker, or its jailer, into
+        // it), uid lease: dropping it releases them.
+        let conf = self.supervisor.confine(cfg)?;
         let layout = match &self.jail {
             None => Layout::Direct(dir.clone()),
             Some(j) => Layout::Jailed(
@@ -231,8 +226,7 @@ impl FirecrackerBackend {
             ready: Readiness::Done,
             process: None,
             jail: None,
-            ids: None,
-            removed: false,
+            conf,
         };
         let mut cmd;
         let what;
@@ -250,7 +244,10 @@ impl FirecrackerBackend {
                 what = "firecracker";
             }
             Some(setup) => {
-                let ids = vm.ids.insert(setup.ids.lease()?);
+                let ids = vm
+                    .conf
+                    .ids()
+                    .ok_or_else(|| VmmError::Jail("jailed VM without a uid lease".into()))?;
                 let (uid, gid) = (ids.uid, ids.gid);
                 let jail = vm.jail.insert(Jail::new(
                     &cfg.state_dir.join(jailer::CHROOT_DIR),
@@ -258,7 +255,6 @@ impl FirecrackerBackend {
                     &cfg.id,
                     uid,
                     gid,
-                    setup.cgroup_version,
                 ));
                 jail.prepare(&cfg.kernel, &cfg.rootfs, &[LOG, METRICS])?;
                 jail.create_netns(&setup.ip, &format!("nv-{}", cfg.id)).await?;
@@ -269,7 +265,10 @@ impl FirecrackerBackend {
                     gid,
                     chroot_base: cfg.state_dir.join(jailer::CHROOT_DIR),
                     cgroup_version: setup.cgroup_version,
-                    memory_limit_bytes: JailSpec::memory_limit_for(cfg.size.memory_mib()),
+                    vm_cgroup: vm
+                        .conf
+                        .cgroup()
+                        .map(|c| format!("{}/{}", jailer::PARENT_CGROUP, c.name())),
                     netns: jail.netns_path(),
                 };
                 cmd = Command::new(&setup.jailer);
@@ -287,7 +286,9 @@ impl FirecrackerBackend {
         } else {
             vm.ready = Readiness::AgentProbe;
         }
-        let process = vm.process.insert(Helper::spawn(what, cmd, &vm.vmm_log, KeeperSpec::default())?);
+        let process = vm
+            .process
+            .insert(Helper::spawn(what, cmd, &vm.vmm_log, vm.conf.keeper_spec(None))?);
         wait_for_path(
             &vm.layout.host(API_SOCK),
             process,
@@ -382,6 +383,10 @@ impl VmmBackend for FirecrackerBackend {
         "firecracker"
     }
 
+    fn live_vms(&self) -> crate::supervisor::LiveVms {
+        self.supervisor.live().clone()
+    }
+
     async fn spawn(&self, cfg: &VmConfig) -> Result<Box<dyn Vm>, VmmError> {
         let vm = self.start(cfg, true).await?;
         self.configure_boot(&vm, cfg).await?;
@@ -466,8 +471,8 @@ pub struct FirecrackerVm {
     ready: Readiness,
     process: Option<Helper>,
     jail: Option<Jail>,
-    ids: Option<IdLease>,
-    removed: bool,
+    /// Directory, cgroup, uid lease: released once the process is stopped.
+    conf: Confinement,
 }
 
 /// Waits until the guest agent's port accepts a hybrid-vsock connection.
@@ -529,22 +534,10 @@ impl FirecrackerVm {
             p.stop(grace).await;
         }
         self.ready = Readiness::Done;
-        self.remove_files();
-    }
-
-    fn remove_files(&mut self) {
         if let Some(mut jail) = self.jail.take() {
             jail.cleanup();
         }
-        self.ids = None;
-        if !self.removed {
-            if let Err(e) = std::fs::remove_dir_all(&self.dir) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    tracing::warn!(vm = %self.id, "cannot remove {}: {e}", self.dir.display());
-                }
-            }
-            self.removed = true;
-        }
+        self.conf.release().await;
     }
 
     /// Moves a file Firecracker wrote inside the jail to where the caller wants it.
@@ -691,7 +684,10 @@ impl Drop for FirecrackerVm {
                 tracing::warn!(vm = %self.id, pid, "Firecracker still running 1 s after SIGKILL");
             }
         }
-        self.remove_files();
+        if let Some(mut jail) = self.jail.take() {
+            jail.cleanup();
+        }
+        // `conf`'s Drop removes the cgroup and the directory.
     }
 }
 

@@ -54,8 +54,6 @@ pub const PARENT_CGROUP: &str = "neurovisor";
 /// distribution users and the usual subordinate-id ranges (100000+).
 pub const DEFAULT_ID_BASE: u32 = 1_000_000_000;
 pub const DEFAULT_ID_COUNT: u32 = 65_536;
-/// What the cgroup memory limit allows beyond guest memory (VMM, page tables, caches).
-const MEMORY_OVERHEAD_MIB: u64 = 128;
 
 /// File names inside the chroot, as Firecracker sees them (`/<name>`).
 pub const API_SOCK: &str = "firecracker.sock";
@@ -189,7 +187,8 @@ impl IdPool {
         }
         for slot in (0..self.range.count).filter(|s| !used.contains(s)) {
             let uid = self.range.uid_base + slot;
-            let Some(lock) = crate::supervisor::FileLock::try_acquire(&self.lock_dir.join(uid.to_string())).map_err(io)?
+            let Some(lock) =
+                crate::supervisor::FileLock::try_acquire(&self.lock_dir.join(uid.to_string())).map_err(io)?
             else {
                 continue;
             };
@@ -228,16 +227,13 @@ pub struct JailSpec {
     pub gid: u32,
     pub chroot_base: PathBuf,
     pub cgroup_version: u8,
-    pub memory_limit_bytes: u64,
+    /// The VM's cgroup (`neurovisor/vm-<id>`, made by the supervisor), which
+    /// the jailer already runs in: its keeper put it there.
+    pub vm_cgroup: Option<String>,
     pub netns: Option<PathBuf>,
 }
 
 impl JailSpec {
-    /// The memory limit of a VM with `mem_mib` of guest memory.
-    pub fn memory_limit_for(mem_mib: u32) -> u64 {
-        (u64::from(mem_mib) + MEMORY_OVERHEAD_MIB) << 20
-    }
-
     /// The jailer's arguments; after `--` come Firecracker's (the jailer adds `--id`).
     pub fn args(&self) -> Vec<String> {
         let mut a: Vec<String> = Vec::new();
@@ -251,13 +247,12 @@ impl JailSpec {
         push("--gid", self.gid.to_string());
         push("--chroot-base-dir", self.chroot_base.display().to_string());
         push("--cgroup-version", self.cgroup_version.to_string());
-        push("--parent-cgroup", PARENT_CGROUP.to_string());
-        let mem = if self.cgroup_version == 2 {
-            "memory.max"
-        } else {
-            "memory.limit_in_bytes"
-        };
-        push("--cgroup", format!("{mem}={}", self.memory_limit_bytes));
+        // No `--cgroup`: the jailer then makes no cgroup of its own. On v2 it
+        // moves itself into `<root>/<parent cgroup>` (default: the exec
+        // file's name) if that exists; naming the VM's cgroup keeps it there.
+        if let Some(cg) = &self.vm_cgroup {
+            push("--parent-cgroup", cg.clone());
+        }
         if let Some(ns) = &self.netns {
             push("--netns", ns.display().to_string());
         }
@@ -300,28 +295,19 @@ pub struct Jail {
     root: PathBuf,
     uid: u32,
     gid: u32,
-    cgroup_dirs: Vec<PathBuf>,
     netns: Option<NetNs>,
     cleaned: bool,
 }
 
 impl Jail {
     /// Where the jailer will put the VM's chroot.
-    pub fn new(
-        chroot_base: &Path,
-        exec_name: &str,
-        id: &str,
-        uid: u32,
-        gid: u32,
-        cgroup_version: u8,
-    ) -> Self {
+    pub fn new(chroot_base: &Path, exec_name: &str, id: &str, uid: u32, gid: u32) -> Self {
         let jail_dir = chroot_base.join(exec_name).join(id);
         Self {
             root: jail_dir.join("root"),
             jail_dir,
             uid,
             gid,
-            cgroup_dirs: cgroup_dirs(cgroup_version, id),
             netns: None,
             cleaned: false,
         }
@@ -435,8 +421,8 @@ impl Jail {
         Ok(())
     }
 
-    /// Removes the chroot (with everything linked or copied into it), the
-    /// cgroup and the network namespace. Call after the VMM has exited.
+    /// Removes the chroot (with everything linked or copied into it) and the
+    /// network namespace (the cgroup is the supervisor's). Call after the VMM has exited.
     pub fn cleanup(&mut self) {
         if self.cleaned {
             return;
@@ -450,26 +436,6 @@ impl Jail {
         // The exec-name directory is shared by all VMs; remove it when it is the last.
         if let Some(parent) = self.jail_dir.parent() {
             let _ = std::fs::remove_dir(parent);
-        }
-        for dir in &self.cgroup_dirs {
-            // A cgroup directory is removed with rmdir once it has no processes;
-            // the threads of a just-killed VMM may take a moment to leave it.
-            let deadline = std::time::Instant::now() + std::time::Duration::from_millis(500);
-            loop {
-                match std::fs::remove_dir(dir) {
-                    Ok(()) => break,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
-                    Err(e)
-                        if e.raw_os_error() == Some(libc::EBUSY) && std::time::Instant::now() < deadline =>
-                    {
-                        std::thread::sleep(std::time::Duration::from_millis(5));
-                    }
-                    Err(e) => {
-                        tracing::warn!("cannot remove cgroup {}: {e}", dir.display());
-                        break;
-                    }
-                }
-            }
         }
         if let Some(ns) = self.netns.take() {
             ns.delete();
@@ -502,7 +468,7 @@ pub fn clean_leftover_jails(state_dir: &Path) -> usize {
                 // Let the kill land before the cgroup is removed.
                 std::thread::sleep(std::time::Duration::from_millis(100));
             }
-            let mut jail = Jail::new(&base, &exec_name, &id, 0, 0, cgroup_version());
+            let mut jail = Jail::new(&base, &exec_name, &id, 0, 0);
             if Path::new("/run/netns").join(format!("nv-{id}")).exists() {
                 jail.netns = find_ip().map(|ip| NetNs {
                     ip,
@@ -534,28 +500,6 @@ pub fn find_ip() -> Option<PathBuf> {
 pub enum Placed {
     Linked,
     Copied,
-}
-
-/// The cgroup directories the jailer creates for `id` (those of the memory controller).
-fn cgroup_dirs(version: u8, id: &str) -> Vec<PathBuf> {
-    let bases: Vec<PathBuf> = if version == 2 {
-        vec![PathBuf::from("/sys/fs/cgroup")]
-    } else {
-        // v1: wherever the memory controller is mounted.
-        std::fs::read_to_string("/proc/mounts")
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| {
-                let f: Vec<&str> = l.split_whitespace().collect();
-                (f.len() >= 4 && f[2] == "cgroup" && f[3].split(',').any(|o| o == "memory"))
-                    .then(|| PathBuf::from(f[1]))
-            })
-            .collect()
-    };
-    bases
-        .into_iter()
-        .map(|b| b.join(PARENT_CGROUP).join(id))
-        .collect()
 }
 
 /// A named network namespace (`/run/netns/<name>`), deleted when dropped.
@@ -639,7 +583,7 @@ mod tests {
             gid: 1_000_000_007,
             chroot_base: "/run/neurovisor/j".into(),
             cgroup_version: version,
-            memory_limit_bytes: JailSpec::memory_limit_for(256),
+            vm_cgroup: Some("neurovisor/vm-0190e1e2-aaaa-7bbb-8ccc-123456789abc".into()),
             netns: Some("/run/netns/nv-0190e1e2".into()),
         }
     }
@@ -651,12 +595,15 @@ mod tests {
             a,
             "--id 0190e1e2-aaaa-7bbb-8ccc-123456789abc --exec-file /usr/local/bin/firecracker \
              --uid 1000000007 --gid 1000000007 --chroot-base-dir /run/neurovisor/j \
-             --cgroup-version 2 --parent-cgroup neurovisor --cgroup memory.max=402653184 \
+             --cgroup-version 2 --parent-cgroup neurovisor/vm-0190e1e2-aaaa-7bbb-8ccc-123456789abc \
              --netns /run/netns/nv-0190e1e2 -- --api-sock /firecracker.sock"
         );
         let v1 = spec(1).args().join(" ");
         assert!(v1.contains("--cgroup-version 1 "), "{v1}");
-        assert!(v1.contains("--cgroup memory.limit_in_bytes=402653184 "), "{v1}");
+        assert!(
+            !v1.contains("--cgroup "),
+            "the jailer makes no cgroup of its own: {v1}"
+        );
         let no_ns = JailSpec {
             netns: None,
             ..spec(2)
@@ -732,7 +679,7 @@ mod tests {
         std::fs::set_permissions(&rootfs, std::fs::Permissions::from_mode(0o600)).expect("chmod");
         let (uid, gid) = me();
         let base = state.path().join(CHROOT_DIR);
-        let mut jail = Jail::new(&base, "firecracker", "vm-1", uid, gid, 2);
+        let mut jail = Jail::new(&base, "firecracker", "vm-1", uid, gid);
         assert_eq!(jail.root(), base.join("firecracker/vm-1/root"));
         jail.prepare(&kernel, &rootfs, &["firecracker.log", "metrics.json"])
             .expect("prepare");
@@ -778,7 +725,7 @@ mod tests {
         let rootfs = src.path().join("images/vmlinux");
         let (uid, gid) = me();
         let base = state.path().join(CHROOT_DIR);
-        let jail = Jail::new(&base, "firecracker", "vm-s", uid, gid, 2);
+        let jail = Jail::new(&base, "firecracker", "vm-s", uid, gid);
         jail.prepare(&link, &rootfs, &[]).expect("prepare");
         for name in [KERNEL, ROOTFS] {
             let placed = jail.host_path(name);
@@ -811,7 +758,7 @@ mod tests {
         let (uid, gid) = me();
         let base = state.path().join(CHROOT_DIR);
         for id in ["a-1", "b-2"] {
-            let mut j = Jail::new(&base, "firecracker", id, uid, gid, 2);
+            let mut j = Jail::new(&base, "firecracker", id, uid, gid);
             j.prepare(&src, &src, &["firecracker.log"]).expect("prepare");
             // As if the daemon had died: nothing cleaned.
             j.cleaned = true;
@@ -829,8 +776,8 @@ mod tests {
         std::fs::write(&src, b"k").expect("write");
         let (uid, gid) = me();
         let base = state.path().join(CHROOT_DIR);
-        let a = Jail::new(&base, "firecracker", "a", uid, gid, 1);
-        let b = Jail::new(&base, "firecracker", "b", uid, gid, 1);
+        let a = Jail::new(&base, "firecracker", "a", uid, gid);
+        let b = Jail::new(&base, "firecracker", "b", uid, gid);
         a.prepare(&src, &src, &[]).expect("a");
         b.prepare(&src, &src, &[]).expect("b");
         drop(a);

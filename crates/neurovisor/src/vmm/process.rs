@@ -33,7 +33,12 @@ pub struct Helper {
 impl Helper {
     /// Spawns `cmd` under a keeper (`spec`: cgroup, jail), with output
     /// appended to `log`. `cmd` must have no `pre_exec` hooks of its own.
-    pub fn spawn(what: &'static str, mut cmd: Command, log: &Path, spec: KeeperSpec) -> Result<Self, VmmError> {
+    pub fn spawn(
+        what: &'static str,
+        mut cmd: Command,
+        log: &Path,
+        spec: KeeperSpec,
+    ) -> Result<Self, VmmError> {
         let err = |source| VmmError::Spawn {
             what: what.to_string(),
             source,
@@ -96,8 +101,14 @@ impl Helper {
             return;
         }
         self.terminate();
-        if tokio::time::timeout(KEEPER_GRACE, self.child.wait()).await.is_err() {
-            tracing::warn!(what = self.what, "keeper did not stop in {KEEPER_GRACE:?}; killing it");
+        if tokio::time::timeout(KEEPER_GRACE, self.child.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                what = self.what,
+                "keeper did not stop in {KEEPER_GRACE:?}; killing it"
+            );
             let _ = self.child.start_kill();
             let _ = self.child.wait().await;
         }
@@ -107,7 +118,8 @@ impl Helper {
     /// Asks the keeper to kill and reap the VM process.
     fn terminate(&self) {
         if let Some(pid) = self.child.id().and_then(|p| i32::try_from(p).ok()) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
         }
     }
 }

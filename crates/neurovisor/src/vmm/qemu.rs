@@ -20,10 +20,10 @@ use super::process::{wait_for_path, Helper};
 use super::qmp::Qmp;
 use super::{base_cmdline, find_binary, log_tail, Vm, VmConfig, VmmBackend, VmmError};
 use crate::channel::{vsock, HybridVsock};
-use crate::supervisor::keeper::KeeperSpec;
-use crate::supervisor::{Confinement, Supervisor};
 use crate::security::jail::{self, Bind, JailLimits, JailSpec};
 use crate::security::seccomp;
+use crate::supervisor::keeper::KeeperSpec;
+use crate::supervisor::{Confinement, Supervisor};
 use neurovisor_proto::GUEST_READY_PORT;
 
 /// The guest's vsock CID; every VM has its own vsock daemon, so it can be the same.
@@ -396,9 +396,12 @@ impl VmmBackend for QemuBackend {
             // A group of its own: no sibling guest can ever be reached.
             .arg("--groups")
             .arg(&cfg.id);
-        let vhost = vm
-            .vhost
-            .insert(Helper::spawn("vhost-device-vsock", vhost_cmd, &paths.vmm_log, vhost_spec)?);
+        let vhost = vm.vhost.insert(Helper::spawn(
+            "vhost-device-vsock",
+            vhost_cmd,
+            &paths.vmm_log,
+            vhost_spec,
+        )?);
         wait_for_path(&paths.vhost_sock, vhost, Duration::from_secs(5), &paths.vmm_log).await?;
 
         let (mut qemu_cmd, qemu_spec) = self.command(&self.qemu, cfg, &paths, &vm.conf, true)?;
