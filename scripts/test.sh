@@ -16,6 +16,11 @@ if ! dpkg -s libseccomp-dev >/dev/null 2>&1; then
     apt-get install -y -q libseccomp-dev || { apt-get update -q && apt-get install -y -q libseccomp-dev; }
 fi
 fc_dir=$(bash ../shared/firecracker/build-firecracker.sh)
+# promtool (Debian's prometheus package) checks /metrics in tests/limits.rs.
+if ! command -v promtool >/dev/null 2>&1; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus \
+        || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus; }
+fi
 export FIRECRACKER_BIN="$fc_dir/firecracker" JAILER_BIN="$fc_dir/jailer"
 "$FIRECRACKER_BIN" --version
 

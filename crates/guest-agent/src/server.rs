@@ -76,7 +76,11 @@ pub async fn serve() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     };
     tracing::info!(languages = ?agent.languages, "serving on vsock port {GUEST_AGENT_PORT}");
     let server = tonic::transport::Server::builder()
-        .add_service(ExecutionServiceServer::new(agent))
+        // Every request the host's validation lets through must decode here.
+        .add_service(
+            ExecutionServiceServer::new(agent)
+                .max_decoding_message_size(neurovisor_proto::limits::MAX_REQUEST_BYTES),
+        )
         .serve_with_incoming(listener.incoming());
     tokio::spawn(async {
         if let Err(e) = announce_ready().await {

@@ -8,7 +8,7 @@ use neurovisor_proto::v1::sandbox_client::SandboxClient;
 use neurovisor_proto::v1::{execute_response::Event, ExecuteRequest, LanguagesRequest};
 use tonic::transport::{Channel, Endpoint};
 
-use crate::exec::{ExecOutcome, ExecRequest, Output};
+use crate::exec::{ExecOutcome, ExecRequest, Output, OutputSink};
 use crate::images::Language;
 use crate::server::trace::TRACE_HEADER;
 
@@ -103,7 +103,7 @@ impl DaemonClient {
     pub async fn execute(
         &mut self,
         req: &ExecRequest,
-        on_output: &mut (dyn FnMut(Output<'_>) + Send),
+        on_output: &mut dyn OutputSink,
     ) -> Result<RemoteOutcome, DaemonError> {
         let mut request = tonic::Request::new(ExecuteRequest {
             language: req.language.clone(),
@@ -125,8 +125,8 @@ impl DaemonClient {
             .into_inner();
         while let Some(msg) = stream.message().await.map_err(|s| self.status(s))? {
             match msg.event {
-                Some(Event::Stdout(b)) => on_output(Output::Stdout(&b)),
-                Some(Event::Stderr(b)) => on_output(Output::Stderr(&b)),
+                Some(Event::Stdout(b)) => on_output.write(Output::Stdout(&b)).await,
+                Some(Event::Stderr(b)) => on_output.write(Output::Stderr(&b)).await,
                 Some(Event::Result(r)) => {
                     return Ok(RemoteOutcome {
                         outcome: ExecOutcome {

@@ -27,8 +27,11 @@ use crate::images::{ImageError, ImageSet};
 use crate::security::rate_limit::RateLimitConfig;
 use crate::vmm::{Vm, VmConfig, VmmBackend, VmmError};
 
-pub const MAX_CODE_BYTES: usize = 1 << 20;
-pub const MAX_STDIN_BYTES: usize = 8 << 20;
+pub use neurovisor_proto::limits::{
+    MAX_ARGS, MAX_ARGS_BYTES, MAX_CODE_BYTES, MAX_ENV_BYTES, MAX_ENV_VARS, MAX_REQUEST_BYTES, MAX_STDIN_BYTES,
+};
+/// The largest output cap a request may ask for (per stream).
+pub const MAX_OUTPUT_CAP: u64 = 64 << 20;
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_OUTPUT: u64 = 1 << 20;
@@ -121,6 +124,45 @@ impl BootFault {
     }
 }
 
+/// A request as a transport carries it: zeros mean "the default".
+#[derive(Debug, Clone, Default)]
+pub struct WireRequest {
+    pub language: String,
+    pub code: String,
+    pub args: Vec<String>,
+    pub stdin: Vec<u8>,
+    pub env: Vec<(String, String)>,
+    pub timeout_ms: u32,
+    pub max_output_bytes: u64,
+    pub trace_id: String,
+}
+
+/// A POSIX-portable environment variable name.
+fn valid_env_name(k: &str) -> bool {
+    let mut chars = k.chars();
+    matches!(chars.next(), Some(c) if c == '_' || c.is_ascii_alphabetic())
+        && chars.all(|c| c == '_' || c.is_ascii_alphanumeric())
+        && k.len() <= 256
+}
+
+/// `s` shortened to `max` characters with control characters escaped, for
+/// quoting untrusted text in an error message or a log line.
+pub fn printable(s: &str, max: usize) -> String {
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i == max {
+            out.push('…');
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// What to run.
 #[derive(Debug, Clone, Serialize)]
 pub struct ExecRequest {
@@ -149,7 +191,36 @@ impl ExecRequest {
         }
     }
 
-    /// Checks the request against the image before any VM is booted.
+    /// Builds a request from a transport's fields, resolving "0 means
+    /// default" here and nowhere else, then validates it against the image.
+    /// Every transport (CLI, gRPC, agent, MCP, ...) comes through here or
+    /// [`ExecRequest::validate`].
+    pub fn from_wire(w: WireRequest, image: &ImageSet) -> Result<Self, ExecError> {
+        let req = Self {
+            language: w.language,
+            code: w.code,
+            args: w.args,
+            stdin: w.stdin,
+            env: w.env.into_iter().collect(),
+            timeout: if w.timeout_ms == 0 {
+                DEFAULT_TIMEOUT
+            } else {
+                Duration::from_millis(u64::from(w.timeout_ms))
+            },
+            max_output_bytes: if w.max_output_bytes == 0 {
+                DEFAULT_MAX_OUTPUT
+            } else {
+                w.max_output_bytes
+            },
+            trace_id: w.trace_id,
+        };
+        req.validate(image)?;
+        Ok(req)
+    }
+
+    /// Checks the request against the image before any VM is booted: all the
+    /// guest agent would refuse, and the host's own limits. The message starts
+    /// with the field's name and says what would be accepted.
     pub fn validate(&self, image: &ImageSet) -> Result<(), ExecError> {
         let bad = |m: String| Err(ExecError::InvalidRequest(m));
         let available = if image.languages.is_empty() {
@@ -158,44 +229,92 @@ impl ExecRequest {
             image.language_names()
         };
         if self.language.is_empty() {
-            return bad(format!("no language given; available: {available}"));
+            return bad(format!("language: none given; available: {available}"));
         }
         if !image.languages.is_empty() && !image.has_language(&self.language) {
-            let mut msg = format!("unknown language '{}'; available: {available}", self.language);
+            let mut msg = format!(
+                "language: unknown language '{}'; available: {available}",
+                printable(&self.language, 64)
+            );
             if matches!(self.language.as_str(), "go" | "rust") {
                 msg.push_str(" (go and rust are in the full image: build it with `neurovisor images build --image full`, then pass --image full)");
             }
             return bad(msg);
         }
         if self.code.trim().is_empty() {
-            return bad("code is empty; pass the program's source".into());
+            return bad("code: empty; pass the program's source".into());
         }
         if self.code.len() > MAX_CODE_BYTES {
             return bad(format!(
-                "code is {} bytes; the limit is {MAX_CODE_BYTES} bytes",
+                "code: {} bytes; the limit is {MAX_CODE_BYTES} bytes",
                 self.code.len()
             ));
         }
+        if self.code.contains('\0') {
+            return bad("code: contains a NUL byte; source text cannot hold one".into());
+        }
         if self.stdin.len() > MAX_STDIN_BYTES {
             return bad(format!(
-                "stdin is {} bytes; the limit is {MAX_STDIN_BYTES} bytes",
+                "stdin: {} bytes; the limit is {MAX_STDIN_BYTES} bytes",
                 self.stdin.len()
             ));
         }
         if self.timeout.is_zero() || self.timeout > MAX_TIMEOUT {
             return bad(format!(
-                "timeout {:?} is out of range; it must be between 1 ms and {} s",
+                "timeout: {:?} is out of range; it must be between 1 ms and {} s",
                 self.timeout,
                 MAX_TIMEOUT.as_secs()
             ));
         }
-        if self.max_output_bytes == 0 {
-            return bad("max output bytes must be at least 1".into());
+        if self.max_output_bytes == 0 || self.max_output_bytes > MAX_OUTPUT_CAP {
+            return bad(format!(
+                "max_output_bytes: {} is out of range; it must be between 1 and {MAX_OUTPUT_CAP}",
+                self.max_output_bytes
+            ));
         }
-        for k in self.env.keys() {
-            if k.is_empty() || k.contains('=') || k.contains('\0') {
-                return bad(format!("invalid environment variable name '{k}'"));
+        if self.args.len() > MAX_ARGS {
+            return bad(format!(
+                "args: {} arguments; the limit is {MAX_ARGS}",
+                self.args.len()
+            ));
+        }
+        let args_bytes: usize = self.args.iter().map(String::len).sum();
+        if args_bytes > MAX_ARGS_BYTES {
+            return bad(format!(
+                "args: {args_bytes} bytes in all; the limit is {MAX_ARGS_BYTES}"
+            ));
+        }
+        if let Some(i) = self.args.iter().position(|a| a.contains('\0')) {
+            return bad(format!("args[{i}]: contains a NUL byte"));
+        }
+        if self.env.len() > MAX_ENV_VARS {
+            return bad(format!(
+                "env: {} variables; the limit is {MAX_ENV_VARS}",
+                self.env.len()
+            ));
+        }
+        let env_bytes: usize = self.env.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if env_bytes > MAX_ENV_BYTES {
+            return bad(format!(
+                "env: {env_bytes} bytes in all; the limit is {MAX_ENV_BYTES}"
+            ));
+        }
+        for (k, v) in &self.env {
+            if !valid_env_name(k) {
+                return bad(format!(
+                    "env: invalid variable name '{}'; names are letters, digits and _, not starting with a digit",
+                    printable(k, 64)
+                ));
             }
+            if k == "NEUROVISOR_TRACE_ID" {
+                return bad("env: NEUROVISOR_TRACE_ID is set by NeuroVisor; pass the trace id instead (x-trace-id, --trace-id)".into());
+            }
+            if v.contains('\0') {
+                return bad(format!("env: the value of {k} contains a NUL byte"));
+            }
+        }
+        if self.trace_id.len() > 128 || self.trace_id.chars().any(|c| c.is_control()) {
+            return bad("trace_id: at most 128 characters, no control characters".into());
         }
         Ok(())
     }
@@ -222,6 +341,34 @@ impl ExecRequest {
 pub enum Output<'a> {
     Stdout(&'a [u8]),
     Stderr(&'a [u8]),
+}
+
+impl Output<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            Output::Stdout(b) | Output::Stderr(b) => b.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Where output goes while an execution runs. `write` may wait (a bounded
+/// channel to a slow client): the host then stops reading from the guest, and
+/// HTTP/2 flow control holds the guest agent, which holds the program. Plain
+/// closures are sinks that never wait.
+#[async_trait::async_trait]
+pub trait OutputSink: Send {
+    async fn write(&mut self, out: Output<'_>);
+}
+
+#[async_trait::async_trait]
+impl<F: FnMut(Output<'_>) + Send> OutputSink for F {
+    async fn write(&mut self, out: Output<'_>) {
+        self(out)
+    }
 }
 
 /// How an execution ended.
@@ -457,7 +604,7 @@ impl Sandbox {
         &self,
         req: &ExecRequest,
         size: VmSize,
-        on_output: &mut (dyn FnMut(Output<'_>) + Send),
+        on_output: &mut dyn OutputSink,
     ) -> Result<ExecOutcome, ExecError> {
         req.validate(&self.images)?;
         let started = Instant::now();
@@ -489,7 +636,7 @@ async fn guest_client(stream: GuestStream) -> Result<ExecutionServiceClient<Chan
         .map_err(|e| GuestError::Connect(e.to_string()))?;
     Ok(ExecutionServiceClient::new(channel)
         .max_decoding_message_size(16 << 20)
-        .max_encoding_message_size(16 << 20))
+        .max_encoding_message_size(MAX_REQUEST_BYTES))
 }
 
 /// A booted VM whose agent is serving. Serves one execution.
@@ -532,7 +679,7 @@ impl ReadyVm {
     pub async fn execute(
         &mut self,
         req: &ExecRequest,
-        on_output: &mut (dyn FnMut(Output<'_>) + Send),
+        on_output: &mut dyn OutputSink,
     ) -> Result<ExecOutcome, ExecError> {
         let started = Instant::now();
         let deadline = req.timeout + HOST_DEADLINE_SLACK;
@@ -545,8 +692,8 @@ impl ReadyVm {
                 .into_inner();
             while let Some(ev) = stream.message().await.map_err(GuestError::from)? {
                 match ev.event {
-                    Some(Event::Stdout(b)) => on_output(Output::Stdout(&b)),
-                    Some(Event::Stderr(b)) => on_output(Output::Stderr(&b)),
+                    Some(Event::Stdout(b)) => on_output.write(Output::Stdout(&b)).await,
+                    Some(Event::Stderr(b)) => on_output.write(Output::Stderr(&b)).await,
                     Some(Event::Exit(status)) => return Ok(status),
                     None => {}
                 }
@@ -609,8 +756,8 @@ mod tests {
     fn validation_names_the_problem_and_the_fix() {
         assert!(err(&ExecRequest::new("cobol", "x")).contains("unknown language 'cobol'; available: python"));
         assert!(err(&ExecRequest::new("go", "x")).contains("--image full"));
-        assert!(err(&ExecRequest::new("python", " ")).contains("code is empty"));
-        assert!(err(&ExecRequest::new("", "x")).contains("no language"));
+        assert!(err(&ExecRequest::new("python", " ")).contains("code: empty"));
+        assert!(err(&ExecRequest::new("", "x")).contains("language: none given"));
         assert!(err(&ExecRequest::new("python", "x".repeat(MAX_CODE_BYTES + 1))).contains("limit"));
         let mut r = ExecRequest::new("python", "print(1)");
         r.timeout = Duration::from_secs(7200);

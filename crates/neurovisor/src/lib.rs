@@ -33,4 +33,4 @@ pub mod supervisor;
 pub mod vmm;
 
 pub use config::VmSize;
-pub use exec::{ExecError, ExecOutcome, ExecRequest, Output, Sandbox};
+pub use exec::{ExecError, ExecOutcome, ExecRequest, Output, OutputSink, Sandbox};

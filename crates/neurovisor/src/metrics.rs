@@ -7,43 +7,122 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+/// A label value. Every value is escaped on output (the text format's `\\`,
+/// `\"` and newline escapes: prometheus-client writes values as they are),
+/// and values that come from requests go through a bounded set first
+/// ([`Metrics::language`], [`Metrics::model`]), so no client can forge a line
+/// or grow the number of series without end.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Label(String);
+
+impl Label {
+    /// A value from the program itself (a method, an outcome, a VM id).
+    pub fn fixed(v: impl Into<String>) -> Self {
+        Self(v.into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The value every request-supplied label outside its bounded set becomes.
+pub const OTHER: &str = "other";
+/// Models with a series of their own; any further model is `other`.
+pub const MAX_MODEL_LABELS: usize = 32;
+/// Languages with a series of their own (the image's; unknown ones are `other`).
+pub const MAX_LANGUAGE_LABELS: usize = 32;
+
+impl prometheus_client::encoding::EncodeLabelValue for Label {
+    fn encode(
+        &self,
+        encoder: &mut prometheus_client::encoding::LabelValueEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write;
+        for c in self.0.chars() {
+            match c {
+                '\\' => encoder.write_str("\\\\")?,
+                '"' => encoder.write_str("\\\"")?,
+                '\n' => encoder.write_str("\\n")?,
+                c => encoder.write_char(c)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A request-supplied name fit to be a label value of its own: short, and
+/// only the characters model and language names use.
+fn plain_name(v: &str) -> bool {
+    !v.is_empty()
+        && v.len() <= 100
+        && v
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':' | '/' | '+'))
+}
+
+/// A bounded set of label values: names allowed up front (configured), plus
+/// names confirmed later (a model the LLM server answered for), up to a cap.
+#[derive(Debug, Default)]
+struct LabelSet {
+    names: std::sync::Mutex<std::collections::BTreeSet<String>>,
+}
+
+impl LabelSet {
+    fn admit(&self, v: &str, cap: usize) {
+        if !plain_name(v) {
+            return;
+        }
+        if let Ok(mut n) = self.names.lock() {
+            if n.len() < cap || n.contains(v) {
+                n.insert(v.to_string());
+            }
+        }
+    }
+
+    fn label(&self, v: &str) -> Label {
+        let known = self.names.lock().map(|n| n.contains(v)).unwrap_or(false);
+        Label(if known { v.to_string() } else { OTHER.to_string() })
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LanguageLabel {
-    pub language: String,
+    pub language: Label,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MethodLabel {
-    pub method: String,
+    pub method: Label,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ModelLabel {
-    pub model: String,
+    pub model: Label,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StatusLabel {
     /// Agent tasks: answer | max_iterations | llm_error
-    pub status: String,
+    pub status: Label,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabel {
-    pub language: String,
+    pub language: Label,
     /// ok | nonzero_exit | timeout | oom | error
-    pub outcome: String,
+    pub outcome: Label,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VmLabel {
-    pub vm_id: String,
+    pub vm_id: Label,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabel {
     /// What ran out: bytes | ops
-    pub kind: String,
+    pub kind: Label,
 }
 
 /// Counters of the guest channel's rate limiters. The vsock layer lives below
@@ -61,7 +140,9 @@ impl VsockCounters {
     /// The `kind` counter of `neurovisor_vsock_throttled_total`.
     pub fn throttled(&self, kind: &str) -> Counter {
         self.throttled
-            .get_or_create(&KindLabel { kind: kind.into() })
+            .get_or_create(&KindLabel {
+                kind: Label::fixed(kind),
+            })
             .clone()
     }
 }
@@ -119,6 +200,8 @@ pub struct Metrics {
     pub cgroup_tasks: Family<VmLabel, Gauge>,
     /// Where the per-VM series come from (the backend's supervisor).
     live_vms: std::sync::Mutex<crate::supervisor::LiveVms>,
+    models: LabelSet,
+    languages: LabelSet,
 }
 
 impl Default for Metrics {
@@ -132,6 +215,8 @@ impl Metrics {
         let mut registry = Registry::with_prefix("neurovisor");
         let m = Self {
             live_vms: Default::default(),
+            models: LabelSet::default(),
+            languages: LabelSet::default(),
             pool_warm_vms: Gauge::default(),
             pool_active_vms: Gauge::default(),
             pool_booting_vms: Gauge::default(),
@@ -307,7 +392,9 @@ impl Metrics {
         self.cgroup_cpu_throttled.clear();
         self.cgroup_tasks.clear();
         for (vm_id, st) in live {
-            let l = VmLabel { vm_id };
+            let l = VmLabel {
+                vm_id: Label::fixed(vm_id),
+            };
             if let Some(v) = st.memory_usage_bytes() {
                 self.cgroup_memory_usage_bytes.get_or_create(&l).set(v as i64);
             }
@@ -320,10 +407,33 @@ impl Metrics {
         }
     }
 
+    /// Languages that get series of their own (the image's).
+    pub fn allow_languages<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
+        for n in names {
+            self.languages.admit(n, MAX_LANGUAGE_LABELS);
+        }
+    }
+
+    /// A model that gets series of its own: the configured one, or one the
+    /// LLM server answered for (up to [`MAX_MODEL_LABELS`]).
+    pub fn allow_model(&self, name: &str) {
+        self.models.admit(name, MAX_MODEL_LABELS);
+    }
+
+    /// The label for a request's language: itself if the image has it, else `other`.
+    pub fn language(&self, name: &str) -> Label {
+        self.languages.label(name)
+    }
+
+    /// The label for a request's model: itself if allowed, else `other`.
+    pub fn model(&self, name: &str) -> Label {
+        self.models.label(name)
+    }
+
     pub fn observe_grpc(&self, method: &str, started: std::time::Instant) {
         self.grpc_request_duration_seconds
             .get_or_create(&MethodLabel {
-                method: method.to_string(),
+                method: Label::fixed(method),
             })
             .observe(started.elapsed().as_secs_f64());
     }
@@ -336,21 +446,23 @@ mod tests {
     #[test]
     fn exposes_the_documented_names() {
         let m = Metrics::new();
+        m.allow_languages(["python"]);
+        m.allow_model("qwen3");
         m.code_execution_duration_seconds
             .get_or_create(&LanguageLabel {
-                language: "python".into(),
+                language: m.language("python"),
             })
             .observe(0.1);
         m.observe_grpc("Execute", std::time::Instant::now());
         m.agent_tasks
             .get_or_create(&StatusLabel {
-                status: "answer".into(),
+                status: Label::fixed("answer"),
             })
             .inc();
         m.agent_iterations_total.observe(2.0);
         m.llm_call_duration_seconds
             .get_or_create(&ModelLabel {
-                model: "qwen3".into(),
+                model: m.model("qwen3"),
             })
             .observe(0.5);
         let limiter =
@@ -381,5 +493,40 @@ mod tests {
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }
+    }
+
+    #[test]
+    fn request_supplied_labels_are_bounded_and_escaped() {
+        let m = Metrics::new();
+        m.allow_model("qwen3");
+        let forged = "a\"} 1\nneurovisor_pool_warm_vms 1e9\n#";
+        m.allow_model(forged); // not a plain name: never admitted
+        for i in 0..100 {
+            m.allow_model(&format!("model-{i}"));
+        }
+        m.allow_model(&"x".repeat(5000));
+        for name in [forged.to_string(), "x".repeat(5000), "model-99".into(), "qwen3".into(), "model-0".into()] {
+            m.inference_requests
+                .get_or_create(&ModelLabel { model: m.model(&name) })
+                .inc();
+        }
+        // A label that did get through unbounded (a VM id is ours) is still escaped.
+        m.executions
+            .get_or_create(&OutcomeLabel {
+                language: Label::fixed("a\"b\\c\nd"),
+                outcome: Label::fixed("ok"),
+            })
+            .inc();
+        let text = m.encode();
+        assert!(!text.lines().any(|l| l.starts_with("neurovisor_pool_warm_vms 1e9")), "{text}");
+        assert!(text.contains("neurovisor_requests_total{model=\"other\"} 3"), "{text}");
+        assert!(text.contains("neurovisor_requests_total{model=\"qwen3\"} 1"), "{text}");
+        assert!(text.contains("neurovisor_requests_total{model=\"model-0\"} 1"), "{text}");
+        assert!(text.contains(r#"language="a\"b\\c\nd""#), "{text}");
+        let model_series = text.lines().filter(|l| l.starts_with("neurovisor_requests_total{")).count();
+        assert_eq!(model_series, 3, "{text}");
+        // The cap: 32 names in all, so model-31 and later are `other`.
+        assert_eq!(m.model("model-30").as_str(), "model-30");
+        assert_eq!(m.model("model-31").as_str(), OTHER);
     }
 }

@@ -15,7 +15,7 @@ use tokio::sync::Notify;
 
 use crate::boot::BootReport;
 use crate::config::VmSize;
-use crate::exec::{ExecError, ExecOutcome, ExecRequest, Output, ReadyVm, Sandbox};
+use crate::exec::{ExecError, ExecOutcome, ExecRequest, OutputSink, ReadyVm, Sandbox};
 use crate::metrics::Metrics;
 
 #[derive(Debug, Clone)]
@@ -31,6 +31,9 @@ pub struct PoolConfig {
     pub parallel_boots: usize,
     /// Health check of a warm VM before it is handed out.
     pub health_timeout: Duration,
+    /// Requests that may wait for a VM at once; one more is refused at once
+    /// (RESOURCE_EXHAUSTED) instead of piling up.
+    pub max_queued: usize,
 }
 
 impl Default for PoolConfig {
@@ -42,6 +45,7 @@ impl Default for PoolConfig {
             queue_timeout: Duration::from_secs(30),
             parallel_boots: 2,
             health_timeout: Duration::from_secs(5),
+            max_queued: 64,
         }
     }
 }
@@ -65,6 +69,8 @@ impl PoolConfig {
 pub enum PoolError {
     #[error("no VM available: all {max} VMs are busy and none became free within {waited:?}; retry later, or raise --max / --queue-timeout")]
     Exhausted { max: usize, waited: Duration },
+    #[error("too many requests waiting: {queued} are already queued for a VM (the limit, --max-queued); retry later, or raise --max / --max-queued")]
+    QueueFull { queued: usize },
     #[error("VMs are failing to boot ({reason}); the pool retries in the background, retry later")]
     Degraded { reason: String },
     #[error("the daemon is shutting down")]
@@ -101,6 +107,8 @@ struct State {
     last_error: Option<String>,
     backoff_until: Option<Instant>,
     shutting_down: bool,
+    /// Requests waiting for a VM.
+    queued: usize,
 }
 
 impl State {
@@ -287,6 +295,7 @@ impl Pool {
         let started = Instant::now();
         let mut attempt: u32 = 0;
         let deadline = started + inner.cfg.queue_timeout;
+        let mut ticket: Option<QueueTicket> = None;
         enum Step {
             Warm(Box<ReadyVm>, Slot),
             Cold(Slot),
@@ -313,6 +322,17 @@ impl Pool {
                     st.active += 1;
                     Step::Cold(Slot::new(inner))
                 } else {
+                    if ticket.is_none() {
+                        if st.queued >= inner.cfg.max_queued {
+                            drop(st);
+                            inner.metrics.pool_exhausted.inc();
+                            return Err(PoolError::QueueFull {
+                                queued: inner.cfg.max_queued,
+                            });
+                        }
+                        st.queued += 1;
+                        ticket = Some(QueueTicket(inner.clone()));
+                    }
                     Step::Wait
                 };
                 inner.publish(&st);
@@ -459,7 +479,7 @@ impl Lease {
     pub async fn execute(
         &mut self,
         req: &ExecRequest,
-        on_output: &mut (dyn FnMut(Output<'_>) + Send),
+        on_output: &mut dyn OutputSink,
     ) -> Result<ExecOutcome, ExecError> {
         match self.vm.as_mut() {
             Some(vm) => vm.execute(req, on_output).await,
@@ -481,6 +501,16 @@ impl Drop for Lease {
             vm.destroy().await;
             inner.release_slot();
         });
+    }
+}
+
+/// A request's place in the queue, given back when it stops waiting.
+struct QueueTicket(Arc<Inner>);
+
+impl Drop for QueueTicket {
+    fn drop(&mut self) {
+        let mut st = self.0.lock();
+        st.queued = st.queued.saturating_sub(1);
     }
 }
 

@@ -142,7 +142,7 @@ fn bad_input_is_one_clear_line_and_boots_nothing() {
             &["run", "--lang", "cobol", "-c", "x"],
             "unknown language 'cobol'; available: python, bash, javascript",
         ),
-        (&["run", "--lang", "python", "-c", "   "], "code is empty"),
+        (&["run", "--lang", "python", "-c", "   "], "code: empty"),
         (&["run", "--lang", "python"], "no code given"),
         (
             &["run", "--lang", "python", "--timeout", "2h", "-c", "1"],

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::daemon::{http_get, req, start_daemon, start_daemon_in};
+use common::daemon::{fake_ollama, http_get, req, start_daemon, start_daemon_in};
 use common::processes_mentioning;
 use neurovisor_proto::inference::inference_service_client::InferenceServiceClient;
 use neurovisor_proto::inference::InferRequest;
@@ -263,37 +263,6 @@ fn a_second_daemon_on_the_same_state_dir_refuses_to_start() {
     assert_eq!(d.stop(), Some(0));
 }
 
-/// A stand-in for Ollama speaking its real `/api/generate` wire format.
-async fn fake_ollama() -> String {
-    use axum::routing::post;
-    let app = axum::Router::new().route(
-        "/api/generate",
-        post(|axum::Json(body): axum::Json<serde_json::Value>| async move {
-            if body["model"] == "missing" {
-                return (
-                    axum::http::StatusCode::NOT_FOUND,
-                    axum::Json(
-                        serde_json::json!({"error": "model 'missing' not found, try pulling it first"}),
-                    ),
-                );
-            }
-            (
-                axum::http::StatusCode::OK,
-                axum::Json(serde_json::json!({
-                    "model": body["model"], "created_at": "2026-11-22T12:00:00Z",
-                    "response": format!("echo: {}", body["prompt"].as_str().unwrap_or("")),
-                    "done": true, "done_reason": "stop", "total_duration": 5_043_500_667u64,
-                    "load_duration": 5_025_959u64, "prompt_eval_count": 26, "eval_count": 290
-                })),
-            )
-        }),
-    );
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = l.local_addr().expect("addr");
-    tokio::spawn(async move { axum::serve(l, app).await });
-    format!("http://{addr}")
-}
-
 #[tokio::test]
 async fn api_validation_trace_ids_disconnects_and_inference() {
     let ollama = fake_ollama().await;
@@ -302,7 +271,7 @@ async fn api_validation_trace_ids_disconnects_and_inference() {
 
     for (r, field) in [
         (req("cobol", "x"), "unknown language 'cobol'"),
-        (req("python", ""), "code is empty"),
+        (req("python", ""), "code: empty"),
         (
             ExecuteRequest {
                 timeout_ms: 7_200_000,

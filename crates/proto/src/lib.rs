@@ -29,3 +29,19 @@ pub const GUEST_AGENT_PORT: u32 = 6000;
 /// The host port the guest agent connects to once it is ready to serve
 /// (reaches the host as `<uds_path>_6001` through hybrid vsock).
 pub const GUEST_READY_PORT: u32 = 6001;
+
+/// Request size limits shared by the host (which validates) and the guest
+/// agent (whose gRPC decoder must accept every request the host lets through).
+pub mod limits {
+    pub const MAX_CODE_BYTES: usize = 1 << 20;
+    pub const MAX_STDIN_BYTES: usize = 8 << 20;
+    pub const MAX_ARGS: usize = 256;
+    /// All arguments together.
+    pub const MAX_ARGS_BYTES: usize = 64 << 10;
+    pub const MAX_ENV_VARS: usize = 256;
+    /// All names and values together.
+    pub const MAX_ENV_BYTES: usize = 64 << 10;
+    /// The largest encoded request: every field at its limit, plus framing.
+    pub const MAX_REQUEST_BYTES: usize =
+        MAX_CODE_BYTES + MAX_STDIN_BYTES + MAX_ARGS_BYTES + MAX_ENV_BYTES + (64 << 10);
+}

@@ -29,7 +29,7 @@ pub use toolcall::{parse_text_calls, strip_think, CallSource};
 use crate::exec::ExecRequest;
 use crate::images::Language;
 use crate::llm::{ChatMessage, ChatRequest, LlmClient, LlmError, Provider, ToolCall, ToolSpec};
-use crate::metrics::{Metrics, ModelLabel, StatusLabel};
+use crate::metrics::{Label, Metrics, ModelLabel, StatusLabel};
 
 pub const DEFAULT_MAX_ITERATIONS: u32 = 10;
 /// The most iterations a session may be given.
@@ -49,7 +49,15 @@ pub struct AgentConfig {
     /// Characters of each output stream sent back to the model (head and tail
     /// are kept, the middle is cut and flagged).
     pub result_chars: usize,
+    /// Tool calls run per model turn; the rest of that turn's calls get an
+    /// error result (each VM costs a boot: a model must not fan out freely).
+    pub max_tool_calls_per_turn: u32,
+    /// Tool calls run per task; the task stops after the turn that reaches it.
+    pub max_tool_calls: u32,
 }
+
+pub const DEFAULT_MAX_TOOL_CALLS_PER_TURN: u32 = 8;
+pub const DEFAULT_MAX_TOOL_CALLS: u32 = 50;
 
 impl Default for AgentConfig {
     fn default() -> Self {
@@ -58,6 +66,8 @@ impl Default for AgentConfig {
             exec_timeout: Duration::from_secs(30),
             max_output_bytes: 256 << 10,
             result_chars: 8000,
+            max_tool_calls_per_turn: DEFAULT_MAX_TOOL_CALLS_PER_TURN,
+            max_tool_calls: DEFAULT_MAX_TOOL_CALLS,
         }
     }
 }
@@ -72,6 +82,8 @@ pub enum StopReason {
     MaxIterations,
     /// The LLM server could not be used.
     LlmError,
+    /// The model made more tool calls than a task may.
+    ToolCallLimit,
 }
 
 impl StopReason {
@@ -80,6 +92,7 @@ impl StopReason {
             Self::Answer => "answer",
             Self::MaxIterations => "max_iterations",
             Self::LlmError => "llm_error",
+            Self::ToolCallLimit => "tool_call_limit",
         }
     }
 }
@@ -109,6 +122,8 @@ pub enum ToolErrorKind {
     InvalidRequest,
     /// The sandbox itself failed (VM did not boot, pool exhausted...).
     Sandbox,
+    /// Not run: over the cap of tool calls per turn or per task.
+    Limit,
 }
 
 /// What a tool call gave back.
@@ -239,6 +254,8 @@ pub enum AgentError {
 pub enum AgentOutcome {
     Answered(String),
     MaxIterations,
+    /// Stopped after the turn that reached `max_tool_calls`.
+    ToolCallLimit,
     Failed(AgentError),
 }
 
@@ -250,6 +267,7 @@ pub struct AgentReport {
     pub provider: Provider,
     pub model: String,
     pub max_iterations: u32,
+    pub max_tool_calls: u32,
     pub outcome: AgentOutcome,
     pub turns: Vec<Turn>,
     pub stats: AgentStats,
@@ -267,6 +285,7 @@ impl AgentReport {
         match self.outcome {
             AgentOutcome::Answered(_) => StopReason::Answer,
             AgentOutcome::MaxIterations => StopReason::MaxIterations,
+            AgentOutcome::ToolCallLimit => StopReason::ToolCallLimit,
             AgentOutcome::Failed(_) => StopReason::LlmError,
         }
     }
@@ -278,6 +297,10 @@ impl AgentReport {
             AgentOutcome::MaxIterations => json!({
                 "kind": "max_iterations",
                 "message": max_iterations_message(self.max_iterations),
+            }),
+            AgentOutcome::ToolCallLimit => json!({
+                "kind": "tool_call_limit",
+                "message": tool_call_limit_message(self.max_tool_calls),
             }),
             AgentOutcome::Answered(_) => Value::Null,
         };
@@ -297,8 +320,29 @@ impl AgentReport {
     }
 }
 
+pub fn tool_call_limit_message(n: u32) -> String {
+    format!("stopped after {n} tool calls, the most a task may make (raise --max-tool-calls)")
+}
+
 pub fn max_iterations_message(n: u32) -> String {
     format!("no final answer after {n} iterations: the model kept calling tools (raise --max-iterations)")
+}
+
+fn failed(mut r: ToolResultRecord, kind: ToolErrorKind, msg: String) -> ToolResultRecord {
+    r.content = json!({"error": msg, "error_kind": kind}).to_string();
+    r.error = Some(msg);
+    r.error_kind = Some(kind);
+    r
+}
+
+/// The result of a call that was not run.
+fn refused(call: &ToolCall, kind: ToolErrorKind, msg: String) -> ToolResultRecord {
+    let r = ToolResultRecord {
+        id: call.id.clone(),
+        name: call.name.clone(),
+        ..Default::default()
+    };
+    failed(r, kind, msg)
 }
 
 /// Runs sessions: one LLM, one place to execute code.
@@ -507,8 +551,13 @@ impl AgentController {
             let llm_time = llm_started.elapsed();
             s.stats.llm_ms += ms(llm_time);
             if let Some(m) = &self.metrics {
+                if result.is_ok() {
+                    m.allow_model(&model);
+                }
                 m.llm_call_duration_seconds
-                    .get_or_create(&ModelLabel { model: model.clone() })
+                    .get_or_create(&ModelLabel {
+                        model: m.model(&model),
+                    })
                     .observe(llm_time.as_secs_f64());
             }
             let turn = match result {
@@ -529,7 +578,9 @@ impl AgentController {
                 *s.stats.model_load_ms.get_or_insert(0.0) += ms(load);
                 if let Some(m) = &self.metrics {
                     m.model_load_duration_seconds
-                        .get_or_create(&ModelLabel { model: model.clone() })
+                        .get_or_create(&ModelLabel {
+                            model: m.model(&model),
+                        })
                         .observe(load.as_secs_f64());
                 }
             }
@@ -574,8 +625,19 @@ impl AgentController {
                 turn.content.clone(),
                 calls.iter().map(|(c, _, _)| c.clone()).collect(),
             ));
-            for (call, source, parse_error) in calls {
-                s.stats.tool_calls += 1;
+            let per_turn = self.cfg.max_tool_calls_per_turn.max(1) as usize;
+            let per_task = self.cfg.max_tool_calls.max(1);
+            let mut task_cap_reached = false;
+            for (i, (call, source, parse_error)) in calls.into_iter().enumerate() {
+                let limit = if s.stats.tool_calls >= per_task {
+                    task_cap_reached = true;
+                    Some(format!("not run: this task has made {per_task} tool calls, the most it may; give your final answer now"))
+                } else if i >= per_turn {
+                    Some(format!("not run: at most {per_turn} tool calls are run per turn; make fewer calls, one after another"))
+                } else {
+                    s.stats.tool_calls += 1;
+                    None
+                };
                 let mut rec = ToolCallRecord {
                     id: call.id.clone(),
                     name: call.name.clone(),
@@ -593,7 +655,10 @@ impl AgentController {
                     call: rec.clone(),
                 });
                 let tool_started = Instant::now();
-                let result = self.dispatch(&mut s, &call, parse_error).await;
+                let result = match limit {
+                    Some(why) => refused(&call, ToolErrorKind::Limit, why),
+                    None => self.dispatch(&mut s, &call, parse_error).await,
+                };
                 s.stats.tools_ms += ms(tool_started.elapsed());
                 messages.push(ChatMessage::tool(&call, result.content.clone()));
                 s.emit(AgentEvent::ToolResult {
@@ -603,6 +668,15 @@ impl AgentController {
                 record.tool_calls.push(ToolExchange { call: rec, result });
             }
             turns.push(record);
+            if task_cap_reached || s.stats.tool_calls >= per_task {
+                tracing::info!(%trace_id, "agent stopped at the tool call cap");
+                s.emit(AgentEvent::Stopped {
+                    reason: StopReason::ToolCallLimit,
+                    message: tool_call_limit_message(per_task),
+                });
+                outcome = AgentOutcome::ToolCallLimit;
+                break;
+            }
         }
 
         if matches!(outcome, AgentOutcome::MaxIterations) {
@@ -621,6 +695,7 @@ impl AgentController {
             provider,
             model,
             max_iterations,
+            max_tool_calls: self.cfg.max_tool_calls.max(1),
             outcome,
             turns,
             stats,
@@ -628,7 +703,7 @@ impl AgentController {
         if let Some(m) = &self.metrics {
             m.agent_tasks
                 .get_or_create(&StatusLabel {
-                    status: report.stop_reason().as_str().to_string(),
+                    status: Label::fixed(report.stop_reason().as_str()),
                 })
                 .inc();
             m.agent_iterations_total
@@ -649,12 +724,7 @@ impl AgentController {
             name: call.name.clone(),
             ..Default::default()
         };
-        let fail = |mut r: ToolResultRecord, kind: ToolErrorKind, msg: String| {
-            r.content = json!({"error": msg, "error_kind": kind}).to_string();
-            r.error = Some(msg);
-            r.error_kind = Some(kind);
-            r
-        };
+        let fail = |r: ToolResultRecord, kind: ToolErrorKind, msg: String| failed(r, kind, msg);
         if let Some(e) = parse_error {
             return fail(r, ToolErrorKind::InvalidArguments, e);
         }

@@ -18,7 +18,8 @@ use std::time::Duration;
 use clap::Args;
 use neurovisor::agent::{
     AgentConfig, AgentController, AgentEvent, AgentOutcome, AgentStats, CodeExecutor, DaemonExecutor,
-    SandboxExecutor, StopReason, ToolCallRecord, ToolResultRecord, DEFAULT_MAX_ITERATIONS, TOOL_EXECUTE_CODE,
+    SandboxExecutor, StopReason, ToolCallRecord, ToolResultRecord, DEFAULT_MAX_ITERATIONS, DEFAULT_MAX_TOOL_CALLS,
+    DEFAULT_MAX_TOOL_CALLS_PER_TURN, TOOL_EXECUTE_CODE,
     TOOL_LIST_LANGUAGES,
 };
 use neurovisor::exec::MAX_TIMEOUT;
@@ -57,6 +58,12 @@ pub struct AgentArgs {
     /// LLM turns at most; then the agent stops without an answer.
     #[arg(long, default_value_t = DEFAULT_MAX_ITERATIONS, value_parser = clap::value_parser!(u32).range(1..=100))]
     max_iterations: u32,
+    /// Tool calls the task may make in all; it stops after the turn that reaches this.
+    #[arg(long, default_value_t = DEFAULT_MAX_TOOL_CALLS, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    max_tool_calls: u32,
+    /// Tool calls run per model turn; further calls in that turn get an error result.
+    #[arg(long, default_value_t = DEFAULT_MAX_TOOL_CALLS_PER_TURN, value_parser = clap::value_parser!(u32).range(1..=100))]
+    max_tool_calls_per_turn: u32,
     /// Wall-clock limit of each program the model runs (e.g. 30s, 2m).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     timeout: Duration,
@@ -109,6 +116,8 @@ pub async fn run_seed(task: String, seed: SeedAgentArgs, serve: ServeArgs) -> u8
         base_url,
         api_key_env: "OPENAI_API_KEY".into(),
         max_iterations: seed.max_iterations.unwrap_or(DEFAULT_MAX_ITERATIONS),
+        max_tool_calls: DEFAULT_MAX_TOOL_CALLS,
+        max_tool_calls_per_turn: DEFAULT_MAX_TOOL_CALLS_PER_TURN,
         timeout: AgentConfig::default().exec_timeout,
         size: serve.size.unwrap_or_default(),
         json: seed.json,
@@ -350,6 +359,8 @@ pub async fn run(a: AgentArgs) -> u8 {
     let cfg = AgentConfig {
         max_iterations: a.max_iterations,
         exec_timeout: a.timeout,
+        max_tool_calls: a.max_tool_calls,
+        max_tool_calls_per_turn: a.max_tool_calls_per_turn,
         ..AgentConfig::default()
     };
     let controller = AgentController::new(Arc::from(llm::client(&llm_cfg)), executor, cfg);
@@ -394,7 +405,7 @@ pub async fn run(a: AgentArgs) -> u8 {
     }
     match &report.outcome {
         AgentOutcome::Answered(_) => 0,
-        AgentOutcome::MaxIterations => EXIT_NO_ANSWER,
+        AgentOutcome::MaxIterations | AgentOutcome::ToolCallLimit => EXIT_NO_ANSWER,
         AgentOutcome::Failed(e) => {
             if !a.json {
                 eprintln!("neurovisor: {e}");

@@ -10,7 +10,7 @@ use std::time::Duration;
 use clap::Args;
 use neurovisor::llm::ollama::DEFAULT_OLLAMA_HOST;
 use neurovisor::pool::PoolConfig;
-use neurovisor::server::{self, DaemonConfig};
+use neurovisor::server::{self, limits, DaemonConfig};
 use neurovisor::{config, VmSize};
 use serde::Deserialize;
 
@@ -36,6 +36,21 @@ pub struct ServeArgs {
     /// How long a request waits for a free VM before RESOURCE_EXHAUSTED [default: 30s].
     #[arg(long, value_parser = parse_duration)]
     pub queue_timeout: Option<Duration>,
+    /// Requests that may wait for a VM at once; more get RESOURCE_EXHAUSTED at once [default: 64].
+    #[arg(long)]
+    pub max_queued: Option<usize>,
+    /// Client connections open at once; more wait to be accepted [default: 256].
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+    /// Calls at once on one client connection [default: 64].
+    #[arg(long)]
+    pub max_streams: Option<u32>,
+    /// MiB of program output buffered for slow clients, across all requests [default: 256].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub output_budget_mib: Option<u64>,
+    /// A streaming client that reads nothing for this long loses its execution (its VM is destroyed) [default: 10s].
+    #[arg(long, value_parser = parse_duration)]
+    pub client_stall_timeout: Option<Duration>,
     /// Run without seccomp filters and capability drops (debugging only).
     #[arg(long, env = "NEUROVISOR_NO_CONFINE")]
     pub no_confine: bool,
@@ -68,6 +83,11 @@ struct FileConfig {
     shutdown_grace: Option<String>,
     ollama_host: Option<String>,
     model: Option<String>,
+    max_queued: Option<usize>,
+    max_connections: Option<usize>,
+    max_streams: Option<u32>,
+    output_budget_mib: Option<u64>,
+    client_stall_timeout: Option<String>,
 }
 
 impl ServeArgs {
@@ -100,6 +120,7 @@ impl ServeArgs {
             max: self.max.or(f.max).unwrap_or(10),
             size: self.size.or(f.size).unwrap_or_default(),
             queue_timeout: dur(self.queue_timeout, &f.queue_timeout, 30)?,
+            max_queued: self.max_queued.or(f.max_queued).unwrap_or(PoolConfig::default().max_queued),
             ..PoolConfig::default()
         };
         pool.validate()?;
@@ -127,6 +148,21 @@ impl ServeArgs {
             default_model: self.model.clone().or(f.model).unwrap_or_else(|| "qwen3".into()),
             confine: !self.no_confine && nix::unistd::geteuid().is_root(),
             rate_limit: Default::default(),
+            max_connections: self.max_connections.or(f.max_connections).unwrap_or(limits::DEFAULT_MAX_CONNECTIONS),
+            max_streams_per_connection: self
+                .max_streams
+                .or(f.max_streams)
+                .unwrap_or(limits::DEFAULT_MAX_STREAMS_PER_CONNECTION),
+            output_budget: self
+                .output_budget_mib
+                .or(f.output_budget_mib)
+                .map(|m| (m as usize) << 20)
+                .unwrap_or(limits::DEFAULT_OUTPUT_BUDGET),
+            stall_timeout: match (self.client_stall_timeout, &f.client_stall_timeout) {
+                (Some(d), _) => d,
+                (None, Some(s)) => parse_duration(s)?,
+                (None, None) => server::sandbox::DEFAULT_STALL_TIMEOUT,
+            },
         })
     }
 }

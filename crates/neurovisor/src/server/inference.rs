@@ -51,15 +51,18 @@ impl InferenceService for InferenceProxy {
         } else {
             r.model
         };
+        let answer = self.ollama.generate(&model, &r.prompt).await;
+        if answer.is_ok() {
+            // The server knows this model: it may have a series of its own.
+            self.metrics.allow_model(&model);
+        }
         self.metrics
             .inference_requests
-            .get_or_create(&ModelLabel { model: model.clone() })
+            .get_or_create(&ModelLabel {
+                model: self.metrics.model(&model),
+            })
             .inc();
-        let g = self
-            .ollama
-            .generate(&model, &r.prompt)
-            .await
-            .map_err(llm_status)?;
+        let g = answer.map_err(llm_status)?;
         self.metrics
             .inference_duration_seconds
             .observe(started.elapsed().as_secs_f64());

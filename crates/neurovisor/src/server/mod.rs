@@ -9,6 +9,7 @@
 
 pub mod agent;
 pub mod inference;
+pub mod limits;
 pub mod sandbox;
 pub mod trace;
 
@@ -52,6 +53,14 @@ pub struct DaemonConfig {
     pub confine: bool,
     /// Token buckets on what each VM's guest sends to the host.
     pub rate_limit: crate::security::rate_limit::RateLimitConfig,
+    /// Client connections open at once.
+    pub max_connections: usize,
+    /// Calls at once on one connection.
+    pub max_streams_per_connection: u32,
+    /// Bytes of output buffered for clients, across all requests.
+    pub output_budget: usize,
+    /// How long a streaming client may read nothing before its execution is stopped.
+    pub stall_timeout: Duration,
 }
 
 /// Removes VM cgroups nobody holds any more (their daemon was killed, or
@@ -340,6 +349,8 @@ pub async fn run(
 
     let metrics = Arc::new(Metrics::new());
     metrics.watch_vms(backend.live_vms());
+    metrics.allow_model(&cfg.default_model);
+    metrics.allow_languages(images.languages.iter().map(|l| l.name.as_str()));
     let mut sandbox = Sandbox::new(backend, images, dir.clone());
     sandbox.rate_limit = cfg.rate_limit;
     let pool = Pool::start_on(sandbox, cfg.pool.clone(), metrics.clone(), vm_rt.handle())
@@ -391,14 +402,23 @@ pub async fn run(
     });
 
     let (stop_grpc, grpc_stopped) = tokio::sync::oneshot::channel::<()>();
+    let budget = sandbox::OutputBudget::new(cfg.output_budget);
+    let max_request = crate::exec::MAX_REQUEST_BYTES;
     let server = tonic::transport::Server::builder()
+        .max_concurrent_streams(Some(cfg.max_streams_per_connection))
+        // A client that opens connections and sends nothing is dropped.
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(SandboxServer::new(sandbox::SandboxService::new(
-            pool.clone(),
-            metrics.clone(),
-        )))
+        .add_service(
+            SandboxServer::new(
+                sandbox::SandboxService::new(pool.clone(), metrics.clone(), budget)
+                    .with_stall_timeout(cfg.stall_timeout),
+            )
+                .max_decoding_message_size(max_request),
+        )
         .add_service(AgentServer::new(agent::AgentService::new(
             pool.clone(),
             metrics.clone(),
@@ -410,9 +430,12 @@ pub async fn run(
             cfg.default_model.clone(),
             metrics.clone(),
         )))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), async move {
-            let _ = grpc_stopped.await;
-        });
+        .serve_with_incoming_shutdown(
+            limits::limit_connections(TcpListenerStream::new(grpc), cfg.max_connections),
+            async move {
+                let _ = grpc_stopped.await;
+            },
+        );
     tokio::pin!(server);
     tracing::info!(%grpc_addr, %metrics_addr, warm = cfg.pool.warm, max = cfg.pool.max, "daemon serving");
     ready(grpc_addr, metrics_addr);

@@ -8,56 +8,218 @@ use neurovisor_proto::v1::{
     execute_response::Event, ExecuteRequest, ExecuteResponse, ExecuteResult, Language, LanguagesRequest,
     LanguagesResponse,
 };
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::UnboundedReceiverStream;
+use std::pin::Pin;
+
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use std::task::Poll;
+
+use futures_util::task::AtomicWaker;
+use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use super::trace::{trace_id_of, with_trace_id};
-use crate::exec::{ExecError, ExecOutcome, ExecRequest, Output, DEFAULT_MAX_OUTPUT, DEFAULT_TIMEOUT};
-use crate::metrics::{LanguageLabel, Metrics, OutcomeLabel};
+use crate::exec::{ExecError, ExecOutcome, ExecRequest, Output, OutputSink, WireRequest};
+use crate::metrics::{Label, LanguageLabel, Metrics, OutcomeLabel};
 use crate::pool::{Pool, PoolError};
 
-/// The largest output cap a client may ask for: output is buffered per
-/// request up to this much while a slow client catches up.
-pub const MAX_OUTPUT_CAP: u64 = 64 << 20;
+/// Messages buffered per stream while its client is slow: at most this many
+/// chunks (the guest agent sends up to 32 KiB each), then the host stops
+/// reading from the guest.
+const STREAM_QUEUE: usize = 32;
+/// How long a client may read nothing while output waits for it.
+pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Bytes of program output the daemon holds for its clients, across all
+/// requests. A stream whose client does not read holds its share until the
+/// execution ends; others wait for room (and, through HTTP/2 flow control,
+/// so do their guests), so memory stays bounded whatever clients do.
+#[derive(Clone)]
+pub struct OutputBudget {
+    bytes: Arc<Semaphore>,
+    total: u32,
+}
+
+impl OutputBudget {
+    pub fn new(total_bytes: usize) -> Self {
+        let total = u32::try_from(total_bytes.clamp(1 << 20, u32::MAX as usize)).unwrap_or(u32::MAX);
+        Self {
+            bytes: Arc::new(Semaphore::new(total as usize)),
+            total,
+        }
+    }
+
+    /// Room for `n` bytes (a chunk larger than the whole budget takes all of it).
+    async fn reserve(&self, n: usize) -> Option<OwnedSemaphorePermit> {
+        let n = u32::try_from(n).unwrap_or(u32::MAX).clamp(1, self.total);
+        self.bytes.clone().acquire_many_owned(n).await.ok()
+    }
+
+    /// Bytes in use right now.
+    pub fn in_use(&self) -> usize {
+        self.total as usize - self.bytes.available_permits()
+    }
+}
+
+/// One message on its way to a client, with the budget it holds until tonic
+/// takes it off the queue.
+struct Queued {
+    msg: Result<ExecuteResponse, Status>,
+    _room: Option<OwnedSemaphorePermit>,
+}
+
+/// The queue of one stream, shared by the execution's task and the response
+/// stream. The task can abandon it: the queued messages (and the budget they
+/// hold) are freed at once, and the client is told why when it reads again.
+struct Outbox {
+    rx: std::sync::Mutex<Option<mpsc::Receiver<Queued>>>,
+    ended: std::sync::Mutex<Option<Status>>,
+    waker: AtomicWaker,
+}
+
+impl Outbox {
+    fn new(rx: mpsc::Receiver<Queued>) -> Arc<Self> {
+        Arc::new(Self {
+            rx: std::sync::Mutex::new(Some(rx)),
+            ended: std::sync::Mutex::new(None),
+            waker: AtomicWaker::new(),
+        })
+    }
+
+    fn abandon(&self, why: Status) {
+        if let Ok(mut e) = self.ended.lock() {
+            *e = Some(why);
+        }
+        let rx = self.rx.lock().ok().and_then(|mut r| r.take());
+        drop(rx);
+        self.waker.wake();
+    }
+}
+
+/// The response stream over an [`Outbox`].
+struct OutboxStream {
+    outbox: Arc<Outbox>,
+    finished: bool,
+}
+
+impl Stream for OutboxStream {
+    type Item = Result<ExecuteResponse, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.finished {
+            return Poll::Ready(None);
+        }
+        self.outbox.waker.register(cx.waker());
+        let polled = match self.outbox.rx.lock() {
+            Ok(mut rx) => rx.as_mut().map(|rx| rx.poll_recv(cx)),
+            Err(_) => None,
+        };
+        match polled {
+            Some(Poll::Ready(Some(q))) => Poll::Ready(Some(q.msg)),
+            Some(Poll::Ready(None)) => {
+                self.finished = true;
+                Poll::Ready(None)
+            }
+            Some(Poll::Pending) => Poll::Pending,
+            None => {
+                self.finished = true;
+                let why = self.outbox.ended.lock().ok().and_then(|mut e| e.take());
+                Poll::Ready(why.map(Err))
+            }
+        }
+    }
+}
+
+/// The output sink of a streamed execution: waits for budget and for room in
+/// the stream's queue, which is what pushes back on the guest. A client that
+/// takes nothing for `stall_timeout` has stalled: the task is told, and
+/// destroys the VM.
+struct StreamSink {
+    tx: mpsc::Sender<Queued>,
+    budget: OutputBudget,
+    stall_timeout: Duration,
+    stalled: Arc<tokio::sync::Notify>,
+}
+
+#[tonic::async_trait]
+impl OutputSink for StreamSink {
+    async fn write(&mut self, o: Output<'_>) {
+        let ev = match o {
+            Output::Stdout(b) => Event::Stdout(b.to_vec().into()),
+            Output::Stderr(b) => Event::Stderr(b.to_vec().into()),
+        };
+        let queue = async {
+            let room = self.budget.reserve(o.len()).await;
+            // A closed stream is noticed by the task (it destroys the VM).
+            let _ = self
+                .tx
+                .send(Queued {
+                    msg: Ok(ExecuteResponse { event: Some(ev) }),
+                    _room: room,
+                })
+                .await;
+        };
+        if tokio::time::timeout(self.stall_timeout, queue).await.is_err() {
+            self.stalled.notify_one();
+        }
+    }
+}
+
+/// Collects output for a unary reply, holding budget for every byte.
+struct CollectSink {
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    budget: OutputBudget,
+    held: Vec<OwnedSemaphorePermit>,
+}
+
+#[tonic::async_trait]
+impl OutputSink for CollectSink {
+    async fn write(&mut self, o: Output<'_>) {
+        if let Some(p) = self.budget.reserve(o.len()).await {
+            self.held.push(p);
+        }
+        match o {
+            Output::Stdout(b) => self.stdout.extend_from_slice(b),
+            Output::Stderr(b) => self.stderr.extend_from_slice(b),
+        }
+    }
+}
 
 pub struct SandboxService {
     pool: Pool,
     metrics: Arc<Metrics>,
+    budget: OutputBudget,
+    stall_timeout: Duration,
 }
 
 impl SandboxService {
-    pub fn new(pool: Pool, metrics: Arc<Metrics>) -> Self {
-        Self { pool, metrics }
+    pub fn new(pool: Pool, metrics: Arc<Metrics>, budget: OutputBudget) -> Self {
+        Self {
+            pool,
+            metrics,
+            budget,
+            stall_timeout: DEFAULT_STALL_TIMEOUT,
+        }
+    }
+
+    /// How long a streaming client may read nothing before its execution is stopped.
+    pub fn with_stall_timeout(mut self, d: Duration) -> Self {
+        self.stall_timeout = d;
+        self
     }
 
     fn to_exec_request(&self, r: ExecuteRequest, trace_id: String) -> Result<ExecRequest, Status> {
-        if r.max_output_bytes > MAX_OUTPUT_CAP {
-            return Err(Status::invalid_argument(format!(
-                "max_output_bytes: {} is over the limit of {MAX_OUTPUT_CAP}",
-                r.max_output_bytes
-            )));
-        }
-        let req = ExecRequest {
+        let wire = WireRequest {
             language: r.language,
             code: r.code,
             args: r.args,
             stdin: r.stdin.to_vec(),
             env: r.env.into_iter().collect(),
-            timeout: if r.timeout_ms == 0 {
-                DEFAULT_TIMEOUT
-            } else {
-                Duration::from_millis(u64::from(r.timeout_ms))
-            },
-            max_output_bytes: if r.max_output_bytes == 0 {
-                DEFAULT_MAX_OUTPUT
-            } else {
-                r.max_output_bytes
-            },
+            timeout_ms: r.timeout_ms,
+            max_output_bytes: r.max_output_bytes,
             trace_id,
         };
-        req.validate(self.pool.sandbox().images()).map_err(to_status)?;
-        Ok(req)
+        ExecRequest::from_wire(wire, self.pool.sandbox().images()).map_err(to_status)
     }
 
     fn record(&self, req: &ExecRequest, result: &Result<ExecOutcome, ExecError>) {
@@ -72,15 +234,15 @@ impl SandboxService {
             self.metrics
                 .code_execution_duration_seconds
                 .get_or_create(&LanguageLabel {
-                    language: req.language.clone(),
+                    language: self.metrics.language(&req.language),
                 })
                 .observe(o.duration_ms / 1000.0);
         }
         self.metrics
             .executions
             .get_or_create(&OutcomeLabel {
-                language: req.language.clone(),
-                outcome: outcome.into(),
+                language: self.metrics.language(&req.language),
+                outcome: Label::fixed(outcome),
             })
             .inc();
     }
@@ -97,7 +259,7 @@ pub fn to_status(e: ExecError) -> Status {
 
 fn pool_status(e: PoolError) -> Status {
     match e {
-        PoolError::Exhausted { .. } => Status::resource_exhausted(e.to_string()),
+        PoolError::Exhausted { .. } | PoolError::QueueFull { .. } => Status::resource_exhausted(e.to_string()),
         PoolError::Degraded { .. } | PoolError::ShuttingDown => Status::unavailable(e.to_string()),
         PoolError::Boot(inner) => Status::internal(format!("VM boot failed: {inner}")),
         PoolError::Runtime(_) => Status::internal(e.to_string()),
@@ -142,7 +304,7 @@ impl Drop for InFlight {
 
 #[tonic::async_trait]
 impl SandboxApi for SandboxService {
-    type ExecuteStream = UnboundedReceiverStream<Result<ExecuteResponse, Status>>;
+    type ExecuteStream = Pin<Box<dyn Stream<Item = Result<ExecuteResponse, Status>> + Send>>;
 
     async fn execute(
         &self,
@@ -153,25 +315,35 @@ impl SandboxApi for SandboxService {
         let req = self.to_exec_request(request.into_inner(), trace_id.clone())?;
         let in_flight = InFlight::new(&self.metrics);
         let mut lease = self.pool.acquire().await.map_err(pool_status)?;
-        // Unbounded, but bounded in practice: the guest caps each stream at
-        // max_output_bytes (<= MAX_OUTPUT_CAP).
-        let (tx, rx) = mpsc::unbounded_channel();
-        let metrics = self.metrics.clone();
-        let this_metrics = self.metrics.clone();
-        let pool = self.pool.clone();
-        let service = SandboxService::new(pool, this_metrics);
+        let (tx, rx) = mpsc::channel::<Queued>(STREAM_QUEUE);
+        let outbox = Outbox::new(rx);
+        let stalled = Arc::new(tokio::sync::Notify::new());
+        let service = SandboxService::new(self.pool.clone(), self.metrics.clone(), self.budget.clone())
+            .with_stall_timeout(self.stall_timeout);
+        let task_trace_id = trace_id.clone();
+        let task_outbox = outbox.clone();
         tokio::spawn(async move {
+            let trace_id = task_trace_id;
             let _in_flight = in_flight;
-            let out_tx = tx.clone();
-            let mut sink = |o: Output<'_>| {
-                let ev = match o {
-                    Output::Stdout(b) => Event::Stdout(b.to_vec().into()),
-                    Output::Stderr(b) => Event::Stderr(b.to_vec().into()),
-                };
-                let _ = out_tx.send(Ok(ExecuteResponse { event: Some(ev) }));
+            let mut sink = StreamSink {
+                tx: tx.clone(),
+                budget: service.budget.clone(),
+                stall_timeout: service.stall_timeout,
+                stalled: stalled.clone(),
             };
             let result = tokio::select! {
                 r = lease.execute(&req, &mut sink) => r,
+                // The client stopped reading: its VM and its queue go now.
+                _ = stalled.notified() => {
+                    tracing::warn!(%trace_id, vm = lease.vm_id(), "client stopped reading its output; destroying its VM");
+                    drop(lease);
+                    service.metrics.observe_grpc("Execute", started);
+                    task_outbox.abandon(Status::deadline_exceeded(format!(
+                        "the client read none of its output for {:?}; the execution was stopped and its VM destroyed (read the stream as it arrives)",
+                        service.stall_timeout
+                    )));
+                    return;
+                }
                 // The client went away: dropping the lease destroys the VM now.
                 _ = tx.closed() => {
                     tracing::info!(vm = lease.vm_id(), "client disconnected; destroying its VM");
@@ -186,13 +358,20 @@ impl SandboxApi for SandboxService {
                 Err(e) => Err(to_status(e)),
             };
             drop(lease);
-            let _ = tx.send(msg);
-            metrics.observe_grpc("Execute", started);
+            // The VM is gone already; a client that stopped reading gets a
+            // while to take the rest, then this task lets go of it.
+            let queued = Queued { msg, _room: None };
+            if tokio::time::timeout(service.stall_timeout, tx.send(queued)).await.is_err() {
+                tracing::info!(%trace_id, "the client did not read its output; dropping the result");
+                task_outbox.abandon(Status::deadline_exceeded("the client did not read its result"));
+            }
+            service.metrics.observe_grpc("Execute", started);
         });
-        Ok(with_trace_id(
-            Response::new(UnboundedReceiverStream::new(rx)),
-            &trace_id,
-        ))
+        let stream = OutboxStream {
+            outbox,
+            finished: false,
+        };
+        Ok(with_trace_id(Response::new(Box::pin(stream)), &trace_id))
     }
 
     async fn execute_once(
@@ -204,13 +383,15 @@ impl SandboxApi for SandboxService {
         let req = self.to_exec_request(request.into_inner(), trace_id.clone())?;
         let _in_flight = InFlight::new(&self.metrics);
         let mut lease = self.pool.acquire().await.map_err(pool_status)?;
-        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
-        let mut sink = |o: Output<'_>| match o {
-            Output::Stdout(b) => stdout.extend_from_slice(b),
-            Output::Stderr(b) => stderr.extend_from_slice(b),
+        let mut sink = CollectSink {
+            stdout: Vec::new(),
+            stderr: Vec::new(),
+            budget: self.budget.clone(),
+            held: Vec::new(),
         };
         // If the client cancels, tonic drops this future and with it the lease.
         let result = lease.execute(&req, &mut sink).await;
+        let CollectSink { stdout, stderr, .. } = sink;
         self.record(&req, &result);
         let (warm, waited) = (lease.warm, lease.waited);
         drop(lease);

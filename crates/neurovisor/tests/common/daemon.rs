@@ -131,6 +131,15 @@ impl Daemon {
         });
     }
 
+    /// A channel to the daemon's gRPC endpoint, for any of its services.
+    pub async fn channel(&self) -> Channel {
+        tonic::transport::Endpoint::from_shared(format!("http://{}", self.grpc))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect")
+    }
+
     pub async fn client(&self) -> SandboxClient<Channel> {
         SandboxClient::connect(format!("http://{}", self.grpc))
             .await
@@ -185,4 +194,35 @@ pub fn req(language: &str, code: &str) -> ExecuteRequest {
         code: code.into(),
         ..Default::default()
     }
+}
+
+/// A stand-in for Ollama speaking its real `/api/generate` wire format.
+pub async fn fake_ollama() -> String {
+    use axum::routing::post;
+    let app = axum::Router::new().route(
+        "/api/generate",
+        post(|axum::Json(body): axum::Json<serde_json::Value>| async move {
+            if body["model"] == "missing" {
+                return (
+                    axum::http::StatusCode::NOT_FOUND,
+                    axum::Json(
+                        serde_json::json!({"error": "model 'missing' not found, try pulling it first"}),
+                    ),
+                );
+            }
+            (
+                axum::http::StatusCode::OK,
+                axum::Json(serde_json::json!({
+                    "model": body["model"], "created_at": "2026-11-22T12:00:00Z",
+                    "response": format!("echo: {}", body["prompt"].as_str().unwrap_or("")),
+                    "done": true, "done_reason": "stop", "total_duration": 5_043_500_667u64,
+                    "load_duration": 5_025_959u64, "prompt_eval_count": 26, "eval_count": 290
+                })),
+            )
+        }),
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(l, app).await });
+    format!("http://{addr}")
 }
