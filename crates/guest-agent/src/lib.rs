@@ -2,10 +2,14 @@
 //!
 //! As PID 1 it prepares the throwaway root ([`init`]), forks the gRPC server
 //! ([`server`]) and reaps orphans until the server exits, then stops the VM.
+//! The binaries (`src/main.rs`, and the test-only `neurovisor-agent-misbehave`
+//! with the `misbehave` feature) only call [`main`].
 
 mod exec;
 mod init;
 mod languages;
+#[cfg(feature = "misbehave")]
+mod misbehave;
 mod server;
 
 use nix::unistd::{fork, ForkResult};
@@ -41,7 +45,8 @@ fn run_server() -> i32 {
     }
 }
 
-fn main() {
+/// The agent's entry point (as PID 1 or, for tests, as a plain process).
+pub fn main() {
     if std::env::args().any(|a| a == "--version") {
         println!("neurovisor-agent {}", env!("CARGO_PKG_VERSION"));
         return;
