@@ -27,6 +27,9 @@ export FIRECRACKER_BIN="$fc_dir/firecracker" JAILER_BIN="$fc_dir/jailer"
 echo; echo "== fmt and clippy"
 cargo fmt --all -- --check
 cargo clippy --release --locked --workspace --all-targets -- -D warnings
+# The test-only misbehaving agent (tests/hostile_guest.rs builds it too, and its image).
+cargo clippy --release --locked -p neurovisor-guest-agent --all-targets --features misbehave -- -D warnings
+cargo build --release --locked -p neurovisor-guest-agent --features misbehave --bin neurovisor-agent-misbehave
 
 echo; echo "== tests (integration tests boot real VMs)"
 cargo test --release --locked --workspace

@@ -14,14 +14,17 @@ use std::time::{Duration, Instant};
 
 use hyper_util::rt::TokioIo;
 use neurovisor_proto::guest::execution_service_client::ExecutionServiceClient;
-use neurovisor_proto::guest::{execute_event::Event, ExecuteRequest, HealthRequest, HealthResponse, Limits};
+use neurovisor_proto::guest::{
+    execute_event::Event, ExecuteRequest, ExitStatus, HealthRequest, HealthResponse, Limits,
+};
 use neurovisor_proto::GUEST_AGENT_PORT;
 use serde::Serialize;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::boot::{BootStats, Budget};
 use crate::channel::vsock::GuestStream;
-use crate::channel::GuestError;
+use crate::channel::text::sanitize_capped;
+use crate::channel::{sanitize_guest_text, GuestError};
 use crate::config::VmSize;
 use crate::images::{ImageError, ImageSet};
 use crate::security::rate_limit::RateLimitConfig;
@@ -38,6 +41,20 @@ pub const DEFAULT_MAX_OUTPUT: u64 = 1 << 20;
 /// Extra time the host allows past the guest's own deadline before it gives up
 /// on an unresponsive guest (TCG guests can be slow to report).
 const HOST_DEADLINE_SLACK: Duration = Duration::from_secs(15);
+/// The largest gRPC message the host accepts from the guest agent. A real
+/// agent sends output in chunks of at most 32 KiB (`guest-agent/src/exec.rs`
+/// `pump`) and small Health/exit messages; 1 MiB + 64 KiB leaves room without
+/// letting a guest make the host buffer big frames. A bigger frame is a
+/// protocol error (the VM is destroyed).
+pub const MAX_GUEST_MESSAGE: usize = (1 << 20) + (64 << 10);
+/// The most output bytes (stdout and stderr together) the host reads and
+/// discards past the output cap before it gives up on a guest that ignores
+/// the cap: a real agent never sends more than the cap per stream.
+pub const MAX_DISCARDED_OUTPUT: u64 = 1 << 20;
+/// Output byte counts the guest reports beyond this (1 PiB) are refused.
+pub const MAX_REPORTED_BYTES: u64 = 1 << 50;
+/// The highest signal number a Linux guest can report (SIGRTMAX).
+pub const MAX_SIGNAL: i32 = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
@@ -145,24 +162,6 @@ fn valid_env_name(k: &str) -> bool {
         && k.len() <= 256
 }
 
-/// `s` shortened to `max` characters with control characters escaped, for
-/// quoting untrusted text in an error message or a log line.
-pub fn printable(s: &str, max: usize) -> String {
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i == max {
-            out.push('…');
-            break;
-        }
-        if c.is_control() {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 /// What to run.
 #[derive(Debug, Clone, Serialize)]
 pub struct ExecRequest {
@@ -234,7 +233,7 @@ impl ExecRequest {
         if !image.languages.is_empty() && !image.has_language(&self.language) {
             let mut msg = format!(
                 "language: unknown language '{}'; available: {available}",
-                printable(&self.language, 64)
+                sanitize_capped(&self.language, 64)
             );
             if matches!(self.language.as_str(), "go" | "rust") {
                 msg.push_str(" (go and rust are in the full image: build it with `neurovisor images build --image full`, then pass --image full)");
@@ -303,7 +302,7 @@ impl ExecRequest {
             if !valid_env_name(k) {
                 return bad(format!(
                     "env: invalid variable name '{}'; names are letters, digits and _, not starting with a digit",
-                    printable(k, 64)
+                    sanitize_capped(k, 64)
                 ));
             }
             if k == "NEUROVISOR_TRACE_ID" {
@@ -395,12 +394,14 @@ pub struct ExecOutcome {
 }
 
 impl ExecOutcome {
-    /// Exit status in shell convention: the exit code, or 128 + signal.
+    /// Exit status in shell convention: the exit code, or 128 + signal;
+    /// always within 0..=255 (values out of range, which [`ReadyVm::execute`]
+    /// never lets through, give 1).
     pub fn shell_status(&self) -> i32 {
         match (self.exit_code, self.signal) {
-            (Some(c), _) => c,
-            (None, Some(s)) => 128 + s,
-            (None, None) => 1,
+            (Some(c), _) if (0..=255).contains(&c) => c,
+            (None, Some(s)) if (1..=MAX_SIGNAL).contains(&s) => 128 + s,
+            _ => 1,
         }
     }
 }
@@ -542,7 +543,7 @@ impl Sandbox {
             let stream = vm.connect(GUEST_AGENT_PORT).await?;
             let mut client = guest_client(stream).await?;
             let health = client.health(HealthRequest {}).await.map_err(GuestError::from)?;
-            Ok::<_, ExecError>((client, health.into_inner()))
+            Ok::<_, ExecError>((client, sanitize_health(health.into_inner())))
         })
         .await
         .unwrap_or_else(|_| {
@@ -635,8 +636,150 @@ async fn guest_client(stream: GuestStream) -> Result<ExecutionServiceClient<Chan
         .await
         .map_err(|e| GuestError::Connect(e.to_string()))?;
     Ok(ExecutionServiceClient::new(channel)
-        .max_decoding_message_size(16 << 20)
+        .max_decoding_message_size(MAX_GUEST_MESSAGE)
         .max_encoding_message_size(MAX_REQUEST_BYTES))
+}
+
+/// Health as the host keeps it: every text field sanitized.
+fn sanitize_health(mut h: HealthResponse) -> HealthResponse {
+    for l in &mut h.languages {
+        l.name = sanitize_guest_text(&l.name);
+        l.version = sanitize_guest_text(&l.version);
+    }
+    h.agent_version = sanitize_guest_text(&h.agent_version);
+    h.kernel = sanitize_guest_text(&h.kernel);
+    h
+}
+
+/// A failed read of the execution stream. A frame over the host's decoder
+/// limit is the guest breaking the protocol, not a call failure.
+fn stream_error(s: tonic::Status) -> ExecError {
+    if s.code() == tonic::Code::OutOfRange && s.message().contains("message length too large") {
+        return ExecError::Protocol(format!(
+            "the guest sent a message over the {MAX_GUEST_MESSAGE}-byte limit ({})",
+            sanitize_guest_text(s.message())
+        ));
+    }
+    GuestError::from(s).into()
+}
+
+/// Bytes of one output stream as the host saw them.
+#[derive(Debug, Default, Clone, Copy)]
+struct StreamCount {
+    /// Everything the guest sent.
+    received: u64,
+    /// What was handed on (at most the cap).
+    forwarded: u64,
+}
+
+/// The host's own output cap: per stream, at most `cap` bytes are forwarded,
+/// the chunk that crosses it is cut; past the cap the bytes are counted and
+/// dropped, and more than [`MAX_DISCARDED_OUTPUT`] of them (both streams
+/// together) end the execution with a protocol error.
+#[derive(Debug)]
+pub(crate) struct OutputMeter {
+    cap: u64,
+    stdout: StreamCount,
+    stderr: StreamCount,
+}
+
+impl OutputMeter {
+    pub(crate) fn new(cap: u64) -> Self {
+        Self {
+            cap,
+            stdout: StreamCount::default(),
+            stderr: StreamCount::default(),
+        }
+    }
+
+    /// The part of `chunk` to forward (possibly empty).
+    pub(crate) fn admit<'a>(&mut self, is_stdout: bool, chunk: &'a [u8]) -> Result<&'a [u8], ExecError> {
+        let cap = self.cap;
+        let s = if is_stdout {
+            &mut self.stdout
+        } else {
+            &mut self.stderr
+        };
+        let len = chunk.len() as u64;
+        s.received = s.received.saturating_add(len);
+        let take = cap.saturating_sub(s.forwarded).min(len);
+        s.forwarded += take;
+        let discarded = self.discarded();
+        if discarded > MAX_DISCARDED_OUTPUT {
+            return Err(ExecError::Protocol(format!(
+                "the guest ignored the output cap of {cap} bytes per stream and sent {discarded} bytes past it \
+                 (stdout {} bytes, stderr {} bytes); the VM was destroyed",
+                self.stdout.received, self.stderr.received
+            )));
+        }
+        // `take` <= `chunk.len()`, so this fits in usize.
+        Ok(&chunk[..take as usize])
+    }
+
+    fn discarded(&self) -> u64 {
+        (self.stdout.received - self.stdout.forwarded) + (self.stderr.received - self.stderr.forwarded)
+    }
+}
+
+/// Checks the guest's exit status and combines it with what the host saw.
+///
+/// - exit code in 0..=255, signal in 1..=[`MAX_SIGNAL`], exactly one of them
+///   (neither only for a timeout); anything else is a protocol error;
+/// - `stdout_bytes`/`stderr_bytes`: what the program wrote as the guest
+///   reports it, never less than what the host received; counts over
+///   [`MAX_REPORTED_BYTES`] are refused;
+/// - truncated: the guest's flag, or more bytes than the cap (reported or
+///   received);
+/// - the program's duration is clamped to the host's own time for the call.
+pub(crate) fn check_exit(
+    status: &ExitStatus,
+    meter: &OutputMeter,
+    execute_time: Duration,
+) -> Result<ExecOutcome, ExecError> {
+    let invalid = |what: String| {
+        Err(ExecError::Protocol(format!(
+            "the guest sent an invalid value: {what}"
+        )))
+    };
+    if let Some(c) = status.exit_code {
+        if !(0..=255).contains(&c) {
+            return invalid(format!("exit code {c} (must be 0..=255)"));
+        }
+    }
+    if let Some(s) = status.signal {
+        if !(1..=MAX_SIGNAL).contains(&s) {
+            return invalid(format!("signal {s} (must be 1..={MAX_SIGNAL})"));
+        }
+    }
+    match (status.exit_code, status.signal) {
+        (Some(c), Some(s)) => return invalid(format!("both exit code {c} and signal {s}")),
+        (None, None) if !status.timed_out => return invalid("neither an exit code nor a signal".into()),
+        _ => {}
+    }
+    for (name, n) in [
+        ("stdout_bytes", status.stdout_bytes),
+        ("stderr_bytes", status.stderr_bytes),
+    ] {
+        if n > MAX_REPORTED_BYTES {
+            return invalid(format!("{name} {n} (more than {MAX_REPORTED_BYTES})"));
+        }
+    }
+    let cap = meter.cap;
+    let stdout_bytes = status.stdout_bytes.max(meter.stdout.received);
+    let stderr_bytes = status.stderr_bytes.max(meter.stderr.received);
+    let host_us = u64::try_from(execute_time.as_micros()).unwrap_or(u64::MAX);
+    Ok(ExecOutcome {
+        exit_code: status.exit_code,
+        signal: status.signal,
+        timed_out: status.timed_out,
+        oom_killed: status.oom_killed,
+        stdout_truncated: status.stdout_truncated || stdout_bytes > cap,
+        stderr_truncated: status.stderr_truncated || stderr_bytes > cap,
+        stdout_bytes,
+        stderr_bytes,
+        duration_ms: status.duration_us.min(host_us) as f64 / 1000.0,
+        ..Default::default()
+    })
 }
 
 /// A booted VM whose agent is serving. Serves one execution.
@@ -650,6 +793,11 @@ pub struct ReadyVm {
 impl ReadyVm {
     pub fn id(&self) -> &str {
         self.vm.as_ref().map(|v| v.id()).unwrap_or("")
+    }
+
+    /// The VM's state directory (console log, sockets), while it runs.
+    pub fn dir(&self) -> Option<&std::path::Path> {
+        self.vm.as_ref().map(|v| v.dir())
     }
 
     pub fn pids(&self) -> Vec<u32> {
@@ -676,6 +824,14 @@ impl ReadyVm {
     }
 
     /// Runs the request, forwarding output as it arrives.
+    ///
+    /// The guest is not trusted to keep its side of the protocol: the host
+    /// forwards at most `req.max_output_bytes` per stream whatever the guest
+    /// sends (see [`OutputMeter`]), gives up with [`ExecError::Protocol`] on a
+    /// guest that keeps sending past the cap ([`MAX_DISCARDED_OUTPUT`]), on a
+    /// frame over [`MAX_GUEST_MESSAGE`] and on an exit status out of range
+    /// ([`check_exit`]); it stops reading at the first exit status (anything
+    /// after it is never read). On any error the caller destroys the VM.
     pub async fn execute(
         &mut self,
         req: &ExecRequest,
@@ -683,6 +839,7 @@ impl ReadyVm {
     ) -> Result<ExecOutcome, ExecError> {
         let started = Instant::now();
         let deadline = req.timeout + HOST_DEADLINE_SLACK;
+        let mut meter = OutputMeter::new(req.max_output_bytes);
         let run = async {
             let mut stream = self
                 .client
@@ -690,10 +847,21 @@ impl ReadyVm {
                 .await
                 .map_err(GuestError::from)?
                 .into_inner();
-            while let Some(ev) = stream.message().await.map_err(GuestError::from)? {
+            while let Some(ev) = stream.message().await.map_err(stream_error)? {
                 match ev.event {
-                    Some(Event::Stdout(b)) => on_output.write(Output::Stdout(&b)).await,
-                    Some(Event::Stderr(b)) => on_output.write(Output::Stderr(&b)).await,
+                    Some(Event::Stdout(b)) => {
+                        let keep = meter.admit(true, &b)?;
+                        if !keep.is_empty() {
+                            on_output.write(Output::Stdout(keep)).await;
+                        }
+                    }
+                    Some(Event::Stderr(b)) => {
+                        let keep = meter.admit(false, &b)?;
+                        if !keep.is_empty() {
+                            on_output.write(Output::Stderr(keep)).await;
+                        }
+                    }
+                    // The stream is dropped here: whatever follows is never read.
                     Some(Event::Exit(status)) => return Ok(status),
                     None => {}
                 }
@@ -705,21 +873,15 @@ impl ReadyVm {
         let status = tokio::time::timeout(deadline, run)
             .await
             .map_err(|_| ExecError::Unresponsive(deadline))??;
+        let execute_time = started.elapsed();
+        let checked = check_exit(&status, &meter, execute_time)?;
         Ok(ExecOutcome {
             vm_id: self.id().to_string(),
             trace_id: req.trace_id.clone(),
-            exit_code: status.exit_code,
-            signal: status.signal,
-            timed_out: status.timed_out,
-            oom_killed: status.oom_killed,
-            stdout_truncated: status.stdout_truncated,
-            stderr_truncated: status.stderr_truncated,
-            stdout_bytes: status.stdout_bytes,
-            stderr_bytes: status.stderr_bytes,
-            duration_ms: status.duration_us as f64 / 1000.0,
             boot_ms: ms(self.boot_time),
-            execute_ms: ms(started.elapsed()),
+            execute_ms: ms(execute_time),
             total_ms: 0.0,
+            ..checked
         })
     }
 
@@ -779,5 +941,136 @@ mod tests {
         o.exit_code = None;
         o.signal = Some(9);
         assert_eq!(o.shell_status(), 137);
+    }
+    fn exit(code: Option<i32>, signal: Option<i32>) -> ExitStatus {
+        ExitStatus {
+            exit_code: code,
+            signal,
+            ..Default::default()
+        }
+    }
+
+    fn check(status: &ExitStatus) -> Result<ExecOutcome, String> {
+        check_exit(status, &OutputMeter::new(100), Duration::from_secs(1)).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn exit_status_out_of_range_is_a_protocol_error() {
+        for (code, signal, want) in [
+            (Some(-7), None, "exit code -7"),
+            (Some(256), None, "exit code 256"),
+            (Some(i32::MAX), None, "exit code 2147483647"),
+            (None, Some(4096), "signal 4096"),
+            (None, Some(0), "signal 0"),
+            (None, Some(-1), "signal -1"),
+            (None, Some(65), "signal 65"),
+            (Some(0), Some(9), "both exit code 0 and signal 9"),
+            (None, None, "neither"),
+        ] {
+            let e = check(&exit(code, signal)).unwrap_err();
+            assert!(
+                e.starts_with("guest agent protocol error: the guest sent an invalid value")
+                    && e.contains(want),
+                "{code:?}/{signal:?}: {e}"
+            );
+        }
+        for (code, signal) in [
+            (Some(0), None),
+            (Some(255), None),
+            (None, Some(1)),
+            (None, Some(64)),
+        ] {
+            assert!(check(&exit(code, signal)).is_ok(), "{code:?}/{signal:?}");
+        }
+        // A timeout may come without either.
+        let mut t = exit(None, None);
+        t.timed_out = true;
+        assert!(check(&t).is_ok());
+        let mut big = exit(Some(0), None);
+        big.stdout_bytes = u64::MAX;
+        assert!(check(&big).unwrap_err().contains("stdout_bytes"));
+    }
+
+    #[test]
+    fn exit_status_is_combined_with_what_the_host_saw() {
+        let mut m = OutputMeter::new(10);
+        assert_eq!(m.admit(true, b"0123456").unwrap(), b"0123456");
+        assert_eq!(m.admit(true, b"789abc").unwrap(), b"789");
+        assert_eq!(m.admit(true, b"def").unwrap(), b"");
+        assert_eq!(m.admit(false, b"e").unwrap(), b"e");
+        // The guest says it sent 5 bytes and nothing was truncated; the host saw 16.
+        let mut s = exit(Some(0), None);
+        s.stdout_bytes = 5;
+        s.stderr_bytes = 3;
+        s.duration_us = u64::MAX;
+        let o = check_exit(&s, &m, Duration::from_millis(20)).expect("valid");
+        assert_eq!((o.stdout_bytes, o.stdout_truncated), (16, true));
+        assert_eq!((o.stderr_bytes, o.stderr_truncated), (3, false));
+        // The program cannot have run longer than the call.
+        assert_eq!(o.duration_ms, 20.0);
+        // A guest reporting more than the cap is truncated even if it says not.
+        s.stderr_bytes = 11;
+        assert!(
+            check_exit(&s, &m, Duration::from_millis(20))
+                .expect("valid")
+                .stderr_truncated
+        );
+    }
+
+    #[test]
+    fn a_guest_streaming_far_past_the_cap_is_stopped() {
+        let mut m = OutputMeter::new(1000);
+        let chunk = vec![b'x'; 32 << 10];
+        let mut forwarded = 0;
+        let mut sent = 0u64;
+        let err = loop {
+            match m.admit(sent % 2 == 0, &chunk) {
+                Ok(k) => forwarded += k.len(),
+                Err(e) => break e.to_string(),
+            }
+            sent += 1;
+            assert!(sent < 1000, "never stopped");
+        };
+        assert_eq!(forwarded, 2000);
+        assert!(
+            sent * (32 << 10) <= MAX_DISCARDED_OUTPUT + 2000 + (32 << 10),
+            "{sent}"
+        );
+        assert!(err.contains("ignored the output cap of 1000 bytes"), "{err}");
+    }
+
+    #[test]
+    fn shell_status_never_leaves_0_to_255() {
+        for (code, signal) in [
+            (Some(-7), None),
+            (Some(300), None),
+            (None, Some(4096)),
+            (None, Some(i32::MAX)),
+        ] {
+            let o = ExecOutcome {
+                exit_code: code,
+                signal,
+                ..Default::default()
+            };
+            assert_eq!(o.shell_status(), 1, "{code:?}/{signal:?}");
+        }
+    }
+
+    #[test]
+    fn health_text_is_sanitized() {
+        let h = sanitize_health(HealthResponse {
+            languages: vec![neurovisor_proto::guest::Language {
+                name: "python".into(),
+                version: "3.11\n\x1b[1mforged".into(),
+            }],
+            agent_version: "1\n2".into(),
+            ..Default::default()
+        });
+        assert!(
+            !h.languages[0].version.chars().any(char::is_control),
+            "{:?}",
+            h.languages[0].version
+        );
+        assert_eq!(h.agent_version, "1\\u{a}2");
     }
 }

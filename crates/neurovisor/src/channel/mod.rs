@@ -3,10 +3,14 @@
 //! Both backends expose the guest's AF_VSOCK through Firecracker's hybrid-vsock
 //! protocol on a host Unix socket (QEMU via the `vhost-device-vsock` daemon), so
 //! the code here is shared: [`vsock`] speaks the protocol, [`client`] holds the
-//! errors of the gRPC conversation that `exec` runs over it.
+//! errors of the gRPC conversation that `exec` runs over it, [`text`] makes
+//! guest text (error messages, Health fields, console lines) safe for host logs
+//! and errors.
 
 pub mod client;
+pub mod text;
 pub mod vsock;
 
 pub use client::GuestError;
+pub use text::{sanitize_guest_bytes, sanitize_guest_text};
 pub use vsock::{HybridVsock, VsockError};

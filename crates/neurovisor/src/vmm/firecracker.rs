@@ -9,7 +9,8 @@
 //! backend uses, an entropy device; then `InstanceStart`.
 //!
 //! Files of one VM: `<state>/vms/<id>/vmm.log` (Firecracker's stdout and
-//! stderr: the serial console and early errors) and, in that directory or in
+//! stderr: the serial console and early errors; written by the host through
+//! a pipe, capped at [`CONSOLE_LOG_CAP`], see [`super::capped_log`]) and, in that directory or in
 //! the VM's chroot when jailed, `firecracker.sock` (API), `firecracker.log`
 //! (Firecracker's logger), `metrics.json`, `vsock.sock` and `vsock.sock_6001`
 //! (the readiness listener, bound before Firecracker starts).
@@ -21,6 +22,7 @@ use async_trait::async_trait;
 use tokio::net::UnixListener;
 use tokio::process::Command;
 
+use super::capped_log::{CappedLog, CONSOLE_LOG_CAP};
 use super::fc_api::{self, ApiClient, RateLimiter};
 use super::jailer::{self, IdPool, IdRange, Jail, JailSpec};
 use super::process::{wait_for_path, Helper};
@@ -286,9 +288,14 @@ impl FirecrackerBackend {
         } else {
             vm.ready = Readiness::AgentProbe;
         }
+        // Firecracker's stdout is the guest's serial console: capped.
+        let out = CappedLog::create(&vm.vmm_log, CONSOLE_LOG_CAP).map_err(|source| VmmError::StateDir {
+            path: vm.vmm_log.clone(),
+            source,
+        })?;
         let process = vm
             .process
-            .insert(Helper::spawn(what, cmd, &vm.vmm_log, vm.conf.keeper_spec(None))?);
+            .insert(Helper::spawn(what, cmd, &out, &out, vm.conf.keeper_spec(None))?);
         wait_for_path(
             &vm.layout.host(API_SOCK),
             process,

@@ -7,6 +7,7 @@
 //! so no error path, timeout or cancellation leaks it.
 
 pub mod accel;
+pub mod capped_log;
 pub mod fc_api;
 pub mod firecracker;
 pub mod jailer;
@@ -193,14 +194,20 @@ pub trait Vm: Send + Sync {
     }
 }
 
-/// Last lines of a log file, for error messages.
+/// Last lines of a log file, for error messages. The console is guest text:
+/// each line is sanitized (controls escaped, at most 512 bytes; see
+/// [`crate::channel::text`]), so only the line breaks of the tail itself remain.
 pub fn log_tail(path: &Path, lines: usize) -> String {
     let text = match std::fs::read(path) {
         Ok(b) => String::from_utf8_lossy(&b).into_owned(),
         Err(_) => return String::new(),
     };
     let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
+    all[all.len().saturating_sub(lines)..]
+        .iter()
+        .map(|l| crate::channel::text::sanitize_capped(l, 512))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Looks a binary up: an explicit path, else `PATH`, else `~/.cargo/bin`
@@ -247,6 +254,8 @@ mod tests {
         let p = dir.path().join("log");
         std::fs::write(&p, "a\nb\nc\n").expect("write");
         assert_eq!(log_tail(&p, 2), "b\nc");
+        std::fs::write(&p, "x\n\x1b[2Jy\rz\n").expect("write");
+        assert_eq!(log_tail(&p, 5), "x\n\\u{1b}[2Jy\\u{d}z");
         assert_eq!(log_tail(&dir.path().join("none"), 2), "");
     }
 

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use tokio::process::{Child, Command};
 
+use super::capped_log::CappedLog;
 use super::VmmError;
 use crate::supervisor::keeper::{Keeper, KeeperSpec};
 
@@ -31,30 +32,34 @@ pub struct Helper {
 }
 
 impl Helper {
-    /// Spawns `cmd` under a keeper (`spec`: cgroup, jail), with output
-    /// appended to `log`. `cmd` must have no `pre_exec` hooks of its own.
+    /// Spawns `cmd` under a keeper (`spec`: cgroup, jail). Its stdout and
+    /// stderr are pipes copied into `stdout` and `stderr` (capped logs, see
+    /// [`super::capped_log`]; they may be the same). `cmd` must have no
+    /// `pre_exec` hooks of its own.
     pub fn spawn(
         what: &'static str,
         mut cmd: Command,
-        log: &Path,
+        stdout: &CappedLog,
+        stderr: &CappedLog,
         spec: KeeperSpec,
     ) -> Result<Self, VmmError> {
         let err = |source| VmmError::Spawn {
             what: what.to_string(),
             source,
         };
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .map_err(err)?;
-        let out_err = out.try_clone().map_err(err)?;
         cmd.stdin(Stdio::null())
-            .stdout(Stdio::from(out))
-            .stderr(Stdio::from(out_err))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
             .kill_on_drop(false);
         Keeper::new(spec).apply(&mut cmd);
-        let child = cmd.spawn().map_err(err)?;
+        let mut child = cmd.spawn().map_err(err)?;
+        // The copies end when the keeper and the VM process are gone.
+        if let Some(out) = child.stdout.take() {
+            stdout.attach(out);
+        }
+        if let Some(e) = child.stderr.take() {
+            stderr.attach(e);
+        }
         Ok(Self {
             what,
             child,

@@ -15,6 +15,7 @@ use tokio::net::UnixListener;
 use tokio::process::Command;
 
 use super::accel::{choose, host_tsc_khz, Accel, AccelChoice, KvmProbe};
+use super::capped_log::{CappedLog, CONSOLE_LOG_CAP};
 use super::jailer::{IdPool, IdRange};
 use super::process::{wait_for_path, Helper};
 use super::qmp::Qmp;
@@ -169,7 +170,14 @@ impl QemuBackend {
             cmdline.extend(tcg_timer_cmdline(host_tsc_khz()));
         }
         push(&["-append", &cmdline.join(" ")]);
-        push(&["-serial", &format!("file:{}", p.console.display())]);
+        // The console goes to QEMU's stdout, a pipe the host copies into the
+        // capped console.log (see `super::capped_log`).
+        push(&[
+            "-chardev",
+            "stdio,id=console,signal=off",
+            "-serial",
+            "chardev:console",
+        ]);
         push(&[
             "-drive",
             &format!("id=root,file={},format=raw,if=none,readonly=on", q(rootfs)),
@@ -338,7 +346,9 @@ fn open_to_jail(paths: &VmPaths, gid: u32) -> Result<(), VmmError> {
     std::os::unix::fs::chown(&paths.dir, Some(0), Some(gid)).map_err(err(&paths.dir))?;
     std::fs::set_permissions(&paths.dir, std::fs::Permissions::from_mode(0o770)).map_err(err(&paths.dir))?;
     for entry in std::fs::read_dir(&paths.dir).map_err(err(&paths.dir))?.flatten() {
-        if entry.file_name() == crate::supervisor::OWNER_FILE {
+        // Logs are written by the host only (capped, 0600).
+        let name = entry.file_name();
+        if name == crate::supervisor::OWNER_FILE || name.to_string_lossy().ends_with(".log") {
             continue;
         }
         let p = entry.path();
@@ -361,6 +371,13 @@ impl VmmBackend for QemuBackend {
         let paths = VmPaths::new(cfg.vm_dir());
         // From here on, dropping `vm` releases whatever was started.
         let conf = self.supervisor.confine(cfg)?;
+        let log = |path: &Path| {
+            CappedLog::create(path, CONSOLE_LOG_CAP).map_err(|source| VmmError::StateDir {
+                path: path.to_path_buf(),
+                source,
+            })
+        };
+        let (console, vmm_log) = (log(&paths.console)?, log(&paths.vmm_log)?);
         let vsock = HybridVsock::new(&paths.vsock, cfg.rate_limit);
         let mut vm = QemuVm {
             id: cfg.id.clone(),
@@ -399,14 +416,15 @@ impl VmmBackend for QemuBackend {
         let vhost = vm.vhost.insert(Helper::spawn(
             "vhost-device-vsock",
             vhost_cmd,
-            &paths.vmm_log,
+            &vmm_log,
+            &vmm_log,
             vhost_spec,
         )?);
         wait_for_path(&paths.vhost_sock, vhost, Duration::from_secs(5), &paths.vmm_log).await?;
 
         let (mut qemu_cmd, qemu_spec) = self.command(&self.qemu, cfg, &paths, &vm.conf, true)?;
         qemu_cmd.args(self.qemu_args(cfg, &inner, &kernel, &rootfs));
-        vm.qemu = Some(Helper::spawn("qemu", qemu_cmd, &paths.vmm_log, qemu_spec)?);
+        vm.qemu = Some(Helper::spawn("qemu", qemu_cmd, &console, &vmm_log, qemu_spec)?);
         tracing::debug!(vm = %cfg.id, pid = ?vm.pids(), "VM started");
         Ok(Box::new(vm))
     }
@@ -576,6 +594,7 @@ mod tests {
             "vhost-user-vsock-device",
             "-no-reboot",
             "spawn=deny",
+            "-chardev stdio,id=console,signal=off -serial chardev:console",
             "init=/sbin/neurovisor-agent",
             "tsc_early_khz=",
             " lpj=",

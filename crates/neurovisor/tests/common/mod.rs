@@ -30,12 +30,17 @@ pub fn env() -> TestEnv {
 }
 
 pub fn env_with_image(name: &str) -> TestEnv {
+    env_with_images(images(name))
+}
+
+/// A sandbox on the QEMU backend booting `images`.
+pub fn env_with_images(images: ImageSet) -> TestEnv {
     let state = tempfile::Builder::new()
         .prefix("nvtest-")
         .tempdir()
         .expect("state dir");
     let backend = QemuBackend::new(&QemuOptions::default()).expect("qemu backend");
-    let sandbox = Sandbox::new(Arc::new(backend), images(name), state.path().to_path_buf());
+    let sandbox = Sandbox::new(Arc::new(backend), images, state.path().to_path_buf());
     TestEnv { state, sandbox }
 }
 
