@@ -46,6 +46,14 @@ if ! command -v vhost-device-vsock >/dev/null 2>&1 && [[ ! -x "$HOME/.cargo/bin/
     cargo install --locked vhost-device-vsock --version "$VHOST_VSOCK_VERSION"
 fi
 
+# Members of the group `neurovisor` may use the daemon's Unix socket
+# (<state-dir>/neurovisor.sock, mode 0660); without the group it is 0600.
+if ! getent group neurovisor >/dev/null; then
+    say "creating the system group neurovisor (users in it may use the daemon)"
+    sudo_cmd=(); [[ $(id -u) -eq 0 ]] || sudo_cmd=(sudo)
+    "${sudo_cmd[@]}" groupadd --system neurovisor
+fi
+
 say "building neurovisor and the guest agent (release)"
 cargo build --release --locked --workspace --bins
 

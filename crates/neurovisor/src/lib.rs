@@ -14,6 +14,8 @@
 //! - [`agent`]: agent mode: an LLM solves a task by running code in fresh VMs.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`security`]: capabilities, seccomp, per-VM cgroups, jails, rate limits, eBPF LSM.
+//! - [`transport`]: how clients reach the daemon and who may: the Unix socket in
+//!   the state directory, the TCP token, state directory ownership checks.
 //! - [`doctor`]: checks that the host can run VMs and says how to fix what is missing.
 
 pub mod agent;
@@ -30,6 +32,7 @@ pub mod pool;
 pub mod security;
 pub mod server;
 pub mod supervisor;
+pub mod transport;
 pub mod vmm;
 
 pub use config::VmSize;

@@ -1013,9 +1013,7 @@ async fn grpc_run_task_streams_the_session_through_the_daemon() {
     })
     .await
     .expect("join");
-    let mut client = AgentClient::connect(format!("http://{}", d.grpc))
-        .await
-        .expect("connect");
+    let mut client = AgentClient::new(d.channel().await);
 
     let mut req = tonic::Request::new(RunTaskRequest {
         task: "Print your trace id".into(),

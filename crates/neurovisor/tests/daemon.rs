@@ -30,7 +30,7 @@ fn python_grpcio_client_executes_code_through_the_daemon() {
         .arg(format!("{root}/crates/neurovisor/tests/python/sandbox_client.py"))
         .args([
             "--addr",
-            &d.grpc,
+            &d.addr(),
             "--proto-dir",
             &format!("{root}/crates/proto/proto"),
         ])
@@ -329,7 +329,7 @@ async fn api_validation_trace_ids_disconnects_and_inference() {
     // drops as when a real client crashes or loses the network.
     d.wait_warm(1);
     let mut client = Command::new(env!("CARGO_BIN_EXE_neurovisor"))
-        .args(["run", "--addr", &d.grpc, "--lang", "python", "-c"])
+        .args(["run", "--addr", &d.addr(), "--lang", "python", "-c"])
         .arg("import time\nprint('x', flush=True)\ntime.sleep(300)")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -352,9 +352,7 @@ async fn api_validation_trace_ids_disconnects_and_inference() {
     drop(c);
 
     // Inference proxied to Ollama (a server speaking its wire format), and its errors.
-    let mut inf = InferenceServiceClient::connect(format!("http://{}", d.grpc))
-        .await
-        .expect("connect");
+    let mut inf = InferenceServiceClient::new(d.channel().await);
     let r = inf
         .infer(InferRequest {
             prompt: "hello".into(),
@@ -379,9 +377,7 @@ async fn api_validation_trace_ids_disconnects_and_inference() {
     assert_eq!(d.stop(), Some(0));
 
     let d = start_daemon(&["--warm", "0", "--ollama-host", "http://127.0.0.1:9"]);
-    let mut inf = InferenceServiceClient::connect(format!("http://{}", d.grpc))
-        .await
-        .expect("connect");
+    let mut inf = InferenceServiceClient::new(d.channel().await);
     let e = inf
         .infer(InferRequest {
             prompt: "hello".into(),

@@ -358,7 +358,7 @@ fn sigkill_of_serve_kills_its_warm_and_busy_vms_and_the_next_start_cleans_up() {
                 &[
                     "run",
                     "--addr",
-                    &d.grpc,
+                    &d.addr(),
                     "--lang",
                     "python",
                     "-c",

@@ -5,7 +5,7 @@
 //! when a daemon is reachable).
 
 use crate::config::VmSize;
-use crate::daemon_client::{DaemonClient, DaemonError};
+use crate::daemon_client::{DaemonClient, DaemonEndpoint, DaemonError};
 use crate::exec::{ExecError, ExecOutcome, ExecRequest, Output, Sandbox};
 use crate::images::Language;
 use crate::pool::{Pool, PoolError};
@@ -148,15 +148,14 @@ impl CodeExecutor for PoolExecutor {
 
 /// Executions through a running daemon (`neurovisor.v1.Sandbox/Execute`).
 pub struct DaemonExecutor {
-    addr: String,
+    endpoint: DaemonEndpoint,
     client: tokio::sync::OnceCell<DaemonClient>,
 }
 
 impl DaemonExecutor {
-    /// `addr`: `host:port` or a URL.
-    pub fn new(addr: &str) -> Self {
+    pub fn new(endpoint: DaemonEndpoint) -> Self {
         Self {
-            addr: addr.to_string(),
+            endpoint,
             client: tokio::sync::OnceCell::new(),
         }
     }
@@ -164,7 +163,7 @@ impl DaemonExecutor {
     async fn client(&self) -> Result<DaemonClient, ExecutorError> {
         let c = self
             .client
-            .get_or_try_init(|| DaemonClient::connect(&self.addr))
+            .get_or_try_init(|| DaemonClient::connect(&self.endpoint))
             .await
             .map_err(daemon_error)?;
         Ok(c.clone())
@@ -174,7 +173,7 @@ impl DaemonExecutor {
 fn daemon_error(e: DaemonError) -> ExecutorError {
     match e {
         DaemonError::Invalid(m) => ExecutorError::Invalid(m),
-        DaemonError::Other(m) => ExecutorError::Daemon(m),
+        DaemonError::Other(m) | DaemonError::BadAddress(m) => ExecutorError::Daemon(m),
     }
 }
 

@@ -3,7 +3,7 @@
 //!
 //! The agent loop runs in this process, so the LLM settings of this shell
 //! (`OLLAMA_HOST`, `OPENAI_API_KEY`, ...) apply. Executions go to the daemon's
-//! pool when a daemon is reachable (`--addr`, or one on 127.0.0.1:50051), like
+//! pool when a daemon is reachable (`--addr`, or the one whose socket is in the state directory), like
 //! `neurovisor run`; otherwise (or with `--local`) each boots a VM directly.
 //!
 //! Exit status: 0 with a final answer; 1 when the iteration cap was reached;
@@ -125,6 +125,7 @@ pub async fn run_seed(task: String, seed: SeedAgentArgs, serve: ServeArgs) -> u8
             addr: env_nonempty("NEUROVISOR_ADDR"),
             local: env_nonempty("NEUROVISOR_LOCAL")
                 .is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on")),
+            tls_ca: env_nonempty("NEUROVISOR_TLS_CA").map(Into::into),
         },
         vm: serve.vm,
     })
@@ -345,11 +346,14 @@ pub async fn run(a: AgentArgs) -> u8 {
         );
     }
     let llm_cfg = a.llm_config();
-    let daemon = a.target.resolve().await;
+    let daemon = match a.target.resolve(a.vm.state_dir()).await {
+        Ok(d) => d,
+        Err(m) => return fail(a.json, "invalid_request", &m, EXIT_BAD_INPUT),
+    };
     let executor: Arc<dyn CodeExecutor> = match &daemon {
-        Some(addr) => {
-            tracing::info!(%addr, "agent executions go through the daemon");
-            Arc::new(DaemonExecutor::new(addr))
+        Some(ep) => {
+            tracing::info!(daemon = %ep, "agent executions go through the daemon");
+            Arc::new(DaemonExecutor::new(ep.clone()))
         }
         None => match a.vm.sandbox() {
             Ok(sb) => Arc::new(SandboxExecutor::new(sb, a.size)),
@@ -398,7 +402,7 @@ pub async fn run(a: AgentArgs) -> u8 {
     if a.json {
         let mut doc = report.to_json();
         doc["sandbox"] = match &daemon {
-            Some(addr) => json!({ "daemon": addr }),
+            Some(ep) => json!({ "daemon": ep.to_string() }),
             None => json!("direct"),
         };
         println!("{doc}");

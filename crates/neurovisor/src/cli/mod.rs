@@ -10,6 +10,7 @@ mod serve;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use neurovisor::daemon_client::DaemonEndpoint;
 use neurovisor::images::{ImageSelection, ImageSet};
 use neurovisor::security::rate_limit::RateLimitConfig;
 use neurovisor::vmm::fc_api::RateLimiter;
@@ -187,6 +188,11 @@ impl VmArgs {
         }
     }
 
+    /// The state directory given with --state-dir (or its variable), if any.
+    pub fn state_dir(&self) -> Option<&std::path::Path> {
+        self.state_dir.as_deref()
+    }
+
     pub fn sandbox(&self) -> Result<Sandbox, String> {
         let images = ImageSet::resolve(&self.image_selection()).map_err(|e| e.to_string())?;
         let (backend, _why) = select_backend(&self.backend_options()).map_err(|e| e.to_string())?;
@@ -202,22 +208,44 @@ impl VmArgs {
 /// Where `run` and `agent` send executions: a daemon, or VMs booted directly.
 #[derive(Debug, Clone, Args)]
 pub struct DaemonTarget {
-    /// Use the daemon at this address (default: the daemon at 127.0.0.1:50051
-    /// when one is running, else VMs booted directly).
+    /// Use the daemon at this address: unix:/path/to/neurovisor.sock,
+    /// host:port, http://host:port or https://host:port (default: the daemon
+    /// whose socket is in the state directory, when one is running, else VMs
+    /// booted directly). Over TCP the token comes from NEUROVISOR_TOKEN, else
+    /// from <state-dir>/token.
     #[arg(long, env = "NEUROVISOR_ADDR", conflicts_with = "local")]
     pub addr: Option<String>,
-    /// Always boot VMs directly, even when a daemon is running.
-    #[arg(long, env = "NEUROVISOR_LOCAL")]
+    /// Always boot VMs directly, even when a daemon is running (--local=false: look for one).
+    #[arg(
+        long,
+        env = "NEUROVISOR_LOCAL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        default_value = "false",
+        value_parser = clap::builder::BoolishValueParser::new(),
+        action = clap::ArgAction::Set
+    )]
     pub local: bool,
+    /// PEM CA certificate of an https:// daemon with a private CA.
+    #[arg(long, env = "NEUROVISOR_TLS_CA", value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
 }
 
 impl DaemonTarget {
-    /// The daemon address to use, or `None` for direct boots.
-    pub async fn resolve(&self) -> Option<String> {
+    /// The daemon to use, or `None` for direct boots. `state_dir`: the one
+    /// chosen with --state-dir, if any (where the socket and token are looked for).
+    pub async fn resolve(
+        &self,
+        state_dir: Option<&std::path::Path>,
+    ) -> Result<Option<DaemonEndpoint>, String> {
+        let dirs = neurovisor::daemon_client::discovery_dirs(state_dir);
         match (&self.addr, self.local) {
-            (Some(addr), _) => Some(addr.clone()),
-            (None, false) => neurovisor::daemon_client::default_daemon().await,
-            (None, true) => None,
+            (Some(addr), _) => DaemonEndpoint::parse(addr, &dirs[0], self.tls_ca.clone())
+                .map(Some)
+                .map_err(|e| e.to_string()),
+            (None, false) => Ok(neurovisor::daemon_client::discover(&dirs).await),
+            (None, true) => Ok(None),
         }
     }
 }
@@ -232,9 +260,12 @@ pub fn init_logging(verbose: u8) {
         .ok()
         .and_then(|v| tracing_subscriber::EnvFilter::try_new(v).ok())
         .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(default));
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colours only for a person; log files and journald get plain text.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 }
 

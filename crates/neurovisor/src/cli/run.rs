@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Args;
-use neurovisor::daemon_client::{DaemonClient, DaemonError};
+use neurovisor::daemon_client::{DaemonClient, DaemonEndpoint, DaemonError};
 use neurovisor::exec::DEFAULT_MAX_OUTPUT;
 use neurovisor::{ExecOutcome, ExecRequest, Output, VmSize};
 use serde_json::json;
@@ -162,7 +162,10 @@ pub async fn run(a: RunArgs) -> u8 {
         Ok(r) => r,
         Err(m) => return fail(a.json, "invalid_request", &m, EXIT_BAD_INPUT),
     };
-    let daemon = a.target.resolve().await;
+    let daemon = match a.target.resolve(a.vm.state_dir()).await {
+        Ok(d) => d,
+        Err(m) => return fail(a.json, "invalid_request", &m, EXIT_BAD_INPUT),
+    };
     let sandbox = match &daemon {
         Some(_) => None,
         None => match a.vm.sandbox() {
@@ -214,10 +217,11 @@ pub async fn run(a: RunArgs) -> u8 {
                 };
                 (kind, e.to_string())
             }),
-            (None, Some(addr)) => {
-                let remote = async { DaemonClient::connect(addr).await?.execute(&req, &mut sink).await };
+            (None, Some(ep)) => {
+                tracing::info!(daemon = %ep, "executing through the daemon");
+                let remote = async { DaemonClient::connect(ep).await?.execute(&req, &mut sink).await };
                 remote.await.map(|r| r.outcome).map_err(|e| match e {
-                    DaemonError::Invalid(m) => (Kind::Invalid, m),
+                    DaemonError::Invalid(m) | DaemonError::BadAddress(m) => (Kind::Invalid, m),
                     DaemonError::Other(m) => (Kind::Sandbox, m),
                 })
             }
@@ -236,7 +240,7 @@ pub async fn run(a: RunArgs) -> u8 {
         }
     };
     drop(execution);
-    finish(&a, &req, result, &out_buf, &err_buf)
+    finish(&a, &req, daemon.as_ref(), result, &out_buf, &err_buf)
 }
 
 enum Kind {
@@ -247,6 +251,7 @@ enum Kind {
 fn finish(
     a: &RunArgs,
     req: &ExecRequest,
+    daemon: Option<&DaemonEndpoint>,
     result: Result<ExecOutcome, (Kind, String)>,
     out_buf: &[u8],
     err_buf: &[u8],
@@ -262,6 +267,10 @@ fn finish(
                 v["stdout"] = json!(String::from_utf8_lossy(out_buf));
                 v["stderr"] = json!(String::from_utf8_lossy(err_buf));
                 v["notes"] = json!(notes);
+                v["sandbox"] = match daemon {
+                    Some(ep) => json!({ "daemon": ep.to_string() }),
+                    None => json!("direct"),
+                };
                 println!("{v}");
             } else {
                 for n in &notes {

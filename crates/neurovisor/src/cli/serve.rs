@@ -10,7 +10,7 @@ use std::time::Duration;
 use clap::Args;
 use neurovisor::llm::ollama::DEFAULT_OLLAMA_HOST;
 use neurovisor::pool::PoolConfig;
-use neurovisor::server::{self, limits, DaemonConfig};
+use neurovisor::server::{self, limits, DaemonConfig, Listening, TlsFiles};
 use neurovisor::{config, VmSize};
 use serde::Deserialize;
 
@@ -27,9 +27,22 @@ pub struct ServeArgs {
     /// VM size of the pool [default: medium].
     #[arg(long, value_enum, env = "NEUROVISOR_SIZE")]
     pub size: Option<VmSize>,
-    /// gRPC listen address [default: 127.0.0.1:50051].
-    #[arg(long, env = "NEUROVISOR_GRPC_ADDR")]
-    pub grpc_addr: Option<SocketAddr>,
+    /// Also serve gRPC on this TCP address; every request over it needs
+    /// `authorization: Bearer <token>` (the token is in <state-dir>/token).
+    /// Without it the daemon listens on its Unix socket only,
+    /// <state-dir>/neurovisor.sock. (`--grpc-addr` is an old name.)
+    #[arg(long, alias = "grpc-addr", env = "NEUROVISOR_LISTEN", value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// PEM certificate chain: makes the --listen address TLS (with --tls-key).
+    #[arg(long, env = "NEUROVISOR_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "NEUROVISOR_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// Group whose members may use the Unix socket (mode 0660); when the
+    /// group does not exist the socket is 0600 [default: neurovisor].
+    #[arg(long, env = "NEUROVISOR_SOCKET_GROUP", value_name = "GROUP")]
+    pub socket_group: Option<String>,
     /// Prometheus /metrics listen address [default: 127.0.0.1:9090].
     #[arg(long, env = "NEUROVISOR_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
@@ -77,7 +90,12 @@ struct FileConfig {
     warm: Option<usize>,
     max: Option<usize>,
     size: Option<VmSize>,
+    listen: Option<SocketAddr>,
+    /// The old name of `listen`.
     grpc_addr: Option<SocketAddr>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    socket_group: Option<String>,
     metrics_addr: Option<SocketAddr>,
     queue_timeout: Option<String>,
     shutdown_grace: Option<String>,
@@ -124,11 +142,41 @@ impl ServeArgs {
             ..PoolConfig::default()
         };
         pool.validate()?;
+        // The old variable of --listen, for configurations that still set it.
+        let old_env = match std::env::var("NEUROVISOR_GRPC_ADDR") {
+            Ok(v) if !v.trim().is_empty() => Some(v.trim().parse::<SocketAddr>().map_err(|e| {
+                format!("NEUROVISOR_GRPC_ADDR={v}: {e} (give host:port, e.g. 127.0.0.1:50051; NEUROVISOR_LISTEN is its new name)")
+            })?),
+            _ => None,
+        };
+        let listen = self.listen.or(old_env).or(f.listen).or(f.grpc_addr);
+        let tls = match (
+            self.tls_cert.clone().or(f.tls_cert),
+            self.tls_key.clone().or(f.tls_key),
+        ) {
+            (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err("--tls-cert needs --tls-key too (the certificate's PEM private key)".into())
+            }
+            (None, Some(_)) => {
+                return Err("--tls-key needs --tls-cert too (the PEM certificate chain)".into())
+            }
+        };
+        if tls.is_some() && listen.is_none() {
+            return Err(
+                "--tls-cert/--tls-key secure the TCP listener, but there is none: also pass --listen ADDR (the Unix socket needs no TLS)"
+                    .into(),
+            );
+        }
         Ok(DaemonConfig {
-            grpc_addr: self
-                .grpc_addr
-                .or(f.grpc_addr)
-                .unwrap_or(([127, 0, 0, 1], 50051).into()),
+            listen,
+            tls,
+            socket_group: self
+                .socket_group
+                .clone()
+                .or(f.socket_group)
+                .unwrap_or_else(|| neurovisor::transport::DEFAULT_SOCKET_GROUP.into()),
             metrics_addr: self
                 .metrics_addr
                 .or(f.metrics_addr)
@@ -203,8 +251,12 @@ pub async fn serve(a: ServeArgs) -> u8 {
         "warm {}, max {}, size {}, image {}",
         cfg.pool.warm, cfg.pool.max, cfg.pool.size, images.name
     );
-    let ready = move |grpc: SocketAddr, metrics: SocketAddr| {
-        eprintln!("neurovisor: serving gRPC on {grpc}, metrics on http://{metrics}/metrics ({summary})");
+    let ready = move |l: &Listening| {
+        eprintln!(
+            "neurovisor: serving gRPC on {}, metrics on http://{}/metrics ({summary})",
+            l.grpc_summary(),
+            l.metrics
+        );
     };
     let shutdown = match shutdown_signal() {
         Ok(s) => s,
@@ -242,10 +294,30 @@ mod tests {
         let c = t.s.resolve().expect("valid");
         assert_eq!((c.pool.warm, c.pool.max), (1, 6));
         assert_eq!(c.pool.queue_timeout, Duration::from_secs(5));
+        assert_eq!(c.listen, None, "no TCP unless asked");
+        assert_eq!(c.socket_group, "neurovisor");
+
+        std::fs::write(&file, "grpc_addr = \"127.0.0.1:7\"\n").expect("write");
+        let t = T::parse_from(["x", "--config", file.to_str().expect("utf8")]);
         assert_eq!(
-            c.grpc_addr,
-            "127.0.0.1:50051".parse::<SocketAddr>().expect("addr")
+            t.s.resolve().expect("old key").listen,
+            Some(([127, 0, 0, 1], 7).into())
         );
+        let t = T::parse_from(["x", "--grpc-addr", "127.0.0.1:8"]);
+        assert_eq!(
+            t.s.resolve().expect("old flag").listen,
+            Some(([127, 0, 0, 1], 8).into())
+        );
+        let e = T::parse_from(["x", "--listen", "127.0.0.1:8", "--tls-cert", "c.pem"])
+            .s
+            .resolve()
+            .unwrap_err();
+        assert!(e.contains("--tls-cert needs --tls-key"), "{e}");
+        let e = T::parse_from(["x", "--tls-cert", "c.pem", "--tls-key", "k.pem"])
+            .s
+            .resolve()
+            .unwrap_err();
+        assert!(e.contains("also pass --listen"), "{e}");
 
         std::fs::write(&file, "wram = 1\n").expect("write");
         let e = T::parse_from(["x", "--config", file.to_str().expect("utf8")])

@@ -65,18 +65,27 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Limited<IO> {
     }
 }
 
-/// `incoming`, accepting a connection only while fewer than `max` of those it
-/// accepted are open.
-pub fn limit_connections<S, IO, E>(incoming: S, max: usize) -> impl Stream<Item = Result<Limited<IO>, E>>
-where
-    S: Stream<Item = Result<IO, E>> + Unpin,
-{
-    let slots = Arc::new(Semaphore::new(max.max(1)));
-    futures_util::stream::unfold((incoming, slots), |(mut incoming, slots)| async move {
-        let slot = slots.clone().acquire_owned().await.ok()?;
-        let next = incoming.next().await?;
-        Some((next.map(|io| Limited { io, _slot: slot }), (incoming, slots)))
-    })
+/// Slots for open connections, shared by every listener of the daemon.
+#[derive(Clone)]
+pub struct ConnectionSlots(Arc<Semaphore>);
+
+impl ConnectionSlots {
+    pub fn new(max: usize) -> Self {
+        Self(Arc::new(Semaphore::new(max.max(1))))
+    }
+
+    /// `incoming`, accepting a connection only while a slot is free; the
+    /// connection holds its slot until it closes.
+    pub fn limit<S, IO, E>(&self, incoming: S) -> impl Stream<Item = Result<Limited<IO>, E>>
+    where
+        S: Stream<Item = Result<IO, E>> + Unpin,
+    {
+        futures_util::stream::unfold((incoming, self.0.clone()), |(mut incoming, slots)| async move {
+            let slot = slots.clone().acquire_owned().await.ok()?;
+            let next = incoming.next().await?;
+            Some((next.map(|io| Limited { io, _slot: slot }), (incoming, slots)))
+        })
+    }
 }
 
 #[cfg(test)]
@@ -88,7 +97,7 @@ mod tests {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = l.local_addr().expect("addr");
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(l);
-        let mut limited = Box::pin(limit_connections(incoming, 2));
+        let mut limited = Box::pin(ConnectionSlots::new(2).limit(incoming));
         let _c: Vec<_> = futures_util::future::join_all((0..3).map(|_| tokio::net::TcpStream::connect(addr))).await;
         let a = limited.next().await.expect("first").expect("io");
         let _b = limited.next().await.expect("second").expect("io");

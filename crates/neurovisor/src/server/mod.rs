@@ -1,23 +1,26 @@
 //! The daemon (`neurovisor serve`): the gRPC API, the metrics endpoint, and the
 //! pool's lifecycle.
 //!
-//! Start-up takes an exclusive lock on `<state>/daemon/lock` (two daemons on one
-//! state directory refuse to start), removes what a previous daemon killed with
-//! SIGKILL left behind, then pre-warms. SIGTERM/SIGINT stop accepting, let
-//! in-flight executions finish within a grace period, destroy every VM and
-//! remove the state directory.
+//! Start-up checks the state directory (ours, not writable by others; see
+//! [`crate::transport`]), takes an exclusive lock on `<state>/daemon/lock` (two
+//! daemons on one state directory refuse to start), removes what a previous
+//! daemon killed with SIGKILL left behind, binds `<state>/neurovisor.sock`
+//! (replacing a stale one) and, with `--listen`, a TCP listener that needs the
+//! token (TLS with `--tls-cert/--tls-key`), then pre-warms. SIGTERM/SIGINT
+//! remove the socket, stop accepting, let in-flight executions finish within a
+//! grace period, destroy every VM and remove `<state>/daemon`.
 
+pub mod access;
 pub mod agent;
 pub mod inference;
 pub mod limits;
 pub mod sandbox;
 pub mod trace;
 
-use std::fs::File;
 use std::future::Future;
-use std::io::{Read, Seek, Write};
+use std::io::{Read, Write};
 use std::net::SocketAddr;
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,24 +28,34 @@ use std::time::Duration;
 use neurovisor_proto::inference::inference_service_server::InferenceServiceServer;
 use neurovisor_proto::v1::agent_server::AgentServer;
 use neurovisor_proto::v1::sandbox_server::SandboxServer;
-use nix::fcntl::{Flock, FlockArg};
-use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tokio::net::{TcpListener, UnixListener};
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tonic::transport::{Identity, Server, ServerTlsConfig};
 
+use self::access::AccessLayer;
 use crate::exec::Sandbox;
 use crate::images::ImageSet;
 use crate::llm::OllamaClient;
 use crate::metrics::Metrics;
 use crate::pool::{Pool, PoolConfig};
 use crate::security::{caps, lsm, seccomp, vm_guard};
+use crate::supervisor::FileLock;
+use crate::transport::{self, Token, TransportError};
 use crate::vmm::process::kill_processes_mentioning;
 use crate::vmm::VmmBackend;
 
 #[derive(Debug, Clone)]
 pub struct DaemonConfig {
-    pub grpc_addr: SocketAddr,
+    /// TCP listener for gRPC (`--listen`); requests over it need the token.
+    /// The Unix socket `<state_dir>/neurovisor.sock` is always there.
+    pub listen: Option<SocketAddr>,
+    /// Certificate and key that make the TCP listener TLS.
+    pub tls: Option<TlsFiles>,
+    /// The group that may use the Unix socket (when it exists).
+    pub socket_group: String,
     pub metrics_addr: SocketAddr,
-    /// Parent state directory; the daemon works in `<state_dir>/daemon`.
+    /// Parent state directory: the socket and the token live there; the
+    /// daemon works in `<state_dir>/daemon`.
     pub state_dir: PathBuf,
     pub pool: PoolConfig,
     pub shutdown_grace: Duration,
@@ -61,6 +74,38 @@ pub struct DaemonConfig {
     pub output_budget: usize,
     /// How long a streaming client may read nothing before its execution is stopped.
     pub stall_timeout: Duration,
+}
+
+/// PEM files for the TCP listener's TLS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Where a started daemon listens (given to `run`'s `ready` callback).
+#[derive(Debug, Clone)]
+pub struct Listening {
+    pub socket: PathBuf,
+    pub tcp: Option<SocketAddr>,
+    pub tls: bool,
+    pub token_file: PathBuf,
+    pub metrics: SocketAddr,
+}
+
+impl Listening {
+    /// `unix:/run/neurovisor/neurovisor.sock and https://0.0.0.0:50051 (token in /run/neurovisor/token)`.
+    pub fn grpc_summary(&self) -> String {
+        let mut s = format!("unix:{}", self.socket.display());
+        if let Some(a) = self.tcp {
+            let scheme = if self.tls { "https" } else { "http" };
+            s.push_str(&format!(
+                " and {scheme}://{a} (token in {})",
+                self.token_file.display()
+            ));
+        }
+        s
+    }
 }
 
 /// Removes VM cgroups nobody holds any more (their daemon was killed, or
@@ -98,7 +143,7 @@ fn report_bpf_lsm() {
 /// VM cgroups protecting host secrets and the daemon's lock, and per-VM
 /// syscall counts. A host that refuses it gets a warning, not a failure.
 #[cfg(feature = "ebpf")]
-fn load_ebpf_guard(dir: &Path) {
+fn load_ebpf_guard(dir: &Path, state_dir: &Path) {
     use crate::security::ebpf::{EbpfGuard, LsmMode};
     match EbpfGuard::load(LsmMode::IfActive) {
         Ok(mut g) => {
@@ -106,6 +151,7 @@ fn load_ebpf_guard(dir: &Path) {
                 PathBuf::from("/etc/shadow"),
                 PathBuf::from("/etc/gshadow"),
                 dir.join("lock"),
+                transport::token_path(state_dir),
             ] {
                 if p.exists() {
                     if let Err(e) = g.protect_path(&p) {
@@ -169,6 +215,18 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    #[error("lock file {0} is a symbolic link; remove it (nothing should link there) and start again")]
+    LockLink(PathBuf),
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error("cannot listen on the Unix socket {path}: {source} (check the state directory, or pass another --state-dir)")]
+    BindSocket {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("cannot listen on {addr} for {what}: {source} (choose another address with {flag})")]
     Bind {
         addr: SocketAddr,
@@ -189,43 +247,116 @@ pub fn daemon_dir(state_dir: &Path) -> PathBuf {
 
 /// The exclusive lock of one state directory, held for the daemon's lifetime.
 pub struct StateLock {
-    _lock: Flock<File>,
+    _lock: FileLock,
 }
 
 impl StateLock {
+    /// Locks `<dir>/lock` (`dir`: the daemon directory, which must exist),
+    /// never following a symlink, and writes our pid into it.
     pub fn acquire(dir: &Path) -> Result<Self, DaemonError> {
-        let sd = |source| DaemonError::StateDir {
-            dir: dir.to_path_buf(),
-            source,
-        };
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(sd)?;
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(dir.join("lock"))
-            .map_err(sd)?;
-        let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(l) => l,
-            Err((mut f, _)) => {
-                let mut pid = String::new();
-                let _ = f.read_to_string(&mut pid);
-                return Err(DaemonError::Locked {
+        let path = dir.join("lock");
+        let sd = |source: std::io::Error| {
+            if source.raw_os_error() == Some(libc::ELOOP) {
+                DaemonError::LockLink(path.clone())
+            } else {
+                DaemonError::StateDir {
                     dir: dir.to_path_buf(),
-                    pid: pid.trim().to_string(),
-                });
+                    source,
+                }
             }
         };
-        lock.set_len(0).map_err(sd)?;
-        lock.rewind().map_err(sd)?;
-        write!(lock, "{}", std::process::id()).map_err(sd)?;
+        let Some(lock) = FileLock::try_acquire(&path).map_err(sd)? else {
+            let mut pid = String::new();
+            if let Ok(mut f) = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(&path)
+            {
+                let _ = (&mut f).take(32).read_to_string(&mut pid);
+            }
+            return Err(DaemonError::Locked {
+                dir: dir.to_path_buf(),
+                pid: pid.trim().to_string(),
+            });
+        };
+        let mut f = lock.file();
+        f.set_len(0).map_err(sd)?;
+        // Written at offset 0: the file was opened without O_APPEND.
+        std::io::Seek::rewind(&mut f).map_err(sd)?;
+        write!(f, "{}", std::process::id()).map_err(sd)?;
         Ok(Self { _lock: lock })
     }
+}
+
+/// `<state>/neurovisor.sock` while the daemon serves; removed on drop.
+struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        match std::fs::remove_file(&self.0) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!("cannot remove {}: {e}", self.0.display()),
+        }
+    }
+}
+
+/// Binds the daemon's Unix socket: under a temporary name, then mode 0660
+/// with `group` (0600 without), then renamed over `<state>/neurovisor.sock`
+/// (so a stale socket of a killed daemon is replaced in one step). Call only
+/// with the state lock held.
+fn bind_socket(
+    state_dir: &Path,
+    group: Option<(&str, nix::unistd::Gid)>,
+) -> Result<(UnixListener, SocketFile), DaemonError> {
+    let path = transport::socket_path(state_dir);
+    let tmp = state_dir.join(format!(".{}.{}", transport::SOCKET_NAME, std::process::id()));
+    let err = |source| DaemonError::BindSocket {
+        path: path.clone(),
+        source,
+    };
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp).map_err(err)?;
+    let finish = || -> std::io::Result<()> {
+        let mode = match group {
+            Some((_, gid)) => {
+                std::os::unix::fs::lchown(&tmp, None, Some(gid.as_raw()))?;
+                0o660
+            }
+            None => 0o600,
+        };
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
+        std::fs::rename(&tmp, &path)
+    };
+    if let Err(e) = finish() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(err(e));
+    }
+    Ok((listener, SocketFile(path.clone())))
+}
+
+fn tls_config(files: &TlsFiles) -> Result<ServerTlsConfig, DaemonError> {
+    let read = |p: &Path, flag: &str| {
+        std::fs::read(p).map_err(|e| DaemonError::Tls(format!("cannot read {} ({flag}): {e}", p.display())))
+    };
+    let cert = read(&files.cert, "--tls-cert")?;
+    let key = read(&files.key, "--tls-key")?;
+    Ok(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
+}
+
+/// An error with its causes, `a: b: c` (tonic's errors say little at the top).
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
 }
 
 /// Kills the processes of VMs a previous daemon left (it was SIGKILLed) and
@@ -301,10 +432,13 @@ pub async fn run(
     backend: Arc<dyn VmmBackend>,
     images: ImageSet,
     shutdown: impl Future<Output = ()>,
-    ready: impl FnOnce(SocketAddr, SocketAddr),
+    ready: impl FnOnce(&Listening),
 ) -> Result<(), DaemonError> {
     cfg.pool.validate().map_err(DaemonError::Pool)?;
+    let group = transport::group_gid(&cfg.socket_group).map(|g| (cfg.socket_group.as_str(), g));
+    transport::prepare_state_dir(&cfg.state_dir, group)?;
     let dir = daemon_dir(&cfg.state_dir);
+    transport::prepare_daemon_dir(&dir)?;
     let lock = StateLock::acquire(&dir)?;
     // Jailed Firecracker VMs lose the parent-death signal (the jailer changes
     // uid), so they can outlive a SIGKILLed daemon: clean those too.
@@ -316,16 +450,55 @@ pub async fn run(
     if removed > 0 {
         tracing::warn!("removed {removed} VM(s) left by a previous daemon");
     }
-    let grpc = bind(cfg.grpc_addr, "gRPC", "--grpc-addr").await?;
+    let token_file = transport::token_path(&cfg.state_dir);
+    let token = match cfg.listen {
+        Some(_) => Some(Token::load_or_create(&cfg.state_dir)?),
+        None => None,
+    };
+    let tls = cfg.tls.as_ref().map(tls_config).transpose()?;
+    let tcp_builder = match tls {
+        Some(t) => Server::builder().tls_config(t).map_err(|e| {
+            DaemonError::Tls(format!(
+                "{} (pass a PEM certificate chain with --tls-cert and its private key with --tls-key)",
+                error_chain(&e)
+            ))
+        })?,
+        None => Server::builder(),
+    };
+    let (unix, socket) = bind_socket(&cfg.state_dir, group)?;
+    match group {
+        Some((name, _)) => tracing::info!("socket {} (mode 0660, group {name})", socket.0.display()),
+        None => tracing::warn!(
+            "group {g} does not exist: the socket {} is mode 0600, for this user only; create the group (groupadd --system {g}, as scripts/setup.sh does) to let its members use the daemon",
+            socket.0.display(),
+            g = cfg.socket_group
+        ),
+    }
+    let tcp = match cfg.listen {
+        Some(addr) => Some(bind(addr, "gRPC", "--listen").await?),
+        None => None,
+    };
     let http = bind(cfg.metrics_addr, "metrics", "--metrics-addr").await?;
-    let (grpc_addr, metrics_addr) = (
-        grpc.local_addr().unwrap_or(cfg.grpc_addr),
-        http.local_addr().unwrap_or(cfg.metrics_addr),
-    );
+    let metrics_addr = http.local_addr().unwrap_or(cfg.metrics_addr);
+    if !metrics_addr.ip().is_loopback() {
+        tracing::warn!(
+            "/metrics and /healthz on {metrics_addr} are reachable from other hosts (they show VM ids and pool state); pass --metrics-addr 127.0.0.1:9090 to keep them local"
+        );
+    }
+    let listening = Listening {
+        socket: socket.0.clone(),
+        tcp: tcp
+            .as_ref()
+            .map(|l| l.local_addr().ok().or(cfg.listen))
+            .unwrap_or(None),
+        tls: cfg.tls.is_some(),
+        token_file: token_file.clone(),
+        metrics: metrics_addr,
+    };
 
     report_bpf_lsm();
     #[cfg(feature = "ebpf")]
-    load_ebpf_guard(&dir);
+    load_ebpf_guard(&dir, &cfg.state_dir);
     let vm_rt = VmRuntime::new()?;
     if cfg.confine {
         let firecracker = backend.name() == "firecracker";
@@ -401,53 +574,83 @@ pub async fn run(
         }
     });
 
-    let (stop_grpc, grpc_stopped) = tokio::sync::oneshot::channel::<()>();
     let budget = sandbox::OutputBudget::new(cfg.output_budget);
-    let max_request = crate::exec::MAX_REQUEST_BYTES;
-    let server = tonic::transport::Server::builder()
-        .max_concurrent_streams(Some(cfg.max_streams_per_connection))
-        // A client that opens connections and sends nothing is dropped.
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(
-            SandboxServer::new(
-                sandbox::SandboxService::new(pool.clone(), metrics.clone(), budget)
-                    .with_stall_timeout(cfg.stall_timeout),
-            )
-                .max_decoding_message_size(max_request),
-        )
-        .add_service(AgentServer::new(agent::AgentService::new(
-            pool.clone(),
-            metrics.clone(),
-            cfg.ollama_host.clone(),
-            cfg.default_model.clone(),
-        )))
-        .add_service(InferenceServiceServer::new(inference::InferenceProxy::new(
-            OllamaClient::new(&cfg.ollama_host),
-            cfg.default_model.clone(),
-            metrics.clone(),
-        )))
-        .serve_with_incoming_shutdown(
-            limits::limit_connections(TcpListenerStream::new(grpc), cfg.max_connections),
-            async move {
-                let _ = grpc_stopped.await;
-            },
-        );
+    let sandbox_svc = SandboxServer::new(
+        sandbox::SandboxService::new(pool.clone(), metrics.clone(), budget).with_stall_timeout(cfg.stall_timeout),
+    )
+    .max_decoding_message_size(crate::exec::MAX_REQUEST_BYTES);
+    let agent_svc = AgentServer::new(agent::AgentService::new(
+        pool.clone(),
+        metrics.clone(),
+        cfg.ollama_host.clone(),
+        cfg.default_model.clone(),
+    ));
+    let inference_svc = InferenceServiceServer::new(inference::InferenceProxy::new(
+        OllamaClient::new(&cfg.ollama_host),
+        cfg.default_model.clone(),
+        metrics.clone(),
+    ));
+    // The same services behind both listeners; the access layer tells them
+    // apart (Unix socket: peer credentials; TCP: the token).
+    let access = AccessLayer::new(token, token_file.clone());
+    let routes = |b: Server| {
+        b.max_concurrent_streams(Some(cfg.max_streams_per_connection))
+            // A client that opens connections and then answers nothing is dropped.
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            .layer(access.clone())
+            .add_service(health_service.clone())
+            .add_service(reflection_v1.clone())
+            .add_service(reflection_v1alpha.clone())
+            .add_service(sandbox_svc.clone())
+            .add_service(agent_svc.clone())
+            .add_service(inference_svc.clone())
+    };
+    let (stop_grpc, grpc_stopped) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    // One connection limit for both listeners.
+    let slots = limits::ConnectionSlots::new(cfg.max_connections);
+    let unix_server = routes(Server::builder()).serve_with_incoming_shutdown(
+        slots.limit(UnixListenerStream::new(unix)),
+        stopped(grpc_stopped.clone()),
+    );
+    let tcp_server = tcp.map(|l| {
+        routes(tcp_builder)
+            .serve_with_incoming_shutdown(slots.limit(TcpListenerStream::new(l)), stopped(grpc_stopped.clone()))
+    });
+    let server = async move {
+        let tcp = async move {
+            match tcp_server {
+                Some(s) => s.await,
+                None => Ok(()),
+            }
+        };
+        tokio::try_join!(unix_server, tcp).map(|_| ())
+    };
     tokio::pin!(server);
-    tracing::info!(%grpc_addr, %metrics_addr, warm = cfg.pool.warm, max = cfg.pool.max, "daemon serving");
-    ready(grpc_addr, metrics_addr);
+    tracing::info!(
+        socket = %listening.socket.display(),
+        tcp = ?listening.tcp,
+        tls = listening.tls,
+        %metrics_addr,
+        warm = cfg.pool.warm,
+        max = cfg.pool.max,
+        "daemon serving"
+    );
+    ready(&listening);
 
     let mut result = Ok(());
     tokio::select! {
-        r = &mut server => result = r.map_err(|e| DaemonError::Serve(e.to_string())),
+        r = &mut server => result = r.map_err(|e| DaemonError::Serve(error_chain(&e))),
         _ = shutdown => {
             tracing::info!("shutting down: draining in-flight requests (grace {:?})", cfg.shutdown_grace);
         }
     }
-    let _ = stop_grpc.send(());
+    // New clients find no socket (and boot their VMs themselves).
+    drop(socket);
+    let _ = stop_grpc.send(true);
     // In-flight executions finish within the grace period; the pool destroys
     // warm VMs at once and waits for leased ones.
     let drain_server = async {

@@ -30,7 +30,7 @@ pub const OWNER_FILE: &str = "owner.lock";
 /// An exclusive flock held on a file while this value lives.
 #[derive(Debug)]
 pub struct FileLock {
-    _file: File,
+    file: File,
 }
 
 impl FileLock {
@@ -54,7 +54,12 @@ impl FileLock {
                 Err(e)
             };
         }
-        Ok(Some(Self { _file: file }))
+        Ok(Some(Self { file }))
+    }
+
+    /// The locked file (e.g. to write the holder's pid into it).
+    pub fn file(&self) -> &File {
+        &self.file
     }
 }
 

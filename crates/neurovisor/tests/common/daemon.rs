@@ -1,7 +1,9 @@
-//! A `neurovisor serve` child process for tests: started on free ports with
-//! its own state directory, stopped with SIGTERM and checked for leftovers.
+//! A `neurovisor serve` child process for tests: started with its own state
+//! directory (gRPC on its Unix socket there, metrics on a free port), stopped
+//! with SIGTERM and checked for leftovers.
 
 use std::io::{BufRead, BufReader, Read, Write};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -15,7 +17,12 @@ use super::{assert_no_leftovers, processes_mentioning};
 pub struct Daemon {
     pub child: Option<Child>,
     pub state: Arc<tempfile::TempDir>,
-    pub grpc: String,
+    /// Its `--state-dir`: `state`, or a directory inside it.
+    pub dir: PathBuf,
+    /// The daemon's Unix socket (`<state>/neurovisor.sock`).
+    pub socket: PathBuf,
+    /// `host:port` of the TCP listener, when started with `--listen`.
+    pub tcp: Option<String>,
     pub metrics: String,
     pub log: Arc<Mutex<String>>,
 }
@@ -26,39 +33,53 @@ pub fn start_daemon_in(state: Arc<tempfile::TempDir>, extra: &[&str]) -> Daemon 
 
 /// A daemon whose pool boots VMs of `size` (`small` elsewhere).
 pub fn start_daemon_sized(state: Arc<tempfile::TempDir>, size: &str, extra: &[&str]) -> Daemon {
+    let dir = state.path().to_path_buf();
+    spawn_daemon(state, dir, size, extra)
+}
+
+/// A daemon with `--state-dir dir` (inside `state`, which outlives it).
+pub fn start_daemon_at(state: Arc<tempfile::TempDir>, dir: PathBuf, extra: &[&str]) -> Daemon {
+    spawn_daemon(state, dir, "small", extra)
+}
+
+fn spawn_daemon(state: Arc<tempfile::TempDir>, dir: PathBuf, size: &str, extra: &[&str]) -> Daemon {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_neurovisor"));
-    cmd.args([
-        "serve",
-        "--grpc-addr",
-        "127.0.0.1:0",
-        "--metrics-addr",
-        "127.0.0.1:0",
-        "--size",
-        size,
-    ])
-    .arg("--state-dir")
-    .arg(state.path())
-    .args(extra)
-    .env("NEUROVISOR_LOG", "neurovisor=info")
-    // Tests choose their model explicitly; a developer's default must not leak in.
-    .env_remove("NEUROVISOR_MODEL")
-    .stdin(Stdio::null())
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped());
+    cmd.args(["serve", "--metrics-addr", "127.0.0.1:0", "--size", size])
+        .arg("--state-dir")
+        .arg(&dir)
+        .args(extra)
+        .env("NEUROVISOR_LOG", "neurovisor=info")
+        // Tests choose their model explicitly; a developer's default must not leak in.
+        .env_remove("NEUROVISOR_MODEL")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("spawn daemon");
     let mut lines = BufReader::new(child.stderr.take().expect("stderr"));
     let log = Arc::new(Mutex::new(String::new()));
     let mut first = String::new();
-    let (grpc, metrics) = loop {
+    let (socket, tcp, metrics) = loop {
         first.clear();
         if lines.read_line(&mut first).expect("read") == 0 {
             let _ = child.wait();
             panic!("daemon exited before serving: {}", log.lock().expect("log"));
         }
         log.lock().expect("log").push_str(&first);
-        if let Some(rest) = first.trim().strip_prefix("neurovisor: serving gRPC on ") {
+        // `serving gRPC on unix:PATH[ and http(s)://ADDR (token in FILE)], metrics on http://ADDR/metrics (...)`
+        if let Some(rest) = first.trim().strip_prefix("neurovisor: serving gRPC on unix:") {
             let (g, m) = rest.split_once(", metrics on http://").expect("format");
-            break (g.to_string(), m.split('/').next().expect("addr").to_string());
+            let (socket, tcp) = match g.split_once(" and ") {
+                Some((s, t)) => {
+                    let t = t.split_once("://").expect("scheme").1;
+                    (s, Some(t.split(' ').next().expect("tcp addr").to_string()))
+                }
+                None => (g, None),
+            };
+            break (
+                PathBuf::from(socket),
+                tcp,
+                m.split('/').next().expect("addr").to_string(),
+            );
         }
     };
     let l = log.clone();
@@ -72,7 +93,9 @@ pub fn start_daemon_sized(state: Arc<tempfile::TempDir>, size: &str, extra: &[&s
     Daemon {
         child: Some(child),
         state,
-        grpc,
+        dir,
+        socket,
+        tcp,
         metrics,
         log,
     }
@@ -131,19 +154,24 @@ impl Daemon {
         });
     }
 
-    /// A channel to the daemon's gRPC endpoint, for any of its services.
+    /// `--addr` for `neurovisor run`: `unix:<socket>`.
+    pub fn addr(&self) -> String {
+        format!("unix:{}", self.socket.display())
+    }
+
+    /// A gRPC channel over the daemon's Unix socket.
     pub async fn channel(&self) -> Channel {
-        tonic::transport::Endpoint::from_shared(format!("http://{}", self.grpc))
-            .expect("endpoint")
-            .connect()
+        neurovisor::daemon_client::unix_channel(&self.socket, false)
             .await
-            .expect("connect")
+            .unwrap_or_else(|e| panic!("connect to {}: {e:?}", self.socket.display()))
     }
 
     pub async fn client(&self) -> SandboxClient<Channel> {
-        SandboxClient::connect(format!("http://{}", self.grpc))
-            .await
-            .expect("connect")
+        SandboxClient::new(self.channel().await)
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().map(|l| l.clone()).unwrap_or_default()
     }
 
     pub fn vm_processes(&self) -> Vec<String> {
@@ -165,10 +193,15 @@ impl Daemon {
             .take()
             .and_then(|mut c| c.wait().ok())
             .and_then(|s| s.code());
-        assert_no_leftovers(self.state.path());
+        assert_no_leftovers(&self.dir);
         let leaked = super::unowned_vm_cgroups();
         assert!(leaked.is_empty(), "VM cgroups left with no owner: {leaked:?}");
-        let dir = self.state.path().join("daemon");
+        assert!(
+            !self.socket.exists(),
+            "socket {} not removed at shutdown",
+            self.socket.display()
+        );
+        let dir = self.dir.join("daemon");
         assert!(
             !dir.exists(),
             "daemon state dir not removed (exit {code:?}): {:?}\n{}",

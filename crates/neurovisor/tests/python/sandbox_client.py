@@ -2,7 +2,7 @@
 """A real gRPC client in another language: stubs are generated with grpcio-tools
 from the project's .proto files, then every public call of the daemon is made.
 
-    sandbox_client.py --addr 127.0.0.1:50051 --proto-dir crates/proto/proto
+    sandbox_client.py --addr unix:/run/neurovisor/neurovisor.sock --proto-dir crates/proto/proto
 Exits non-zero with a message on the first failed check.
 """
 import argparse
@@ -40,7 +40,10 @@ def main():
     args = ap.parse_args()
     out = tempfile.mkdtemp(prefix="nv-py-stubs-")
     pb, pb_grpc = generate(args.proto_dir, out)
-    channel = grpc.insecure_channel(args.addr)
+    # Over a Unix socket gRPC C-core sends the percent-encoded path as
+    # :authority, which HTTP/2 servers (hyper) reject: name a host instead.
+    opts = [("grpc.default_authority", "localhost")] if args.addr.startswith("unix:") else []
+    channel = grpc.insecure_channel(args.addr, options=opts)
     stub = pb_grpc.SandboxStub(channel)
 
     langs = stub.Languages(pb.LanguagesRequest(), timeout=30)

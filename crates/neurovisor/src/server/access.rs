@@ -1,0 +1,181 @@
+//! Who sent each gRPC request, and whether they may: a tower layer in front of
+//! every service of the daemon (Sandbox, Agent, Inference, health, reflection).
+//!
+//! - Over the Unix socket the file permissions are the access control; the
+//!   peer's credentials (uid, gid, pid from `SO_PEERCRED`) go into the
+//!   request's span and its log line.
+//! - Over TCP (plain or TLS) every request must carry
+//!   `authorization: Bearer <token>`; the token is compared in constant time
+//!   and a missing or wrong one gets UNAUTHENTICATED naming the fix.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures_util::future::BoxFuture;
+use tonic::codegen::http;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo, UdsConnectInfo};
+use tower::{Layer, Service};
+use tracing::Instrument;
+
+use crate::transport::{Token, TOKEN_ENV};
+
+#[derive(Debug)]
+struct Policy {
+    /// The TCP listener's token; `None` when there is no TCP listener (then
+    /// any request that did not come over the Unix socket is refused).
+    token: Option<Token>,
+    token_file: PathBuf,
+}
+
+/// The layer; one value serves both listeners.
+#[derive(Debug, Clone)]
+pub struct AccessLayer {
+    policy: Arc<Policy>,
+}
+
+impl AccessLayer {
+    pub fn new(token: Option<Token>, token_file: PathBuf) -> Self {
+        Self {
+            policy: Arc::new(Policy { token, token_file }),
+        }
+    }
+}
+
+impl<S> Layer<S> for AccessLayer {
+    type Service = Access<S>;
+
+    fn layer(&self, inner: S) -> Access<S> {
+        Access {
+            inner,
+            policy: self.policy.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Access<S> {
+    inner: S,
+    policy: Arc<Policy>,
+}
+
+/// The bearer token a request sent, if any.
+fn bearer<B>(req: &http::Request<B>) -> Option<&str> {
+    let v = req.headers().get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    v.strip_prefix("Bearer ")
+        .or_else(|| v.strip_prefix("bearer "))
+        .map(str::trim)
+}
+
+impl Policy {
+    /// `Err(message)` when a request that came over TCP may not pass.
+    fn check_remote<B>(&self, req: &http::Request<B>) -> Result<(), String> {
+        let Some(token) = &self.token else {
+            return Err("this daemon takes requests over its Unix socket only".into());
+        };
+        let file = self.token_file.display();
+        match bearer(req) {
+            None => Err(format!(
+                "no token: requests over TCP need `authorization: Bearer <token>`; the token is in {file} on the daemon's host (neurovisor run/agent send {TOKEN_ENV}, or read that file)"
+            )),
+            Some(sent) if token.matches(sent) => Ok(()),
+            Some(_) => Err(format!(
+                "wrong token: use the one in {file} on the daemon's host (set {TOKEN_ENV} to it)"
+            )),
+        }
+    }
+}
+
+impl<S, B> Service<http::Request<B>> for Access<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let method = req.uri().path().to_string();
+        let ext = req.extensions();
+        let span = if let Some(uds) = ext.get::<UdsConnectInfo>() {
+            let span = tracing::info_span!(
+                "grpc",
+                %method,
+                peer_uid = tracing::field::Empty,
+                peer_gid = tracing::field::Empty,
+                peer_pid = tracing::field::Empty,
+            );
+            if let Some(c) = &uds.peer_cred {
+                span.record("peer_uid", c.uid());
+                span.record("peer_gid", c.gid());
+                if let Some(pid) = c.pid() {
+                    span.record("peer_pid", pid);
+                }
+            }
+            tracing::info!(parent: &span, "request over the Unix socket");
+            span
+        } else {
+            let (peer, tls) = match (
+                ext.get::<TcpConnectInfo>(),
+                ext.get::<TlsConnectInfo<TcpConnectInfo>>(),
+            ) {
+                (Some(t), _) => (t.remote_addr(), false),
+                (None, Some(t)) => (t.get_ref().remote_addr(), true),
+                (None, None) => (None, false),
+            };
+            let peer = peer.map(|p| p.to_string()).unwrap_or_else(|| "unknown".into());
+            let span = tracing::info_span!("grpc", %method, %peer, tls);
+            if let Err(msg) = self.policy.check_remote(&req) {
+                tracing::warn!(parent: &span, "refused: {msg}");
+                let status = tonic::Status::unauthenticated(msg);
+                return Box::pin(async move { Ok(status.into_http()) });
+            }
+            tracing::info!(parent: &span, "request over TCP");
+            span
+        };
+        // The clone that was polled ready serves this call.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(inner.call(req).instrument(span))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(auth: Option<&str>) -> http::Request<()> {
+        let mut b = http::Request::builder().uri("/neurovisor.v1.Sandbox/Execute");
+        if let Some(a) = auth {
+            b = b.header("authorization", a);
+        }
+        b.body(()).expect("request")
+    }
+
+    #[test]
+    fn tcp_requests_need_the_right_bearer_token() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let token = Token::load_or_create(dir.path()).expect("token");
+        let p = Policy {
+            token: Some(token.clone()),
+            token_file: dir.path().join("token"),
+        };
+        let e = p.check_remote(&req(None)).unwrap_err();
+        assert!(e.contains(TOKEN_ENV) && e.contains("token"), "{e}");
+        let e = p.check_remote(&req(Some("Bearer nope"))).unwrap_err();
+        assert!(e.starts_with("wrong token") && e.contains(TOKEN_ENV), "{e}");
+        p.check_remote(&req(Some(&format!("Bearer {}", token.as_str()))))
+            .expect("right token");
+        let none = Policy {
+            token: None,
+            token_file: PathBuf::new(),
+        };
+        assert!(none.check_remote(&req(Some("Bearer x"))).is_err());
+    }
+}
