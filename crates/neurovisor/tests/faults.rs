@@ -378,7 +378,13 @@ fn sigkill_of_serve_kills_its_warm_and_busy_vms_and_the_next_start_cleans_up() {
         "both clients running"
     );
     d.wait_warm(2);
-    let procs = vm_processes(state.path(), Some(d.pid() as u32));
+    // The clients mention the state directory too (`--addr unix:<state>/...`):
+    // they are ours to reap, not the daemon's VMs.
+    let client_pids: Vec<u32> = clients.iter().map(|c| c.id()).collect();
+    let procs: Vec<Proc> = vm_processes(state.path(), Some(d.pid() as u32))
+        .into_iter()
+        .filter(|p| !client_pids.contains(&p.pid))
+        .collect();
     let qemus = procs.iter().filter(|p| p.comm.starts_with("qemu")).count();
     assert!(qemus >= 4, "2 warm + 2 busy VMs: {procs:?}");
     let ids = vm_ids(&state.path().join("daemon"));

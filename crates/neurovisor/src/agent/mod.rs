@@ -894,4 +894,93 @@ mod tests {
         assert!(c.contains("characters cut"));
         assert_eq!(clip_middle("short", 10), ("short".to_string(), false));
     }
+
+    /// An LLM that makes `calls` native tool calls every turn, forever.
+    struct FanOut {
+        calls: usize,
+    }
+
+    #[async_trait::async_trait]
+    impl LlmClient for FanOut {
+        fn provider(&self) -> Provider {
+            Provider::Ollama
+        }
+        fn model(&self) -> &str {
+            "fan-out"
+        }
+        fn base_url(&self) -> &str {
+            "http://test"
+        }
+        async fn chat(
+            &self,
+            _req: ChatRequest<'_>,
+            _on_text: &mut (dyn for<'s> FnMut(&'s str) + Send),
+        ) -> Result<crate::llm::ChatTurn, LlmError> {
+            Ok(crate::llm::ChatTurn {
+                tool_calls: (0..self.calls)
+                    .map(|i| ToolCall {
+                        id: format!("c{i}"),
+                        name: TOOL_EXECUTE_CODE.into(),
+                        arguments: r#"{"language":"python","code":"print(1)"}"#.into(),
+                    })
+                    .collect(),
+                ..Default::default()
+            })
+        }
+    }
+
+    /// Counts executions; never boots anything.
+    #[derive(Default)]
+    struct Counting(std::sync::atomic::AtomicUsize);
+
+    #[async_trait::async_trait]
+    impl CodeExecutor for Counting {
+        async fn languages(&self) -> Result<Vec<Language>, executor::ExecutorError> {
+            Ok(langs())
+        }
+        async fn execute(&self, _req: &ExecRequest) -> Result<executor::Execution, executor::ExecutorError> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(executor::Execution {
+                outcome: crate::exec::ExecOutcome {
+                    exit_code: Some(0),
+                    ..Default::default()
+                },
+                stdout: b"1\n".to_vec(),
+                stderr: Vec::new(),
+                wait_ms: None,
+                warm: None,
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn tool_calls_are_capped_per_turn_and_per_task() {
+        let exec = Arc::new(Counting::default());
+        let cfg = AgentConfig {
+            max_iterations: 100,
+            max_tool_calls_per_turn: 3,
+            max_tool_calls: 7,
+            ..AgentConfig::default()
+        };
+        let controller = AgentController::new(Arc::new(FanOut { calls: 20 }), exec.clone(), cfg);
+        let mut events = Vec::new();
+        let report = controller
+            .run("fan out", None, &mut |e: &AgentEvent| events.push(format!("{e:?}")))
+            .await;
+        // 3 + 3 run, then 1 of the third turn's: 7 in all, then the task stops.
+        assert_eq!(exec.0.load(std::sync::atomic::Ordering::SeqCst), 7);
+        assert!(matches!(report.outcome, AgentOutcome::ToolCallLimit), "{:?}", report.outcome);
+        assert_eq!(report.stop_reason(), StopReason::ToolCallLimit);
+        assert_eq!(report.turns.len(), 3);
+        // Every call the model made got a result (the protocol needs one per id);
+        // those not run say why.
+        let first = &report.turns[0].tool_calls;
+        assert_eq!(first.len(), 20);
+        assert!(first[..3].iter().all(|x| x.result.ok));
+        assert!(first[3..].iter().all(|x| x.result.error_kind == Some(ToolErrorKind::Limit)));
+        assert!(first[3].result.content.contains("at most 3 tool calls are run per turn"));
+        let last = &report.turns[2].tool_calls;
+        assert!(last[1].result.content.contains("made 7 tool calls"), "{}", last[1].result.content);
+        assert_eq!(report.to_json()["error"]["kind"], "tool_call_limit");
+    }
 }

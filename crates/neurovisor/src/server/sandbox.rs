@@ -101,6 +101,15 @@ struct OutboxStream {
     finished: bool,
 }
 
+impl Drop for OutboxStream {
+    /// The client went away (tonic drops the stream): closing the queue is
+    /// how the execution's task learns it, and destroys the VM at once.
+    fn drop(&mut self) {
+        let rx = self.outbox.rx.lock().ok().and_then(|mut r| r.take());
+        drop(rx);
+    }
+}
+
 impl Stream for OutboxStream {
     type Item = Result<ExecuteResponse, Status>;
 
