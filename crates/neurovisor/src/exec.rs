@@ -22,8 +22,8 @@ use serde::Serialize;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::boot::{BootStats, Budget};
-use crate::channel::vsock::GuestStream;
 use crate::channel::text::sanitize_capped;
+use crate::channel::vsock::GuestStream;
 use crate::channel::{sanitize_guest_text, GuestError};
 use crate::config::VmSize;
 use crate::images::{ImageError, ImageSet};

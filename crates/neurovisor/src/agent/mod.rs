@@ -965,11 +965,17 @@ mod tests {
         let controller = AgentController::new(Arc::new(FanOut { calls: 20 }), exec.clone(), cfg);
         let mut events = Vec::new();
         let report = controller
-            .run("fan out", None, &mut |e: &AgentEvent| events.push(format!("{e:?}")))
+            .run("fan out", None, &mut |e: &AgentEvent| {
+                events.push(format!("{e:?}"))
+            })
             .await;
         // 3 + 3 run, then 1 of the third turn's: 7 in all, then the task stops.
         assert_eq!(exec.0.load(std::sync::atomic::Ordering::SeqCst), 7);
-        assert!(matches!(report.outcome, AgentOutcome::ToolCallLimit), "{:?}", report.outcome);
+        assert!(
+            matches!(report.outcome, AgentOutcome::ToolCallLimit),
+            "{:?}",
+            report.outcome
+        );
         assert_eq!(report.stop_reason(), StopReason::ToolCallLimit);
         assert_eq!(report.turns.len(), 3);
         // Every call the model made got a result (the protocol needs one per id);
@@ -977,10 +983,19 @@ mod tests {
         let first = &report.turns[0].tool_calls;
         assert_eq!(first.len(), 20);
         assert!(first[..3].iter().all(|x| x.result.ok));
-        assert!(first[3..].iter().all(|x| x.result.error_kind == Some(ToolErrorKind::Limit)));
-        assert!(first[3].result.content.contains("at most 3 tool calls are run per turn"));
+        assert!(first[3..]
+            .iter()
+            .all(|x| x.result.error_kind == Some(ToolErrorKind::Limit)));
+        assert!(first[3]
+            .result
+            .content
+            .contains("at most 3 tool calls are run per turn"));
         let last = &report.turns[2].tool_calls;
-        assert!(last[1].result.content.contains("made 7 tool calls"), "{}", last[1].result.content);
+        assert!(
+            last[1].result.content.contains("made 7 tool calls"),
+            "{}",
+            last[1].result.content
+        );
         assert_eq!(report.to_json()["error"]["kind"], "tool_call_limit");
     }
 }

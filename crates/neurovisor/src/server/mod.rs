@@ -576,7 +576,8 @@ pub async fn run(
 
     let budget = sandbox::OutputBudget::new(cfg.output_budget);
     let sandbox_svc = SandboxServer::new(
-        sandbox::SandboxService::new(pool.clone(), metrics.clone(), budget).with_stall_timeout(cfg.stall_timeout),
+        sandbox::SandboxService::new(pool.clone(), metrics.clone(), budget)
+            .with_stall_timeout(cfg.stall_timeout),
     )
     .max_decoding_message_size(crate::exec::MAX_REQUEST_BYTES);
     let agent_svc = AgentServer::new(agent::AgentService::new(
@@ -617,8 +618,10 @@ pub async fn run(
         stopped(grpc_stopped.clone()),
     );
     let tcp_server = tcp.map(|l| {
-        routes(tcp_builder)
-            .serve_with_incoming_shutdown(slots.limit(TcpListenerStream::new(l)), stopped(grpc_stopped.clone()))
+        routes(tcp_builder).serve_with_incoming_shutdown(
+            slots.limit(TcpListenerStream::new(l)),
+            stopped(grpc_stopped.clone()),
+        )
     });
     let server = async move {
         let tcp = async move {
