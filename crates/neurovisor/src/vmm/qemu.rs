@@ -378,7 +378,7 @@ impl VmmBackend for QemuBackend {
             })
         };
         let (console, vmm_log) = (log(&paths.console)?, log(&paths.vmm_log)?);
-        let vsock = HybridVsock::new(&paths.vsock, cfg.rate_limit);
+        let vsock = HybridVsock::new(&paths.vsock, cfg.rate_limit).with_guest_io(cfg.guest_io.clone());
         let mut vm = QemuVm {
             id: cfg.id.clone(),
             ready: None,
@@ -478,14 +478,13 @@ impl Vm for QemuVm {
             return Err(VmmError::Qmp("VM already stopped".into()));
         };
         let outcome = tokio::select! {
-            r = self.vsock.accept_ready(&listener) => r.map_err(|e| e.to_string()),
+            r = self.vsock.accept_ready(listener) => r.map_err(|e| e.to_string()),
             status = qemu.exited() => Err(format!("qemu: {status}")),
             status = vhost.exited() => Err(format!("vhost-device-vsock: {status}")),
             _ = tokio::time::sleep(timeout) => {
                 return Err(VmmError::BootTimeout { timeout, console_tail: self.console_tail() });
             }
         };
-        drop(listener);
         let _ = std::fs::remove_file(self.vsock.host_port_path(GUEST_READY_PORT));
         outcome.map_err(|status| VmmError::DiedDuringBoot {
             status,
@@ -582,6 +581,7 @@ mod tests {
             state_dir: "/s".into(),
             extra_cmdline: vec![],
             rate_limit: Default::default(),
+            guest_io: Default::default(),
         };
         let a = backend
             .qemu_args(&cfg, &VmPaths::new(cfg.vm_dir()), &cfg.kernel, &cfg.rootfs)
