@@ -443,7 +443,11 @@ async fn guest_bytes_are_read_on_unprivileged_confined_threads() {
             continue;
         }
         guest_threads += 1;
-        assert_eq!(status_field(&s, "Seccomp:"), "2", "nv-guest without a filter:\n{s}");
+        assert_eq!(
+            status_field(&s, "Seccomp:"),
+            "2",
+            "nv-guest without a filter:\n{s}"
+        );
         assert_eq!(status_field(&s, "NoNewPrivs:"), "1", "{s}");
         for set in ["CapEff:", "CapPrm:", "CapInh:", "CapAmb:", "CapBnd:"] {
             assert_eq!(status_field(&s, set), "0000000000000000", "nv-guest {set}:\n{s}");

@@ -371,6 +371,48 @@ mod tests {
     }
 
     #[test]
+    fn the_guest_role_is_the_narrowest() {
+        compile("guest").expect("guest");
+        let guest = allowed("guest").expect("guest");
+        let api = allowed("api").expect("api");
+        for forbidden in [
+            "execve",
+            "execveat",
+            "fork",
+            "vfork",
+            "mount",
+            "unshare",
+            "setns",
+            "open",
+            "openat",
+            "ioctl",
+            "io_uring_setup",
+            "userfaultfd",
+            "ptrace",
+            "bpf",
+            "seccomp",
+            "capset",
+            "kill",
+            "bind",
+            "listen",
+            "socketpair",
+        ] {
+            assert!(!guest.contains(forbidden), "guest allows {forbidden}");
+        }
+        assert!(
+            guest.is_subset(&api),
+            "guest must be narrower than api: {:?}",
+            guest.difference(&api)
+        );
+        let (_, cond) = resolve(&specs().expect("specs"), "guest", 0).expect("resolve");
+        let socket = cond
+            .iter()
+            .find(|r| r["syscall"] == "socket")
+            .expect("socket rule");
+        assert_eq!(socket["args"][0]["val"], libc::AF_UNIX);
+    }
+
+    #[test]
     fn unknown_syscall_names_are_an_error() {
         let specs: BTreeMap<String, Spec> =
             serde_json::from_str(r#"{"x": {"syscalls": ["no_such_call"]}}"#).expect("json");
