@@ -46,7 +46,8 @@ fn guest_role() -> bool {
             ok = false;
         }
     }
-    let forbidden: [(&str, fn() -> i32); 5] = [
+    type Probe = (&'static str, fn() -> i32);
+    let forbidden: [Probe; 5] = [
         ("execve", || unsafe {
             let argv = [c"/bin/true".as_ptr(), std::ptr::null()];
             libc::execve(c"/bin/true".as_ptr(), argv.as_ptr(), std::ptr::null());

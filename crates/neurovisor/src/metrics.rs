@@ -56,7 +56,8 @@ impl prometheus_client::encoding::EncodeLabelValue for Label {
 fn plain_name(v: &str) -> bool {
     !v.is_empty()
         && v.len() <= 100
-        && v.chars()
+        && v
+            .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':' | '/' | '+'))
 }
 
@@ -504,17 +505,9 @@ mod tests {
             m.allow_model(&format!("model-{i}"));
         }
         m.allow_model(&"x".repeat(5000));
-        for name in [
-            forged.to_string(),
-            "x".repeat(5000),
-            "model-99".into(),
-            "qwen3".into(),
-            "model-0".into(),
-        ] {
+        for name in [forged.to_string(), "x".repeat(5000), "model-99".into(), "qwen3".into(), "model-0".into()] {
             m.inference_requests
-                .get_or_create(&ModelLabel {
-                    model: m.model(&name),
-                })
+                .get_or_create(&ModelLabel { model: m.model(&name) })
                 .inc();
         }
         // A label that did get through unbounded (a VM id is ours) is still escaped.
@@ -525,29 +518,12 @@ mod tests {
             })
             .inc();
         let text = m.encode();
-        assert!(
-            !text
-                .lines()
-                .any(|l| l.starts_with("neurovisor_pool_warm_vms 1e9")),
-            "{text}"
-        );
-        assert!(
-            text.contains("neurovisor_requests_total{model=\"other\"} 3"),
-            "{text}"
-        );
-        assert!(
-            text.contains("neurovisor_requests_total{model=\"qwen3\"} 1"),
-            "{text}"
-        );
-        assert!(
-            text.contains("neurovisor_requests_total{model=\"model-0\"} 1"),
-            "{text}"
-        );
+        assert!(!text.lines().any(|l| l.starts_with("neurovisor_pool_warm_vms 1e9")), "{text}");
+        assert!(text.contains("neurovisor_requests_total{model=\"other\"} 3"), "{text}");
+        assert!(text.contains("neurovisor_requests_total{model=\"qwen3\"} 1"), "{text}");
+        assert!(text.contains("neurovisor_requests_total{model=\"model-0\"} 1"), "{text}");
         assert!(text.contains(r#"language="a\"b\\c\nd""#), "{text}");
-        let model_series = text
-            .lines()
-            .filter(|l| l.starts_with("neurovisor_requests_total{"))
-            .count();
+        let model_series = text.lines().filter(|l| l.starts_with("neurovisor_requests_total{")).count();
         assert_eq!(model_series, 3, "{text}");
         // The cap: 32 names in all, so model-31 and later are `other`.
         assert_eq!(m.model("model-30").as_str(), "model-30");

@@ -129,20 +129,14 @@ async fn clients_that_never_read_are_bounded_and_others_are_served() {
         assert_eq!(s.code(), Code::DeadlineExceeded, "{s:?}");
         assert!(s.message().contains("read none of its output"), "{}", s.message());
         // What was buffered for it is bounded by its queue, not by the 32 MiB asked.
-        assert!(
-            bytes < 4 << 20,
-            "{bytes} bytes were buffered for one stalled client"
-        );
+        assert!(bytes < 4 << 20, "{bytes} bytes were buffered for one stalled client");
         stalled += 1;
     }
     assert!(stalled >= 2);
     sampler.0.store(true, std::sync::atomic::Ordering::Relaxed);
     let peak = sampler.1.join().expect("sampler");
     eprintln!("daemon RSS: {base:.1} MiB idle, {peak:.1} MiB peak with 40 clients that never read");
-    assert!(
-        peak < RSS_BOUND_MIB,
-        "daemon RSS peaked at {peak:.1} MiB (bound {RSS_BOUND_MIB} MiB)"
-    );
+    assert!(peak < RSS_BOUND_MIB, "daemon RSS peaked at {peak:.1} MiB (bound {RSS_BOUND_MIB} MiB)");
     d.wait_for("no active VMs", Duration::from_secs(60), |st| st["active"] == 0);
     assert_eq!(d.stop(), Some(0));
 }
@@ -202,24 +196,11 @@ fn weird_text() -> impl Strategy<Value = String> {
 fn hostile() -> impl Strategy<Value = Hostile> {
     let base = || req("python", "print(1)");
     prop_oneof![
-        weird_text()
-            .prop_filter("not a language", |l| !matches!(
-                l.as_str(),
-                "python" | "bash" | "javascript"
-            ))
-            .prop_map(move |l| Hostile::Request(
-                ExecuteRequest {
-                    language: l,
-                    ..base()
-                },
-                "language:"
-            )),
+        weird_text().prop_filter("not a language", |l| !matches!(l.as_str(), "python" | "bash" | "javascript"))
+            .prop_map(move |l| Hostile::Request(ExecuteRequest { language: l, ..base() }, "language:")),
         "[ \t\n\r]{0,8}".prop_map(move |c| Hostile::Request(ExecuteRequest { code: c, ..base() }, "code:")),
         (".{0,20}", ".{0,20}").prop_map(move |(a, b)| Hostile::Request(
-            ExecuteRequest {
-                code: format!("{a}\0{b}"),
-                ..base()
-            },
+            ExecuteRequest { code: format!("{a}\0{b}"), ..base() },
             "code:"
         )),
         (0usize..4, ".{0,10}").prop_map(move |(i, a)| {
@@ -228,73 +209,38 @@ fn hostile() -> impl Strategy<Value = Hostile> {
             Hostile::Request(ExecuteRequest { args, ..base() }, "args")
         }),
         ("[A-Z_]{1,8}", ".{0,10}").prop_map(move |(k, v)| Hostile::Request(
-            ExecuteRequest {
-                env: [(k, format!("{v}\0x"))].into(),
-                ..base()
-            },
+            ExecuteRequest { env: [(k, format!("{v}\0x"))].into(), ..base() },
             "env:"
         )),
-        prop_oneof![
-            "[0-9][A-Z]{0,5}",
-            "[A-Z]{0,3}=[A-Z]{0,3}",
-            "[a-z]{1,3}[-. ][a-z]{1,3}",
-            weird_text()
-        ]
-        .prop_filter("a valid name", |k| {
-            !k.is_empty()
-                && !(k
-                    .chars()
-                    .next()
-                    .is_some_and(|c| c == '_' || c.is_ascii_alphabetic())
-                    && k.chars().all(|c| c == '_' || c.is_ascii_alphanumeric()))
-        })
-        .prop_map(move |k| Hostile::Request(
-            ExecuteRequest {
-                env: [(k, "1".into())].into(),
-                ..base()
-            },
-            "env:"
-        )),
+        prop_oneof!["[0-9][A-Z]{0,5}", "[A-Z]{0,3}=[A-Z]{0,3}", "[a-z]{1,3}[-. ][a-z]{1,3}", weird_text()]
+            .prop_filter("a valid name", |k| {
+                !k.is_empty()
+                    && !(k.chars().next().is_some_and(|c| c == '_' || c.is_ascii_alphabetic())
+                        && k.chars().all(|c| c == '_' || c.is_ascii_alphanumeric()))
+            })
+            .prop_map(move |k| Hostile::Request(ExecuteRequest { env: [(k, "1".into())].into(), ..base() }, "env:")),
         (257usize..400).prop_map(move |n| Hostile::Request(
-            ExecuteRequest {
-                env: (0..n).map(|i| (format!("V{i}"), "1".into())).collect(),
-                ..base()
-            },
+            ExecuteRequest { env: (0..n).map(|i| (format!("V{i}"), "1".into())).collect(), ..base() },
             "env:"
         )),
         (257usize..300).prop_map(move |n| Hostile::Request(
-            ExecuteRequest {
-                args: vec!["a".into(); n],
-                ..base()
-            },
+            ExecuteRequest { args: vec!["a".into(); n], ..base() },
             "args:"
         )),
         (3_600_001u32..=u32::MAX).prop_map(move |t| Hostile::Request(
-            ExecuteRequest {
-                timeout_ms: t,
-                ..base()
-            },
+            ExecuteRequest { timeout_ms: t, ..base() },
             "timeout:"
         )),
         ((64u64 << 20) + 1..=u64::MAX).prop_map(move |m| Hostile::Request(
-            ExecuteRequest {
-                max_output_bytes: m,
-                ..base()
-            },
+            ExecuteRequest { max_output_bytes: m, ..base() },
             "max_output_bytes:"
         )),
         Just(Hostile::Request(
-            ExecuteRequest {
-                env: [("NEUROVISOR_TRACE_ID".into(), "x".into())].into(),
-                ..base()
-            },
+            ExecuteRequest { env: [("NEUROVISOR_TRACE_ID".into(), "x".into())].into(), ..base() },
             "env:"
         )),
         (1usize..64).prop_map(move |extra| Hostile::Request(
-            ExecuteRequest {
-                code: "x".repeat((1 << 20) + extra),
-                ..base()
-            },
+            ExecuteRequest { code: "x".repeat((1 << 20) + extra), ..base() },
             "code:"
         )),
         proptest::collection::vec(any::<u8>(), 0..512).prop_map(Hostile::Bytes),
@@ -327,9 +273,7 @@ async fn raw_call(
     body: Vec<u8>,
 ) -> Result<tonic::Response<Vec<u8>>, tonic::Status> {
     let mut g = tonic::client::Grpc::new(ch);
-    g.ready()
-        .await
-        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    g.ready().await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
     g.unary(
         tonic::Request::new(body),
         tonic::codegen::http::uri::PathAndQuery::from_static(path),
@@ -350,11 +294,7 @@ fn check_metrics(d: &Daemon) -> String {
         .expect("promtool (Debian's prometheus package; scripts/test.sh installs it)");
     std::io::Write::write_all(child.stdin.as_mut().expect("stdin"), text.as_bytes()).expect("write");
     let out = child.wait_with_output().expect("promtool");
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     // promtool exits 1 for lint findings too (e.g. a counter's name); only a
     // parse error means the exposition is broken.
     assert!(
@@ -390,16 +330,8 @@ async fn a_thousand_hostile_requests_get_clear_errors_and_break_nothing() {
                     }
                 };
                 assert_eq!(e.code(), Code::InvalidArgument, "case {i} {r:?}: {e:?}");
-                assert!(
-                    e.message().starts_with(field),
-                    "case {i}: wanted {field}: {}",
-                    e.message()
-                );
-                assert!(
-                    !e.message().contains('\0') && !e.message().contains('\n'),
-                    "{:?}",
-                    e.message()
-                );
+                assert!(e.message().starts_with(field), "case {i}: wanted {field}: {}", e.message());
+                assert!(!e.message().contains('\0') && !e.message().contains('\n'), "{:?}", e.message());
             }
             Hostile::Bytes(b) => {
                 raw += 1;
@@ -429,8 +361,7 @@ async fn a_thousand_hostile_requests_get_clear_errors_and_break_nothing() {
     );
 
     // Forged and unbounded model names (the issue's case): no forged line, no new series.
-    let mut inf =
-        neurovisor_proto::inference::inference_service_client::InferenceServiceClient::new(ch.clone());
+    let mut inf = neurovisor_proto::inference::inference_service_client::InferenceServiceClient::new(ch.clone());
     let forged = "a\"} 1\nneurovisor_pool_warm_vms 1e9\n#".to_string();
     for model in [forged.clone(), "m".repeat(5000), "qwen3".into()]
         .into_iter()
@@ -445,31 +376,19 @@ async fn a_thousand_hostile_requests_get_clear_errors_and_break_nothing() {
     }
     let text = check_metrics(&d);
     assert!(
-        !text
-            .lines()
-            .any(|l| l.starts_with("neurovisor_pool_warm_vms 1e9")),
+        !text.lines().any(|l| l.starts_with("neurovisor_pool_warm_vms 1e9")),
         "forged line in /metrics:\n{text}"
     );
-    let model_series = text
-        .lines()
-        .filter(|l| l.starts_with("neurovisor_requests_total{"))
-        .count();
+    let model_series = text.lines().filter(|l| l.starts_with("neurovisor_requests_total{")).count();
     assert!(model_series <= 33, "{model_series} model series:\n{text}");
-    assert!(
-        text.contains("neurovisor_requests_total{model=\"other\"}"),
-        "{text}"
-    );
+    assert!(text.contains("neurovisor_requests_total{model=\"other\"}"), "{text}");
 
     // Still up, nothing executed, no VM beyond the warm one.
     assert!(nix::sys::signal::kill(nix::unistd::Pid::from_raw(d.pid()), None).is_ok());
     let st = d.status();
     assert_eq!(st["served"], 0, "a hostile request got a VM: {st}");
     assert!(d.vm_processes().len() <= 2, "{:?}", d.vm_processes());
-    let ok = c
-        .execute_once(req("python", "print(6*7)"))
-        .await
-        .expect("a valid request")
-        .into_inner();
+    let ok = c.execute_once(req("python", "print(6*7)")).await.expect("a valid request").into_inner();
     assert_eq!(String::from_utf8_lossy(&ok.stdout), "42\n");
     assert_eq!(d.stop(), Some(0));
 }

@@ -101,14 +101,11 @@ async fn a_cold_boot_that_stalls_is_retried_and_the_request_succeeds() {
     let mut lease = pool.acquire().await.expect("the retry boots a working VM");
     let mut out = Vec::new();
     let outcome = lease
-        .execute(
-            &ExecRequest::new("python", "print('retried')"),
-            &mut |o: Output<'_>| {
-                if let Output::Stdout(b) = o {
-                    out.extend_from_slice(b)
-                }
-            },
-        )
+        .execute(&ExecRequest::new("python", "print('retried')"), &mut |o: Output<'_>| {
+            if let Output::Stdout(b) = o {
+                out.extend_from_slice(b)
+            }
+        })
         .await
         .expect("execute");
     assert_eq!((outcome.exit_code, out.as_slice()), (Some(0), &b"retried\n"[..]));

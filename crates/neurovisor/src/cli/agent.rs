@@ -18,8 +18,9 @@ use std::time::Duration;
 use clap::Args;
 use neurovisor::agent::{
     AgentConfig, AgentController, AgentEvent, AgentOutcome, AgentStats, CodeExecutor, DaemonExecutor,
-    SandboxExecutor, StopReason, ToolCallRecord, ToolResultRecord, DEFAULT_MAX_ITERATIONS,
-    DEFAULT_MAX_TOOL_CALLS, DEFAULT_MAX_TOOL_CALLS_PER_TURN, TOOL_EXECUTE_CODE, TOOL_LIST_LANGUAGES,
+    SandboxExecutor, StopReason, ToolCallRecord, ToolResultRecord, DEFAULT_MAX_ITERATIONS, DEFAULT_MAX_TOOL_CALLS,
+    DEFAULT_MAX_TOOL_CALLS_PER_TURN, TOOL_EXECUTE_CODE,
+    TOOL_LIST_LANGUAGES,
 };
 use neurovisor::exec::MAX_TIMEOUT;
 use neurovisor::llm::ollama::DEFAULT_OLLAMA_HOST;

@@ -138,10 +138,7 @@ impl ServeArgs {
             max: self.max.or(f.max).unwrap_or(10),
             size: self.size.or(f.size).unwrap_or_default(),
             queue_timeout: dur(self.queue_timeout, &f.queue_timeout, 30)?,
-            max_queued: self
-                .max_queued
-                .or(f.max_queued)
-                .unwrap_or(PoolConfig::default().max_queued),
+            max_queued: self.max_queued.or(f.max_queued).unwrap_or(PoolConfig::default().max_queued),
             ..PoolConfig::default()
         };
         pool.validate()?;
@@ -199,10 +196,7 @@ impl ServeArgs {
             default_model: self.model.clone().or(f.model).unwrap_or_else(|| "qwen3".into()),
             confine: !self.no_confine && nix::unistd::geteuid().is_root(),
             rate_limit: Default::default(),
-            max_connections: self
-                .max_connections
-                .or(f.max_connections)
-                .unwrap_or(limits::DEFAULT_MAX_CONNECTIONS),
+            max_connections: self.max_connections.or(f.max_connections).unwrap_or(limits::DEFAULT_MAX_CONNECTIONS),
             max_streams_per_connection: self
                 .max_streams
                 .or(f.max_streams)

@@ -34,21 +34,13 @@ impl<IO: Connected> Connected for Limited<IO> {
 }
 
 impl<IO: AsyncRead + Unpin> AsyncRead for Limited<IO> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.io).poll_read(cx, buf)
     }
 }
 
 impl<IO: AsyncWrite + Unpin> AsyncWrite for Limited<IO> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.io).poll_write(cx, buf)
     }
 
@@ -106,17 +98,13 @@ mod tests {
         let addr = l.local_addr().expect("addr");
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(l);
         let mut limited = Box::pin(ConnectionSlots::new(2).limit(incoming));
-        let _c: Vec<_> =
-            futures_util::future::join_all((0..3).map(|_| tokio::net::TcpStream::connect(addr))).await;
+        let _c: Vec<_> = futures_util::future::join_all((0..3).map(|_| tokio::net::TcpStream::connect(addr))).await;
         let a = limited.next().await.expect("first").expect("io");
         let _b = limited.next().await.expect("second").expect("io");
         let third = tokio::time::timeout(std::time::Duration::from_millis(200), limited.next()).await;
         assert!(third.is_err(), "a third connection was accepted over the limit");
         drop(a);
         let third = tokio::time::timeout(std::time::Duration::from_secs(2), limited.next()).await;
-        assert!(
-            matches!(third, Ok(Some(Ok(_)))),
-            "the third connection was not accepted after one closed"
-        );
+        assert!(matches!(third, Ok(Some(Ok(_)))), "the third connection was not accepted after one closed");
     }
 }

@@ -10,8 +10,8 @@ use neurovisor_proto::v1::{
 };
 use std::pin::Pin;
 
-use std::task::Poll;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use std::task::Poll;
 
 use futures_util::task::AtomicWaker;
 use tokio_stream::Stream;
@@ -259,9 +259,7 @@ pub fn to_status(e: ExecError) -> Status {
 
 fn pool_status(e: PoolError) -> Status {
     match e {
-        PoolError::Exhausted { .. } | PoolError::QueueFull { .. } => {
-            Status::resource_exhausted(e.to_string())
-        }
+        PoolError::Exhausted { .. } | PoolError::QueueFull { .. } => Status::resource_exhausted(e.to_string()),
         PoolError::Degraded { .. } | PoolError::ShuttingDown => Status::unavailable(e.to_string()),
         PoolError::Boot(inner) => Status::internal(format!("VM boot failed: {inner}")),
         PoolError::Runtime(_) => Status::internal(e.to_string()),
@@ -363,10 +361,7 @@ impl SandboxApi for SandboxService {
             // The VM is gone already; a client that stopped reading gets a
             // while to take the rest, then this task lets go of it.
             let queued = Queued { msg, _room: None };
-            if tokio::time::timeout(service.stall_timeout, tx.send(queued))
-                .await
-                .is_err()
-            {
+            if tokio::time::timeout(service.stall_timeout, tx.send(queued)).await.is_err() {
                 tracing::info!(%trace_id, "the client did not read its output; dropping the result");
                 task_outbox.abandon(Status::deadline_exceeded("the client did not read its result"));
             }
