@@ -108,7 +108,14 @@ fn main() {
             }
             // Allowed: getpid and write still work under the filter.
             let pid = unsafe { libc::getpid() };
-            let msg = format!("child {pid}: filter installed, getpid() works; now calling mount()\n");
+            // socket(): the api role allows AF_INET (and AF_UNIX, AF_INET6, AF_NETLINK) only.
+            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+            if fd < 0 {
+                unsafe { libc::_exit(4) };
+            }
+            let msg = format!(
+                "child {pid}: filter installed, getpid() and socket(AF_INET) work; now calling mount()\n"
+            );
             unsafe { libc::write(1, msg.as_ptr().cast(), msg.len()) };
             let src = c"none";
             unsafe {
@@ -129,6 +136,27 @@ fn main() {
             }
             other => {
                 println!("FAIL: the child ended with {other:?}, not SIGSYS");
+                std::process::exit(1);
+            }
+        },
+    }
+    // Argument conditions: the api role may not open other socket families
+    // (AF_ALG: the kernel's crypto API, an attack surface it never needs).
+    // SAFETY: as above.
+    match unsafe { fork() }.expect("fork") {
+        ForkResult::Child => {
+            if seccomp::apply_to_current_thread("api").is_err() {
+                unsafe { libc::_exit(3) };
+            }
+            unsafe { libc::socket(libc::AF_ALG, libc::SOCK_SEQPACKET, 0) };
+            unsafe { libc::_exit(0) };
+        }
+        ForkResult::Parent { child } => match waitpid(child, None).expect("wait") {
+            WaitStatus::Signaled(_, sig, _) if sig == nix::sys::signal::Signal::SIGSYS => {
+                println!("PASS: api role: killed by {sig:?} at socket(AF_ALG)");
+            }
+            other => {
+                println!("FAIL: api role: socket(AF_ALG) ended with {other:?}, not SIGSYS");
                 std::process::exit(1);
             }
         },
