@@ -1,6 +1,8 @@
 //! Proves that capabilities the daemon drops cannot be raised again: a thread
 //! restricts itself to the VM management role's set minus CAP_SYS_ADMIN (and the
 //! API role's empty set), then tries to regain CAP_SYS_ADMIN every way it can.
+//! A second thread drops to the guest-I/O role's set (nothing: `nv-guest`
+//! threads, which read guest bytes) and must get EPERM for mount and setuid.
 //! Run as root: `cargo run --example capabilities_proof`. Exits non-zero if a
 //! dropped capability came back or a privileged call succeeded.
 
@@ -70,6 +72,41 @@ fn main() {
     })
     .join()
     .expect("thread");
+    let failures = failures
+        + std::thread::spawn(|| {
+            let mut failures = 0;
+            println!("guest-I/O role (nv-guest): no capabilities at all");
+            restrict_thread(&[]).expect("restrict");
+            for (set, name) in [
+                (CapSet::Effective, "effective"),
+                (CapSet::Permitted, "permitted"),
+                (CapSet::Inheritable, "inheritable"),
+                (CapSet::Bounding, "bounding"),
+                (CapSet::Ambient, "ambient"),
+            ] {
+                let n = caps::read(None, set).map(|s| s.len()).unwrap_or(usize::MAX);
+                check(&mut failures, &format!("{name} set empty ({n} left)"), n != 0);
+            }
+            let eperm =
+                |rc: i32| rc != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+            // SAFETY: plain syscalls that need CAP_SYS_ADMIN / CAP_SETUID, which must be gone.
+            let rc = unsafe {
+                libc::mount(
+                    c"none".as_ptr(),
+                    c"/mnt".as_ptr(),
+                    c"tmpfs".as_ptr(),
+                    0,
+                    std::ptr::null(),
+                )
+            };
+            check(&mut failures, "mount() fails with EPERM", !eperm(rc));
+            // The raw syscall changes only this thread (glibc's setuid would change all).
+            let rc = unsafe { libc::syscall(libc::SYS_setresuid, 1, 1, 1) } as i32;
+            check(&mut failures, "setresuid(1) fails with EPERM", !eperm(rc));
+            failures
+        })
+        .join()
+        .expect("thread");
     if failures > 0 {
         println!("FAIL: {failures} check(s) did not hold");
         std::process::exit(1);

@@ -1,13 +1,99 @@
 //! Proves that the daemon's API-thread seccomp filter kills the process on a
 //! forbidden syscall: a child installs the real `api` allowlist, shows that an
 //! allowed call still works, then calls `mount` and must die of SIGSYS.
+//! Then the guest-I/O role (`nv-guest` threads, which read guest bytes): a
+//! child confined to it still uses AF_UNIX sockets, and dies of SIGSYS at
+//! execve, mount, openat, an AF_INET socket and a clone into a new namespace.
 //! Run: `cargo run --example seccomp_proof`. Exits non-zero if the protection did not hold.
 
-use neurovisor::security::seccomp;
+use neurovisor::security::{caps, seccomp};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{fork, ForkResult};
 
+/// Forks a child confined to the guest role that runs `call`; returns how it ended.
+fn in_guest_role(filters: &seccomp::RoleFilters, call: fn() -> i32) -> WaitStatus {
+    // SAFETY: single-threaded here; the child makes raw syscalls and exits.
+    match unsafe { fork() }.expect("fork") {
+        ForkResult::Child => {
+            if let Err(e) = filters.install(seccomp::Role::Guest) {
+                eprintln!("install failed: {e}");
+                unsafe { libc::_exit(3) };
+            }
+            let code = call();
+            unsafe { libc::_exit(code) };
+        }
+        ForkResult::Parent { child } => waitpid(child, None).expect("wait"),
+    }
+}
+
+fn guest_role() -> bool {
+    let filters = seccomp::RoleFilters::new(caps::vm_role_caps(false, false), "vm").expect("filters");
+    let allowed = seccomp::allowed("guest").expect("guest filter");
+    println!("guest filter: {} syscalls allowed", allowed.len());
+    let mut ok = true;
+    // Allowed: a Unix socket (the vsock CONNECT), write, close.
+    match in_guest_role(&filters, || unsafe {
+        let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return 1;
+        }
+        libc::close(fd);
+        0
+    }) {
+        WaitStatus::Exited(_, 0) => println!("PASS: guest role: socket(AF_UNIX) and close work"),
+        other => {
+            println!("FAIL: guest role: an allowed socket(AF_UNIX) ended with {other:?}");
+            ok = false;
+        }
+    }
+    type Probe = (&'static str, fn() -> i32);
+    let forbidden: [Probe; 5] = [
+        ("execve", || unsafe {
+            let argv = [c"/bin/true".as_ptr(), std::ptr::null()];
+            libc::execve(c"/bin/true".as_ptr(), argv.as_ptr(), std::ptr::null());
+            0
+        }),
+        ("mount", || unsafe {
+            libc::mount(
+                c"none".as_ptr(),
+                c"/mnt".as_ptr(),
+                c"tmpfs".as_ptr(),
+                0,
+                std::ptr::null(),
+            );
+            0
+        }),
+        ("openat", || unsafe {
+            libc::open(c"/etc/passwd".as_ptr(), libc::O_RDONLY);
+            0
+        }),
+        ("socket(AF_INET)", || unsafe {
+            libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+            0
+        }),
+        ("clone(CLONE_NEWNS)", || unsafe {
+            libc::syscall(libc::SYS_clone, libc::CLONE_NEWNS | libc::SIGCHLD, 0, 0, 0, 0);
+            0
+        }),
+    ];
+    for (name, call) in forbidden {
+        match in_guest_role(&filters, call) {
+            WaitStatus::Signaled(_, sig, _) if sig == nix::sys::signal::Signal::SIGSYS => {
+                println!("PASS: guest role: killed by {sig:?} at {name}")
+            }
+            other => {
+                println!("FAIL: guest role: {name} ended with {other:?}, not SIGSYS");
+                ok = false;
+            }
+        }
+    }
+    ok
+}
+
 fn main() {
+    if !guest_role() {
+        std::process::exit(1);
+    }
     let allowed = seccomp::allowed("api").expect("filter data");
     println!(
         "api filter: {} syscalls allowed; execve/mount/ptrace/bpf are not",
@@ -22,7 +108,14 @@ fn main() {
             }
             // Allowed: getpid and write still work under the filter.
             let pid = unsafe { libc::getpid() };
-            let msg = format!("child {pid}: filter installed, getpid() works; now calling mount()\n");
+            // socket(): the api role allows AF_INET (and AF_UNIX, AF_INET6, AF_NETLINK) only.
+            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+            if fd < 0 {
+                unsafe { libc::_exit(4) };
+            }
+            let msg = format!(
+                "child {pid}: filter installed, getpid() and socket(AF_INET) work; now calling mount()\n"
+            );
             unsafe { libc::write(1, msg.as_ptr().cast(), msg.len()) };
             let src = c"none";
             unsafe {
@@ -43,6 +136,27 @@ fn main() {
             }
             other => {
                 println!("FAIL: the child ended with {other:?}, not SIGSYS");
+                std::process::exit(1);
+            }
+        },
+    }
+    // Argument conditions: the api role may not open other socket families
+    // (AF_ALG: the kernel's crypto API, an attack surface it never needs).
+    // SAFETY: as above.
+    match unsafe { fork() }.expect("fork") {
+        ForkResult::Child => {
+            if seccomp::apply_to_current_thread("api").is_err() {
+                unsafe { libc::_exit(3) };
+            }
+            unsafe { libc::socket(libc::AF_ALG, libc::SOCK_SEQPACKET, 0) };
+            unsafe { libc::_exit(0) };
+        }
+        ForkResult::Parent { child } => match waitpid(child, None).expect("wait") {
+            WaitStatus::Signaled(_, sig, _) if sig == nix::sys::signal::Signal::SIGSYS => {
+                println!("PASS: api role: killed by {sig:?} at socket(AF_ALG)");
+            }
+            other => {
+                println!("FAIL: api role: socket(AF_ALG) ended with {other:?}, not SIGSYS");
                 std::process::exit(1);
             }
         },

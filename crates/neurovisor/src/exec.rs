@@ -24,7 +24,7 @@ use tonic::transport::{Channel, Endpoint};
 use crate::boot::{BootStats, Budget};
 use crate::channel::text::sanitize_capped;
 use crate::channel::vsock::GuestStream;
-use crate::channel::{sanitize_guest_text, GuestError};
+use crate::channel::{sanitize_guest_text, GuestError, GuestIo};
 use crate::config::VmSize;
 use crate::images::{ImageError, ImageSet};
 use crate::security::rate_limit::RateLimitConfig;
@@ -55,6 +55,10 @@ pub const MAX_DISCARDED_OUTPUT: u64 = 1 << 20;
 pub const MAX_REPORTED_BYTES: u64 = 1 << 50;
 /// The highest signal number a Linux guest can report (SIGRTMAX).
 pub const MAX_SIGNAL: i32 = 64;
+/// Decoded guest events in flight from the guest I/O task to the execution's
+/// caller. Small: the reader waits when the caller's sink waits, so HTTP/2
+/// flow control still holds the guest.
+const GUEST_EVENT_QUEUE: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
@@ -420,6 +424,8 @@ pub struct Sandbox {
     /// Limits on what each VM's guest sends over vsock.
     pub rate_limit: RateLimitConfig,
     fault: BootFault,
+    /// Where guest bytes are read (see [`GuestIo`]).
+    guest_io: GuestIo,
 }
 
 impl Sandbox {
@@ -431,7 +437,19 @@ impl Sandbox {
             boot_stats: BootStats::default(),
             rate_limit: RateLimitConfig::default(),
             fault: BootFault::default(),
+            guest_io: GuestIo::inline(),
         }
+    }
+
+    /// Reads guest bytes (vsock handshake, READY, the agent's HTTP/2
+    /// connection, Health and the Execute stream) on `io`'s runtime.
+    pub fn with_guest_io(mut self, io: GuestIo) -> Self {
+        self.guest_io = io;
+        self
+    }
+
+    pub fn guest_io(&self) -> &GuestIo {
+        &self.guest_io
     }
 
     /// Shares boot statistics (and their budget configuration) with others.
@@ -481,6 +499,7 @@ impl Sandbox {
             state_dir: self.state_dir.clone(),
             extra_cmdline,
             rate_limit: self.rate_limit,
+            guest_io: self.guest_io.clone(),
         }
     }
 
@@ -539,11 +558,18 @@ impl Sandbox {
                 return Err(e.into());
             }
         }
+        let io = self.guest_io.clone();
         let connected = tokio::time::timeout_at(deadline, async {
             let stream = vm.connect(GUEST_AGENT_PORT).await?;
-            let mut client = guest_client(stream).await?;
-            let health = client.health(HealthRequest {}).await.map_err(GuestError::from)?;
-            Ok::<_, ExecError>((client, sanitize_health(health.into_inner())))
+            // The HTTP/2 connection task is spawned where `guest_client`
+            // runs, and Health is decoded there: on the guest I/O runtime.
+            io.run(async move {
+                let mut client = guest_client(stream).await?;
+                let health = client.health(HealthRequest {}).await.map_err(GuestError::from)?;
+                Ok::<_, ExecError>((client, sanitize_health(health.into_inner())))
+            })
+            .await
+            .map_err(|e| GuestError::Connect(e.to_string()))?
         })
         .await
         .unwrap_or_else(|_| {
@@ -559,6 +585,7 @@ impl Sandbox {
                 Ok(ReadyVm {
                     vm: Some(vm),
                     client,
+                    io: self.guest_io.clone(),
                     boot_time,
                     health,
                 })
@@ -638,6 +665,47 @@ async fn guest_client(stream: GuestStream) -> Result<ExecutionServiceClient<Chan
     Ok(ExecutionServiceClient::new(channel)
         .max_decoding_message_size(MAX_GUEST_MESSAGE)
         .max_encoding_message_size(MAX_REQUEST_BYTES))
+}
+
+/// One decoded event of the Execute stream.
+enum GuestEvent {
+    Stdout(bytes::Bytes),
+    Stderr(bytes::Bytes),
+    Exit(ExitStatus),
+}
+
+/// The Execute call and its stream decode loop, run on the guest I/O
+/// runtime: sends each decoded event to `tx`, stops at the first exit status
+/// (the stream is dropped: whatever follows is never read), at the first
+/// error (sent on), or when the receiver is gone.
+async fn read_execute_stream(
+    mut client: ExecutionServiceClient<Channel>,
+    req: ExecuteRequest,
+    tx: tokio::sync::mpsc::Sender<Result<GuestEvent, ExecError>>,
+) {
+    let read = async {
+        let mut stream = client.execute(req).await.map_err(GuestError::from)?.into_inner();
+        while let Some(ev) = stream.message().await.map_err(stream_error)? {
+            let ev = match ev.event {
+                Some(Event::Stdout(b)) => GuestEvent::Stdout(b),
+                Some(Event::Stderr(b)) => GuestEvent::Stderr(b),
+                Some(Event::Exit(status)) => {
+                    let _ = tx.send(Ok(GuestEvent::Exit(status))).await;
+                    return Ok(());
+                }
+                None => continue,
+            };
+            if tx.send(Ok(ev)).await.is_err() {
+                return Ok(());
+            }
+        }
+        Err(ExecError::Protocol(
+            "the stream ended without an exit status".into(),
+        ))
+    };
+    if let Err(e) = read.await {
+        let _ = tx.send(Err(e)).await;
+    }
 }
 
 /// Health as the host keeps it: every text field sanitized.
@@ -786,6 +854,8 @@ pub(crate) fn check_exit(
 pub struct ReadyVm {
     vm: Option<Box<dyn Vm>>,
     client: ExecutionServiceClient<Channel>,
+    /// Where the client's calls are made and their answers decoded.
+    io: GuestIo,
     pub boot_time: Duration,
     pub health: HealthResponse,
 }
@@ -814,11 +884,19 @@ impl ReadyVm {
 
     /// Asks the agent for Health again (a warm VM may have gone bad while idle).
     pub async fn check_health(&mut self, timeout: Duration) -> Result<(), ExecError> {
-        let call = self.client.health(HealthRequest {});
+        let mut client = self.client.clone();
+        let call = self.io.run(async move {
+            client
+                .health(HealthRequest {})
+                .await
+                .map(|h| h.get_ref().ready)
+                .map_err(GuestError::from)
+        });
         match tokio::time::timeout(timeout, call).await {
-            Ok(Ok(h)) if h.get_ref().ready => Ok(()),
-            Ok(Ok(_)) => Err(ExecError::Protocol("agent reports not ready".into())),
-            Ok(Err(s)) => Err(GuestError::from(s).into()),
+            Ok(Ok(Ok(true))) => Ok(()),
+            Ok(Ok(Ok(false))) => Err(ExecError::Protocol("agent reports not ready".into())),
+            Ok(Ok(Err(e))) => Err(e.into()),
+            Ok(Err(e)) => Err(GuestError::Connect(e.to_string()).into()),
             Err(_) => Err(ExecError::Unresponsive(timeout)),
         }
     }
@@ -840,30 +918,29 @@ impl ReadyVm {
         let started = Instant::now();
         let deadline = req.timeout + HOST_DEADLINE_SLACK;
         let mut meter = OutputMeter::new(req.max_output_bytes);
+        // The guest's frames are decoded by a task on the guest I/O runtime;
+        // decoded events come through a small bounded queue. The task is
+        // aborted when this call ends or is dropped (`GuestTask`).
+        let (tx, mut rx) = tokio::sync::mpsc::channel(GUEST_EVENT_QUEUE);
+        let reader = self
+            .io
+            .spawn(read_execute_stream(self.client.clone(), req.to_proto(), tx));
         let run = async {
-            let mut stream = self
-                .client
-                .execute(req.to_proto())
-                .await
-                .map_err(GuestError::from)?
-                .into_inner();
-            while let Some(ev) = stream.message().await.map_err(stream_error)? {
-                match ev.event {
-                    Some(Event::Stdout(b)) => {
+            while let Some(ev) = rx.recv().await {
+                match ev? {
+                    GuestEvent::Stdout(b) => {
                         let keep = meter.admit(true, &b)?;
                         if !keep.is_empty() {
                             on_output.write(Output::Stdout(keep)).await;
                         }
                     }
-                    Some(Event::Stderr(b)) => {
+                    GuestEvent::Stderr(b) => {
                         let keep = meter.admit(false, &b)?;
                         if !keep.is_empty() {
                             on_output.write(Output::Stderr(keep)).await;
                         }
                     }
-                    // The stream is dropped here: whatever follows is never read.
-                    Some(Event::Exit(status)) => return Ok(status),
-                    None => {}
+                    GuestEvent::Exit(status) => return Ok(status),
                 }
             }
             Err(ExecError::Protocol(
@@ -872,7 +949,9 @@ impl ReadyVm {
         };
         let status = tokio::time::timeout(deadline, run)
             .await
-            .map_err(|_| ExecError::Unresponsive(deadline))??;
+            .map_err(|_| ExecError::Unresponsive(deadline));
+        drop(reader);
+        let status = status??;
         let execute_time = started.elapsed();
         let checked = check_exit(&status, &meter, execute_time)?;
         Ok(ExecOutcome {

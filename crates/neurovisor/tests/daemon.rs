@@ -389,3 +389,80 @@ async fn api_validation_trace_ids_disconnects_and_inference() {
     assert!(e.message().contains("ollama serve"), "{}", e.message());
     assert_eq!(d.stop(), Some(0));
 }
+
+fn status_field(status: &str, key: &str) -> String {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_string()))
+        .unwrap_or_default()
+}
+
+/// Guest bytes meet the least privilege: the daemon's `nv-guest` threads
+/// (which read the vsock handshake, READY, the agent's HTTP/2 connection and
+/// decode Health and Execute) hold no capabilities and a seccomp filter, and
+/// executions (output, the host's cap, exit codes) work through them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_bytes_are_read_on_unprivileged_confined_threads() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: confinement needs root");
+        return;
+    }
+    let d = start_daemon(&["--warm", "1", "--max", "2"]);
+    let mut c = d.client().await;
+    let r = c
+        .execute_once(req(
+            "python",
+            "import sys\nsys.stdout.write('x' * 300000)\nsys.stderr.write('err')\nsys.exit(3)",
+        ))
+        .await
+        .expect("execute")
+        .into_inner();
+    assert_eq!(r.stdout.len(), 300_000);
+    assert_eq!(r.stderr, b"err"[..]);
+    assert_eq!(r.exit_code, Some(3));
+    // The host's own cap still applies (it runs on the caller's side).
+    let r = c
+        .execute_once(ExecuteRequest {
+            max_output_bytes: 1000,
+            ..req("python", "print('y' * 5000)")
+        })
+        .await
+        .expect("execute capped")
+        .into_inner();
+    assert_eq!(r.stdout.len(), 1000);
+    assert!(r.stdout_truncated);
+
+    let pid = d.pid();
+    let mut guest_threads = 0;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("tasks")
+        .flatten()
+    {
+        let s = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        if status_field(&s, "Name:") != "nv-guest" {
+            continue;
+        }
+        guest_threads += 1;
+        assert_eq!(
+            status_field(&s, "Seccomp:"),
+            "2",
+            "nv-guest without a filter:\n{s}"
+        );
+        assert_eq!(status_field(&s, "NoNewPrivs:"), "1", "{s}");
+        for set in ["CapEff:", "CapPrm:", "CapInh:", "CapAmb:", "CapBnd:"] {
+            assert_eq!(status_field(&s, set), "0000000000000000", "nv-guest {set}:\n{s}");
+        }
+    }
+    assert!(
+        (1..=4).contains(&guest_threads),
+        "expected 1-2 nv-guest workers (and at most a couple of blocking threads), saw {guest_threads}"
+    );
+    // Still serving: nothing on nv-guest hit its filter (that kills the daemon).
+    let r = c
+        .execute_once(req("python", "print('again')"))
+        .await
+        .expect("execute again")
+        .into_inner();
+    assert_eq!(r.stdout, b"again\n"[..]);
+    assert_eq!(d.stop(), Some(0));
+}

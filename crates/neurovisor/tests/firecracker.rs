@@ -691,6 +691,7 @@ impl Env {
             state_dir: self.state.path().to_path_buf(),
             extra_cmdline: vec![],
             rate_limit: Default::default(),
+            guest_io: Default::default(),
         }
     }
 
@@ -1403,6 +1404,7 @@ impl Real {
             state_dir: self.state.path().to_path_buf(),
             extra_cmdline: vec![],
             rate_limit: Default::default(),
+            guest_io: Default::default(),
         }
     }
 

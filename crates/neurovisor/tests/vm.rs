@@ -329,3 +329,58 @@ async fn a_vm_that_cannot_boot_reports_its_console() {
     assert!(msg.contains("Kernel panic"), "console tail missing: {msg}");
     env.assert_clean();
 }
+
+/// The sockets in a running VM's directory are no one else's: the guest's
+/// hybrid vsock and QMP are root:<VM gid> 0660 (the daemon reaches them as
+/// owner without CAP_DAC_OVERRIDE, the jailed VM as group), vhost.sock (while
+/// it exists) is the VM uid's alone, no socket is world-accessible, logs are 0600.
+#[tokio::test]
+async fn vm_directory_sockets_have_the_narrowest_modes() {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: jailed VMs need root");
+        return;
+    }
+    let env = env();
+    let vm = env.sandbox.boot(VmSize::Small).await.expect("boot");
+    let dir = vm.dir().expect("dir").to_path_buf();
+    let dir_meta = std::fs::metadata(&dir).expect("dir");
+    let vm_gid = dir_meta.gid();
+    assert_ne!(vm_gid, 0, "the VM directory belongs to the jail's group");
+    assert_eq!(dir_meta.mode() & 0o777, 0o770);
+    let mode = |name: &str| {
+        let m = std::fs::symlink_metadata(dir.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        (m.mode() & 0o777, m.uid(), m.gid(), m.file_type().is_socket())
+    };
+    assert_eq!(mode("vsock.sock"), (0o660, 0, vm_gid, true), "vsock.sock");
+    assert_eq!(mode("qmp.sock"), (0o660, 0, vm_gid, true), "qmp.sock");
+    // vhost-device-vsock may unlink its vhost-user socket once QEMU is on it.
+    if dir.join("vhost.sock").exists() {
+        let (vhost_mode, vhost_uid, _, is_sock) = mode("vhost.sock");
+        assert!(
+            is_sock && vhost_mode & 0o077 == 0,
+            "vhost.sock mode {vhost_mode:o}"
+        );
+        assert!(
+            vhost_uid >= 1_000_000_000,
+            "vhost.sock owned by {vhost_uid}, not the VM's uid"
+        );
+    }
+    for log in ["console.log", "vmm.log"] {
+        assert_eq!(mode(log).0, 0o600, "{log}");
+    }
+    for e in std::fs::read_dir(&dir).expect("read dir").flatten() {
+        let m = e.metadata().expect("stat");
+        if m.file_type().is_socket() {
+            assert_eq!(
+                m.mode() & 0o007,
+                0,
+                "{} is accessible to others: {:o}",
+                e.path().display(),
+                m.mode() & 0o777
+            );
+        }
+    }
+    vm.destroy().await;
+    env.assert_clean();
+}

@@ -5,12 +5,15 @@
 //! the code here is shared: [`vsock`] speaks the protocol, [`client`] holds the
 //! errors of the gRPC conversation that `exec` runs over it, [`text`] makes
 //! guest text (error messages, Health fields, console lines) safe for host logs
-//! and errors.
+//! and errors; [`guest_io`] says on which runtime the code that reads guest
+//! bytes runs (the daemon's unprivileged `nv-guest`).
 
 pub mod client;
+pub mod guest_io;
 pub mod text;
 pub mod vsock;
 
 pub use client::GuestError;
+pub use guest_io::{GuestIo, GuestIoError, GuestTask};
 pub use text::{sanitize_guest_bytes, sanitize_guest_text};
 pub use vsock::{HybridVsock, VsockError};

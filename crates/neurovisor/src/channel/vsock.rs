@@ -17,6 +17,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 
+use super::guest_io::{GuestIo, GuestIoError};
 use crate::security::rate_limit::{RateLimitConfig, RateLimitedStream, RateLimiter};
 
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +44,8 @@ pub enum VsockError {
     },
     #[error("timed out after {0:?}")]
     Timeout(Duration),
+    #[error(transparent)]
+    GuestIo(#[from] GuestIoError),
 }
 
 /// The longest handshake reply: "OK 4294967295\n".
@@ -56,6 +59,8 @@ pub type GuestStream = RateLimitedStream<UnixStream>;
 pub struct HybridVsock {
     uds_path: PathBuf,
     limiter: Arc<RateLimiter>,
+    /// Where the handshake and the READY read run (see [`GuestIo`]).
+    io: GuestIo,
 }
 
 impl HybridVsock {
@@ -63,7 +68,18 @@ impl HybridVsock {
         Self {
             uds_path: uds_path.into(),
             limiter: Arc::new(RateLimiter::new(limits)),
+            io: GuestIo::inline(),
         }
+    }
+
+    /// Reads guest bytes (handshake, READY) on `io`'s runtime.
+    pub fn with_guest_io(mut self, io: GuestIo) -> Self {
+        self.io = io;
+        self
+    }
+
+    pub fn guest_io(&self) -> &GuestIo {
+        &self.io
     }
 
     /// The VM's rate limiter (shared by all its streams and listeners).
@@ -82,8 +98,17 @@ impl HybridVsock {
         PathBuf::from(p)
     }
 
-    /// Opens a stream to guest port `port`.
+    /// Opens a stream to guest port `port`: the connect and the handshake run
+    /// on the guest I/O runtime, which the stream stays registered with.
     pub async fn connect(&self, port: u32) -> Result<GuestStream, VsockError> {
+        if !self.io.is_separate() {
+            return self.connect_here(port).await;
+        }
+        let this = self.clone();
+        self.io.run(async move { this.connect_here(port).await }).await?
+    }
+
+    async fn connect_here(&self, port: u32) -> Result<GuestStream, VsockError> {
         let mut s = UnixStream::connect(&self.uds_path)
             .await
             .map_err(|source| VsockError::Connect {
@@ -136,8 +161,24 @@ impl HybridVsock {
     }
 
     /// Waits for the guest agent's readiness announcement (`READY`) on the
-    /// listener of [`neurovisor_proto::GUEST_READY_PORT`].
-    pub async fn accept_ready(&self, listener: &UnixListener) -> std::io::Result<()> {
+    /// listener of [`neurovisor_proto::GUEST_READY_PORT`]; the accept and the
+    /// read run on the guest I/O runtime (the listener moves there).
+    pub async fn accept_ready(&self, listener: UnixListener) -> std::io::Result<()> {
+        if !self.io.is_separate() {
+            return self.accept_ready_here(&listener).await;
+        }
+        let std_listener = listener.into_std()?;
+        let this = self.clone();
+        self.io
+            .run(async move {
+                let listener = UnixListener::from_std(std_listener)?;
+                this.accept_ready_here(&listener).await
+            })
+            .await
+            .map_err(std::io::Error::other)?
+    }
+
+    async fn accept_ready_here(&self, listener: &UnixListener) -> std::io::Result<()> {
         let mut s = self.accept(listener).await?;
         let mut buf = [0u8; 16];
         let n = s.read(&mut buf).await?;
@@ -250,7 +291,7 @@ mod tests {
             let mut s = UnixStream::connect(&path).await.expect("connect");
             s.write_all(b"READY\n").await.expect("write");
         });
-        hv.accept_ready(&l).await.expect("ready");
+        hv.accept_ready(l).await.expect("ready");
         guest.await.expect("guest");
         assert_eq!(hv.limiter().stats().ops, 1);
     }

@@ -354,7 +354,10 @@ impl Prepared {
             };
             check(libc::setrlimit(res, &r))?;
         }
-        libc::umask(0);
+        // What the VMM processes create (their sockets) is theirs alone:
+        // 0700 for sockets; the daemon hands the two it must reach (the
+        // guest's hybrid vsock, QMP) to root:<VM gid> 0660 itself.
+        libc::umask(0o077);
         // Nothing of root's power survives: bounding and ambient sets emptied
         // while CAP_SETPCAP is still there, then the uid switch clears the rest.
         check(libc::prctl(

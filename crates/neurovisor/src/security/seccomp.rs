@@ -2,12 +2,13 @@
 //!
 //! The lists are data (`seccomp.json`, embedded): one per thread role of the
 //! daemon ([`Role::Api`]: gRPC/HTTP server threads; [`Role::Vm`]: VM
-//! management threads that fork the VMMs) and one per helper process
+//! management threads that fork the VMMs; [`Role::Guest`]: the threads that
+//! read and decode guest bytes) and one per helper process
 //! (`vhost-device-vsock`). Anything not listed kills the whole process.
 //!
 //! Filters are per thread and inherited by every thread and child a thread
-//! creates. The daemon therefore runs its API and its VM management on two
-//! tokio runtimes and installs each role's filter on each of their threads
+//! creates. The daemon therefore runs its API, its VM management and its
+//! guest I/O on three tokio runtimes and installs each role's filter on each of their threads
 //! once start-up is done ([`arm`]): worker threads pick it up when they next
 //! park, threads started later when they start. Together with the filter each
 //! thread also drops to its role's capabilities ([`super::caps`]) and sets
@@ -50,6 +51,10 @@ pub enum Role {
     Api,
     /// Boots VMs: forks and execs the VMM processes.
     Vm,
+    /// Reads what guests send (vsock handshake, READY, the agent's HTTP/2
+    /// connection, Health and Execute decoding): socket I/O only, no
+    /// capabilities, no files, no processes.
+    Guest,
 }
 
 impl Role {
@@ -57,6 +62,7 @@ impl Role {
         match self {
             Role::Api => "api",
             Role::Vm => "vm",
+            Role::Guest => "guest",
         }
     }
 }
@@ -166,6 +172,7 @@ fn arch() -> TargetArch {
 pub struct RoleFilters {
     api: BpfProgram,
     vm: BpfProgram,
+    guest: BpfProgram,
     no_clone3: BpfProgram,
     vm_caps: Vec<::caps::Capability>,
 }
@@ -177,6 +184,7 @@ impl RoleFilters {
         Ok(Self {
             api: compile("api")?,
             vm: compile(vm_filter)?,
+            guest: compile("guest")?,
             no_clone3: no_clone3()?,
             vm_caps,
         })
@@ -200,6 +208,11 @@ impl RoleFilters {
             Role::Vm => {
                 caps::restrict_thread(&self.vm_caps)?;
                 install(&self.vm)?;
+            }
+            Role::Guest => {
+                caps::restrict_thread(&[])?;
+                install(&self.no_clone3)?;
+                install(&self.guest)?;
             }
         }
         Ok(())
@@ -355,6 +368,48 @@ mod tests {
             assert!(!vm.contains(never), "vm allows {never}");
         }
         assert!(!allowed("vhost-device-vsock").expect("vhost").contains("mount"));
+    }
+
+    #[test]
+    fn the_guest_role_is_the_narrowest() {
+        compile("guest").expect("guest");
+        let guest = allowed("guest").expect("guest");
+        let api = allowed("api").expect("api");
+        for forbidden in [
+            "execve",
+            "execveat",
+            "fork",
+            "vfork",
+            "mount",
+            "unshare",
+            "setns",
+            "open",
+            "openat",
+            "ioctl",
+            "io_uring_setup",
+            "userfaultfd",
+            "ptrace",
+            "bpf",
+            "seccomp",
+            "capset",
+            "kill",
+            "bind",
+            "listen",
+            "socketpair",
+        ] {
+            assert!(!guest.contains(forbidden), "guest allows {forbidden}");
+        }
+        assert!(
+            guest.is_subset(&api),
+            "guest must be narrower than api: {:?}",
+            guest.difference(&api)
+        );
+        let (_, cond) = resolve(&specs().expect("specs"), "guest", 0).expect("resolve");
+        let socket = cond
+            .iter()
+            .find(|r| r["syscall"] == "socket")
+            .expect("socket rule");
+        assert_eq!(socket["args"][0]["val"], libc::AF_UNIX);
     }
 
     #[test]

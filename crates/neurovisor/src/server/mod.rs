@@ -33,6 +33,7 @@ use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 
 use self::access::AccessLayer;
+use crate::channel::GuestIo;
 use crate::exec::Sandbox;
 use crate::images::ImageSet;
 use crate::llm::OllamaClient;
@@ -166,24 +167,32 @@ fn load_ebpf_guard(dir: &Path, state_dir: &Path) {
     }
 }
 
-/// The runtime VMs are booted and destroyed on; its threads are confined to
-/// the VM management role.
+/// A runtime whose threads are confined to one role: `nv-vm` (VMs are
+/// booted and destroyed there) or `nv-guest` (guest bytes are read there).
 struct VmRuntime(Option<tokio::runtime::Runtime>);
 
 impl VmRuntime {
     fn new() -> Result<Self, DaemonError> {
-        let hook = seccomp::thread_hook(seccomp::Role::Vm);
-        let park = seccomp::thread_hook(seccomp::Role::Vm);
+        Self::for_role(seccomp::Role::Vm, "nv-vm", 2)
+    }
+
+    /// The guest I/O runtime: everything that parses guest bytes (see
+    /// [`crate::channel::guest_io`]), on threads without capabilities.
+    fn guest() -> Result<Self, DaemonError> {
+        Self::for_role(seccomp::Role::Guest, "nv-guest", 2)
+    }
+
+    fn for_role(role: seccomp::Role, name: &str, workers: usize) -> Result<Self, DaemonError> {
         tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("nv-vm")
+            .worker_threads(workers)
+            .thread_name(name)
             .thread_keep_alive(Duration::from_secs(1))
-            .on_thread_start(hook)
-            .on_thread_park(park)
+            .on_thread_start(seccomp::thread_hook(role))
+            .on_thread_park(seccomp::thread_hook(role))
             .enable_all()
             .build()
             .map(|rt| Self(Some(rt)))
-            .map_err(|e| DaemonError::Serve(format!("cannot start the VM runtime: {e}")))
+            .map_err(|e| DaemonError::Serve(format!("cannot start the {name} runtime: {e}")))
     }
 
     fn handle(&self) -> tokio::runtime::Handle {
@@ -500,6 +509,7 @@ pub async fn run(
     #[cfg(feature = "ebpf")]
     load_ebpf_guard(&dir, &cfg.state_dir);
     let vm_rt = VmRuntime::new()?;
+    let guest_rt = VmRuntime::guest()?;
     if cfg.confine {
         let firecracker = backend.name() == "firecracker";
         let ebpf = vm_guard::loaded();
@@ -510,7 +520,11 @@ pub async fn run(
         .map_err(|e| DaemonError::Confine(e.to_string()))?;
         seccomp::arm(
             filters,
-            &[tokio::runtime::Handle::current(), vm_rt.handle()],
+            &[
+                tokio::runtime::Handle::current(),
+                vm_rt.handle(),
+                guest_rt.handle(),
+            ],
             Duration::from_secs(15),
         )
         .await
@@ -524,7 +538,8 @@ pub async fn run(
     metrics.watch_vms(backend.live_vms());
     metrics.allow_model(&cfg.default_model);
     metrics.allow_languages(images.languages.iter().map(|l| l.name.as_str()));
-    let mut sandbox = Sandbox::new(backend, images, dir.clone());
+    let mut sandbox =
+        Sandbox::new(backend, images, dir.clone()).with_guest_io(GuestIo::on(guest_rt.handle()));
     sandbox.rate_limit = cfg.rate_limit;
     let pool = Pool::start_on(sandbox, cfg.pool.clone(), metrics.clone(), vm_rt.handle())
         .map_err(DaemonError::Pool)?;

@@ -223,7 +223,7 @@ impl FirecrackerBackend {
             vmm_log: dir.join("vmm.log"),
             dir,
             api: ApiClient::new(layout.host(API_SOCK)).with_log(layout.host(LOG)),
-            vsock: HybridVsock::new(layout.host(VSOCK), cfg.rate_limit),
+            vsock: HybridVsock::new(layout.host(VSOCK), cfg.rate_limit).with_guest_io(cfg.guest_io.clone()),
             layout,
             ready: Readiness::Done,
             process: None,
@@ -581,11 +581,12 @@ impl Vm for FirecrackerVm {
             });
         };
         let what = process.what;
+        let vsock = self.vsock.clone();
         let outcome = tokio::select! {
-            r = async {
-                match &ready {
-                    Readiness::Listener(l) => self.vsock.accept_ready(l).await,
-                    _ => probe_agent(&self.vsock).await,
+            r = async move {
+                match ready {
+                    Readiness::Listener(l) => vsock.accept_ready(l).await,
+                    _ => probe_agent(&vsock).await,
                 }
             } => r.map_err(|e| e.to_string()),
             status = process.exited() => Err(format!("{what}: {status}")),
@@ -593,7 +594,6 @@ impl Vm for FirecrackerVm {
                 return Err(VmmError::BootTimeout { timeout, console_tail: self.console_tail() });
             }
         };
-        drop(ready);
         let _ = std::fs::remove_file(self.vsock.host_port_path(GUEST_READY_PORT));
         outcome.map_err(|status| VmmError::DiedDuringBoot {
             status,
@@ -739,6 +739,7 @@ mod tests {
             state_dir: "/s".into(),
             extra_cmdline: vec!["nv.mode=poweroff".into()],
             rate_limit: Default::default(),
+            guest_io: Default::default(),
         };
         let a = FirecrackerBackend::boot_args(&cfg);
         for want in [

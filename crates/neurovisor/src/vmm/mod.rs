@@ -22,6 +22,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::channel::vsock::{GuestStream, VsockError};
+use crate::channel::GuestIo;
 use crate::config::VmSize;
 use crate::security::rate_limit::RateLimitConfig;
 
@@ -102,6 +103,8 @@ pub struct VmConfig {
     pub extra_cmdline: Vec<String>,
     /// Limits on what the guest sends over vsock (bytes read, connections).
     pub rate_limit: RateLimitConfig,
+    /// Where the VM's guest bytes are read (the daemon's `nv-guest` runtime).
+    pub guest_io: GuestIo,
 }
 
 impl VmConfig {
@@ -239,6 +242,7 @@ mod tests {
             state_dir: "/s".into(),
             extra_cmdline: vec!["nv.mode=poweroff".into()],
             rate_limit: RateLimitConfig::default(),
+            guest_io: GuestIo::inline(),
         };
         let c = base_cmdline(&cfg).join(" ");
         assert!(
@@ -310,6 +314,7 @@ mod tests {
             state_dir: "/s".into(),
             extra_cmdline: vec![],
             rate_limit: RateLimitConfig::default(),
+            guest_io: GuestIo::inline(),
         };
         let vm = Minimal.spawn(&cfg).await.expect("spawn");
         let p = Path::new("/tmp/x");

@@ -335,8 +335,23 @@ fn to_libc(prog: seccompiler::BpfProgram) -> Vec<libc::sock_filter> {
         .collect()
 }
 
+/// Makes a socket in the VM directory root's and the VM's group's only:
+/// `root:<gid>`, 0660. The daemon's threads that connect to it hold no
+/// CAP_DAC_OVERRIDE (nv-guest holds nothing), so they reach it as its owner;
+/// the jailed processes (uid and gid of the VM) as its group.
+fn share_with_jail(path: &Path, gid: u32) -> Result<(), VmmError> {
+    use std::os::unix::fs::PermissionsExt;
+    let err = |source| VmmError::StateDir {
+        path: path.to_path_buf(),
+        source,
+    };
+    std::os::unix::fs::lchown(path, Some(0), Some(gid)).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(err)
+}
+
 /// Lets the jailed processes (uid/gid of the VM) into the VM directory: group
-/// access for the jail's gid, and the daemon's listening sockets writable.
+/// access for the jail's gid, and the daemon's listening sockets reachable by
+/// that group (root:<gid>, 0660).
 fn open_to_jail(paths: &VmPaths, gid: u32) -> Result<(), VmmError> {
     use std::os::unix::fs::PermissionsExt;
     let err = |path: &Path| {
@@ -351,8 +366,7 @@ fn open_to_jail(paths: &VmPaths, gid: u32) -> Result<(), VmmError> {
         if name == crate::supervisor::OWNER_FILE || name.to_string_lossy().ends_with(".log") {
             continue;
         }
-        let p = entry.path();
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o666)).map_err(err(&p))?;
+        share_with_jail(&entry.path(), gid)?;
     }
     Ok(())
 }
@@ -378,7 +392,7 @@ impl VmmBackend for QemuBackend {
             })
         };
         let (console, vmm_log) = (log(&paths.console)?, log(&paths.vmm_log)?);
-        let vsock = HybridVsock::new(&paths.vsock, cfg.rate_limit);
+        let vsock = HybridVsock::new(&paths.vsock, cfg.rate_limit).with_guest_io(cfg.guest_io.clone());
         let mut vm = QemuVm {
             id: cfg.id.clone(),
             ready: None,
@@ -421,10 +435,24 @@ impl VmmBackend for QemuBackend {
             vhost_spec,
         )?);
         wait_for_path(&paths.vhost_sock, vhost, Duration::from_secs(5), &paths.vmm_log).await?;
+        let jail_gid = vm.conf.ids().map(|ids| ids.gid);
+        if let Some(gid) = jail_gid {
+            // The helper made vsock.sock 0700 (its jail's umask): the
+            // daemon's guest I/O threads connect to it as its owner.
+            wait_for_path(&paths.vsock, vhost, Duration::from_secs(5), &paths.vmm_log).await?;
+            share_with_jail(&paths.vsock, gid)?;
+        }
 
         let (mut qemu_cmd, qemu_spec) = self.command(&self.qemu, cfg, &paths, &vm.conf, true)?;
         qemu_cmd.args(self.qemu_args(cfg, &inner, &kernel, &rootfs));
-        vm.qemu = Some(Helper::spawn("qemu", qemu_cmd, &console, &vmm_log, qemu_spec)?);
+        let qemu = vm
+            .qemu
+            .insert(Helper::spawn("qemu", qemu_cmd, &console, &vmm_log, qemu_spec)?);
+        if let Some(gid) = jail_gid {
+            // QMP likewise (the daemon's `quit` at shutdown).
+            wait_for_path(&paths.qmp, qemu, Duration::from_secs(10), &paths.vmm_log).await?;
+            share_with_jail(&paths.qmp, gid)?;
+        }
         tracing::debug!(vm = %cfg.id, pid = ?vm.pids(), "VM started");
         Ok(Box::new(vm))
     }
@@ -478,14 +506,13 @@ impl Vm for QemuVm {
             return Err(VmmError::Qmp("VM already stopped".into()));
         };
         let outcome = tokio::select! {
-            r = self.vsock.accept_ready(&listener) => r.map_err(|e| e.to_string()),
+            r = self.vsock.accept_ready(listener) => r.map_err(|e| e.to_string()),
             status = qemu.exited() => Err(format!("qemu: {status}")),
             status = vhost.exited() => Err(format!("vhost-device-vsock: {status}")),
             _ = tokio::time::sleep(timeout) => {
                 return Err(VmmError::BootTimeout { timeout, console_tail: self.console_tail() });
             }
         };
-        drop(listener);
         let _ = std::fs::remove_file(self.vsock.host_port_path(GUEST_READY_PORT));
         outcome.map_err(|status| VmmError::DiedDuringBoot {
             status,
@@ -582,6 +609,7 @@ mod tests {
             state_dir: "/s".into(),
             extra_cmdline: vec![],
             rate_limit: Default::default(),
+            guest_io: Default::default(),
         };
         let a = backend
             .qemu_args(&cfg, &VmPaths::new(cfg.vm_dir()), &cfg.kernel, &cfg.rootfs)
