@@ -451,15 +451,31 @@ fn concurrent_neurovisor_processes_give_their_vms_distinct_jail_uids() {
                 ],
             )
             .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("spawn")
         })
         .collect();
     let up: Vec<_> = children.iter_mut().map(watch_output).collect();
-    assert!(wait_until(Duration::from_secs(60), || up
-        .iter()
-        .all(|u| u.load(Ordering::SeqCst)))
-    .is_some());
+    if wait_until(Duration::from_secs(120), || {
+        up.iter().all(|u| u.load(Ordering::SeqCst))
+    })
+    .is_none()
+    {
+        let errs: Vec<String> = children
+            .iter_mut()
+            .map(|c| {
+                let _ = c.kill();
+                let _ = c.wait();
+                let mut e = String::new();
+                if let Some(mut s) = c.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut s, &mut e);
+                }
+                e
+            })
+            .collect();
+        panic!("both runs did not start within 120 s; their stderr: {errs:?}");
+    }
     let uid_of = |p: &Proc| -> u32 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", p.pid)).expect("status");
         status

@@ -891,6 +891,9 @@ pub fn pre_exec_join(files: &[CString]) -> std::io::Result<()> {
 /// hierarchy (a daemon killed with SIGKILL cannot remove its own), killing any
 /// process still in them. Cgroups of a live [`VmCgroup`], in this or another
 /// process, are locked and left alone. Returns how many VM cgroups were removed.
+/// A VM cgroup younger than this is never taken for a leftover.
+const LEFTOVER_MIN_AGE: std::time::Duration = std::time::Duration::from_secs(2);
+
 pub fn clean_leftovers(layout: &CgroupLayout) -> usize {
     let roots = layout.roots();
     // The directory a live VmCgroup locks: its first one (v2 dir / v1 memory).
@@ -913,6 +916,17 @@ pub fn clean_leftovers(layout: &CgroupLayout) -> usize {
     let mut removed = 0;
     for name in names {
         let primary = lock_root.as_ref().map(|r| r.join(PARENT).join(&name));
+        // Just made: its creator may not have taken its lock yet (it locks
+        // right after mkdir), so it cannot be told from a leftover. Skip it.
+        let young = primary
+            .as_ref()
+            .and_then(|p| std::fs::metadata(p).ok())
+            .and_then(|m| m.modified().ok())
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age < LEFTOVER_MIN_AGE);
+        if young {
+            continue;
+        }
         // Held by a live owner: not a leftover. Keep our lock while removing.
         let _lock = match primary.as_ref().filter(|p| p.exists()) {
             Some(p) => match try_lock_dir(p) {
@@ -1221,6 +1235,10 @@ mod tests {
         let mut stale = stale;
         stale._lock = None;
         std::mem::forget(stale);
+        // Younger ones are never taken for leftovers (their creator may be
+        // between mkdir and lock).
+        assert_eq!(clean_leftovers_named(&layout, &stale_dirs), 0);
+        std::thread::sleep(LEFTOVER_MIN_AGE + std::time::Duration::from_millis(200));
 
         let removed = clean_leftovers(&layout);
         assert!(removed >= 1, "removed {removed}");
@@ -1245,5 +1263,11 @@ mod tests {
             VmCgroup::create(&layout, "../../etc", &CgroupLimits::for_vm(1, 1)),
             Err(CgroupError::InvalidId(_))
         ));
+    }
+
+    /// How many of `dirs` one cleaning pass removed.
+    fn clean_leftovers_named(layout: &CgroupLayout, dirs: &[PathBuf]) -> usize {
+        clean_leftovers(layout);
+        usize::from(!dirs.iter().all(|d| d.exists()))
     }
 }
