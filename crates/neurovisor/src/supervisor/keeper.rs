@@ -3,9 +3,10 @@
 //! Every VMM process (QEMU, `vhost-device-vsock`, Firecracker or its jailer)
 //! is started as the only child of a *keeper*, forked from the spawning
 //! process. The keeper exists because nothing of ours runs after a SIGKILL:
-//! - it has a parent-death signal (SIGTERM) and checks its parent right after
-//!   setting it, so the death of the CLI or daemon — SIGKILL included — always
-//!   reaches it, also through a jail (whose uid switch clears a death signal);
+//! - it has a parent-death signal ([`OWNER_DEATH`]) and checks its parent
+//!   right after setting it, so the death of the CLI or daemon — SIGKILL
+//!   included — always reaches it, also through a jail (whose uid switch
+//!   clears a death signal);
 //! - on that signal, or on SIGTERM from the host, it SIGKILLs its child and
 //!   *reaps* it, so a VM process is never left as a zombie to PID 1;
 //! - when its parent is gone it also removes the VM's cgroup directories once
@@ -31,6 +32,18 @@ use crate::security::jail;
 
 /// The name the keeper shows in `ps` (`comm`, at most 15 bytes).
 pub const KEEPER_COMM: &std::ffi::CStr = c"nv-keeper";
+
+/// The parent-death signal. Not SIGTERM (the host's stop request): the
+/// death signal fires when the *thread* that forked us exits, and while a
+/// SIGKILLed owner's threads exit one by one we are first handed to a sibling
+/// thread (`getppid()` unchanged). Telling the two apart lets the keeper wait
+/// for the owner to be really gone before it takes over removing the cgroup,
+/// where a host stop must not wait at all.
+const OWNER_DEATH: libc::c_int = libc::SIGUSR1;
+
+/// How long a keeper woken by [`OWNER_DEATH`] waits for its owner's last
+/// thread to exit (then it is reparented) before deciding who cleans up.
+const OWNER_EXIT_MS: u32 = 2_000;
 
 /// How long an orphaned keeper retries removing the VM's cgroup while the
 /// other processes of the VM are still being killed by their own keepers.
@@ -87,7 +100,7 @@ impl Keeper {
         unsafe {
             // The death signal first, then the check: a parent that died in
             // between is caught by the check instead.
-            check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM))?;
+            check(libc::prctl(libc::PR_SET_PDEATHSIG, OWNER_DEATH))?;
             if libc::getppid() != self.parent {
                 // The owner died while forking us: nobody else will remove the cgroup.
                 self.remove_cgroups();
@@ -144,12 +157,12 @@ impl Keeper {
         };
         loop {
             let sig = libc::sigtimedwait(all, std::ptr::null_mut(), &tick);
+            let owner_dying = sig == OWNER_DEATH || libc::getppid() != self.parent;
             let mut status = 0;
             if libc::waitpid(child, &mut status, libc::WNOHANG) == child {
-                self.finish(status);
+                self.finish(status, owner_dying);
             }
-            let orphan = libc::getppid() != self.parent;
-            if orphan || matches!(sig, libc::SIGTERM | libc::SIGINT | libc::SIGHUP) {
+            if owner_dying || matches!(sig, libc::SIGTERM | libc::SIGINT | libc::SIGHUP) {
                 libc::kill(child, libc::SIGKILL);
                 loop {
                     let r = libc::waitpid(child, &mut status, 0);
@@ -157,13 +170,24 @@ impl Keeper {
                         break;
                     }
                 }
-                self.finish(status);
+                self.finish(status, owner_dying);
             }
         }
     }
 
     /// Cleans up after an owner that is gone, then exits like the child.
-    unsafe fn finish(&self, status: libc::c_int) -> ! {
+    /// `owner_dying`: the death signal came, so the owner's remaining threads
+    /// are exiting too; wait for that before looking at the parent.
+    unsafe fn finish(&self, status: libc::c_int, owner_dying: bool) -> ! {
+        let pause = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 10_000_000,
+        };
+        let mut waited = 0;
+        while owner_dying && libc::getppid() == self.parent && waited < OWNER_EXIT_MS {
+            libc::nanosleep(&pause, std::ptr::null_mut());
+            waited += 10;
+        }
         if libc::getppid() != self.parent {
             self.remove_cgroups();
         }
