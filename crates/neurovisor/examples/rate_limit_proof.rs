@@ -98,7 +98,7 @@ async fn bandwidth(c: &mut Checks) -> std::io::Result<()> {
         kib(rate),
         kib(bucket.size as f64)
     );
-    let limiter = Arc::new(RateLimiter::new(bandwidth_only(bucket)));
+    let limiter = Arc::new(RateLimiter::new(bandwidth_only(bucket), &Default::default()));
     let trace = tokio::time::timeout(Duration::from_secs(30), pump(limiter.clone(), total))
         .await
         .map_err(|_| std::io::Error::other("stalled: 4 MiB not through after 30 s"))??;
@@ -178,7 +178,7 @@ async fn oversized(c: &mut Checks) -> std::io::Result<()> {
     );
 
     // One write of 512 KiB, read with one read_exact of 512 KiB.
-    let limiter = Arc::new(RateLimiter::new(bandwidth_only(bucket)));
+    let limiter = Arc::new(RateLimiter::new(bandwidth_only(bucket), &Default::default()));
     let (a, mut b) = UnixStream::pair()?;
     let writer = tokio::spawn(async move { b.write_all(&vec![1u8; total]).await });
     let mut r = RateLimitedStream::new(a, limiter);
@@ -199,7 +199,7 @@ async fn oversized(c: &mut Checks) -> std::io::Result<()> {
     );
 
     // acquire(): the request goes into debt and waits it out.
-    let limiter = RateLimiter::new(bandwidth_only(bucket));
+    let limiter = RateLimiter::new(bandwidth_only(bucket), &Default::default());
     let start = Instant::now();
     let acquired = tokio::time::timeout(
         Duration::from_secs(20),
@@ -234,6 +234,7 @@ async fn ops(c: &mut Checks) -> std::io::Result<()> {
             bandwidth: None,
             ops: Some(DEFAULT_OPS),
         },
+        &Default::default(),
     );
     let listener = hv.listen(6001).map_err(std::io::Error::other)?;
     let path = hv.host_port_path(6001);

@@ -4,6 +4,9 @@
 //! Then the guest-I/O role (`nv-guest` threads, which read guest bytes): a
 //! child confined to it still uses AF_UNIX sockets, and dies of SIGSYS at
 //! execve, mount, openat, an AF_INET socket and a clone into a new namespace.
+//! Argument conditions: the api role dies at socket(AF_ALG) and at
+//! ioctl(TIOCSTI) (typing into a terminal) while isatty's TCGETS works; under
+//! the vm role io_uring_setup answers ENOSYS (QEMU then uses epoll).
 //! Run: `cargo run --example seccomp_proof`. Exits non-zero if the protection did not hold.
 
 use neurovisor::security::{caps, seccomp};
@@ -157,6 +160,68 @@ fn main() {
             }
             other => {
                 println!("FAIL: api role: socket(AF_ALG) ended with {other:?}, not SIGSYS");
+                std::process::exit(1);
+            }
+        },
+    }
+    // ioctl: only the terminal/descriptor requests std and tokio make.
+    // SAFETY: as above.
+    match unsafe { fork() }.expect("fork") {
+        ForkResult::Child => {
+            if seccomp::apply_to_current_thread("api").is_err() {
+                unsafe { libc::_exit(3) };
+            }
+            let mut t: libc::termios = unsafe { std::mem::zeroed() };
+            unsafe { libc::ioctl(0, libc::TCGETS, &mut t) };
+            unsafe { libc::_exit(0) };
+        }
+        ForkResult::Parent { child } => match waitpid(child, None).expect("wait") {
+            WaitStatus::Exited(_, 0) => println!("PASS: api role: ioctl(TCGETS) (isatty) works"),
+            other => {
+                println!("FAIL: api role: ioctl(TCGETS) ended with {other:?}");
+                std::process::exit(1);
+            }
+        },
+    }
+    // SAFETY: as above.
+    match unsafe { fork() }.expect("fork") {
+        ForkResult::Child => {
+            if seccomp::apply_to_current_thread("api").is_err() {
+                unsafe { libc::_exit(3) };
+            }
+            let mut t: libc::termios = unsafe { std::mem::zeroed() };
+            // Allowed (isatty); fd 0 need not be a terminal: any answer is fine.
+            unsafe { libc::ioctl(0, libc::TCGETS, &mut t) };
+            let c: libc::c_char = b'x' as libc::c_char;
+            unsafe { libc::ioctl(0, libc::TIOCSTI, &c) };
+            unsafe { libc::_exit(0) };
+        }
+        ForkResult::Parent { child } => match waitpid(child, None).expect("wait") {
+            WaitStatus::Signaled(_, sig, _) if sig == nix::sys::signal::Signal::SIGSYS => {
+                println!("PASS: api role: killed by {sig:?} at ioctl(TIOCSTI)");
+            }
+            other => {
+                println!("FAIL: api role: ioctl(TIOCSTI) ended with {other:?}, not SIGSYS");
+                std::process::exit(1);
+            }
+        },
+    }
+    // io_uring under the vm role: ENOSYS, not a kill (QEMU probes it).
+    // SAFETY: as above.
+    match unsafe { fork() }.expect("fork") {
+        ForkResult::Child => {
+            if seccomp::apply_to_current_thread("vm").is_err() {
+                unsafe { libc::_exit(3) };
+            }
+            let mut params = [0u8; 120];
+            let r = unsafe { libc::syscall(libc::SYS_io_uring_setup, 4, params.as_mut_ptr()) };
+            let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+            unsafe { libc::_exit(if r < 0 && errno == libc::ENOSYS { 0 } else { 1 }) };
+        }
+        ForkResult::Parent { child } => match waitpid(child, None).expect("wait") {
+            WaitStatus::Exited(_, 0) => println!("PASS: vm role: io_uring_setup answers ENOSYS"),
+            other => {
+                println!("FAIL: vm role: io_uring_setup ended with {other:?}, not ENOSYS");
                 std::process::exit(1);
             }
         },

@@ -426,6 +426,8 @@ pub struct Sandbox {
     fault: BootFault,
     /// Where guest bytes are read (see [`GuestIo`]).
     guest_io: GuestIo,
+    /// The owner's metrics and eBPF guard, handed to every VM.
+    pub hooks: crate::supervisor::VmHooks,
 }
 
 impl Sandbox {
@@ -438,6 +440,7 @@ impl Sandbox {
             rate_limit: RateLimitConfig::default(),
             fault: BootFault::default(),
             guest_io: GuestIo::inline(),
+            hooks: Default::default(),
         }
     }
 
@@ -500,6 +503,7 @@ impl Sandbox {
             extra_cmdline,
             rate_limit: self.rate_limit,
             guest_io: self.guest_io.clone(),
+            hooks: self.hooks.clone(),
         }
     }
 

@@ -127,36 +127,29 @@ pub struct KindLabel {
 /// Counters of the guest channel's rate limiters. The vsock layer lives below
 /// the daemon and has no handle on its [`Metrics`], so these are process-wide
 /// and every [`Metrics`] registers the same counters.
-#[derive(Debug, Default)]
-pub struct VsockCounters {
+/// The counters the VM layer adds to (the vsock rate limiters, the eBPF
+/// guard's release of a VM). A handle: clones share the counts. The daemon's
+/// [`Metrics`] registers one and hands it down to its VMs through
+/// [`crate::supervisor::VmHooks`]; a default one (e.g. a `run`) counts unseen.
+#[derive(Debug, Clone, Default)]
+pub struct VmCounters {
     /// Reads or operations that had to wait, or connections refused, for lack of tokens.
-    pub throttled: Family<KindLabel, Counter>,
+    pub vsock_throttled: Family<KindLabel, Counter>,
     /// Guest connections closed because the ops bucket was empty.
-    pub rejected_connections: Counter,
+    pub vsock_rejected_connections: Counter,
+    /// Syscalls counted by the eBPF guard for VMs that have ended.
+    pub vmm_syscalls: Counter,
 }
 
-impl VsockCounters {
+impl VmCounters {
     /// The `kind` counter of `neurovisor_vsock_throttled_total`.
     pub fn throttled(&self, kind: &str) -> Counter {
-        self.throttled
+        self.vsock_throttled
             .get_or_create(&KindLabel {
                 kind: Label::fixed(kind),
             })
             .clone()
     }
-}
-
-/// Syscalls counted by the eBPF guard for VMs that have ended (process-wide,
-/// like [`vsock_counters`]: the VMM backends have no handle on `Metrics`).
-pub fn vmm_syscalls() -> &'static Counter {
-    static COUNTER: std::sync::LazyLock<Counter> = std::sync::LazyLock::new(Counter::default);
-    &COUNTER
-}
-
-/// The process-wide vsock counters (see [`VsockCounters`]).
-pub fn vsock_counters() -> &'static VsockCounters {
-    static COUNTERS: std::sync::LazyLock<VsockCounters> = std::sync::LazyLock::new(VsockCounters::default);
-    &COUNTERS
 }
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
@@ -191,8 +184,8 @@ pub struct Metrics {
     pub agent_iterations_total: Histogram,
     pub llm_call_duration_seconds: HistogramFamily<ModelLabel>,
     pub model_load_duration_seconds: HistogramFamily<ModelLabel>,
-    pub vsock_throttled: Family<KindLabel, Counter>,
-    pub vsock_rejected_connections: Counter,
+    /// Counted by the VMs (see [`VmCounters`]).
+    vm: VmCounters,
     /// Per live VM, read from its cgroup at every scrape.
     pub cgroup_memory_usage_bytes: Family<VmLabel, Gauge>,
     pub cgroup_cpu_throttled: Family<VmLabel, Counter>,
@@ -237,8 +230,7 @@ impl Metrics {
             )),
             llm_call_duration_seconds: Family::new_with_constructor(latency_histogram),
             model_load_duration_seconds: Family::new_with_constructor(latency_histogram),
-            vsock_throttled: vsock_counters().throttled.clone(),
-            vsock_rejected_connections: vsock_counters().rejected_connections.clone(),
+            vm: VmCounters::default(),
             cgroup_memory_usage_bytes: Family::default(),
             cgroup_cpu_throttled: Family::default(),
             cgroup_tasks: Family::default(),
@@ -338,17 +330,17 @@ impl Metrics {
         registry.register(
             "vsock_throttled",
             "Guest vsock reads, operations or connections held back by the rate limiter, by bucket (bytes, ops)",
-            m.vsock_throttled.clone(),
+            m.vm.vsock_throttled.clone(),
         );
         registry.register(
             "vsock_rejected_connections",
             "Guest vsock connections closed because the ops rate limit was exhausted",
-            m.vsock_rejected_connections.clone(),
+            m.vm.vsock_rejected_connections.clone(),
         );
         registry.register(
             "vmm_syscalls",
             "Syscalls made by the VMM processes of finished VMs (eBPF guard, feature ebpf)",
-            vmm_syscalls().clone(),
+            m.vm.vmm_syscalls.clone(),
         );
         registry.register(
             "cgroup_memory_usage_bytes",
@@ -378,6 +370,11 @@ impl Metrics {
     }
 
     /// Reports the cgroups of `live`'s VMs (a backend's [`crate::supervisor::LiveVms`]).
+    /// The counters this registry exposes, to hand down to the VMs.
+    pub fn vm_counters(&self) -> VmCounters {
+        self.vm.clone()
+    }
+
     pub fn watch_vms(&self, live: crate::supervisor::LiveVms) {
         if let Ok(mut l) = self.live_vms.lock() {
             *l = live;
@@ -464,15 +461,17 @@ mod tests {
                 model: m.model("qwen3"),
             })
             .observe(0.5);
-        let limiter =
-            crate::security::rate_limit::RateLimiter::new(crate::security::rate_limit::RateLimitConfig {
+        let limiter = crate::security::rate_limit::RateLimiter::new(
+            crate::security::rate_limit::RateLimitConfig {
                 bandwidth: None,
                 ops: Some(crate::security::rate_limit::TokenBucketConfig {
                     size: 1,
                     one_time_burst: 0,
                     refill_time: 1_000_000,
                 }),
-            });
+            },
+            &m.vm_counters(),
+        );
         assert!(limiter.admit_connection());
         assert!(!limiter.admit_connection());
         let text = m.encode();

@@ -692,6 +692,7 @@ impl Env {
             extra_cmdline: vec![],
             rate_limit: Default::default(),
             guest_io: Default::default(),
+            hooks: Default::default(),
         }
     }
 
@@ -1405,6 +1406,7 @@ impl Real {
             extra_cmdline: vec![],
             rate_limit: Default::default(),
             guest_io: Default::default(),
+            hooks: Default::default(),
         }
     }
 

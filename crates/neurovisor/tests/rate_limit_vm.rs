@@ -27,10 +27,6 @@ fn printer() -> ExecRequest {
     req
 }
 
-fn throttled_bytes() -> u64 {
-    neurovisor::metrics::vsock_counters().throttled("bytes").get()
-}
-
 /// Seconds the limiter needs for `bytes`, after the initial bucket.
 fn expected_secs(limits: &RateLimitConfig, bytes: usize) -> f64 {
     let b = limits.bandwidth.expect("a bandwidth limit");
@@ -43,7 +39,10 @@ async fn low_bandwidth_limit_paces_guest_output() {
     let mut env = common::env();
     let limits = RateLimitConfig::default().with_rates(Some(LOW_RATE), None);
     env.sandbox.rate_limit = limits;
-    let throttled_before = throttled_bytes();
+    // The counters the daemon's /metrics would show, handed to the VMs.
+    let counters = neurovisor::metrics::VmCounters::default();
+    env.sandbox.hooks.counters = counters.clone();
+    let throttled_before = counters.throttled("bytes").get();
 
     let r = env.run_req(&printer()).await;
     let expected = expected_secs(&limits, OUTPUT);
@@ -63,7 +62,7 @@ async fn low_bandwidth_limit_paces_guest_output() {
     );
     assert!(took < 3.0 * expected + 10.0, "stalled: {took:.2} s");
     assert!(
-        throttled_bytes() > throttled_before,
+        counters.throttled("bytes").get() > throttled_before,
         "the limiter never held a read back"
     );
 
@@ -109,4 +108,35 @@ async fn default_limits_let_ordinary_output_through_fast() {
         "512 KiB took {took:.2} s with the default limits (16 MiB/s)"
     );
     env.assert_clean();
+}
+
+/// The daemon hands its registry's counters down to every VM: a throttled
+/// guest shows on its `/metrics` (no process-wide counters in between).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemons_metrics_count_what_its_vms_limiters_hold_back() {
+    let _one = SERIAL.lock().await;
+    let d = common::daemon::start_daemon(&["--warm", "1", "--max", "1", "--vsock-bandwidth", "65536"]);
+    d.wait_warm(1);
+    let throttled = || {
+        let (_, m) = common::daemon::http_get(&d.metrics, "/metrics");
+        m.lines()
+            .find_map(|l| l.strip_prefix("neurovisor_vsock_throttled_total{kind=\"bytes\"} "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    assert_eq!(throttled(), 0, "nothing was held back before any output");
+    let mut c = d.client().await;
+    let r = c
+        .execute_once(common::daemon::req(
+            "python",
+            "import sys\nsys.stdout.write(('y' * 1023 + '\\n') * 256)\nsys.stdout.flush()",
+        ))
+        .await
+        .expect("execute")
+        .into_inner();
+    assert_eq!(r.stdout.len(), 256 * 1024, "the output must arrive complete");
+    let n = throttled();
+    println!("daemon at 64 KiB/s: 256 KiB through, {n} throttled reads on /metrics");
+    assert!(n > 0, "the VM's limiter held reads back, but /metrics shows none");
+    assert_eq!(d.stop(), Some(0));
 }

@@ -64,10 +64,15 @@ pub struct HybridVsock {
 }
 
 impl HybridVsock {
-    pub fn new(uds_path: impl Into<PathBuf>, limits: RateLimitConfig) -> Self {
+    /// What the limiter holds back is counted into `counters`.
+    pub fn new(
+        uds_path: impl Into<PathBuf>,
+        limits: RateLimitConfig,
+        counters: &crate::metrics::VmCounters,
+    ) -> Self {
         Self {
             uds_path: uds_path.into(),
-            limiter: Arc::new(RateLimiter::new(limits)),
+            limiter: Arc::new(RateLimiter::new(limits, counters)),
             io: GuestIo::inline(),
         }
     }
@@ -209,7 +214,11 @@ mod tests {
     #[tokio::test]
     async fn handshake_ok_keeps_following_bytes() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let hv = HybridVsock::new(dir.path().join("v.sock"), RateLimitConfig::default());
+        let hv = HybridVsock::new(
+            dir.path().join("v.sock"),
+            RateLimitConfig::default(),
+            &Default::default(),
+        );
         let l = UnixListener::bind(hv.uds_path()).expect("bind");
         let server = tokio::spawn(fake_mux(l, "OK 1073741824\nhello"));
         let mut s = hv.connect(6000).await.expect("connect");
@@ -223,7 +232,11 @@ mod tests {
     #[tokio::test]
     async fn refused_port_is_an_error() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let hv = HybridVsock::new(dir.path().join("v.sock"), RateLimitConfig::default());
+        let hv = HybridVsock::new(
+            dir.path().join("v.sock"),
+            RateLimitConfig::default(),
+            &Default::default(),
+        );
         let l = UnixListener::bind(hv.uds_path()).expect("bind");
         let server = tokio::spawn(fake_mux(l, ""));
         let e = hv.connect(6000).await.unwrap_err();
@@ -243,7 +256,7 @@ mod tests {
                 refill_time: 3_600_000,
             }),
         };
-        let hv = HybridVsock::new(dir.path().join("v.sock"), limits);
+        let hv = HybridVsock::new(dir.path().join("v.sock"), limits, &Default::default());
         let l = hv.listen(6001).expect("listen");
         let path = hv.host_port_path(6001);
         // The guest side: 5 connections, each says hello and reads the reply.
@@ -284,7 +297,11 @@ mod tests {
     #[tokio::test]
     async fn accept_ready_reads_the_announcement() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let hv = HybridVsock::new(dir.path().join("v.sock"), RateLimitConfig::default());
+        let hv = HybridVsock::new(
+            dir.path().join("v.sock"),
+            RateLimitConfig::default(),
+            &Default::default(),
+        );
         let l = hv.listen(6001).expect("listen");
         let path = hv.host_port_path(6001);
         let guest = tokio::spawn(async move {

@@ -330,12 +330,11 @@ struct Hooks {
 }
 
 impl Hooks {
-    fn global() -> Self {
-        let c = crate::metrics::vsock_counters();
+    fn on(c: &crate::metrics::VmCounters) -> Self {
         Self {
             throttled_bytes: c.throttled(TokenKind::Bytes.label()),
             throttled_ops: c.throttled(TokenKind::Ops.label()),
-            rejected_connections: c.rejected_connections.clone(),
+            rejected_connections: c.vsock_rejected_connections.clone(),
         }
     }
 }
@@ -367,7 +366,8 @@ fn lock(m: &Mutex<TokenBucket>) -> MutexGuard<'_, TokenBucket> {
 }
 
 impl RateLimiter {
-    pub fn new(config: RateLimitConfig) -> Self {
+    /// A limiter counting what it holds back into `counters`.
+    pub fn new(config: RateLimitConfig, counters: &crate::metrics::VmCounters) -> Self {
         let now = Instant::now();
         let bucket = |c: Option<TokenBucketConfig>| c.and_then(|c| TokenBucket::new(c, now)).map(Mutex::new);
         Self {
@@ -375,13 +375,13 @@ impl RateLimiter {
             bandwidth: bucket(config.bandwidth),
             ops: bucket(config.ops),
             stats: Stats::default(),
-            hooks: Hooks::global(),
+            hooks: Hooks::on(counters),
         }
     }
 
     /// A limiter that lets everything through (still counts).
     pub fn unlimited() -> Self {
-        Self::new(RateLimitConfig::UNLIMITED)
+        Self::new(RateLimitConfig::UNLIMITED, &Default::default())
     }
 
     pub fn config(&self) -> RateLimitConfig {
@@ -714,10 +714,13 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn acquire_holds_the_rate_and_oversized_requests_progress() {
         // 1000 bytes/s, 100 at once.
-        let l = RateLimiter::new(RateLimitConfig {
-            bandwidth: Some(cfg(100, 0, 100)),
-            ops: None,
-        });
+        let l = RateLimiter::new(
+            RateLimitConfig {
+                bandwidth: Some(cfg(100, 0, 100)),
+                ops: None,
+            },
+            &Default::default(),
+        );
         let start = Instant::now();
         for _ in 0..20 {
             l.acquire(TokenKind::Bytes, 50).await;
@@ -742,10 +745,14 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn connections_beyond_the_ops_bucket_are_rejected() {
-        let l = RateLimiter::new(RateLimitConfig {
-            bandwidth: None,
-            ops: Some(DEFAULT_OPS),
-        });
+        let counters = crate::metrics::VmCounters::default();
+        let l = RateLimiter::new(
+            RateLimitConfig {
+                bandwidth: None,
+                ops: Some(DEFAULT_OPS),
+            },
+            &counters,
+        );
         let admitted = (0..150).filter(|_| l.admit_connection()).count();
         assert_eq!(admitted, 100);
         tokio::time::advance(Duration::from_secs(1)).await;
@@ -753,6 +760,10 @@ mod tests {
         assert_eq!(admitted, 50, "50 per second after the burst");
         let s = l.stats();
         assert_eq!((s.ops, s.rejected_connections, s.throttled_ops), (150, 150, 150));
+        // Into the handle it was given, and only that one.
+        assert_eq!(counters.vsock_rejected_connections.get(), 150);
+        assert_eq!(counters.throttled("ops").get(), 150);
+        assert_eq!(crate::metrics::VmCounters::default().throttled("ops").get(), 0);
         assert!(RateLimiter::unlimited().admit_connection());
     }
 
@@ -764,10 +775,13 @@ mod tests {
         write_chunk: usize,
     ) -> (Vec<u8>, Duration, RateLimitStats) {
         let (a, mut b) = tokio::net::UnixStream::pair().expect("pair");
-        let limiter = Arc::new(RateLimiter::new(RateLimitConfig {
-            bandwidth: Some(limit),
-            ops: None,
-        }));
+        let limiter = Arc::new(RateLimiter::new(
+            RateLimitConfig {
+                bandwidth: Some(limit),
+                ops: None,
+            },
+            &Default::default(),
+        ));
         let mut r = RateLimitedStream::new(a, limiter.clone());
         let writer = tokio::spawn(async move {
             for c in data.chunks(write_chunk) {

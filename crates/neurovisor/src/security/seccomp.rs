@@ -75,31 +75,55 @@ struct Spec {
     syscalls: Vec<String>,
     #[serde(default)]
     conditional: Vec<serde_json::Value>,
+    /// Calls answered with ENOSYS (a stacked filter) instead of killing.
+    #[serde(default)]
+    enosys: Vec<String>,
 }
 
-/// The syscall names allowed unconditionally by filter `name`, and its
-/// argument-conditioned rules, with inheritance resolved.
+/// Filter `name` with inheritance resolved.
+#[derive(Debug, Default)]
+struct Resolved {
+    /// Allowed unconditionally.
+    plain: BTreeSet<String>,
+    /// Argument-conditioned rules.
+    cond: Vec<serde_json::Value>,
+    /// Answered with ENOSYS.
+    enosys: BTreeSet<String>,
+}
+
+/// The syscall names allowed unconditionally by filter `name`, its
+/// argument-conditioned rules and its ENOSYS calls, with inheritance resolved.
 fn resolve(
     specs: &BTreeMap<String, Spec>,
     name: &str,
     depth: usize,
 ) -> Result<(BTreeSet<String>, Vec<serde_json::Value>), SeccompError> {
+    resolve_all(specs, name, depth).map(|r| (r.plain, r.cond))
+}
+
+fn resolve_all(specs: &BTreeMap<String, Spec>, name: &str, depth: usize) -> Result<Resolved, SeccompError> {
     let spec = specs
         .get(name)
         .ok_or_else(|| SeccompError::Data(format!("no filter named {name:?}")))?;
     if depth > 8 {
         return Err(SeccompError::Data(format!("inheritance loop at {name:?}")));
     }
-    let mut plain: BTreeSet<String> = spec.syscalls.iter().cloned().collect();
+    let own: BTreeSet<String> = spec.syscalls.iter().cloned().collect();
+    let mut plain = own.clone();
     let mut cond = spec.conditional.clone();
+    let mut enosys: BTreeSet<String> = spec.enosys.iter().cloned().collect();
     for parent in &spec.inherits {
-        let (p, c) = resolve(specs, parent, depth + 1)?;
-        plain.extend(p);
-        cond.extend(c);
+        let r = resolve_all(specs, parent, depth + 1)?;
+        plain.extend(r.plain);
+        cond.extend(r.cond);
+        enosys.extend(r.enosys);
     }
+    // A filter's own list wins over what it inherits as ENOSYS.
+    enosys.retain(|s| !own.contains(s));
+    plain.retain(|s| !enosys.contains(s));
     // An unconditional allow wins over conditioned rules for the same call.
     cond.retain(|r| r["syscall"].as_str().is_none_or(|s| !plain.contains(s)));
-    Ok((plain, cond))
+    Ok(Resolved { plain, cond, enosys })
 }
 
 fn specs() -> Result<BTreeMap<String, Spec>, SeccompError> {
@@ -125,13 +149,33 @@ pub fn allowed(name: &str) -> Result<BTreeSet<String>, SeccompError> {
     Ok(plain)
 }
 
-/// Compiles filter `name` to BPF (default action: kill the process).
+/// Compiles filter `name` to BPF (default action: kill the process). Its
+/// ENOSYS calls pass this filter: [`compile_enosys`] answers them.
 pub fn compile(name: &str) -> Result<BpfProgram, SeccompError> {
-    let (plain, cond) = resolve(&specs()?, name, 0)?;
-    let mut rules: Vec<serde_json::Value> = plain
-        .iter()
-        .map(|s| serde_json::json!({ "syscall": s }))
-        .collect();
+    let r = resolve_all(&specs()?, name, 0)?;
+    build(name, r.plain.iter().chain(&r.enosys), r.cond)
+}
+
+/// Compiles filter `name` for one exec: `execve` is allowed only with
+/// `path` as its pathname pointer (the exec call the caller is about to
+/// make from a fork of this process), so the program cannot exec again.
+pub fn compile_exec_once(name: &str, path: *const u8) -> Result<BpfProgram, SeccompError> {
+    let mut r = resolve_all(&specs()?, name, 0)?;
+    r.plain.remove("execve");
+    r.cond.retain(|c| c["syscall"] != "execve");
+    r.cond.push(serde_json::json!({
+        "syscall": "execve",
+        "args": [{"index": 0, "type": "qword", "op": "eq", "val": path as u64}]
+    }));
+    build(name, r.plain.iter().chain(&r.enosys), r.cond)
+}
+
+fn build<'a>(
+    name: &str,
+    plain: impl Iterator<Item = &'a String>,
+    cond: Vec<serde_json::Value>,
+) -> Result<BpfProgram, SeccompError> {
+    let mut rules: Vec<serde_json::Value> = plain.map(|s| serde_json::json!({ "syscall": s })).collect();
     rules.extend(cond);
     let json = serde_json::json!({
         name: { "mismatch_action": "kill_process", "match_action": "allow", "filter": rules }
@@ -142,21 +186,29 @@ pub fn compile(name: &str) -> Result<BpfProgram, SeccompError> {
         .ok_or_else(|| SeccompError::Compile(format!("{name}: missing from the output")))
 }
 
-/// `clone3` answers ENOSYS (everything else passes), so glibc creates threads
-/// with `clone`, whose flags a filter can check; the role filter allows
-/// `clone3` only for this one to take effect (a stacked ERRNO beats ALLOW).
-fn no_clone3() -> Result<BpfProgram, SeccompError> {
+/// The filter stacked under `name`'s (installed first) that answers its
+/// `enosys` calls with ENOSYS and lets everything else through to it: glibc
+/// falls back from `clone3` to `clone` (whose flags a filter can check),
+/// QEMU from io_uring to epoll. `None` when `name` has none.
+pub fn compile_enosys(name: &str) -> Result<Option<BpfProgram>, SeccompError> {
+    let r = resolve_all(&specs()?, name, 0)?;
+    if r.enosys.is_empty() {
+        return Ok(None);
+    }
+    let label = format!("{name}-enosys");
+    let rules: Vec<_> = r
+        .enosys
+        .iter()
+        .map(|s| serde_json::json!({ "syscall": s }))
+        .collect();
     let json = serde_json::json!({
-        "no_clone3": {
-            "mismatch_action": "allow",
-            "match_action": { "errno": libc::ENOSYS },
-            "filter": [ { "syscall": "clone3" } ]
-        }
+        &label: { "mismatch_action": "allow", "match_action": { "errno": libc::ENOSYS }, "filter": rules }
     });
     let mut map = seccompiler::compile_from_json(json.to_string().as_bytes(), arch())
-        .map_err(|e| SeccompError::Compile(format!("no_clone3: {e}")))?;
-    map.remove("no_clone3")
-        .ok_or_else(|| SeccompError::Compile("no_clone3: missing".into()))
+        .map_err(|e| SeccompError::Compile(format!("{label}: {e}")))?;
+    map.remove(&label)
+        .map(Some)
+        .ok_or_else(|| SeccompError::Compile(format!("{label}: missing")))
 }
 
 fn arch() -> TargetArch {
@@ -173,7 +225,10 @@ pub struct RoleFilters {
     api: BpfProgram,
     vm: BpfProgram,
     guest: BpfProgram,
-    no_clone3: BpfProgram,
+    /// The ENOSYS filters stacked under each role's (see [`compile_enosys`]).
+    api_enosys: Option<BpfProgram>,
+    vm_enosys: Option<BpfProgram>,
+    guest_enosys: Option<BpfProgram>,
     vm_caps: Vec<::caps::Capability>,
 }
 
@@ -185,7 +240,9 @@ impl RoleFilters {
             api: compile("api")?,
             vm: compile(vm_filter)?,
             guest: compile("guest")?,
-            no_clone3: no_clone3()?,
+            api_enosys: compile_enosys("api")?,
+            vm_enosys: compile_enosys(vm_filter)?,
+            guest_enosys: compile_enosys("guest")?,
             vm_caps,
         })
     }
@@ -198,25 +255,58 @@ impl RoleFilters {
                 source,
             })
         };
-        match role {
-            Role::Api => {
-                caps::restrict_thread(&[])?;
-                // First: the api filter forbids installing filters.
-                install(&self.no_clone3)?;
-                install(&self.api)?;
-            }
-            Role::Vm => {
-                caps::restrict_thread(&self.vm_caps)?;
-                install(&self.vm)?;
-            }
-            Role::Guest => {
-                caps::restrict_thread(&[])?;
-                install(&self.no_clone3)?;
-                install(&self.guest)?;
-            }
+        let (caps, enosys, filter) = match role {
+            Role::Api => (&[][..], &self.api_enosys, &self.api),
+            Role::Vm => (&self.vm_caps[..], &self.vm_enosys, &self.vm),
+            Role::Guest => (&[][..], &self.guest_enosys, &self.guest),
+        };
+        caps::restrict_thread(caps)?;
+        // First: the role filters (but vm's) forbid installing filters.
+        if let Some(e) = enosys {
+            install(e)?;
         }
+        install(filter)?;
         Ok(())
     }
+}
+
+/// glibc works out its malloc arena limit the first time a thread needs a
+/// new arena while more than 8 exist, by reading
+/// `/sys/devices/system/cpu/online` — on whichever thread that is. Under
+/// load that can be an `nv-guest` thread, whose filter kills the daemon at
+/// that `openat`. Setting the limit up front (glibc's own default: 8 per
+/// CPU) means glibc never looks.
+fn pin_malloc_arena_limit() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let max = libc::c_int::try_from(8 * cpus).unwrap_or(libc::c_int::MAX);
+        // SAFETY: mallopt only sets a malloc parameter.
+        if unsafe { libc::mallopt(libc::M_ARENA_MAX, max) } != 1 {
+            tracing::warn!("mallopt(M_ARENA_MAX) refused: a confined thread may still read /sys");
+        }
+    }
+}
+
+/// A panic on a confined thread is logged (thread, place, message) without a
+/// backtrace: symbolizing one opens the binary and `/proc`, which the api
+/// and guest filters forbid, so with `RUST_BACKTRACE` set the default hook
+/// would get the whole daemon killed instead of failing one task.
+fn log_panics_without_backtraces() {
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current();
+        let place = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        let what = info
+            .payload()
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| info.payload().downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("(no message)");
+        tracing::error!(thread = thread.name().unwrap_or("?"), "panic at {place}: {what}");
+    }));
 }
 
 static ARMED: OnceLock<Arc<RoleFilters>> = OnceLock::new();
@@ -256,6 +346,8 @@ pub async fn arm(
     deadline: Duration,
 ) -> Result<(), SeccompError> {
     let filters = ARMED.get_or_init(|| Arc::new(filters)).clone();
+    log_panics_without_backtraces();
+    pin_malloc_arena_limit();
     CONFINED.with(|c| c.set(true));
     filters.install(Role::Api)?;
     let until = Instant::now() + deadline;
@@ -312,11 +404,16 @@ pub fn unfiltered_threads() -> Vec<String> {
 
 /// Applies filter `name` to the calling thread (for proofs and tests).
 pub fn apply_to_current_thread(name: &str) -> Result<(), SeccompError> {
-    let prog = compile(name)?;
-    seccompiler::apply_filter(&prog).map_err(|source| SeccompError::Install {
-        role: "custom",
-        source,
-    })
+    let install = |prog: &BpfProgram| {
+        seccompiler::apply_filter(prog).map_err(|source| SeccompError::Install {
+            role: "custom",
+            source,
+        })
+    };
+    if let Some(e) = compile_enosys(name)? {
+        install(&e)?;
+    }
+    install(&compile(name)?)
 }
 
 #[cfg(test)]
@@ -410,6 +507,87 @@ mod tests {
             .find(|r| r["syscall"] == "socket")
             .expect("socket rule");
         assert_eq!(socket["args"][0]["val"], libc::AF_UNIX);
+    }
+
+    /// Forks a child that installs `prog` and execs `/bin/true` through
+    /// `path` (a pointer to that path); returns how the child ended.
+    fn exec_under(prog: &BpfProgram, path: *const libc::c_char) -> nix::sys::wait::WaitStatus {
+        let filter: Vec<libc::sock_filter> = prog
+            .iter()
+            .map(|i| libc::sock_filter {
+                code: i.code,
+                jt: i.jt,
+                jf: i.jf,
+                k: i.k,
+            })
+            .collect();
+        let fprog = libc::sock_fprog {
+            len: filter.len() as libc::c_ushort,
+            filter: filter.as_ptr().cast_mut(),
+        };
+        let argv = [path, std::ptr::null()];
+        let envp: [*const libc::c_char; 1] = [std::ptr::null()];
+        // SAFETY: the child makes raw syscalls on data prepared above only.
+        unsafe {
+            let pid = libc::fork();
+            assert!(pid >= 0, "fork");
+            if pid == 0 {
+                libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+                if libc::prctl(
+                    libc::PR_SET_SECCOMP,
+                    libc::SECCOMP_MODE_FILTER,
+                    &fprog as *const libc::sock_fprog,
+                ) != 0
+                {
+                    libc::_exit(98);
+                }
+                libc::execve(path, argv.as_ptr(), envp.as_ptr());
+                libc::_exit(99);
+            }
+            nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None).expect("waitpid")
+        }
+    }
+
+    #[test]
+    fn an_exec_once_filter_allows_that_exec_and_kills_any_other() {
+        use nix::sys::wait::WaitStatus;
+        let prepared = std::ffi::CString::new("/bin/true").expect("path");
+        // The same text at another address: what a compromised helper would pass.
+        let other = std::ffi::CString::new("/bin/true").expect("path");
+        let prog = compile_exec_once("vhost-device-vsock", prepared.as_ptr().cast()).expect("compile");
+        assert!(
+            matches!(exec_under(&prog, prepared.as_ptr()), WaitStatus::Exited(_, 0)),
+            "the prepared exec must run"
+        );
+        assert!(
+            matches!(
+                exec_under(&prog, other.as_ptr()),
+                WaitStatus::Signaled(_, nix::sys::signal::Signal::SIGSYS, _)
+            ),
+            "any other exec must kill"
+        );
+        assert!(!allowed("vhost-device-vsock").expect("vhost").contains("execve"));
+    }
+
+    #[test]
+    fn enosys_calls_pass_the_role_filter_and_are_answered_by_the_stacked_one() {
+        let vm = resolve_all(&specs().expect("specs"), "vm", 0).expect("vm");
+        for call in [
+            "io_uring_setup",
+            "io_uring_enter",
+            "io_uring_register",
+            "userfaultfd",
+        ] {
+            assert!(vm.enosys.contains(call) && !vm.plain.contains(call), "vm: {call}");
+        }
+        // vm lists clone3 itself (it forks), which beats api's ENOSYS.
+        assert!(vm.plain.contains("clone3") && !vm.enosys.contains("clone3"));
+        let api = resolve_all(&specs().expect("specs"), "api", 0).expect("api");
+        assert!(api.enosys.contains("clone3") && !api.plain.contains("ioctl"));
+        for name in ["api", "vm", "guest", "vm-ebpf"] {
+            assert!(compile_enosys(name).expect("enosys").is_some(), "{name}");
+        }
+        assert!(compile_enosys("vhost-device-vsock").expect("enosys").is_none());
     }
 
     #[test]

@@ -144,7 +144,7 @@ fn report_bpf_lsm() {
 /// VM cgroups protecting host secrets and the daemon's lock, and per-VM
 /// syscall counts. A host that refuses it gets a warning, not a failure.
 #[cfg(feature = "ebpf")]
-fn load_ebpf_guard(dir: &Path, state_dir: &Path) {
+fn load_ebpf_guard(dir: &Path, state_dir: &Path) -> vm_guard::VmGuard {
     use crate::security::ebpf::{EbpfGuard, LsmMode};
     match EbpfGuard::load(LsmMode::IfActive) {
         Ok(mut g) => {
@@ -161,9 +161,12 @@ fn load_ebpf_guard(dir: &Path, state_dir: &Path) {
                 }
             }
             tracing::info!(enforcing = g.lsm_enforcing(), "eBPF guard loaded");
-            vm_guard::install(g);
+            vm_guard::VmGuard::new(g)
         }
-        Err(e) => tracing::warn!("eBPF guard not loaded: {e}"),
+        Err(e) => {
+            tracing::warn!("eBPF guard not loaded: {e}");
+            vm_guard::VmGuard::default()
+        }
     }
 }
 
@@ -507,12 +510,14 @@ pub async fn run(
 
     report_bpf_lsm();
     #[cfg(feature = "ebpf")]
-    load_ebpf_guard(&dir, &cfg.state_dir);
+    let guard = load_ebpf_guard(&dir, &cfg.state_dir);
+    #[cfg(not(feature = "ebpf"))]
+    let guard = vm_guard::VmGuard::default();
     let vm_rt = VmRuntime::new()?;
     let guest_rt = VmRuntime::guest()?;
     if cfg.confine {
         let firecracker = backend.name() == "firecracker";
-        let ebpf = vm_guard::loaded();
+        let ebpf = guard.loaded();
         let filters = seccomp::RoleFilters::new(
             caps::vm_role_caps(firecracker, ebpf),
             if ebpf { "vm-ebpf" } else { "vm" },
@@ -541,6 +546,10 @@ pub async fn run(
     let mut sandbox =
         Sandbox::new(backend, images, dir.clone()).with_guest_io(GuestIo::on(guest_rt.handle()));
     sandbox.rate_limit = cfg.rate_limit;
+    sandbox.hooks = crate::supervisor::VmHooks {
+        counters: metrics.vm_counters(),
+        guard,
+    };
     let pool = Pool::start_on(sandbox, cfg.pool.clone(), metrics.clone(), vm_rt.handle())
         .map_err(DaemonError::Pool)?;
 

@@ -24,6 +24,15 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+/// What the host's VM layer reports to, handed down from whoever owns the
+/// VMs (the daemon: its metrics registry and eBPF guard) in every
+/// [`crate::vmm::VmConfig`]. The default counts unseen and has no guard.
+#[derive(Debug, Clone, Default)]
+pub struct VmHooks {
+    pub counters: crate::metrics::VmCounters,
+    pub guard: crate::security::vm_guard::VmGuard,
+}
+
 /// The lock file in every VM directory.
 pub const OWNER_FILE: &str = "owner.lock";
 
@@ -185,6 +194,7 @@ impl Supervisor {
             ids: None,
             owner: None,
             live: self.live.clone(),
+            hooks: cfg.hooks.clone(),
         };
         c.owner = Some(OwnerLock::take(&dir).map_err(state_err)?);
         if let Some(layout) = &self.cgroups {
@@ -194,7 +204,7 @@ impl Supervisor {
             );
             let cg = crate::security::cgroups::VmCgroup::create(layout, &cfg.id, &limits)
                 .map_err(|e| VmmError::Jail(e.to_string()))?;
-            crate::security::vm_guard::vm_started(&cfg.id, cg.cgroup_v2_id());
+            c.hooks.guard.vm_started(&cfg.id, cg.cgroup_v2_id());
             self.live.insert(&cfg.id, cg.stats());
             c.cgroup = Some(cg);
         }
@@ -216,6 +226,7 @@ pub struct Confinement {
     ids: Option<crate::vmm::jailer::IdLease>,
     owner: Option<OwnerLock>,
     live: LiveVms,
+    hooks: VmHooks,
 }
 
 impl Confinement {
@@ -253,14 +264,21 @@ impl Confinement {
     /// cgroup and removes it (off the async threads), then the directory.
     pub async fn release(&mut self) {
         if let Some(cg) = self.cgroup.take() {
-            self.live.remove(&self.vm_id);
-            crate::security::vm_guard::vm_stopped(&self.vm_id, cg.cgroup_v2_id());
+            self.unregister(&cg);
             let id = self.vm_id.clone();
             if let Ok(Err(e)) = tokio::task::spawn_blocking(move || cg.remove()).await {
                 tracing::warn!(vm = %id, "cgroup: {e}");
             }
         }
         self.remove_dir();
+    }
+
+    /// Takes the VM off the live list and the eBPF guard, counting its syscalls.
+    fn unregister(&self, cg: &crate::security::cgroups::VmCgroup) {
+        self.live.remove(&self.vm_id);
+        if let Some(n) = self.hooks.guard.vm_stopped(&self.vm_id, cg.cgroup_v2_id()) {
+            self.hooks.counters.vmm_syscalls.inc_by(n);
+        }
     }
 
     fn remove_dir(&mut self) {
@@ -278,8 +296,7 @@ impl Confinement {
 impl Drop for Confinement {
     fn drop(&mut self) {
         if let Some(cg) = self.cgroup.take() {
-            self.live.remove(&self.vm_id);
-            crate::security::vm_guard::vm_stopped(&self.vm_id, cg.cgroup_v2_id());
+            self.unregister(&cg);
             drop(cg); // kills what is left in it, removes it
         }
         if self.owner.is_some() {

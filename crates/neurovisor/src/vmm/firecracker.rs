@@ -223,7 +223,8 @@ impl FirecrackerBackend {
             vmm_log: dir.join("vmm.log"),
             dir,
             api: ApiClient::new(layout.host(API_SOCK)).with_log(layout.host(LOG)),
-            vsock: HybridVsock::new(layout.host(VSOCK), cfg.rate_limit).with_guest_io(cfg.guest_io.clone()),
+            vsock: HybridVsock::new(layout.host(VSOCK), cfg.rate_limit, &cfg.hooks.counters)
+                .with_guest_io(cfg.guest_io.clone()),
             layout,
             ready: Readiness::Done,
             process: None,
@@ -740,6 +741,7 @@ mod tests {
             extra_cmdline: vec!["nv.mode=poweroff".into()],
             rate_limit: Default::default(),
             guest_io: Default::default(),
+            hooks: Default::default(),
         };
         let a = FirecrackerBackend::boot_args(&cfg);
         for want in [

@@ -105,6 +105,8 @@ pub struct VmConfig {
     pub rate_limit: RateLimitConfig,
     /// Where the VM's guest bytes are read (the daemon's `nv-guest` runtime).
     pub guest_io: GuestIo,
+    /// The owner's metrics and eBPF guard.
+    pub hooks: crate::supervisor::VmHooks,
 }
 
 impl VmConfig {
@@ -243,6 +245,7 @@ mod tests {
             extra_cmdline: vec!["nv.mode=poweroff".into()],
             rate_limit: RateLimitConfig::default(),
             guest_io: GuestIo::inline(),
+            hooks: Default::default(),
         };
         let c = base_cmdline(&cfg).join(" ");
         assert!(
@@ -315,6 +318,7 @@ mod tests {
             extra_cmdline: vec![],
             rate_limit: RateLimitConfig::default(),
             guest_io: GuestIo::inline(),
+            hooks: Default::default(),
         };
         let vm = Minimal.spawn(&cfg).await.expect("spawn");
         let p = Path::new("/tmp/x");

@@ -54,8 +54,6 @@ pub struct QemuBackend {
     sandbox: bool,
     /// Cgroups, jail uids, owner locks: the same for every backend.
     supervisor: Supervisor,
-    /// The filter vhost-device-vsock gets before exec (jailed only).
-    vhost_filter: Option<Vec<libc::sock_filter>>,
 }
 
 /// Files of one VM inside its state directory.
@@ -127,13 +125,6 @@ impl QemuBackend {
             accel,
             sandbox: !opts.no_sandbox,
             supervisor: Supervisor::new(jail.then(|| IdPool::new(opts.jail_ids))),
-            vhost_filter: if jail {
-                Some(to_libc(
-                    seccomp::compile("vhost-device-vsock").map_err(|e| VmmError::Jail(e.to_string()))?,
-                ))
-            } else {
-                None
-            },
         })
     }
 
@@ -306,7 +297,7 @@ impl QemuBackend {
                 path: root.clone(),
                 source,
             })?;
-        let jail_spec = JailSpec {
+        let mut jail_spec = JailSpec {
             root,
             uid: ids.uid,
             gid: ids.gid,
@@ -314,11 +305,21 @@ impl QemuBackend {
             binds,
             limits: JailLimits::for_vmm(cfg.size.memory_mib()),
             hostname: format!("nv-{}", cfg.id.get(..8).unwrap_or(&cfg.id)),
-            seccomp: if is_vmm { None } else { self.vhost_filter.clone() },
+            seccomp: None,
         };
-        let prepared = jail_spec.prepare().map_err(|e| VmmError::Jail(e.to_string()))?;
         let mut cmd = Command::new(&inside);
         cmd.arg0(format!("{name}:{}", paths.dir.display()));
+        if !is_vmm {
+            // The program's path as std's exec will pass it (`get_program`
+            // is a view of the very C string it hands to execve): the
+            // helper's filter allows that one exec and no other.
+            let path = cmd.as_std().get_program().as_encoded_bytes().as_ptr();
+            jail_spec.seccomp = Some(to_libc(
+                seccomp::compile_exec_once("vhost-device-vsock", path)
+                    .map_err(|e| VmmError::Jail(e.to_string()))?,
+            ));
+        }
+        let prepared = jail_spec.prepare().map_err(|e| VmmError::Jail(e.to_string()))?;
         Ok((cmd, conf.keeper_spec(Some(prepared))))
     }
 }
@@ -392,7 +393,8 @@ impl VmmBackend for QemuBackend {
             })
         };
         let (console, vmm_log) = (log(&paths.console)?, log(&paths.vmm_log)?);
-        let vsock = HybridVsock::new(&paths.vsock, cfg.rate_limit).with_guest_io(cfg.guest_io.clone());
+        let vsock = HybridVsock::new(&paths.vsock, cfg.rate_limit, &cfg.hooks.counters)
+            .with_guest_io(cfg.guest_io.clone());
         let mut vm = QemuVm {
             id: cfg.id.clone(),
             ready: None,
@@ -599,7 +601,6 @@ mod tests {
             },
             sandbox: true,
             supervisor: Supervisor::default(),
-            vhost_filter: None,
         };
         let cfg = VmConfig {
             id: "abc".into(),
@@ -610,6 +611,7 @@ mod tests {
             extra_cmdline: vec![],
             rate_limit: Default::default(),
             guest_io: Default::default(),
+            hooks: Default::default(),
         };
         let a = backend
             .qemu_args(&cfg, &VmPaths::new(cfg.vm_dir()), &cfg.kernel, &cfg.rootfs)

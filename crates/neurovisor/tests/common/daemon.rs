@@ -215,6 +215,15 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
+            if std::thread::panicking() {
+                // A failed test: how the daemon ended (a seccomp kill is
+                // signal 31) and what it logged.
+                eprintln!(
+                    "daemon status: {:?}\ndaemon log:\n{}",
+                    c.try_wait(),
+                    self.log.lock().map(|l| l.clone()).unwrap_or_default()
+                );
+            }
             let _ = c.kill();
             let _ = c.wait();
         }
