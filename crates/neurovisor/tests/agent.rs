@@ -1163,3 +1163,64 @@ async fn grpc_run_task_streams_the_session_through_the_daemon() {
     let code = tokio::task::spawn_blocking(move || d.stop()).await.expect("join");
     assert_eq!(code, Some(0));
 }
+
+/// A RunTask client that reads nothing cannot make the daemon queue its
+/// session's events without bound: past `MAX_QUEUED_EVENT_BYTES` the session
+/// is cancelled and the stream ends with RESOURCE_EXHAUSTED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_task_client_that_never_reads_loses_its_session() {
+    // ~6 MiB of answer text, streamed in 3 KiB deltas.
+    let word = format!("{} ", "w".repeat(1023));
+    let text = word.repeat(6 * 1024);
+    let llm = TestLlm::start(vec![ollama_turn(&text, &[])]).await;
+    let d = tokio::task::spawn_blocking({
+        let url = llm.url.clone();
+        move || start_daemon(&url)
+    })
+    .await
+    .expect("join");
+    // HTTP/2 windows of 64 KiB: what the client's side would otherwise take
+    // in (hyper's defaults are MiBs) stays queued in the daemon.
+    let socket = d.socket.clone();
+    let channel = tonic::transport::Endpoint::from_static("http://localhost")
+        .initial_stream_window_size(65_535)
+        .initial_connection_window_size(65_535)
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let socket = socket.clone();
+            async move {
+                let s = tokio::net::UnixStream::connect(&socket).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+            }
+        }))
+        .await
+        .expect("connect");
+    let mut client = AgentClient::new(channel);
+    let resp = client
+        .run_task(RunTaskRequest {
+            task: "Say a lot".into(),
+            max_iterations: 2,
+            ..Default::default()
+        })
+        .await
+        .expect("RunTask");
+    // Read nothing while the model streams everything.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let mut stream = resp.into_inner();
+    let mut bytes = 0usize;
+    let err = loop {
+        match stream.message().await {
+            Ok(Some(ev)) => bytes += prost::Message::encoded_len(&ev),
+            Ok(None) => panic!("the stream ended without an error after {bytes} bytes"),
+            Err(s) => break s,
+        }
+    };
+    println!("never-reading client: {bytes} bytes of events, then {err:?}");
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("read the stream"), "{}", err.message());
+    assert!(
+        bytes <= neurovisor::server::agent::MAX_QUEUED_EVENT_BYTES + (512 << 10),
+        "{bytes} bytes queued for a client that read nothing"
+    );
+    let code = tokio::task::spawn_blocking(move || d.stop()).await.expect("join");
+    assert_eq!(code, Some(0));
+}

@@ -270,13 +270,18 @@ impl RoleFilters {
     }
 }
 
-/// glibc works out its malloc arena limit the first time a thread needs a
-/// new arena while more than 8 exist, by reading
-/// `/sys/devices/system/cpu/online` — on whichever thread that is. Under
-/// load that can be an `nv-guest` thread, whose filter kills the daemon at
-/// that `openat`. Setting the limit up front (glibc's own default: 8 per
-/// CPU) means glibc never looks.
-fn pin_malloc_arena_limit() {
+/// glibc's malloc reads two files lazily, once per process, on whichever
+/// thread gets there first — under load that can be an `nv-guest` thread,
+/// whose filter kills the daemon at the `openat` (seen in CI, `dmesg`:
+/// `comm="nv-guest" syscall=257`, from `__open64_nocancel`):
+/// - `/sys/devices/system/cpu/online`, for the arena limit, when a thread
+///   needs a new arena while more than 8 exist: set the limit up front
+///   (glibc's own default, 8 per CPU), so glibc never looks;
+/// - `/proc/sys/vm/overcommit_memory`, the first time a thread arena's heap
+///   shrinks (`check_may_shrink_heap`): make one shrink now, on a fresh
+///   thread (which gets an arena of its own), while files may still be
+///   opened.
+fn settle_glibc_lazy_reads() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -284,6 +289,20 @@ fn pin_malloc_arena_limit() {
         // SAFETY: mallopt only sets a malloc parameter.
         if unsafe { libc::mallopt(libc::M_ARENA_MAX, max) } != 1 {
             tracing::warn!("mallopt(M_ARENA_MAX) refused: a confined thread may still read /sys");
+        }
+        let shrink = std::thread::Builder::new()
+            .name("nv-malloc-warm".into())
+            .spawn(|| {
+                // 8 MiB in blocks under the mmap threshold grow the thread
+                // arena's heap; freeing them from the top shrinks it.
+                let blocks: Vec<Vec<u8>> = (0..128).map(|_| vec![1u8; 64 << 10]).collect();
+                for b in blocks.into_iter().rev() {
+                    std::hint::black_box(&b);
+                    drop(b);
+                }
+            });
+        if let Ok(t) = shrink {
+            let _ = t.join();
         }
     }
 }
@@ -347,7 +366,7 @@ pub async fn arm(
 ) -> Result<(), SeccompError> {
     let filters = ARMED.get_or_init(|| Arc::new(filters)).clone();
     log_panics_without_backtraces();
-    pin_malloc_arena_limit();
+    settle_glibc_lazy_reads();
     CONFINED.with(|c| c.set(true));
     filters.install(Role::Api)?;
     let until = Instant::now() + deadline;

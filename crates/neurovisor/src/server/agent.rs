@@ -2,8 +2,13 @@
 //! Ollama's (the daemon's `--ollama-host`); every `execute_code` gets a fresh
 //! VM from the pool. The session's events stream to the client as they happen.
 
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use futures_util::{Stream, StreamExt};
+use prost::Message as _;
 
 use neurovisor_proto::v1::agent_event::Event;
 use neurovisor_proto::v1::agent_server::Agent as AgentApi;
@@ -24,6 +29,12 @@ use crate::exec::MAX_TIMEOUT;
 use crate::llm::{LlmError, OllamaClient};
 use crate::metrics::Metrics;
 use crate::pool::Pool;
+
+/// Event bytes a session may have queued that its client has not taken: a
+/// client reading along never comes near it (a whole task's events are
+/// usually a few KiB); past it the client is not reading, and the session
+/// is cancelled (its VM destroyed) instead of buffering without bound.
+pub const MAX_QUEUED_EVENT_BYTES: usize = 4 << 20;
 
 /// Tasks longer than this are refused (they go into every LLM request).
 pub const MAX_TASK_BYTES: usize = 64 << 10;
@@ -142,7 +153,7 @@ fn llm_status(e: &LlmError) -> Status {
 
 #[tonic::async_trait]
 impl AgentApi for AgentService {
-    type RunTaskStream = UnboundedReceiverStream<Result<PbEvent, Status>>;
+    type RunTaskStream = Pin<Box<dyn Stream<Item = Result<PbEvent, Status>> + Send>>;
 
     async fn run_task(
         &self,
@@ -196,35 +207,58 @@ impl AgentApi for AgentService {
         let llm = Arc::new(OllamaClient::new(&self.ollama_host).with_model(&model));
         let controller = AgentController::new(llm, Arc::new(PoolExecutor::new(self.pool.clone())), cfg)
             .with_metrics(self.metrics.clone());
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::unbounded_channel::<(Result<PbEvent, Status>, usize)>();
+        // Bytes sent but not yet taken by tonic (whose own buffers HTTP/2
+        // flow control bounds).
+        let queued = Arc::new(AtomicUsize::new(0));
+        let overflow = Arc::new(tokio::sync::Notify::new());
         let metrics = self.metrics.clone();
         let task = r.task;
         let session_trace = trace_id.clone();
+        let (q, over) = (queued.clone(), overflow.clone());
         tokio::spawn(async move {
             metrics.requests_in_flight.inc();
             let events = tx.clone();
             let mut sink = |ev: &AgentEvent| {
-                let _ = events.send(Ok(to_proto(ev)));
+                let pb = to_proto(ev);
+                let n = pb.encoded_len();
+                if q.fetch_add(n, Ordering::SeqCst) + n > MAX_QUEUED_EVENT_BYTES {
+                    over.notify_one();
+                    return;
+                }
+                let _ = events.send((Ok(pb), n));
             };
             let report = tokio::select! {
                 r = controller.run(&task, Some(session_trace), &mut sink) => Some(r),
                 // The client went away: dropping the session destroys its VM.
                 _ = tx.closed() => None,
+                _ = over.notified() => {
+                    tracing::warn!("agent client reads nothing; session cancelled");
+                    let _ = tx.send((
+                        Err(Status::resource_exhausted(format!(
+                            "the client took none of {} MiB of events: session cancelled; read the stream as it arrives",
+                            MAX_QUEUED_EVENT_BYTES >> 20
+                        ))),
+                        0,
+                    ));
+                    None
+                }
             };
             metrics.requests_in_flight.dec();
             match report {
                 Some(report) => {
                     if let AgentOutcome::Failed(AgentError::Llm(e)) = &report.outcome {
-                        let _ = tx.send(Err(llm_status(e)));
+                        let _ = tx.send((Err(llm_status(e)), 0));
                     }
                     metrics.observe_grpc("RunTask", started);
                 }
-                None => tracing::info!("agent client disconnected; session cancelled"),
+                None => tracing::info!("agent session ended early (client gone or not reading)"),
             }
         });
-        Ok(with_trace_id(
-            Response::new(UnboundedReceiverStream::new(rx)),
-            &trace_id,
-        ))
+        let stream = UnboundedReceiverStream::new(rx).map(move |(ev, n)| {
+            queued.fetch_sub(n, Ordering::SeqCst);
+            ev
+        });
+        Ok(with_trace_id(Response::new(Box::pin(stream)), &trace_id))
     }
 }
