@@ -144,86 +144,78 @@ fn main() {
         },
     }
     // Argument conditions: the api role may not open other socket families
-    // (AF_ALG: the kernel's crypto API, an attack surface it never needs).
-    // SAFETY: as above.
-    match unsafe { fork() }.expect("fork") {
-        ForkResult::Child => {
-            if seccomp::apply_to_current_thread("api").is_err() {
-                unsafe { libc::_exit(3) };
-            }
-            unsafe { libc::socket(libc::AF_ALG, libc::SOCK_SEQPACKET, 0) };
-            unsafe { libc::_exit(0) };
+    // (AF_ALG: the kernel's crypto API, an attack surface it never needs),
+    // nor make ioctls beyond the terminal/descriptor ones std and tokio use;
+    // under the vm role io_uring answers ENOSYS (QEMU probes it).
+    let killed = |s: &WaitStatus| matches!(s, WaitStatus::Signaled(_, nix::sys::signal::Signal::SIGSYS, _));
+    let exited_0 = |s: &WaitStatus| matches!(s, WaitStatus::Exited(_, 0));
+    type Check = (&'static str, &'static str, fn() -> i32, fn(&WaitStatus) -> bool);
+    let checks: [Check; 4] = [
+        (
+            "api",
+            "killed by SIGSYS at socket(AF_ALG)",
+            || unsafe {
+                libc::socket(libc::AF_ALG, libc::SOCK_SEQPACKET, 0);
+                0
+            },
+            killed,
+        ),
+        (
+            "api",
+            "ioctl(TCGETS) (isatty) works",
+            || unsafe {
+                let mut t: libc::termios = std::mem::zeroed();
+                // fd 0 need not be a terminal: any answer but a kill is fine.
+                libc::ioctl(0, libc::TCGETS, &mut t);
+                0
+            },
+            exited_0,
+        ),
+        (
+            "api",
+            "killed by SIGSYS at ioctl(TIOCSTI)",
+            || unsafe {
+                let c: libc::c_char = b'x' as libc::c_char;
+                libc::ioctl(0, libc::TIOCSTI, &c);
+                0
+            },
+            killed,
+        ),
+        (
+            "vm",
+            "io_uring_setup answers ENOSYS",
+            || unsafe {
+                let mut params = [0u8; 120];
+                let r = libc::syscall(libc::SYS_io_uring_setup, 4, params.as_mut_ptr());
+                let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+                i32::from(!(r < 0 && errno == libc::ENOSYS))
+            },
+            exited_0,
+        ),
+    ];
+    for (role, what, call, expected) in checks {
+        let status = in_filter(role, call);
+        if expected(&status) {
+            println!("PASS: {role} role: {what}");
+        } else {
+            println!("FAIL: {role} role: expected \"{what}\", got {status:?}");
+            std::process::exit(1);
         }
-        ForkResult::Parent { child } => match waitpid(child, None).expect("wait") {
-            WaitStatus::Signaled(_, sig, _) if sig == nix::sys::signal::Signal::SIGSYS => {
-                println!("PASS: api role: killed by {sig:?} at socket(AF_ALG)");
-            }
-            other => {
-                println!("FAIL: api role: socket(AF_ALG) ended with {other:?}, not SIGSYS");
-                std::process::exit(1);
-            }
-        },
     }
-    // ioctl: only the terminal/descriptor requests std and tokio make.
-    // SAFETY: as above.
+}
+
+/// Forks a child under filter `name` (with its ENOSYS filter) that runs
+/// `call` and exits with its result; returns how the child ended.
+fn in_filter(name: &str, call: fn() -> i32) -> WaitStatus {
+    // SAFETY: single-threaded here; the child makes raw syscalls and exits.
     match unsafe { fork() }.expect("fork") {
         ForkResult::Child => {
-            if seccomp::apply_to_current_thread("api").is_err() {
+            if seccomp::apply_to_current_thread(name).is_err() {
                 unsafe { libc::_exit(3) };
             }
-            let mut t: libc::termios = unsafe { std::mem::zeroed() };
-            unsafe { libc::ioctl(0, libc::TCGETS, &mut t) };
-            unsafe { libc::_exit(0) };
+            let code = call();
+            unsafe { libc::_exit(code) };
         }
-        ForkResult::Parent { child } => match waitpid(child, None).expect("wait") {
-            WaitStatus::Exited(_, 0) => println!("PASS: api role: ioctl(TCGETS) (isatty) works"),
-            other => {
-                println!("FAIL: api role: ioctl(TCGETS) ended with {other:?}");
-                std::process::exit(1);
-            }
-        },
-    }
-    // SAFETY: as above.
-    match unsafe { fork() }.expect("fork") {
-        ForkResult::Child => {
-            if seccomp::apply_to_current_thread("api").is_err() {
-                unsafe { libc::_exit(3) };
-            }
-            let mut t: libc::termios = unsafe { std::mem::zeroed() };
-            // Allowed (isatty); fd 0 need not be a terminal: any answer is fine.
-            unsafe { libc::ioctl(0, libc::TCGETS, &mut t) };
-            let c: libc::c_char = b'x' as libc::c_char;
-            unsafe { libc::ioctl(0, libc::TIOCSTI, &c) };
-            unsafe { libc::_exit(0) };
-        }
-        ForkResult::Parent { child } => match waitpid(child, None).expect("wait") {
-            WaitStatus::Signaled(_, sig, _) if sig == nix::sys::signal::Signal::SIGSYS => {
-                println!("PASS: api role: killed by {sig:?} at ioctl(TIOCSTI)");
-            }
-            other => {
-                println!("FAIL: api role: ioctl(TIOCSTI) ended with {other:?}, not SIGSYS");
-                std::process::exit(1);
-            }
-        },
-    }
-    // io_uring under the vm role: ENOSYS, not a kill (QEMU probes it).
-    // SAFETY: as above.
-    match unsafe { fork() }.expect("fork") {
-        ForkResult::Child => {
-            if seccomp::apply_to_current_thread("vm").is_err() {
-                unsafe { libc::_exit(3) };
-            }
-            let mut params = [0u8; 120];
-            let r = unsafe { libc::syscall(libc::SYS_io_uring_setup, 4, params.as_mut_ptr()) };
-            let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
-            unsafe { libc::_exit(if r < 0 && errno == libc::ENOSYS { 0 } else { 1 }) };
-        }
-        ForkResult::Parent { child } => match waitpid(child, None).expect("wait") {
-            WaitStatus::Exited(_, 0) => println!("PASS: vm role: io_uring_setup answers ENOSYS"),
-            other => {
-                println!("FAIL: vm role: io_uring_setup ended with {other:?}, not ENOSYS");
-                std::process::exit(1);
-            }
-        },
+        ForkResult::Parent { child } => waitpid(child, None).expect("wait"),
     }
 }
