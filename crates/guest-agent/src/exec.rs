@@ -18,11 +18,12 @@ use neurovisor_proto::guest::{execute_event::Event, ExecuteEvent, ExecuteRequest
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::{chown, Gid, Pid, Uid};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::process::Command;
+use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 use tonic::Status;
 
 use crate::languages::{recipe, Language, Recipe};
+use crate::warm::WarmSet;
 
 pub const DEFAULT_TIMEOUT_MS: u32 = 30_000;
 pub const DEFAULT_MAX_OUTPUT: u64 = 1 << 20;
@@ -39,18 +40,37 @@ const SANDBOX_HOME: &str = "/home/sandbox";
 
 pub type EventTx = mpsc::Sender<Result<ExecuteEvent, Status>>;
 
+/// The rlimits a program runs under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_processes: u32,
+    pub max_file_size: u64,
+    pub max_open_files: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_processes: DEFAULT_MAX_PROCESSES,
+            max_file_size: DEFAULT_MAX_FILE_SIZE,
+            max_open_files: DEFAULT_MAX_OPEN_FILES,
+        }
+    }
+}
+
 /// A validated request, ready to run.
 #[derive(Debug)]
 pub struct Plan {
+    pub language: String,
     recipe: Recipe,
     code: String,
+    /// The program's own arguments (after the source file).
+    pub args: Vec<String>,
     stdin: Bytes,
-    env: HashMap<String, String>,
+    pub env: HashMap<String, String>,
     timeout: Duration,
     max_output: u64,
-    max_processes: u32,
-    max_file_size: u64,
-    max_open_files: u32,
+    pub limits: Limits,
 }
 
 fn nonzero<T: Default + PartialEq>(v: T, default: T) -> T {
@@ -99,19 +119,23 @@ pub fn plan(req: ExecuteRequest, available: &[Language]) -> Result<Plan, String>
         env.insert("NEUROVISOR_TRACE_ID".to_string(), req.trace_id);
     }
     Ok(Plan {
+        language: req.language,
         recipe,
         code: req.code,
+        args: req.args,
         stdin: req.stdin,
         env,
         timeout: Duration::from_millis(u64::from(nonzero(req.timeout_ms, DEFAULT_TIMEOUT_MS))),
         max_output: nonzero(limits.max_output_bytes, DEFAULT_MAX_OUTPUT),
-        max_processes: nonzero(limits.max_processes, DEFAULT_MAX_PROCESSES),
-        max_file_size: nonzero(limits.max_file_size_bytes, DEFAULT_MAX_FILE_SIZE),
-        max_open_files: nonzero(limits.max_open_files, DEFAULT_MAX_OPEN_FILES),
+        limits: Limits {
+            max_processes: nonzero(limits.max_processes, DEFAULT_MAX_PROCESSES),
+            max_file_size: nonzero(limits.max_file_size_bytes, DEFAULT_MAX_FILE_SIZE),
+            max_open_files: nonzero(limits.max_open_files, DEFAULT_MAX_OPEN_FILES),
+        },
     })
 }
 
-fn base_env() -> Vec<(&'static str, String)> {
+pub(crate) fn base_env() -> Vec<(&'static str, String)> {
     vec![
         ("PATH", "/usr/local/bin:/usr/bin:/bin".into()),
         ("HOME", SANDBOX_HOME.into()),
@@ -133,22 +157,29 @@ fn internal(what: &str) -> impl FnOnce(std::io::Error) -> Status + '_ {
     move |e| Status::internal(format!("{what}: {e}"))
 }
 
-fn prepare_workdir(plan: &Plan) -> Result<PathBuf, Status> {
+fn chown_to_sandbox(p: &std::path::Path) -> std::io::Result<()> {
+    chown(
+        p,
+        Some(Uid::from_raw(SANDBOX_UID)),
+        Some(Gid::from_raw(SANDBOX_GID)),
+    )
+    .map_err(|e| std::io::Error::other(format!("chown {}: {e}", p.display())))
+}
+
+/// A fresh working directory of the sandbox user (0700).
+pub(crate) fn create_workdir() -> std::io::Result<PathBuf> {
     let dir = PathBuf::from(format!("/tmp/run-{}", NEXT_RUN.fetch_add(1, Ordering::Relaxed)));
-    std::fs::create_dir_all(&dir).map_err(internal("create the working directory"))?;
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
-        .map_err(internal("chmod workdir"))?;
-    let file = dir.join(plan.recipe.file);
-    std::fs::write(&file, &plan.code).map_err(internal("write the source file"))?;
-    for p in [&dir, &file] {
-        chown(
-            p,
-            Some(Uid::from_raw(SANDBOX_UID)),
-            Some(Gid::from_raw(SANDBOX_GID)),
-        )
-        .map_err(|e| Status::internal(format!("chown {}: {e}", p.display())))?;
-    }
+    std::fs::create_dir_all(&dir)?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+    chown_to_sandbox(&dir)?;
     Ok(dir)
+}
+
+/// Writes the program's source file into `dir`, owned by the sandbox user.
+pub(crate) fn write_source(dir: &std::path::Path, plan: &Plan) -> std::io::Result<()> {
+    let file = dir.join(plan.recipe.file);
+    std::fs::write(&file, &plan.code)?;
+    chown_to_sandbox(&file)
 }
 
 fn oom_kills() -> u64 {
@@ -239,30 +270,33 @@ fn kill_group(pgid: Option<u32>) {
     }
 }
 
-/// Runs a validated plan, sending output chunks and then one final exit event.
-pub async fn run(plan: Plan, tx: EventTx) -> Result<(), Status> {
-    let dir = prepare_workdir(&plan)?;
-    let mut cmd = Command::new(plan.recipe.program);
-    cmd.args(&plan.recipe.argv)
-        .current_dir(&dir)
-        .env_clear()
-        .envs(base_env())
-        .envs(&plan.env)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
+/// Sets what every program's process does before it runs, whether started
+/// for a request or ahead of one ([`crate::warm`]): preferred OOM victim,
+/// own session, rlimits, the sandbox user; `control` becomes fd 3.
+pub(crate) fn confine_child(cmd: &mut Command, limits: Limits, control: Option<std::os::fd::RawFd>) {
     let (nproc, fsize, nofile) = (
-        u64::from(plan.max_processes),
-        plan.max_file_size,
-        u64::from(plan.max_open_files),
+        u64::from(limits.max_processes),
+        limits.max_file_size,
+        u64::from(limits.max_open_files),
     );
     // Order matters: OOM score and hard rlimits are set while still root, then
     // the privilege drop. SAFETY: the closure only makes async-signal-safe
-    // syscalls (open/write/close, setsid, setrlimit, setgroups, setgid, setuid).
+    // syscalls (open/write/close, dup2, setsid, setrlimit, setgroups, setgid, setuid).
     unsafe {
         cmd.pre_exec(move || {
             make_preferred_oom_victim();
+            if let Some(fd) = control {
+                // dup2 leaves the copy without O_CLOEXEC, so it survives exec;
+                // a pipe that already is fd 3 has to lose the flag itself.
+                let ok = if fd == 3 {
+                    libc::fcntl(3, libc::F_SETFD, 0) == 0
+                } else {
+                    libc::dup2(fd, 3) == 3
+                };
+                if !ok {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
             }
@@ -273,12 +307,41 @@ pub async fn run(plan: Plan, tx: EventTx) -> Result<(), Status> {
             drop_privileges()
         });
     }
+}
 
-    let oom_before = oom_kills();
-    let started = Instant::now();
-    let mut child = cmd
+/// Starts the program: hands it to a warm interpreter when one fits, else
+/// starts it fresh. Returns the child and whether it was warm.
+fn start(plan: &Plan, warm: &WarmSet) -> Result<(Child, bool), Status> {
+    if let Some(w) = warm.take(plan) {
+        let child = w
+            .start(plan)
+            .map_err(internal("hand the code to the warm interpreter"))?;
+        return Ok((child, true));
+    }
+    let dir = create_workdir().map_err(internal("create the working directory"))?;
+    write_source(&dir, plan).map_err(internal("write the source file"))?;
+    let mut cmd = Command::new(plan.recipe.program);
+    cmd.args(&plan.recipe.argv)
+        .current_dir(&dir)
+        .env_clear()
+        .envs(base_env())
+        .envs(&plan.env)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    confine_child(&mut cmd, plan.limits, None);
+    let child = cmd
         .spawn()
         .map_err(|e| Status::internal(format!("start {}: {e}", plan.recipe.program)))?;
+    Ok((child, false))
+}
+
+/// Runs a validated plan, sending output chunks and then one final exit event.
+pub async fn run(plan: Plan, tx: EventTx, warm: &WarmSet) -> Result<(), Status> {
+    let oom_before = oom_kills();
+    let started = Instant::now();
+    let (mut child, warm_interpreter) = start(&plan, warm)?;
     let pgid = child.id();
 
     if let Some(mut stdin) = child.stdin.take() {
@@ -351,6 +414,7 @@ pub async fn run(plan: Plan, tx: EventTx) -> Result<(), Status> {
         stderr_truncated: err_trunc,
         stdout_bytes: out_bytes,
         stderr_bytes: err_bytes,
+        warm_interpreter,
     };
     let _ = tx
         .send(Ok(ExecuteEvent {

@@ -59,6 +59,8 @@ pub struct BootParams {
     /// `nv.shutdown=poweroff|reboot`: how to stop the VM. QEMU (with `-no-reboot`)
     /// and Firecracker both exit on a reboot, so that is the default.
     pub shutdown_with_poweroff: bool,
+    /// `nv.warm=python,javascript`: interpreters to start ahead of requests.
+    pub warm: Vec<String>,
 }
 
 impl Default for BootParams {
@@ -68,6 +70,7 @@ impl Default for BootParams {
             scratch_mb: 256,
             log: "warn".to_string(),
             shutdown_with_poweroff: false,
+            warm: Vec::new(),
         }
     }
 }
@@ -90,6 +93,13 @@ impl BootParams {
                 }
                 "nv.log" => p.log = v.to_string(),
                 "nv.shutdown" => p.shutdown_with_poweroff = v == "poweroff",
+                "nv.warm" => {
+                    p.warm = v
+                        .split(',')
+                        .filter(|l| !l.is_empty())
+                        .map(str::to_string)
+                        .collect()
+                }
                 _ => {}
             }
         }

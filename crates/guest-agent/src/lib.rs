@@ -11,6 +11,7 @@ mod languages;
 #[cfg(feature = "misbehave")]
 mod misbehave;
 mod server;
+mod warm;
 
 use nix::unistd::{fork, ForkResult};
 
@@ -24,7 +25,7 @@ fn start_logging(level: &str) {
         .init();
 }
 
-fn run_server() -> i32 {
+fn run_server(warm: Vec<String>) -> i32 {
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -36,7 +37,7 @@ fn run_server() -> i32 {
             return 1;
         }
     };
-    match rt.block_on(server::serve()) {
+    match rt.block_on(server::serve(warm)) {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("neurovisor-agent: {e}");
@@ -53,7 +54,13 @@ pub fn main() {
     }
     if std::process::id() != 1 {
         start_logging(&std::env::var("NV_LOG").unwrap_or_else(|_| "info".into()));
-        std::process::exit(run_server());
+        let warm = std::env::var("NV_WARM").unwrap_or_default();
+        let warm = warm
+            .split(',')
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect();
+        std::process::exit(run_server(warm));
     }
     let params = init::read_boot_params();
     if params.poweroff_only {
@@ -66,7 +73,7 @@ pub fn main() {
     }
     // SAFETY: no threads exist yet (the runtime is created in the child).
     match unsafe { fork() } {
-        Ok(ForkResult::Child) => std::process::exit(run_server()),
+        Ok(ForkResult::Child) => std::process::exit(run_server(params.warm.clone())),
         Ok(ForkResult::Parent { child }) => {
             init::reap_until(child);
             init::shutdown(&params);

@@ -13,9 +13,11 @@ use tonic::{Request, Response, Status};
 
 use crate::exec;
 use crate::languages::{self, Language};
+use crate::warm::WarmSet;
 
 pub struct Agent {
     languages: Arc<Vec<Language>>,
+    warm: Arc<WarmSet>,
 }
 
 #[tonic::async_trait]
@@ -32,8 +34,9 @@ impl ExecutionService for Agent {
         }
         let plan = exec::plan(request.into_inner(), &self.languages).map_err(Status::invalid_argument)?;
         let (tx, rx) = mpsc::channel(64);
+        let warm = self.warm.clone();
         tokio::spawn(async move {
-            if let Err(status) = exec::run(plan, tx.clone()).await {
+            if let Err(status) = exec::run(plan, tx.clone(), &warm).await {
                 let _ = tx.send(Err(status)).await;
             }
         });
@@ -73,11 +76,13 @@ async fn announce_ready() -> std::io::Result<()> {
     AsyncWriteExt::shutdown(&mut s).await
 }
 
-pub async fn serve() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+pub async fn serve(warm_languages: Vec<String>) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let listener = VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, GUEST_AGENT_PORT))?;
     let agent = Agent {
         languages: Arc::new(languages::load()),
+        warm: Arc::new(WarmSet::default()),
     };
+    let (warm, installed) = (agent.warm.clone(), agent.languages.clone());
     tracing::info!(languages = ?agent.languages, "serving on vsock port {GUEST_AGENT_PORT}");
     let server = tonic::transport::Server::builder()
         // Every request the host's validation lets through must decode here.
@@ -86,10 +91,12 @@ pub async fn serve() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
                 .max_decoding_message_size(neurovisor_proto::limits::MAX_REQUEST_BYTES),
         )
         .serve_with_incoming(listener.incoming());
-    tokio::spawn(async {
+    tokio::spawn(async move {
         if let Err(e) = announce_ready().await {
             tracing::warn!("could not announce readiness to the host: {e}");
         }
+        // After readiness, so that starting them never delays a boot.
+        warm.start(&warm_languages, &installed);
     });
     server.await?;
     Ok(())

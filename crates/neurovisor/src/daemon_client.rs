@@ -393,6 +393,7 @@ impl DaemonClient {
                             stdout_bytes: r.stdout_bytes,
                             stderr_bytes: r.stderr_bytes,
                             duration_ms: r.duration_us as f64 / 1000.0,
+                            warm_interpreter: r.warm_interpreter,
                             ..Default::default()
                         },
                         wait_ms: r.wait_us as f64 / 1000.0,

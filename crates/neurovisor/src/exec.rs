@@ -395,6 +395,9 @@ pub struct ExecOutcome {
     pub execute_ms: f64,
     /// Everything, boot and teardown included.
     pub total_ms: f64,
+    /// The program ran in an interpreter started before the request (false:
+    /// one started for it; see the guest agent's `warm.rs`).
+    pub warm_interpreter: bool,
 }
 
 impl ExecOutcome {
@@ -428,7 +431,15 @@ pub struct Sandbox {
     guest_io: GuestIo,
     /// The owner's metrics and eBPF guard, handed to every VM.
     pub hooks: crate::supervisor::VmHooks,
+    /// Languages whose interpreter each VM starts ahead of its request
+    /// (`nv.warm=`; the guest skips those it cannot). [`Sandbox::run`]
+    /// starts only the request's language, if it is one of them.
+    pub warm_languages: Vec<String>,
 }
+
+/// What the daemon's VMs start ahead by default: the interpreter whose
+/// start-up dominates short executions.
+pub const DEFAULT_WARM_LANGUAGES: &[&str] = &["python"];
 
 impl Sandbox {
     pub fn new(backend: Arc<dyn VmmBackend>, images: ImageSet, state_dir: PathBuf) -> Self {
@@ -441,6 +452,7 @@ impl Sandbox {
             fault: BootFault::default(),
             guest_io: GuestIo::inline(),
             hooks: Default::default(),
+            warm_languages: DEFAULT_WARM_LANGUAGES.iter().map(|l| l.to_string()).collect(),
         }
     }
 
@@ -510,10 +522,15 @@ impl Sandbox {
     /// Boots a fresh VM and waits until its agent answers Health; a boot that
     /// stalls or dies is retried on a fresh VM (up to the budget's `retries`).
     pub async fn boot(&self, size: VmSize) -> Result<ReadyVm, ExecError> {
+        self.boot_warm(size, &self.warm_languages).await
+    }
+
+    /// [`Sandbox::boot`] with its own warm languages.
+    pub async fn boot_warm(&self, size: VmSize, warm: &[String]) -> Result<ReadyVm, ExecError> {
         let retries = self.boot_stats.config().retries;
         let mut attempt = 0;
         loop {
-            match self.boot_attempt(size, attempt).await {
+            match self.boot_attempt_warm(size, attempt, warm).await {
                 Ok(vm) => return Ok(vm),
                 Err(e) if e.is_retryable_boot_failure() && attempt < retries => {
                     let vm_id = match &e {
@@ -540,11 +557,24 @@ impl Sandbox {
 
     /// One boot attempt (`attempt` 0 is the first) under its stall budget.
     pub async fn boot_attempt(&self, size: VmSize, attempt: u32) -> Result<ReadyVm, ExecError> {
+        self.boot_attempt_warm(size, attempt, &self.warm_languages).await
+    }
+
+    async fn boot_attempt_warm(
+        &self,
+        size: VmSize,
+        attempt: u32,
+        warm: &[String],
+    ) -> Result<ReadyVm, ExecError> {
         let key = self.boot_key(size);
         let budget = self.boot_stats.budget(&key, attempt);
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + budget.timeout;
-        let cfg = self.vm_config(size, self.fault.take());
+        let mut extra = self.fault.take();
+        if !warm.is_empty() {
+            extra.push(format!("nv.warm={}", warm.join(",")));
+        }
+        let cfg = self.vm_config(size, extra);
         let mut vm = self.backend.spawn(&cfg).await?;
         let stalled = |vm: &dyn Vm, console_tail: String| {
             self.stalled(vm.id(), &key, started.elapsed(), &budget, console_tail)
@@ -640,7 +670,14 @@ impl Sandbox {
     ) -> Result<ExecOutcome, ExecError> {
         req.validate(&self.images)?;
         let started = Instant::now();
-        let mut vm = self.boot(size).await?;
+        // One execution: of the warm languages, only its own is worth starting.
+        let warm: Vec<String> = self
+            .warm_languages
+            .iter()
+            .filter(|l| **l == req.language)
+            .cloned()
+            .collect();
+        let mut vm = self.boot_warm(size, &warm).await?;
         let result = vm.execute(req, on_output).await;
         vm.destroy().await;
         let mut outcome = result?;
@@ -850,6 +887,7 @@ pub(crate) fn check_exit(
         stdout_bytes,
         stderr_bytes,
         duration_ms: status.duration_us.min(host_us) as f64 / 1000.0,
+        warm_interpreter: status.warm_interpreter,
         ..Default::default()
     })
 }
@@ -1107,7 +1145,7 @@ mod tests {
         let mut forwarded = 0;
         let mut sent = 0u64;
         let err = loop {
-            match m.admit(sent % 2 == 0, &chunk) {
+            match m.admit(sent.is_multiple_of(2), &chunk) {
                 Ok(k) => forwarded += k.len(),
                 Err(e) => break e.to_string(),
             }

@@ -27,6 +27,7 @@ pub mod doctor;
 pub mod exec;
 pub mod images;
 pub mod llm;
+pub mod mcp;
 pub mod metrics;
 pub mod pool;
 pub mod security;

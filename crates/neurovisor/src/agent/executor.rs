@@ -2,7 +2,10 @@
 //! small trait with three implementations: the daemon's pool ([`PoolExecutor`]),
 //! a VM booted directly ([`SandboxExecutor`], the CLI without a daemon), and a
 //! running daemon's `neurovisor.v1.Sandbox/Execute` ([`DaemonExecutor`], the CLI
-//! when a daemon is reachable).
+//! when a daemon is reachable). The agent loop and the MCP server both run
+//! their `execute_code` calls through it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::config::VmSize;
 use crate::daemon_client::{DaemonClient, DaemonEndpoint, DaemonError};
@@ -57,23 +60,52 @@ pub struct Execution {
 pub trait CodeExecutor: Send + Sync {
     /// What the image can run.
     async fn languages(&self) -> Result<Vec<Language>, ExecutorError>;
-    /// Runs `req` in a fresh VM that is destroyed afterwards.
-    async fn execute(&self, req: &ExecRequest) -> Result<Execution, ExecutorError>;
+    /// Runs `req` in a fresh VM that is destroyed afterwards (also when the
+    /// returned future is dropped). Output bytes are counted into `progress`
+    /// as they arrive.
+    async fn execute(&self, req: &ExecRequest, progress: &OutputProgress)
+        -> Result<Execution, ExecutorError>;
 }
 
-/// Collects output (already capped by the guest at `max_output_bytes`).
-#[derive(Default)]
-struct Collected {
+/// Bytes of output an execution has produced so far, readable while it runs
+/// (the MCP server's progress notifications).
+#[derive(Debug, Default)]
+pub struct OutputProgress(AtomicU64);
+
+impl OutputProgress {
+    pub fn bytes(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Collects output (already capped at `max_output_bytes`).
+struct Collected<'p> {
     stdout: Vec<u8>,
     stderr: Vec<u8>,
+    progress: &'p OutputProgress,
 }
 
-impl Collected {
-    fn push(&mut self, o: Output<'_>) {
-        match o {
-            Output::Stdout(b) => self.stdout.extend_from_slice(b),
-            Output::Stderr(b) => self.stderr.extend_from_slice(b),
+impl<'p> Collected<'p> {
+    fn new(progress: &'p OutputProgress) -> Self {
+        Self {
+            stdout: Vec::new(),
+            stderr: Vec::new(),
+            progress,
         }
+    }
+
+    fn push(&mut self, o: Output<'_>) {
+        let b = match o {
+            Output::Stdout(b) => {
+                self.stdout.extend_from_slice(b);
+                b
+            }
+            Output::Stderr(b) => {
+                self.stderr.extend_from_slice(b);
+                b
+            }
+        };
+        self.progress.0.fetch_add(b.len() as u64, Ordering::Relaxed);
     }
 }
 
@@ -95,8 +127,12 @@ impl CodeExecutor for SandboxExecutor {
         Ok(self.sandbox.images().languages.clone())
     }
 
-    async fn execute(&self, req: &ExecRequest) -> Result<Execution, ExecutorError> {
-        let mut out = Collected::default();
+    async fn execute(
+        &self,
+        req: &ExecRequest,
+        progress: &OutputProgress,
+    ) -> Result<Execution, ExecutorError> {
+        let mut out = Collected::new(progress);
         let mut sink = |o: Output<'_>| out.push(o);
         let outcome = self.sandbox.run(req, self.size, &mut sink).await?;
         Ok(Execution {
@@ -126,11 +162,15 @@ impl CodeExecutor for PoolExecutor {
         Ok(self.pool.sandbox().images().languages.clone())
     }
 
-    async fn execute(&self, req: &ExecRequest) -> Result<Execution, ExecutorError> {
+    async fn execute(
+        &self,
+        req: &ExecRequest,
+        progress: &OutputProgress,
+    ) -> Result<Execution, ExecutorError> {
         // Checked before a VM is taken from the pool.
         req.validate(self.pool.sandbox().images())?;
         let mut lease = self.pool.acquire().await?;
-        let mut out = Collected::default();
+        let mut out = Collected::new(progress);
         let mut sink = |o: Output<'_>| out.push(o);
         let result = lease.execute(req, &mut sink).await;
         let (warm, waited) = (lease.warm, lease.waited);
@@ -183,12 +223,13 @@ impl CodeExecutor for DaemonExecutor {
         self.client().await?.languages().await.map_err(daemon_error)
     }
 
-    async fn execute(&self, req: &ExecRequest) -> Result<Execution, ExecutorError> {
-        let mut out = Collected::default();
-        let mut sink = |o: Output<'_>| match o {
-            Output::Stdout(b) => out.stdout.extend_from_slice(b),
-            Output::Stderr(b) => out.stderr.extend_from_slice(b),
-        };
+    async fn execute(
+        &self,
+        req: &ExecRequest,
+        progress: &OutputProgress,
+    ) -> Result<Execution, ExecutorError> {
+        let mut out = Collected::new(progress);
+        let mut sink = |o: Output<'_>| out.push(o);
         let r = self
             .client()
             .await?

@@ -23,7 +23,9 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 
-pub use executor::{CodeExecutor, DaemonExecutor, Execution, ExecutorError, PoolExecutor, SandboxExecutor};
+pub use executor::{
+    CodeExecutor, DaemonExecutor, Execution, ExecutorError, OutputProgress, PoolExecutor, SandboxExecutor,
+};
 pub use toolcall::{parse_text_calls, strip_think, CallSource};
 
 use crate::exec::ExecRequest;
@@ -745,7 +747,11 @@ impl AgentController {
                 req.timeout = self.cfg.exec_timeout;
                 req.max_output_bytes = self.cfg.max_output_bytes;
                 s.stats.executions += 1;
-                match self.executor.execute(&req).await {
+                match self
+                    .executor
+                    .execute(&req, &executor::OutputProgress::default())
+                    .await
+                {
                     Ok(exec) => self.execution_result(r, &req, exec),
                     Err(e) if e.is_invalid_request() => fail(r, ToolErrorKind::InvalidRequest, e.to_string()),
                     Err(e) => {
@@ -938,7 +944,11 @@ mod tests {
         async fn languages(&self) -> Result<Vec<Language>, executor::ExecutorError> {
             Ok(langs())
         }
-        async fn execute(&self, _req: &ExecRequest) -> Result<executor::Execution, executor::ExecutorError> {
+        async fn execute(
+            &self,
+            _req: &ExecRequest,
+            _progress: &executor::OutputProgress,
+        ) -> Result<executor::Execution, executor::ExecutorError> {
             self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             Ok(executor::Execution {
                 outcome: crate::exec::ExecOutcome {

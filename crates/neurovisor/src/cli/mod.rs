@@ -4,6 +4,7 @@ mod agent;
 mod bench;
 mod doctor;
 mod images;
+mod mcp;
 mod run;
 mod serve;
 
@@ -60,6 +61,11 @@ enum Command {
     /// 2 for bad input; 3 if the LLM server is unreachable, lacks the model or
     /// answered with an error; 125 if the sandbox cannot be set up.
     Agent(agent::AgentArgs),
+    /// Serve the Model Context Protocol on stdin/stdout, for MCP clients
+    /// (desktop agents, IDEs) that spawn it: tools execute_code and
+    /// list_languages, each call in a fresh microVM (through the daemon when
+    /// one is running, else booted directly).
+    Mcp(mcp::McpArgs),
     /// Run the daemon: a pre-warmed VM pool behind a gRPC API, plus /metrics.
     Serve(serve::ServeArgs),
     /// Check that this host can run VMs, and say how to fix what is missing.
@@ -139,6 +145,21 @@ pub struct VmArgs {
     /// (0 = unlimited; default 50/s with a burst of 100).
     #[arg(long, env = "NEUROVISOR_VSOCK_OPS", value_name = "OPS_PER_SEC")]
     vsock_ops: Option<u64>,
+    /// Interpreters each VM starts before its code arrives, comma-separated,
+    /// or `none` (a direct run starts only its own language, if listed).
+    #[arg(long, env = "NEUROVISOR_WARM_LANGUAGES", value_delimiter = ',',
+          default_value = "python", value_parser = parse_warm_language)]
+    warm_languages: Vec<String>,
+}
+
+fn parse_warm_language(s: &str) -> Result<String, String> {
+    if !s.is_empty() && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()) {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "'{s}' is not a language name; give names like python,javascript or none"
+        ))
+    }
 }
 
 impl VmArgs {
@@ -201,6 +222,12 @@ impl VmArgs {
         neurovisor::supervisor::clean_before_start(&state.join("vms"));
         let mut sandbox = Sandbox::new(backend, images, state);
         sandbox.rate_limit = RateLimitConfig::default().with_rates(self.vsock_bandwidth, self.vsock_ops);
+        sandbox.warm_languages = self
+            .warm_languages
+            .iter()
+            .filter(|l| *l != "none")
+            .cloned()
+            .collect();
         Ok(sandbox)
     }
 }
@@ -278,6 +305,7 @@ pub async fn dispatch(mut cli: Cli) -> u8 {
         Some(Command::Agent(a)) => agent::run(a).await,
         Some(Command::Serve(a)) => serve::serve(a).await,
         Some(Command::Run(a)) => run::run(a).await,
+        Some(Command::Mcp(a)) => mcp::run(a).await,
         Some(Command::Doctor(a)) => doctor::doctor(a),
         Some(Command::Images(c)) => images::images(c).await,
         Some(Command::Bench(c)) => bench::bench(c).await,

@@ -33,6 +33,11 @@ pub struct ServeArgs {
     /// <state-dir>/neurovisor.sock. (`--grpc-addr` is an old name.)
     #[arg(long, alias = "grpc-addr", env = "NEUROVISOR_LISTEN", value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
+    /// Also serve MCP (Model Context Protocol, Streamable HTTP) on this TCP
+    /// address, endpoint `http://ADDR/mcp`, with the pool as executor; every
+    /// request needs `Authorization: Bearer <token>` (<state-dir>/token).
+    #[arg(long, env = "NEUROVISOR_MCP_LISTEN", value_name = "ADDR")]
+    pub mcp_listen: Option<SocketAddr>,
     /// PEM certificate chain: makes the --listen address TLS (with --tls-key).
     #[arg(long, env = "NEUROVISOR_TLS_CERT", value_name = "FILE")]
     pub tls_cert: Option<PathBuf>,
@@ -93,6 +98,7 @@ struct FileConfig {
     listen: Option<SocketAddr>,
     /// The old name of `listen`.
     grpc_addr: Option<SocketAddr>,
+    mcp_listen: Option<SocketAddr>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     socket_group: Option<String>,
@@ -174,6 +180,7 @@ impl ServeArgs {
         }
         Ok(DaemonConfig {
             listen,
+            mcp_listen: self.mcp_listen.or(f.mcp_listen),
             tls,
             socket_group: self
                 .socket_group
@@ -199,6 +206,7 @@ impl ServeArgs {
             default_model: self.model.clone().or(f.model).unwrap_or_else(|| "qwen3".into()),
             confine: !self.no_confine && nix::unistd::geteuid().is_root(),
             rate_limit: Default::default(),
+            warm_languages: Vec::new(),
             max_connections: self
                 .max_connections
                 .or(f.max_connections)
@@ -246,6 +254,7 @@ pub async fn serve(a: ServeArgs) -> u8 {
     let (backend, images) = match a.vm.sandbox() {
         Ok(s) => {
             cfg.rate_limit = s.rate_limit;
+            cfg.warm_languages = s.warm_languages.clone();
             s.into_parts()
         }
         Err(e) => {
@@ -263,6 +272,13 @@ pub async fn serve(a: ServeArgs) -> u8 {
             l.grpc_summary(),
             l.metrics
         );
+        if let Some(a) = l.mcp {
+            eprintln!(
+                "neurovisor: serving MCP on http://{a}{} (token in {})",
+                neurovisor::mcp::http::MCP_PATH,
+                l.token_file.display()
+            );
+        }
     };
     let shutdown = match shutdown_signal() {
         Ok(s) => s,

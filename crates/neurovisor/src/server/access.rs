@@ -73,16 +73,27 @@ impl Policy {
         let Some(token) = &self.token else {
             return Err("this daemon takes requests over its Unix socket only".into());
         };
-        let file = self.token_file.display();
-        match bearer(req) {
-            None => Err(format!(
-                "no token: requests over TCP need `authorization: Bearer <token>`; the token is in {file} on the daemon's host (neurovisor run/agent send {TOKEN_ENV}, or read that file)"
-            )),
-            Some(sent) if token.matches(sent) => Ok(()),
-            Some(_) => Err(format!(
-                "wrong token: use the one in {file} on the daemon's host (set {TOKEN_ENV} to it)"
-            )),
-        }
+        check_bearer(token, &self.token_file, req)
+    }
+}
+
+/// `Err(message naming the fix)` unless `req` carries `authorization: Bearer
+/// <token>` with this token (compared in constant time). Every TCP listener
+/// of the daemon (gRPC, MCP) checks its requests with it.
+pub fn check_bearer<B>(
+    token: &Token,
+    token_file: &std::path::Path,
+    req: &http::Request<B>,
+) -> Result<(), String> {
+    let file = token_file.display();
+    match bearer(req) {
+        None => Err(format!(
+            "no token: requests over TCP need `authorization: Bearer <token>`; the token is in {file} on the daemon's host (neurovisor run/agent send {TOKEN_ENV}, or read that file)"
+        )),
+        Some(sent) if token.matches(sent) => Ok(()),
+        Some(_) => Err(format!(
+            "wrong token: use the one in {file} on the daemon's host (set {TOKEN_ENV} to it)"
+        )),
     }
 }
 

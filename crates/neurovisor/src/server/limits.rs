@@ -96,6 +96,43 @@ impl ConnectionSlots {
     }
 }
 
+/// An axum listener that accepts a connection only while one of the
+/// daemon's slots is free (the MCP listener; gRPC uses [`ConnectionSlots::limit`]).
+pub struct LimitedListener<L> {
+    inner: L,
+    slots: Arc<Semaphore>,
+}
+
+impl ConnectionSlots {
+    pub fn limit_listener<L>(&self, inner: L) -> LimitedListener<L> {
+        LimitedListener {
+            inner,
+            slots: self.0.clone(),
+        }
+    }
+}
+
+impl<L> axum::serve::Listener for LimitedListener<L>
+where
+    L: axum::serve::Listener,
+{
+    type Io = Limited<L::Io>;
+    type Addr = L::Addr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        // The semaphore is never closed; if it were, accept nothing more.
+        let Ok(slot) = self.slots.clone().acquire_owned().await else {
+            return std::future::pending().await;
+        };
+        let (io, addr) = self.inner.accept().await;
+        (Limited { io, _slot: slot }, addr)
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -50,6 +50,9 @@ pub struct DaemonConfig {
     /// TCP listener for gRPC (`--listen`); requests over it need the token.
     /// The Unix socket `<state_dir>/neurovisor.sock` is always there.
     pub listen: Option<SocketAddr>,
+    /// TCP listener for MCP over Streamable HTTP (`--mcp-listen`, endpoint
+    /// `/mcp`); requests over it need the token too.
+    pub mcp_listen: Option<SocketAddr>,
     /// Certificate and key that make the TCP listener TLS.
     pub tls: Option<TlsFiles>,
     /// The group that may use the Unix socket (when it exists).
@@ -67,6 +70,8 @@ pub struct DaemonConfig {
     pub confine: bool,
     /// Token buckets on what each VM's guest sends to the host.
     pub rate_limit: crate::security::rate_limit::RateLimitConfig,
+    /// Interpreters each pool VM starts before its request arrives.
+    pub warm_languages: Vec<String>,
     /// Client connections open at once.
     pub max_connections: usize,
     /// Calls at once on one connection.
@@ -92,6 +97,8 @@ pub struct Listening {
     pub tls: bool,
     pub token_file: PathBuf,
     pub metrics: SocketAddr,
+    /// The MCP endpoint's address (`http://<addr>/mcp`).
+    pub mcp: Option<SocketAddr>,
 }
 
 impl Listening {
@@ -463,7 +470,7 @@ pub async fn run(
         tracing::warn!("removed {removed} VM(s) left by a previous daemon");
     }
     let token_file = transport::token_path(&cfg.state_dir);
-    let token = match cfg.listen {
+    let token = match cfg.listen.or(cfg.mcp_listen) {
         Some(_) => Some(Token::load_or_create(&cfg.state_dir)?),
         None => None,
     };
@@ -490,6 +497,10 @@ pub async fn run(
         Some(addr) => Some(bind(addr, "gRPC", "--listen").await?),
         None => None,
     };
+    let mcp_tcp = match cfg.mcp_listen {
+        Some(addr) => Some(bind(addr, "MCP", "--mcp-listen").await?),
+        None => None,
+    };
     let http = bind(cfg.metrics_addr, "metrics", "--metrics-addr").await?;
     let metrics_addr = http.local_addr().unwrap_or(cfg.metrics_addr);
     if !metrics_addr.ip().is_loopback() {
@@ -506,6 +517,10 @@ pub async fn run(
         tls: cfg.tls.is_some(),
         token_file: token_file.clone(),
         metrics: metrics_addr,
+        mcp: mcp_tcp
+            .as_ref()
+            .map(|l| l.local_addr().ok().or(cfg.mcp_listen))
+            .unwrap_or(None),
     };
 
     report_bpf_lsm();
@@ -543,9 +558,12 @@ pub async fn run(
     metrics.watch_vms(backend.live_vms());
     metrics.allow_model(&cfg.default_model);
     metrics.allow_languages(images.languages.iter().map(|l| l.name.as_str()));
+    let languages = images.languages.clone();
+    let memory_mib = cfg.pool.size.memory_mib();
     let mut sandbox =
         Sandbox::new(backend, images, dir.clone()).with_guest_io(GuestIo::on(guest_rt.handle()));
     sandbox.rate_limit = cfg.rate_limit;
+    sandbox.warm_languages = cfg.warm_languages.clone();
     sandbox.hooks = crate::supervisor::VmHooks {
         counters: metrics.vm_counters(),
         guard,
@@ -598,6 +616,35 @@ pub async fn run(
         }
     });
 
+    // MCP over Streamable HTTP: the same pool, the same connection limit.
+    let slots = limits::ConnectionSlots::new(cfg.max_connections);
+    let stop_mcp = tokio_util::sync::CancellationToken::new();
+    let (stop_mcp_http, mcp_http_stopped) = tokio::sync::oneshot::channel::<()>();
+    let mcp_task = match (mcp_tcp, &token, listening.mcp) {
+        (Some(l), Some(token), Some(addr)) => {
+            let server = crate::mcp::NeuroVisorMcp::with_languages(
+                Arc::new(crate::agent::PoolExecutor::new(pool.clone())),
+                languages,
+                crate::mcp::McpSettings {
+                    memory_mib: Some(u64::from(memory_mib)),
+                    ..Default::default()
+                },
+            );
+            let router =
+                crate::mcp::http::router(server, token.clone(), token_file.clone(), addr, stop_mcp.clone());
+            let listener = slots.limit_listener(l);
+            Some(tokio::spawn(async move {
+                let serving = axum::serve(listener, router).with_graceful_shutdown(async move {
+                    let _ = mcp_http_stopped.await;
+                });
+                if let Err(e) = serving.await {
+                    tracing::warn!("MCP endpoint stopped: {e}");
+                }
+            }))
+        }
+        _ => None,
+    };
+
     let budget = sandbox::OutputBudget::new(cfg.output_budget);
     let sandbox_svc = SandboxServer::new(
         sandbox::SandboxService::new(pool.clone(), metrics.clone(), budget)
@@ -635,8 +682,7 @@ pub async fn run(
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    // One connection limit for both listeners.
-    let slots = limits::ConnectionSlots::new(cfg.max_connections);
+    // One connection limit for every listener (`slots`, above).
     let unix_server = routes(Server::builder()).serve_with_incoming_shutdown(
         slots.limit(UnixListenerStream::new(unix)),
         stopped(grpc_stopped.clone()),
@@ -661,6 +707,7 @@ pub async fn run(
         socket = %listening.socket.display(),
         tcp = ?listening.tcp,
         tls = listening.tls,
+        mcp = ?listening.mcp,
         %metrics_addr,
         warm = cfg.pool.warm,
         max = cfg.pool.max,
@@ -678,6 +725,7 @@ pub async fn run(
     // New clients find no socket (and boot their VMs themselves).
     drop(socket);
     let _ = stop_grpc.send(true);
+    let _ = stop_mcp_http.send(());
     // In-flight executions finish within the grace period; the pool destroys
     // warm VMs at once and waits for leased ones.
     let drain_server = async {
@@ -687,11 +735,16 @@ pub async fn run(
         {
             tracing::warn!("grace period over; cancelling the remaining requests");
         }
+        // MCP calls still open now end with their sessions (their VMs destroyed).
+        stop_mcp.cancel();
     };
     tokio::join!(
         drain_server,
         pool.shutdown(cfg.shutdown_grace + Duration::from_secs(10))
     );
+    if let Some(t) = mcp_task {
+        let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+    }
     let _ = stop_http.send(());
     let _ = http_task.await;
     health_task.abort();

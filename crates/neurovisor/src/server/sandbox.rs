@@ -294,6 +294,7 @@ fn result_of(o: &ExecOutcome, warm: bool, waited: Duration) -> ExecuteResult {
         warm,
         stdout: Default::default(),
         stderr: Default::default(),
+        warm_interpreter: o.warm_interpreter,
     }
 }
 

@@ -128,6 +128,20 @@ impl Daemon {
         self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
     }
 
+    /// The sum of every sample of metric `name` (all label sets) on its
+    /// `/metrics`, 0 when it has none.
+    pub fn metric_sum(&self, name: &str) -> f64 {
+        let (_, text) = http_get(&self.metrics, "/metrics");
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let (series, value) = l.rsplit_once(' ')?;
+                let metric = series.split('{').next()?;
+                (metric == name).then(|| value.parse::<f64>().ok())?
+            })
+            .sum()
+    }
+
     pub fn status(&self) -> serde_json::Value {
         serde_json::from_str(&http_get(&self.metrics, "/healthz").1).expect("healthz json")
     }

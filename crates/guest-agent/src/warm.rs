@@ -1,0 +1,240 @@
+//! Interpreters started before their code arrives.
+//!
+//! Starting CPython costs about 0.4 s of guest CPU under TCG, most of a short
+//! execution. For each language the host names on the kernel command line
+//! (`nv.warm=python`), the agent starts the interpreter once it has announced
+//! readiness, exactly as an execution would start it (sandbox user, its own
+//! session, the default rlimits and OOM score, a fresh working directory, the
+//! base environment, stdin/stdout/stderr pipes), plus one more pipe on fd 3.
+//! A small bootstrap then blocks reading fd 3. An execution that can use it
+//! writes its source file into that directory and its arguments and
+//! environment into fd 3; the bootstrap makes the process look as if it had
+//! been started as `python3 -u main.py ARGS` (`sys.argv`, `sys.orig_argv`,
+//! `sys.path[0]`, a clean `__main__` with an absolute `__file__`, tracebacks
+//! without the bootstrap's frames, exit codes and signals) and runs the code.
+//! Everything else (pipes, timeout, process-group kill, OOM detection) is the
+//! cold path's, because the process is the same kind of child.
+//!
+//! A request falls back to a fresh interpreter when the warm one cannot be
+//! the same: variables read at interpreter start-up (`PYTHON*`, locale,
+//! `HOME`, `TZ`, the dynamic loader's and malloc's), rlimits other than the
+//! defaults it was started with, or a second execution in the same VM (each
+//! interpreter serves one). The result says which one ran
+//! (`ExitStatus.warm_interpreter`).
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Mutex;
+
+use tokio::process::{Child, Command};
+
+use crate::exec::{self, Limits, Plan};
+
+/// The languages that can be started ahead, and how.
+pub fn bootstrap(language: &str) -> Option<(&'static str, Vec<String>)> {
+    match language {
+        "python" => Some((
+            "/usr/bin/python3",
+            vec!["-u".into(), "-c".into(), PYTHON_BOOTSTRAP.into()],
+        )),
+        _ => None,
+    }
+}
+
+/// Waits on fd 3 for `N\0arg1\0…argN\0K=V\0…`, then becomes `python3 -u
+/// main.py ARGS` (see the module docs). Everything it defines is removed from
+/// `__main__` before the program runs.
+const PYTHON_BOOTSTRAP: &str = r#"def _nv():
+    import os, sys
+    buf = bytearray()
+    while True:
+        chunk = os.read(3, 65536)
+        if not chunk:
+            break
+        buf += chunk
+    os.close(3)
+    fields = bytes(buf).split(b"\0")[:-1]
+    n = int(fields[0])
+    args = [os.fsdecode(a) for a in fields[1:1 + n]]
+    for kv in fields[1 + n:]:
+        k, _, v = kv.partition(b"=")
+        os.environb[k] = v
+    d = os.getcwd()
+    path = os.path.join(d, "main.py")
+    sys.argv = ["main.py"] + args
+    sys.orig_argv = ["/usr/bin/python3", "-u", "main.py"] + args
+    sys.path[0] = d
+    g = sys.modules["__main__"].__dict__
+    for k in list(g):
+        if k not in ("__name__", "__builtins__"):
+            del g[k]
+    g.update(__annotations__={}, __doc__=None, __package__=None, __spec__=None, __file__=path, __cached__=None,
+             __loader__=sys.modules["_frozen_importlib_external"].SourceFileLoader("__main__", path))
+    try:
+        with open(path, "rb") as f:
+            source = f.read()
+        exec(compile(source, path, "exec", dont_inherit=True), g)
+    except SystemExit:
+        raise
+    except BaseException as e:
+        tb = e.__traceback__
+        while tb is not None and tb.tb_frame.f_code.co_filename != path:
+            tb = tb.tb_next
+        # The hook prints the exception's own traceback: drop ours from it.
+        e.__traceback__ = tb
+        sys.excepthook(type(e), e, tb)
+        if isinstance(e, KeyboardInterrupt):
+            import signal
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
+        e = tb = None
+        sys.exit(1)
+_nv()
+"#;
+
+/// Environment variables that act when an interpreter starts, so a warm one
+/// would ignore them.
+fn acts_at_start_up(name: &str) -> bool {
+    name.starts_with("PYTHON")
+        || name.starts_with("LC_")
+        || name.starts_with("LD_")
+        || name.starts_with("MALLOC_")
+        || matches!(name, "LANG" | "LANGUAGE" | "HOME" | "TZ" | "GLIBC_TUNABLES")
+}
+
+/// One started interpreter waiting for its code.
+pub struct Warm {
+    pub child: Child,
+    pub dir: PathBuf,
+    control: OwnedFd,
+    limits: Limits,
+}
+
+impl Warm {
+    /// Writes the source file and hands the interpreter its arguments and
+    /// environment; from here on it runs the program.
+    pub fn start(self, plan: &Plan) -> std::io::Result<Child> {
+        exec::write_source(&self.dir, plan)?;
+        let mut msg = Vec::new();
+        msg.extend_from_slice(plan.args.len().to_string().as_bytes());
+        msg.push(0);
+        for a in &plan.args {
+            msg.extend_from_slice(a.as_bytes());
+            msg.push(0);
+        }
+        for (k, v) in &plan.env {
+            msg.extend_from_slice(k.as_bytes());
+            msg.push(b'=');
+            msg.extend_from_slice(v.as_bytes());
+            msg.push(0);
+        }
+        // Closing the file is the end of the message.
+        let mut f = std::fs::File::from(self.control);
+        f.write_all(&msg)?;
+        drop(f);
+        Ok(self.child)
+    }
+}
+
+/// The interpreters started ahead, one per warm language.
+#[derive(Default)]
+pub struct WarmSet {
+    ready: Mutex<HashMap<String, Warm>>,
+}
+
+impl WarmSet {
+    /// Starts one interpreter for each of `languages` that can be started
+    /// ahead and is installed; failures are logged (executions then start
+    /// their own).
+    pub fn start(&self, languages: &[String], installed: &[crate::languages::Language]) {
+        for lang in languages {
+            if !installed.iter().any(|l| &l.name == lang) {
+                continue;
+            }
+            match spawn(lang) {
+                Ok(w) => {
+                    if let Ok(mut r) = self.ready.lock() {
+                        r.insert(lang.clone(), w);
+                    }
+                }
+                Err(e) => tracing::warn!(language = %lang, "cannot start a warm interpreter: {e}"),
+            }
+        }
+    }
+
+    /// The warm interpreter for `plan`, if there is one and it can run it as
+    /// a fresh one would.
+    pub fn take(&self, plan: &Plan) -> Option<Warm> {
+        let mut ready = self.ready.lock().ok()?;
+        let w = ready.get_mut(plan.language.as_str())?;
+        if !matches!(w.child.try_wait(), Ok(None)) {
+            tracing::warn!(language = %plan.language, "the warm interpreter has died; starting a fresh one");
+            ready.remove(plan.language.as_str());
+            return None;
+        }
+        if w.limits != plan.limits {
+            tracing::info!(language = %plan.language, "fresh interpreter: the request's rlimits differ from the warm one's");
+            return None;
+        }
+        if let Some(k) = plan.env.keys().find(|k| acts_at_start_up(k)) {
+            tracing::info!(language = %plan.language, "fresh interpreter: {k} acts at interpreter start-up");
+            return None;
+        }
+        ready.remove(plan.language.as_str())
+    }
+}
+
+fn spawn(language: &str) -> std::io::Result<Warm> {
+    let (program, argv) = bootstrap(language)
+        .ok_or_else(|| std::io::Error::other(format!("{language} cannot be started ahead")))?;
+    let dir = exec::create_workdir()?;
+    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(std::io::Error::from)?;
+    let limits = Limits::default();
+    let mut cmd = Command::new(program);
+    cmd.args(&argv)
+        .current_dir(&dir)
+        .env_clear()
+        .envs(exec::base_env())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let fd = read.as_raw_fd();
+    exec::confine_child(&mut cmd, limits, Some(fd));
+    let child = cmd.spawn()?;
+    drop(read);
+    Ok(Warm {
+        child,
+        dir,
+        control: write,
+        limits,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_up_variables_force_a_fresh_interpreter() {
+        for k in [
+            "PYTHONPATH",
+            "PYTHONHASHSEED",
+            "LC_ALL",
+            "LANG",
+            "HOME",
+            "TZ",
+            "LD_PRELOAD",
+        ] {
+            assert!(acts_at_start_up(k), "{k}");
+        }
+        for k in ["FOO", "NEUROVISOR_TRACE_ID", "PATH_INFO"] {
+            assert!(!acts_at_start_up(k), "{k}");
+        }
+        assert!(bootstrap("python").is_some());
+        assert!(bootstrap("bash").is_none());
+    }
+}

@@ -1,0 +1,175 @@
+//! Warm interpreters (the guest agent's `warm.rs`): a program handed to a
+//! Python started before its request behaves exactly as under a fresh
+//! `python3 -u main.py`. Every case runs twice side by side, in a VM whose
+//! Python was started ahead and in one that starts it for the call, and the
+//! two results must be the same in everything but `warm_interpreter`.
+
+mod common;
+
+use std::time::Duration;
+
+use neurovisor::ExecRequest;
+
+struct Pair {
+    warm: common::TestEnv,
+    fresh: common::TestEnv,
+}
+
+fn pair() -> Pair {
+    let warm = common::env();
+    assert_eq!(warm.sandbox.warm_languages, ["python"]);
+    let mut fresh = common::env();
+    fresh.sandbox.warm_languages.clear();
+    Pair { warm, fresh }
+}
+
+impl Pair {
+    /// Runs `req` in both; asserts the same result; returns the warm one's.
+    async fn same(&self, req: &ExecRequest, expect_warm: bool) -> common::Ran {
+        let (w, f) = tokio::join!(self.warm.run_req(req), self.fresh.run_req(req));
+        let (wo, fo) = (&w.outcome, &f.outcome);
+        assert_eq!(
+            (w.out(), w.err()),
+            (f.out(), f.err()),
+            "warm and fresh interpreters printed differently for {:?}",
+            req.code
+        );
+        assert_eq!(
+            (wo.exit_code, wo.signal, wo.timed_out, wo.oom_killed),
+            (fo.exit_code, fo.signal, fo.timed_out, fo.oom_killed),
+            "{:?}",
+            req.code
+        );
+        assert_eq!(
+            (
+                wo.stdout_truncated,
+                wo.stderr_truncated,
+                wo.stdout_bytes,
+                wo.stderr_bytes
+            ),
+            (
+                fo.stdout_truncated,
+                fo.stderr_truncated,
+                fo.stdout_bytes,
+                fo.stderr_bytes
+            )
+        );
+        assert_eq!(wo.warm_interpreter, expect_warm, "{wo:?}");
+        assert!(!fo.warm_interpreter, "{fo:?}");
+        w
+    }
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            self.warm.assert_clean();
+            self.fresh.assert_clean();
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_program_sees_what_a_fresh_interpreter_gives_it() {
+    let p = pair();
+    let mut req = ExecRequest::new(
+        "python",
+        "import os, sys\n\
+         print(sys.argv, sys.orig_argv[1:], __name__, __file__, sys.path[0] == os.getcwd())\n\
+         print(sorted(globals()), __spec__, __package__, __cached__, type(__loader__).__name__)\n\
+         print(os.getuid(), os.getgid(), os.getsid(0) == os.getpid(), os.getcwd().startswith('/tmp/run-'))\n\
+         print(repr(sys.stdin.read()), os.environ['GREETING'], sorted(k for k in os.environ if k != 'NEUROVISOR_TRACE_ID'))\n\
+         import subprocess\n\
+         print(subprocess.run(['sh', '-c', 'echo $GREETING'], capture_output=True, text=True).stdout.strip())\n\
+         import resource\n\
+         print([resource.getrlimit(r) for r in (resource.RLIMIT_NPROC, resource.RLIMIT_NOFILE, resource.RLIMIT_FSIZE)])\n\
+         class A: pass\n\
+         import pickle, __main__\n\
+         print(pickle.loads(pickle.dumps(A())).__class__ is A, __main__.A is A)\n\
+         def f():\n    raise ValueError('boom')\n\
+         f()\n",
+    );
+    req.args = vec!["a b".into(), "c".into()];
+    req.stdin = b"from stdin\n".to_vec();
+    req.env.insert("GREETING".into(), "hi there".into());
+    let r = p.same(&req, true).await;
+    assert!(
+        r.out()
+            .starts_with("['main.py', 'a b', 'c'] ['-u', 'main.py', 'a b', 'c'] __main__ /tmp/run-"),
+        "{}",
+        r.out()
+    );
+    assert!(r.out().contains("True True\n"), "{}", r.out());
+    assert_eq!(r.outcome.exit_code, Some(1));
+    // The traceback has the program's frames only.
+    assert!(
+        r.err()
+            .starts_with("Traceback (most recent call last):\n  File \"/tmp/run-"),
+        "{}",
+        r.err()
+    );
+    assert!(!r.err().contains("<string>"), "{}", r.err());
+    assert!(r.err().ends_with("ValueError: boom\n"), "{}", r.err());
+}
+
+#[tokio::test]
+async fn exit_codes_signals_syntax_errors_and_atexit_are_the_same() {
+    let p = pair();
+    for code in [
+        "import sys, atexit\natexit.register(lambda: print('atexit ran'))\nsys.exit(7)",
+        "import sys\nsys.exit('a message')",
+        "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)",
+        "x = = 1",
+        "raise KeyboardInterrupt",
+        "import threading, time\nthreading.Thread(target=lambda: (time.sleep(0.3), print('thread'))).start()\nprint('main')",
+        "try:\n    1 / 0\nexcept Exception as e:\n    raise RuntimeError('wrapped') from e",
+    ] {
+        p.same(&ExecRequest::new("python", code), true).await;
+    }
+}
+
+#[tokio::test]
+async fn timeout_kills_the_tree_and_the_output_cap_holds() {
+    let p = pair();
+    let mut req = ExecRequest::new(
+        "python",
+        "import subprocess, time\nsubprocess.Popen(['sh', '-c', 'sleep 1000 & sleep 1000'])\nprint('started', flush=True)\ntime.sleep(1000)",
+    );
+    req.timeout = Duration::from_secs(2);
+    let r = p.same(&req, true).await;
+    assert!(r.outcome.timed_out, "{:?}", r.outcome);
+    let mut req = ExecRequest::new("python", "print('x' * 100000)");
+    req.max_output_bytes = 1000;
+    let r = p.same(&req, true).await;
+    assert!(
+        r.outcome.stdout_truncated && r.outcome.stdout_bytes == 100001,
+        "{:?}",
+        r.outcome
+    );
+}
+
+#[tokio::test]
+async fn a_memory_bomb_is_reported_as_oom() {
+    let p = pair();
+    let req = ExecRequest::new(
+        "python",
+        "chunks = []\nwhile True:\n    chunks.append(bytearray(8 << 20))",
+    );
+    let r = p.same(&req, true).await;
+    assert!(r.outcome.oom_killed, "{:?}", r.outcome);
+}
+
+#[tokio::test]
+async fn variables_read_at_start_up_get_a_fresh_interpreter() {
+    let p = pair();
+    let mut req = ExecRequest::new(
+        "python",
+        "import sys\nprint(hash('neurovisor'), sys.flags.hash_randomization)",
+    );
+    req.env.insert("PYTHONHASHSEED".into(), "0".into());
+    let r = p.same(&req, false).await;
+    assert!(r.out().ends_with(" 0\n"), "{}", r.out());
+    // Bash has no warm interpreter: the same path as before.
+    let r = p.same(&ExecRequest::new("bash", "echo $0"), false).await;
+    assert_eq!(r.out(), "main.sh\n");
+}
