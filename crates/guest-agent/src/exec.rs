@@ -311,8 +311,8 @@ pub(crate) fn confine_child(cmd: &mut Command, limits: Limits, control: Option<s
 
 /// Starts the program: hands it to a warm interpreter when one fits, else
 /// starts it fresh. Returns the child and whether it was warm.
-fn start(plan: &Plan, warm: &WarmSet) -> Result<(Child, bool), Status> {
-    if let Some(w) = warm.take(plan) {
+async fn start(plan: &Plan, warm: &WarmSet) -> Result<(Child, bool), Status> {
+    if let Some(w) = warm.take(plan).await {
         let child = w
             .start(plan)
             .map_err(internal("hand the code to the warm interpreter"))?;
@@ -341,7 +341,7 @@ fn start(plan: &Plan, warm: &WarmSet) -> Result<(Child, bool), Status> {
 pub async fn run(plan: Plan, tx: EventTx, warm: &WarmSet) -> Result<(), Status> {
     let oom_before = oom_kills();
     let started = Instant::now();
-    let (mut child, warm_interpreter) = start(&plan, warm)?;
+    let (mut child, warm_interpreter) = start(&plan, warm).await?;
     let pgid = child.id();
 
     if let Some(mut stdin) = child.stdin.take() {

@@ -1,35 +1,39 @@
 //! Interpreters started before their code arrives.
 //!
-//! Starting CPython costs about 0.4 s of guest CPU under TCG, most of a short
-//! execution. For each language the host names on the kernel command line
-//! (`nv.warm=python`), the agent starts the interpreter once it has announced
-//! readiness, exactly as an execution would start it (sandbox user, its own
-//! session, the default rlimits and OOM score, a fresh working directory, the
-//! base environment, stdin/stdout/stderr pipes), plus one more pipe on fd 3.
-//! A small bootstrap then blocks reading fd 3. An execution that can use it
-//! writes its source file into that directory and its arguments and
-//! environment into fd 3; the bootstrap makes the process look as if it had
-//! been started as `python3 -u main.py ARGS` (`sys.argv`, `sys.orig_argv`,
-//! `sys.path[0]`, a clean `__main__` with an absolute `__file__`, tracebacks
-//! without the bootstrap's frames, exit codes and signals) and runs the code.
-//! Everything else (pipes, timeout, process-group kill, OOM detection) is the
-//! cold path's, because the process is the same kind of child.
+//! Starting CPython costs about 0.4 s of guest CPU under TCG (Node more),
+//! most of a short execution. For each language the host names on the kernel
+//! command line (`nv.warm=python,javascript`), the agent starts the
+//! interpreter once it has announced readiness, exactly as an execution would
+//! start it (sandbox user, its own session, the default rlimits and OOM
+//! score, a fresh working directory, the base environment,
+//! stdin/stdout/stderr pipes), plus one more pipe on fd 3. A small bootstrap
+//! then blocks reading fd 3. An execution that can use it writes its source
+//! file into that directory and its arguments and environment into fd 3; the
+//! bootstrap makes the process look as if it had been started as `python3 -u
+//! main.py ARGS` (`sys.argv`, `sys.orig_argv`, `sys.path[0]`, a clean
+//! `__main__` with an absolute `__file__`, tracebacks without the bootstrap's
+//! frames) or `node main.js ARGS` (`process.argv`, `require.main`, Node's own
+//! entry point) and runs the code. Everything else (pipes, timeout,
+//! process-group kill, exit codes and signals, OOM detection) is the cold
+//! path's, because the process is the same kind of child.
 //!
 //! A request falls back to a fresh interpreter when the warm one cannot be
-//! the same: variables read at interpreter start-up (`PYTHON*`, locale,
-//! `HOME`, `TZ`, the dynamic loader's and malloc's), rlimits other than the
-//! defaults it was started with, or a second execution in the same VM (each
-//! interpreter serves one). The result says which one ran
+//! the same: variables read at interpreter start-up (`PYTHON*`, `NODE_*`,
+//! locale, `HOME`, `TZ`, the dynamic loader's and malloc's), rlimits other
+//! than the defaults it was started with, or a second execution in the same
+//! VM (each interpreter serves one). The result says which one ran
 //! (`ExitStatus.warm_interpreter`).
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Mutex;
+use std::time::Duration;
 
+use tokio::io::AsyncWriteExt;
 use tokio::process::{Child, Command};
+use tokio::sync::watch;
 
 use crate::exec::{self, Limits, Plan};
 
@@ -40,9 +44,36 @@ pub fn bootstrap(language: &str) -> Option<(&'static str, Vec<String>)> {
             "/usr/bin/python3",
             vec!["-u".into(), "-c".into(), PYTHON_BOOTSTRAP.into()],
         )),
+        "javascript" => Some(("/usr/bin/node", vec!["-e".into(), NODE_BOOTSTRAP.into()])),
         _ => None,
     }
 }
+
+/// The same for Node: waits on fd 3, then becomes `node main.js ARGS`
+/// (`process.argv`, `process.execArgv`, `require.main`, no `-e` globals) and
+/// runs the program through Node's own entry point. Only the node-internal
+/// frames at the bottom of a stack trace differ from a fresh start.
+const NODE_BOOTSTRAP: &str = r#"(() => {
+  const fs = require("fs");
+  const Module = require("module");
+  const path = require("path");
+  const data = fs.readFileSync(3);
+  fs.closeSync(3);
+  const fields = data.toString("utf8").split("\0");
+  fields.pop();
+  const n = Number(fields[0]);
+  const args = fields.slice(1, 1 + n);
+  for (const kv of fields.slice(1 + n)) {
+    const i = kv.indexOf("=");
+    process.env[kv.slice(0, i)] = kv.slice(i + 1);
+  }
+  const main = path.join(process.cwd(), "main.js");
+  process.argv = [process.execPath, main, ...args];
+  process.execArgv = [];
+  for (const k of ["require", "module", "exports", "__filename", "__dirname"]) delete globalThis[k];
+  Module.runMain();
+})();
+"#;
 
 /// Waits on fd 3 for `N\0arg1\0…argN\0K=V\0…`, then becomes `python3 -u
 /// main.py ARGS` (see the module docs). Everything it defines is removed from
@@ -102,6 +133,8 @@ fn acts_at_start_up(name: &str) -> bool {
         || name.starts_with("LC_")
         || name.starts_with("LD_")
         || name.starts_with("MALLOC_")
+        || name.starts_with("NODE_")
+        || name.starts_with("UV_")
         || matches!(name, "LANG" | "LANGUAGE" | "HOME" | "TZ" | "GLIBC_TUNABLES")
 }
 
@@ -131,19 +164,44 @@ impl Warm {
             msg.extend_from_slice(v.as_bytes());
             msg.push(0);
         }
-        // Closing the file is the end of the message.
-        let mut f = std::fs::File::from(self.control);
-        f.write_all(&msg)?;
-        drop(f);
+        // Closing the pipe ends the message. Written off the runtime's
+        // threads: an interpreter still starting reads it only when it is up,
+        // and a large environment fills the pipe. A failed write (the
+        // interpreter died) shows as the program's own failure.
+        let mut f = tokio::fs::File::from_std(std::fs::File::from(self.control));
+        tokio::spawn(async move {
+            let written = async {
+                f.write_all(&msg).await?;
+                f.flush().await
+            };
+            if let Err(e) = written.await {
+                tracing::warn!("cannot hand the code to the warm interpreter: {e}");
+            }
+        });
         Ok(self.child)
     }
 }
 
 /// The interpreters started ahead, one per warm language.
-#[derive(Default)]
 pub struct WarmSet {
     ready: Mutex<HashMap<String, Warm>>,
+    /// Set once [`WarmSet::start`] has run: a request that arrives right
+    /// after readiness waits for it rather than starting a second interpreter.
+    started: watch::Sender<bool>,
 }
+
+impl Default for WarmSet {
+    fn default() -> Self {
+        Self {
+            ready: Mutex::default(),
+            started: watch::Sender::new(false),
+        }
+    }
+}
+
+/// How long a request waits for the warm interpreters to be started (the
+/// spawn itself takes milliseconds; this bounds a stuck one).
+const WAIT_FOR_START: Duration = Duration::from_secs(2);
 
 impl WarmSet {
     /// Starts one interpreter for each of `languages` that can be started
@@ -163,11 +221,14 @@ impl WarmSet {
                 Err(e) => tracing::warn!(language = %lang, "cannot start a warm interpreter: {e}"),
             }
         }
+        self.started.send_replace(true);
     }
 
     /// The warm interpreter for `plan`, if there is one and it can run it as
     /// a fresh one would.
-    pub fn take(&self, plan: &Plan) -> Option<Warm> {
+    pub async fn take(&self, plan: &Plan) -> Option<Warm> {
+        let mut started = self.started.subscribe();
+        let _ = tokio::time::timeout(WAIT_FOR_START, started.wait_for(|s| *s)).await;
         let mut ready = self.ready.lock().ok()?;
         let w = ready.get_mut(plan.language.as_str())?;
         if !matches!(w.child.try_wait(), Ok(None)) {
@@ -234,7 +295,7 @@ mod tests {
         for k in ["FOO", "NEUROVISOR_TRACE_ID", "PATH_INFO"] {
             assert!(!acts_at_start_up(k), "{k}");
         }
-        assert!(bootstrap("python").is_some());
+        assert!(bootstrap("python").is_some() && bootstrap("javascript").is_some());
         assert!(bootstrap("bash").is_none());
     }
 }
