@@ -38,8 +38,9 @@ def main():
     ap.add_argument("--addr", required=True)
     ap.add_argument("--proto-dir", required=True)
     args = ap.parse_args()
-    out = tempfile.mkdtemp(prefix="nv-py-stubs-")
-    pb, pb_grpc = generate(args.proto_dir, out)
+    # The stubs are imported at once, so their directory can go right away.
+    with tempfile.TemporaryDirectory(prefix="nv-py-stubs-") as out:
+        pb, pb_grpc = generate(args.proto_dir, out)
     # Over a Unix socket gRPC C-core sends the percent-encoded path as
     # :authority, which HTTP/2 servers (hyper) reject: name a host instead.
     opts = [("grpc.default_authority", "localhost")] if args.addr.startswith("unix:") else []
