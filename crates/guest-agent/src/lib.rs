@@ -10,6 +10,8 @@ mod init;
 mod languages;
 #[cfg(feature = "misbehave")]
 mod misbehave;
+mod reseed;
+mod serial;
 mod server;
 mod warm;
 

@@ -248,6 +248,68 @@ impl WarmSet {
     }
 }
 
+impl WarmSet {
+    /// The languages whose interpreter is started and blocked reading its
+    /// code (fd 3), waiting up to `timeout` for the rest: a snapshot taken
+    /// then holds them ready.
+    pub async fn settle(&self, timeout: Duration) -> Vec<String> {
+        let mut started = self.started.subscribe();
+        let _ = tokio::time::timeout(timeout, started.wait_for(|s| *s)).await;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let (waiting, all) = {
+                let Ok(ready) = self.ready.lock() else {
+                    return Vec::new();
+                };
+                let waiting: Vec<String> = ready
+                    .iter()
+                    .filter(|(_, w)| w.child.id().is_some_and(blocked_on_control))
+                    .map(|(l, _)| l.clone())
+                    .collect();
+                let all = waiting.len() == ready.len();
+                (waiting, all)
+            };
+            if all || tokio::time::Instant::now() >= deadline {
+                return waiting;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Replaces the warm interpreters whose random state was fixed at start
+    /// and cannot be reseeded from inside (V8 seeds `Math.random` once, at
+    /// start-up): after a restore they would repeat every other restored
+    /// VM's numbers. Python seeds `random` when it is imported, which the
+    /// bootstrap does not do before the program runs.
+    pub fn restart_unreseedable(&self) {
+        let Ok(mut ready) = self.ready.lock() else { return };
+        for lang in ["javascript"] {
+            if ready.remove(lang).is_some() {
+                match spawn(lang) {
+                    Ok(w) => {
+                        ready.insert(lang.to_string(), w);
+                    }
+                    Err(e) => tracing::warn!(language = lang, "cannot restart a warm interpreter: {e}"),
+                }
+            }
+        }
+    }
+}
+
+/// Whether process `pid` is blocked in `read(3, ...)` (its control pipe),
+/// from `/proc/<pid>/syscall`: the syscall number (0 is read on x86_64)
+/// and its first argument.
+fn blocked_on_control(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/syscall"))
+        .map(|s| is_read_of_fd3(&s))
+        .unwrap_or(false)
+}
+
+fn is_read_of_fd3(syscall: &str) -> bool {
+    let mut f = syscall.split_whitespace();
+    matches!((f.next(), f.next()), (Some("0"), Some("0x3")))
+}
+
 fn spawn(language: &str) -> std::io::Result<Warm> {
     let (program, argv) = bootstrap(language)
         .ok_or_else(|| std::io::Error::other(format!("{language} cannot be started ahead")))?;
@@ -297,5 +359,15 @@ mod tests {
         }
         assert!(bootstrap("python").is_some() && bootstrap("javascript").is_some());
         assert!(bootstrap("bash").is_none());
+    }
+
+    #[test]
+    fn a_read_of_the_control_pipe_is_recognized() {
+        assert!(is_read_of_fd3("0 0x3 0x7f12 0x10000 0x0 0x0 0x0 0x7ffd 0x7f34\n"));
+        assert!(!is_read_of_fd3("0 0x4 0x7f12 0x10000 0x0 0x0 0x0 0x7ffd 0x7f34"));
+        assert!(!is_read_of_fd3(
+            "7 0x7ffd 0x1 0xffffffff 0x0 0x0 0x0 0x7ffd 0x7f34"
+        ));
+        assert!(!is_read_of_fd3("running"));
     }
 }

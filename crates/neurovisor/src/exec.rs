@@ -435,6 +435,8 @@ pub struct Sandbox {
     /// (`nv.warm=`; the guest skips those it cannot). [`Sandbox::run`]
     /// starts only the request's language, if it is one of them.
     pub warm_languages: Vec<String>,
+    /// `--snapshot`: VMs are restored from a template instead of booted.
+    pub snapshots: Option<Arc<crate::snapshot::Snapshots>>,
 }
 
 /// What the daemon's VMs start ahead by default: the interpreter whose
@@ -453,6 +455,7 @@ impl Sandbox {
             guest_io: GuestIo::inline(),
             hooks: Default::default(),
             warm_languages: DEFAULT_WARM_LANGUAGES.iter().map(|l| l.to_string()).collect(),
+            snapshots: None,
         }
     }
 
@@ -516,6 +519,7 @@ impl Sandbox {
             rate_limit: self.rate_limit,
             guest_io: self.guest_io.clone(),
             hooks: self.hooks.clone(),
+            guest_memory: None,
         }
     }
 
@@ -527,6 +531,18 @@ impl Sandbox {
 
     /// [`Sandbox::boot`] with its own warm languages.
     pub async fn boot_warm(&self, size: VmSize, warm: &[String]) -> Result<ReadyVm, ExecError> {
+        if let Some(snaps) = &self.snapshots {
+            if let Some(t) = snaps.template(self, size, warm).await {
+                match crate::snapshot::restore(self, &t, size).await {
+                    Ok(vm) => {
+                        self.boot_stats
+                            .record_ready(&format!("{}/restore", self.boot_key(size)), vm.boot_time);
+                        return Ok(vm);
+                    }
+                    Err(e) => snaps.discard(&t, &e.to_string()).await,
+                }
+            }
+        }
         let retries = self.boot_stats.config().retries;
         let mut attempt = 0;
         loop {
@@ -690,7 +706,7 @@ impl Sandbox {
 /// ephemeral, so there is nothing to reconnect to: the connector hands out the
 /// stream once. Its reads are paced by the VM's rate limiter, so a guest that
 /// sends too fast meets HTTP/2 flow control.
-async fn guest_client(stream: GuestStream) -> Result<ExecutionServiceClient<Channel>, GuestError> {
+pub(crate) async fn guest_client(stream: GuestStream) -> Result<ExecutionServiceClient<Channel>, GuestError> {
     let slot = Arc::new(Mutex::new(Some(stream)));
     let channel = Endpoint::from_static("http://guest-agent.vsock")
         .connect_with_connector(tower::service_fn(move |_| {
@@ -750,7 +766,7 @@ async fn read_execute_stream(
 }
 
 /// Health as the host keeps it: every text field sanitized.
-fn sanitize_health(mut h: HealthResponse) -> HealthResponse {
+pub(crate) fn sanitize_health(mut h: HealthResponse) -> HealthResponse {
     for l in &mut h.languages {
         l.name = sanitize_guest_text(&l.name);
         l.version = sanitize_guest_text(&l.version);
@@ -903,6 +919,22 @@ pub struct ReadyVm {
 }
 
 impl ReadyVm {
+    pub(crate) fn new(
+        vm: Box<dyn Vm>,
+        client: ExecutionServiceClient<Channel>,
+        io: GuestIo,
+        boot_time: Duration,
+        health: HealthResponse,
+    ) -> Self {
+        Self {
+            vm: Some(vm),
+            client,
+            io,
+            boot_time,
+            health,
+        }
+    }
+
     pub fn id(&self) -> &str {
         self.vm.as_ref().map(|v| v.id()).unwrap_or("")
     }

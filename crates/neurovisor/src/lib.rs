@@ -32,6 +32,7 @@ pub mod metrics;
 pub mod pool;
 pub mod security;
 pub mod server;
+pub mod snapshot;
 pub mod supervisor;
 pub mod transport;
 pub mod vmm;

@@ -693,6 +693,7 @@ impl Env {
             rate_limit: Default::default(),
             guest_io: Default::default(),
             hooks: Default::default(),
+            guest_memory: None,
         }
     }
 
@@ -1407,6 +1408,7 @@ impl Real {
             rate_limit: Default::default(),
             guest_io: Default::default(),
             hooks: Default::default(),
+            guest_memory: None,
         }
     }
 

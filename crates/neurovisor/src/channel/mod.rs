@@ -6,10 +6,14 @@
 //! errors of the gRPC conversation that `exec` runs over it, [`text`] makes
 //! guest text (error messages, Health fields, console lines) safe for host logs
 //! and errors; [`guest_io`] says on which runtime the code that reads guest
-//! bytes runs (the daemon's unprivileged `nv-guest`).
+//! bytes runs (the daemon's unprivileged `nv-guest`). VMs that are
+//! snapshotted or restored on QEMU talk over a virtio-serial port instead
+//! ([`serial`]: one host connection at a time, a handshake that drops bytes
+//! left from before the snapshot), with the same rate limiter.
 
 pub mod client;
 pub mod guest_io;
+pub mod serial;
 pub mod text;
 pub mod vsock;
 

@@ -150,6 +150,22 @@ pub struct VmArgs {
     #[arg(long, env = "NEUROVISOR_WARM_LANGUAGES", value_delimiter = ',',
           default_value = "python", value_parser = parse_warm_language)]
     warm_languages: Vec<String>,
+    /// Restore VMs from a snapshot of a template VM (booted once per size,
+    /// agent and warm interpreters ready) instead of booting each one; the
+    /// template is cached under the state directory, keyed by its inputs.
+    /// In progress: a restore that does not answer falls back to cold boots.
+    #[arg(long, env = "NEUROVISOR_SNAPSHOT")]
+    snapshot: bool,
+    /// A user's snapshot device-state file (made there if missing; implies
+    /// --snapshot). Without a value: ./snapshot_file.
+    #[arg(long, value_name = "PATH", num_args = 0..=1,
+          default_missing_value = neurovisor::snapshot::DEFAULT_SNAPSHOT_FILE)]
+    snapshot_file: Option<PathBuf>,
+    /// The memory file of that snapshot (implies --snapshot). Without a
+    /// value: ./mem_file.
+    #[arg(long, value_name = "PATH", num_args = 0..=1,
+          default_missing_value = neurovisor::snapshot::DEFAULT_MEM_FILE)]
+    mem_file: Option<PathBuf>,
 }
 
 fn parse_warm_language(s: &str) -> Result<String, String> {
@@ -220,6 +236,9 @@ impl VmArgs {
         let state = self.state_dir.clone().unwrap_or_else(config::default_state_dir);
         // VMs of a `run` that was killed (SIGKILL) left their directories.
         neurovisor::supervisor::clean_before_start(&state.join("vms"));
+        let snapshots = self
+            .snapshot_source(&state)
+            .map(|s| std::sync::Arc::new(neurovisor::snapshot::Snapshots::new(s)));
         let mut sandbox = Sandbox::new(backend, images, state);
         sandbox.rate_limit = RateLimitConfig::default().with_rates(self.vsock_bandwidth, self.vsock_ops);
         sandbox.warm_languages = self
@@ -228,7 +247,23 @@ impl VmArgs {
             .filter(|l| *l != "none")
             .cloned()
             .collect();
+        sandbox.snapshots = snapshots;
         Ok(sandbox)
+    }
+
+    /// Where snapshots come from, if VMs are restored.
+    pub fn snapshot_source(&self, state: &std::path::Path) -> Option<neurovisor::snapshot::SnapshotSource> {
+        use neurovisor::snapshot::{SnapshotSource, DEFAULT_MEM_FILE, DEFAULT_SNAPSHOT_FILE};
+        match (&self.snapshot_file, &self.mem_file) {
+            (None, None) if !self.snapshot => None,
+            (None, None) => Some(SnapshotSource::Managed {
+                cache_dir: state.join("snapshots"),
+            }),
+            (s, m) => Some(SnapshotSource::Files {
+                state: s.clone().unwrap_or_else(|| DEFAULT_SNAPSHOT_FILE.into()),
+                mem: m.clone().unwrap_or_else(|| DEFAULT_MEM_FILE.into()),
+            }),
+        }
     }
 }
 

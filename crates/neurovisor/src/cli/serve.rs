@@ -207,6 +207,7 @@ impl ServeArgs {
             confine: !self.no_confine && nix::unistd::geteuid().is_root(),
             rate_limit: Default::default(),
             warm_languages: Vec::new(),
+            snapshot: None,
             max_connections: self
                 .max_connections
                 .or(f.max_connections)
@@ -255,6 +256,8 @@ pub async fn serve(a: ServeArgs) -> u8 {
         Ok(s) => {
             cfg.rate_limit = s.rate_limit;
             cfg.warm_languages = s.warm_languages.clone();
+            // The daemon's templates live with its other state.
+            cfg.snapshot = a.vm.snapshot_source(&cfg.state_dir.join("daemon"));
             s.into_parts()
         }
         Err(e) => {

@@ -72,6 +72,8 @@ pub struct DaemonConfig {
     pub rate_limit: crate::security::rate_limit::RateLimitConfig,
     /// Interpreters each pool VM starts before its request arrives.
     pub warm_languages: Vec<String>,
+    /// `--snapshot`: pool VMs are restored from a template's snapshot.
+    pub snapshot: Option<crate::snapshot::SnapshotSource>,
     /// Client connections open at once.
     pub max_connections: usize,
     /// Calls at once on one connection.
@@ -564,6 +566,10 @@ pub async fn run(
         Sandbox::new(backend, images, dir.clone()).with_guest_io(GuestIo::on(guest_rt.handle()));
     sandbox.rate_limit = cfg.rate_limit;
     sandbox.warm_languages = cfg.warm_languages.clone();
+    sandbox.snapshots = cfg
+        .snapshot
+        .clone()
+        .map(|s| Arc::new(crate::snapshot::Snapshots::new(s)));
     sandbox.hooks = crate::supervisor::VmHooks {
         counters: metrics.vm_counters(),
         guard,

@@ -58,6 +58,9 @@ pub struct KeeperSpec {
     pub cgroup_dirs: Vec<CString>,
     /// Run the child jailed (new namespaces, private root, no privileges).
     pub jail: Option<Arc<jail::Prepared>>,
+    /// Close-on-exec descriptors of ours the child inherits (the guest RAM
+    /// memfd of a snapshot); the keeper itself closes them.
+    pub inherit_fds: Vec<libc::c_int>,
 }
 
 /// A [`KeeperSpec`] bound to the process that spawns.
@@ -134,6 +137,9 @@ impl Keeper {
             crate::security::cgroups::pre_exec_join(&self.spec.cgroup_procs)?;
             if let Some(j) = &self.spec.jail {
                 j.enter()?;
+            }
+            for &fd in &self.spec.inherit_fds {
+                check(libc::fcntl(fd, libc::F_SETFD, 0))?;
             }
         }
         Ok(())

@@ -257,6 +257,7 @@ impl Confinement {
                 .map(|c| c.removal_order())
                 .unwrap_or_default(),
             jail,
+            inherit_fds: Vec::new(),
         }
     }
 

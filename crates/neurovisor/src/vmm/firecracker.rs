@@ -742,6 +742,7 @@ mod tests {
             rate_limit: Default::default(),
             guest_io: Default::default(),
             hooks: Default::default(),
+            guest_memory: None,
         };
         let a = FirecrackerBackend::boot_args(&cfg);
         for want in [

@@ -10,6 +10,7 @@ pub mod accel;
 pub mod capped_log;
 pub mod fc_api;
 pub mod firecracker;
+pub mod guest_memory;
 pub mod jailer;
 pub mod process;
 pub mod qemu;
@@ -28,6 +29,7 @@ use crate::security::rate_limit::RateLimitConfig;
 
 pub use accel::{Accel, AccelChoice};
 pub use firecracker::{FirecrackerBackend, FirecrackerOptions};
+pub use guest_memory::{GuestMemory, GuestMemoryError};
 pub use qemu::QemuBackend;
 pub use select::{select_backend, BackendKind, BackendOptions};
 
@@ -72,6 +74,10 @@ pub enum VmmError {
     },
     #[error("jailer: {0}")]
     Jail(String),
+    /// A snapshot could not be made or restored (unreadable, corrupt, or
+    /// made for another VM size, kernel or backend).
+    #[error("snapshot: {0}")]
+    Snapshot(String),
     /// The backend does not implement this operation (e.g. snapshots on QEMU).
     #[error("not supported: {0}")]
     Unsupported(String),
@@ -107,6 +113,12 @@ pub struct VmConfig {
     pub guest_io: GuestIo,
     /// The owner's metrics and eBPF guard.
     pub hooks: crate::supervisor::VmHooks,
+    /// Guest RAM that outlives the VM (QEMU). Unsealed in `spawn`: the VM is
+    /// a snapshot template, its RAM is this memfd (shared) and its guest
+    /// channel a virtio-serial port. Sealed in `restore`: the restored VM's
+    /// RAM starts as this image, copy-on-write. Firecracker keeps RAM in its
+    /// own snapshot memory file and ignores it.
+    pub guest_memory: Option<std::sync::Arc<GuestMemory>>,
 }
 
 impl VmConfig {
@@ -141,6 +153,11 @@ pub fn base_cmdline(cfg: &VmConfig) -> Vec<String> {
 pub trait VmmBackend: Send + Sync {
     /// Short name for logs and metrics ("qemu", "firecracker").
     fn name(&self) -> &'static str;
+    /// What a snapshot made by this backend depends on besides the images
+    /// (the VMM binary, the accelerator): part of a template's cache key.
+    fn identity(&self) -> String {
+        self.name().to_string()
+    }
     /// The live VMs' cgroups, for `/metrics` (none without a supervisor).
     fn live_vms(&self) -> crate::supervisor::LiveVms {
         crate::supervisor::LiveVms::default()
@@ -246,6 +263,7 @@ mod tests {
             rate_limit: RateLimitConfig::default(),
             guest_io: GuestIo::inline(),
             hooks: Default::default(),
+            guest_memory: None,
         };
         let c = base_cmdline(&cfg).join(" ");
         assert!(
@@ -319,6 +337,7 @@ mod tests {
             rate_limit: RateLimitConfig::default(),
             guest_io: GuestIo::inline(),
             hooks: Default::default(),
+            guest_memory: None,
         };
         let vm = Minimal.spawn(&cfg).await.expect("spawn");
         let p = Path::new("/tmp/x");

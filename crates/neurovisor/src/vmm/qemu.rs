@@ -16,10 +16,13 @@ use tokio::process::Command;
 
 use super::accel::{choose, host_tsc_khz, Accel, AccelChoice, KvmProbe};
 use super::capped_log::{CappedLog, CONSOLE_LOG_CAP};
+use super::guest_memory::GuestMemory;
 use super::jailer::{IdPool, IdRange};
 use super::process::{wait_for_path, Helper};
 use super::qmp::Qmp;
 use super::{base_cmdline, find_binary, log_tail, Vm, VmConfig, VmmBackend, VmmError};
+use crate::channel::serial::{self, SerialPort};
+use crate::channel::vsock::VsockError;
 use crate::channel::{vsock, HybridVsock};
 use crate::security::jail::{self, Bind, JailLimits, JailSpec};
 use crate::security::seccomp;
@@ -65,6 +68,11 @@ struct VmPaths {
     qmp: PathBuf,
     console: PathBuf,
     vmm_log: PathBuf,
+    /// The agent's virtio-serial port (snapshot templates and restored VMs).
+    agent: PathBuf,
+    /// Where the template's device state is migrated out through, and a
+    /// restored VM's migrated in.
+    migrate: PathBuf,
 }
 
 impl VmPaths {
@@ -75,6 +83,8 @@ impl VmPaths {
             qmp: dir.join("qmp.sock"),
             console: dir.join("console.log"),
             vmm_log: dir.join("vmm.log"),
+            agent: dir.join("agent.sock"),
+            migrate: dir.join("migrate.sock"),
             dir,
         }
     }
@@ -133,7 +143,7 @@ impl QemuBackend {
     }
 
     /// `p`, `kernel` and `rootfs` are paths as QEMU sees them (inside its jail).
-    fn qemu_args(&self, cfg: &VmConfig, p: &VmPaths, kernel: &Path, rootfs: &Path) -> Vec<String> {
+    fn qemu_args(&self, cfg: &VmConfig, p: &VmPaths, kernel: &Path, rootfs: &Path, ram: &Ram) -> Vec<String> {
         let mem = cfg.size.memory_mib();
         let mut a: Vec<String> = Vec::new();
         let mut push = |s: &[&str]| a.extend(s.iter().map(|x| x.to_string()));
@@ -147,11 +157,22 @@ impl QemuBackend {
             Accel::Tcg => push(&["-accel", "tcg", "-cpu", "max"]),
         }
         push(&["-m", &format!("{mem}M"), "-smp", &cfg.size.vcpus().to_string()]);
-        // vhost-user needs guest memory the daemon can map.
-        push(&[
-            "-object",
-            &format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
-        ]);
+        match ram {
+            // vhost-user needs guest memory the daemon can map.
+            Ram::Memfd => push(&[
+                "-object",
+                &format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
+            ]),
+            // The inherited memfd (see `GuestMemory`): shared by the template
+            // so that its RAM is the memfd, private in a restored VM.
+            Ram::Snapshot { mem_path, share } => push(&[
+                "-object",
+                &format!(
+                    "memory-backend-file,id=mem,size={mem}M,mem-path={mem_path},share={}",
+                    if *share { "on" } else { "off" }
+                ),
+            ]),
+        }
         push(&["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]);
         push(&["-kernel", &kernel.display().to_string()]);
         let mut cmdline = base_cmdline(cfg);
@@ -176,12 +197,28 @@ impl QemuBackend {
             "virtio-blk-device,drive=root",
         ]);
         push(&["-device", "virtio-rng-device"]);
-        push(&[
-            "-chardev",
-            &format!("socket,id=vsock,path={}", q(&p.vhost_sock)),
-            "-device",
-            "vhost-user-vsock-device,chardev=vsock",
-        ]);
+        match ram {
+            Ram::Memfd => push(&[
+                "-chardev",
+                &format!("socket,id=vsock,path={}", q(&p.vhost_sock)),
+                "-device",
+                "vhost-user-vsock-device,chardev=vsock",
+            ]),
+            // vhost-user devices cannot migrate; a virtio-serial port can.
+            Ram::Snapshot { share, .. } => {
+                push(&[
+                    "-device",
+                    "virtio-serial-device,max_ports=2",
+                    "-chardev",
+                    &format!("socket,id=agent,path={},server=on,wait=off", q(&p.agent)),
+                    "-device",
+                    &format!("virtserialport,chardev=agent,name={}", serial::PORT_NAME),
+                ]);
+                if !share {
+                    push(&["-incoming", "defer"]);
+                }
+            }
+        }
         push(&["-qmp", &format!("unix:{},server=on,wait=off", q(&p.qmp))]);
         if self.sandbox {
             push(&[
@@ -191,6 +228,14 @@ impl QemuBackend {
         }
         a
     }
+}
+
+/// Where a VM's RAM lives.
+enum Ram {
+    /// An anonymous memfd of QEMU's own (cold boots; vhost-user maps it).
+    Memfd,
+    /// A [`GuestMemory`] the VM inherits, reached at `mem_path`.
+    Snapshot { mem_path: String, share: bool },
 }
 
 /// `CONFIG_HZ` of the guest kernel (`CONFIG_HZ_100=y` in
@@ -378,11 +423,66 @@ impl VmmBackend for QemuBackend {
         "qemu"
     }
 
+    fn identity(&self) -> String {
+        let m = std::fs::metadata(&self.qemu).ok();
+        format!(
+            "{} len={} mtime={:?} accel={:?}",
+            self.qemu.display(),
+            m.as_ref().map(|m| m.len()).unwrap_or(0),
+            m.and_then(|m| m.modified().ok()),
+            self.accel.accel
+        )
+    }
+
     fn live_vms(&self) -> crate::supervisor::LiveVms {
         self.supervisor.live().clone()
     }
 
     async fn spawn(&self, cfg: &VmConfig) -> Result<Box<dyn Vm>, VmmError> {
+        let memory = match &cfg.guest_memory {
+            Some(m) if m.is_sealed() => {
+                return Err(VmmError::Unsupported(
+                    "a sealed guest memory image can only be restored".into(),
+                ))
+            }
+            m => m.clone(),
+        };
+        Ok(Box::new(self.start(cfg, memory, false).await?))
+    }
+
+    /// A new QEMU that migrates in the device state of `snapshot` (written
+    /// by [`Vm::create_snapshot`] of a template) over the template's RAM:
+    /// `cfg.guest_memory` if the caller holds it sealed (the pool), else
+    /// loaded from `mem`. With `x-ignore-shared` the RAM is not in the
+    /// stream, so the restore costs the device state only.
+    async fn restore(&self, cfg: &VmConfig, snapshot: &Path, mem: &Path) -> Result<Box<dyn Vm>, VmmError> {
+        let memory = match &cfg.guest_memory {
+            Some(m) if m.is_sealed() => m.clone(),
+            _ => std::sync::Arc::new(
+                GuestMemory::load(mem, u64::from(cfg.size.memory_mib()) << 20)
+                    .map_err(|e| VmmError::Snapshot(e.to_string()))?,
+            ),
+        };
+        let state = std::fs::read(snapshot).map_err(|source| VmmError::StateDir {
+            path: snapshot.to_path_buf(),
+            source,
+        })?;
+        let mut vm = self.start(cfg, Some(memory), true).await?;
+        vm.migrate_in(&state).await?;
+        Ok(Box::new(vm))
+    }
+}
+
+impl QemuBackend {
+    /// Starts the VM's processes. `memory`: RAM from a [`GuestMemory`] and
+    /// the agent on a virtio-serial port (a template, or with `incoming` a
+    /// VM waiting for its device state); `None`: a cold boot over vsock.
+    async fn start(
+        &self,
+        cfg: &VmConfig,
+        memory: Option<std::sync::Arc<GuestMemory>>,
+        incoming: bool,
+    ) -> Result<QemuVm, VmmError> {
         let paths = VmPaths::new(cfg.vm_dir());
         // From here on, dropping `vm` releases whatever was started.
         let conf = self.supervisor.confine(cfg)?;
@@ -393,18 +493,33 @@ impl VmmBackend for QemuBackend {
             })
         };
         let (console, vmm_log) = (log(&paths.console)?, log(&paths.vmm_log)?);
-        let vsock = HybridVsock::new(&paths.vsock, cfg.rate_limit, &cfg.hooks.counters)
-            .with_guest_io(cfg.guest_io.clone());
+        let channel = match memory {
+            None => Channel::Vsock(
+                HybridVsock::new(&paths.vsock, cfg.rate_limit, &cfg.hooks.counters)
+                    .with_guest_io(cfg.guest_io.clone()),
+            ),
+            Some(_) => Channel::Serial(SerialPort::new(
+                &paths.agent,
+                cfg.rate_limit,
+                &cfg.hooks.counters,
+                cfg.guest_io.clone(),
+            )),
+        };
         let mut vm = QemuVm {
             id: cfg.id.clone(),
             ready: None,
-            vsock: vsock.clone(),
+            channel,
+            pending: std::sync::Mutex::new(None),
+            restored: incoming,
+            memory: memory.clone(),
             vhost: None,
             qemu: None,
             paths: paths.clone(),
             conf,
         };
-        vm.ready = Some(vsock.listen(GUEST_READY_PORT)?);
+        if let Channel::Vsock(vsock) = &vm.channel {
+            vm.ready = Some(vsock.listen(GUEST_READY_PORT)?);
+        }
         if let Some(ids) = vm.conf.ids() {
             open_to_jail(&paths, ids.gid)?;
         }
@@ -417,53 +532,85 @@ impl VmmBackend for QemuBackend {
             ),
             None => (paths.clone(), cfg.kernel.clone(), cfg.rootfs.clone()),
         };
-
-        let (mut vhost_cmd, vhost_spec) = self.command(&self.vhost_vsock, cfg, &paths, &vm.conf, false)?;
-        vhost_cmd
-            .arg("--guest-cid")
-            .arg(GUEST_CID.to_string())
-            .arg("--socket")
-            .arg(&inner.vhost_sock)
-            .arg("--uds-path")
-            .arg(&inner.vsock)
-            // A group of its own: no sibling guest can ever be reached.
-            .arg("--groups")
-            .arg(&cfg.id);
-        let vhost = vm.vhost.insert(Helper::spawn(
-            "vhost-device-vsock",
-            vhost_cmd,
-            &vmm_log,
-            &vmm_log,
-            vhost_spec,
-        )?);
-        wait_for_path(&paths.vhost_sock, vhost, Duration::from_secs(5), &paths.vmm_log).await?;
         let jail_gid = vm.conf.ids().map(|ids| ids.gid);
-        if let Some(gid) = jail_gid {
-            // The helper made vsock.sock 0700 (its jail's umask): the
-            // daemon's guest I/O threads connect to it as its owner.
-            wait_for_path(&paths.vsock, vhost, Duration::from_secs(5), &paths.vmm_log).await?;
-            share_with_jail(&paths.vsock, gid)?;
+
+        if let Channel::Vsock(_) = &vm.channel {
+            let (mut vhost_cmd, vhost_spec) =
+                self.command(&self.vhost_vsock, cfg, &paths, &vm.conf, false)?;
+            vhost_cmd
+                .arg("--guest-cid")
+                .arg(GUEST_CID.to_string())
+                .arg("--socket")
+                .arg(&inner.vhost_sock)
+                .arg("--uds-path")
+                .arg(&inner.vsock)
+                // A group of its own: no sibling guest can ever be reached.
+                .arg("--groups")
+                .arg(&cfg.id);
+            let vhost = vm.vhost.insert(Helper::spawn(
+                "vhost-device-vsock",
+                vhost_cmd,
+                &vmm_log,
+                &vmm_log,
+                vhost_spec,
+            )?);
+            wait_for_path(&paths.vhost_sock, vhost, Duration::from_secs(5), &paths.vmm_log).await?;
+            if let Some(gid) = jail_gid {
+                // The helper made vsock.sock 0700 (its jail's umask): the
+                // daemon's guest I/O threads connect to it as its owner.
+                wait_for_path(&paths.vsock, vhost, Duration::from_secs(5), &paths.vmm_log).await?;
+                share_with_jail(&paths.vsock, gid)?;
+            }
         }
 
-        let (mut qemu_cmd, qemu_spec) = self.command(&self.qemu, cfg, &paths, &vm.conf, true)?;
-        qemu_cmd.args(self.qemu_args(cfg, &inner, &kernel, &rootfs));
+        let (mut qemu_cmd, mut qemu_spec) = self.command(&self.qemu, cfg, &paths, &vm.conf, true)?;
+        let ram = match &memory {
+            None => Ram::Memfd,
+            Some(m) => {
+                qemu_spec.inherit_fds.push(m.raw_fd());
+                Ram::Snapshot {
+                    mem_path: m.proc_path(),
+                    share: !incoming,
+                }
+            }
+        };
+        qemu_cmd.args(self.qemu_args(cfg, &inner, &kernel, &rootfs, &ram));
         let qemu = vm
             .qemu
             .insert(Helper::spawn("qemu", qemu_cmd, &console, &vmm_log, qemu_spec)?);
         if let Some(gid) = jail_gid {
-            // QMP likewise (the daemon's `quit` at shutdown).
+            // QMP likewise (the daemon's `quit` at shutdown), and the
+            // agent's port, which QEMU listens on.
             wait_for_path(&paths.qmp, qemu, Duration::from_secs(10), &paths.vmm_log).await?;
             share_with_jail(&paths.qmp, gid)?;
+            if memory.is_some() {
+                wait_for_path(&paths.agent, qemu, Duration::from_secs(10), &paths.vmm_log).await?;
+                share_with_jail(&paths.agent, gid)?;
+            }
         }
-        tracing::debug!(vm = %cfg.id, pid = ?vm.pids(), "VM started");
-        Ok(Box::new(vm))
+        tracing::debug!(vm = %cfg.id, pid = ?vm.pids(), restored = incoming, "VM started");
+        Ok(vm)
     }
+}
+
+/// How the host reaches the agent of one VM.
+enum Channel {
+    Vsock(HybridVsock),
+    Serial(SerialPort),
 }
 
 pub struct QemuVm {
     id: String,
+    /// Cold boots: the listener the agent's READY arrives on.
     ready: Option<UnixListener>,
-    vsock: HybridVsock,
+    channel: Channel,
+    /// Over virtio-serial, the connection `wait_ready` made, for the first
+    /// `connect` (a port serves one connection at a time).
+    pending: std::sync::Mutex<Option<vsock::GuestStream>>,
+    /// Started from a snapshot.
+    restored: bool,
+    /// The RAM image (templates and restored VMs): kept alive with the VM.
+    memory: Option<std::sync::Arc<GuestMemory>>,
     vhost: Option<Helper>,
     qemu: Option<Helper>,
     paths: VmPaths,
@@ -501,6 +648,12 @@ impl Vm for QemuVm {
     }
 
     async fn wait_ready(&mut self, timeout: Duration) -> Result<(), VmmError> {
+        if let Channel::Serial(port) = &self.channel {
+            return self.wait_serial(port.clone(), timeout).await;
+        }
+        let Channel::Vsock(vsock) = &self.channel else {
+            unreachable!("the serial channel returned above")
+        };
         let Some(listener) = self.ready.take() else {
             return Ok(());
         };
@@ -508,14 +661,14 @@ impl Vm for QemuVm {
             return Err(VmmError::Qmp("VM already stopped".into()));
         };
         let outcome = tokio::select! {
-            r = self.vsock.accept_ready(listener) => r.map_err(|e| e.to_string()),
+            r = vsock.accept_ready(listener) => r.map_err(|e| e.to_string()),
             status = qemu.exited() => Err(format!("qemu: {status}")),
             status = vhost.exited() => Err(format!("vhost-device-vsock: {status}")),
             _ = tokio::time::sleep(timeout) => {
                 return Err(VmmError::BootTimeout { timeout, console_tail: self.console_tail() });
             }
         };
-        let _ = std::fs::remove_file(self.vsock.host_port_path(GUEST_READY_PORT));
+        let _ = std::fs::remove_file(vsock.host_port_path(GUEST_READY_PORT));
         outcome.map_err(|status| VmmError::DiedDuringBoot {
             status,
             console_tail: self.console_tail(),
@@ -542,7 +695,21 @@ impl Vm for QemuVm {
     }
 
     async fn connect(&self, port: u32) -> Result<vsock::GuestStream, VmmError> {
-        Ok(self.vsock.connect(port).await?)
+        match &self.channel {
+            Channel::Vsock(v) => Ok(v.connect(port).await?),
+            Channel::Serial(p) => {
+                if port != neurovisor_proto::GUEST_AGENT_PORT {
+                    return Err(VmmError::Unsupported(format!(
+                        "guest port {port}: a virtio-serial VM has only the agent's"
+                    )));
+                }
+                let pending = self.pending.lock().ok().and_then(|mut p| p.take());
+                match pending {
+                    Some(s) => Ok(s),
+                    None => Ok(p.connect().await?),
+                }
+            }
+        }
     }
 
     fn pids(&self) -> Vec<u32> {
@@ -566,6 +733,71 @@ impl Vm for QemuVm {
     async fn kill(mut self: Box<Self>) {
         self.release(Duration::ZERO).await;
     }
+
+    async fn pause(&self) -> Result<(), VmmError> {
+        self.qmp().await?.execute("stop", None).await.map(drop)
+    }
+
+    async fn resume(&self) -> Result<(), VmmError> {
+        self.qmp().await?.execute("cont", None).await.map(drop)
+    }
+
+    /// Device state only (`x-ignore-shared`: the RAM is the VM's
+    /// [`GuestMemory`]) to `snapshot_path`; the RAM image to `mem_path`.
+    /// Only a template (spawned with an unsealed `guest_memory`) can.
+    async fn create_snapshot(&self, snapshot_path: &Path, mem_path: &Path) -> Result<(), VmmError> {
+        use tokio::io::AsyncReadExt;
+        let Some(memory) = self.memory.as_ref().filter(|_| !self.restored) else {
+            return Err(VmmError::Unsupported(
+                "only a VM spawned as a snapshot template (with guest_memory) can be snapshotted on QEMU"
+                    .into(),
+            ));
+        };
+        let snap = |what: &str, e: &dyn std::fmt::Display| VmmError::Snapshot(format!("{what}: {e}"));
+        let _ = std::fs::remove_file(&self.paths.migrate);
+        let listener =
+            UnixListener::bind(&self.paths.migrate).map_err(|e| snap("bind the migration socket", &e))?;
+        if let Some(ids) = self.conf.ids() {
+            share_with_jail(&self.paths.migrate, ids.gid)?;
+        }
+        let mut qmp = self.qmp().await?;
+        qmp.execute("migrate-set-capabilities", Some(ignore_shared()))
+            .await?;
+        qmp.execute("migrate", Some(serde_json::json!({ "uri": self.migrate_uri() })))
+            .await?;
+        let (mut s, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
+            .await
+            .map_err(|e| snap("QEMU did not connect to the migration socket", &e))?
+            .map_err(|e| snap("accept the migration", &e))?;
+        let mut state = Vec::new();
+        tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut state))
+            .await
+            .map_err(|e| snap("the migration did not end", &e))?
+            .map_err(|e| snap("read the migration", &e))?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let m = qmp.execute("query-migrate", None).await?;
+            match m.get("status").and_then(|s| s.as_str()) {
+                Some("completed") => break,
+                Some("failed") | Some("cancelled") => {
+                    return Err(VmmError::Snapshot(format!("migration failed: {m}")));
+                }
+                _ if tokio::time::Instant::now() >= deadline => {
+                    return Err(VmmError::Snapshot(format!("migration did not complete: {m}")));
+                }
+                _ => tokio::time::sleep(Duration::from_millis(1)).await,
+            }
+        }
+        drop(listener);
+        let _ = std::fs::remove_file(&self.paths.migrate);
+        std::fs::write(snapshot_path, &state).map_err(|source| VmmError::StateDir {
+            path: snapshot_path.to_path_buf(),
+            source,
+        })?;
+        memory
+            .save(mem_path)
+            .map_err(|e| VmmError::Snapshot(e.to_string()))
+    }
 }
 
 impl Drop for QemuVm {
@@ -579,10 +811,158 @@ impl Drop for QemuVm {
 }
 
 impl QemuVm {
-    /// The hybrid-vsock endpoint of this VM.
-    pub fn vsock(&self) -> &HybridVsock {
-        &self.vsock
+    /// The hybrid-vsock endpoint of this VM (cold-booted VMs).
+    pub fn vsock(&self) -> Option<&HybridVsock> {
+        match &self.channel {
+            Channel::Vsock(v) => Some(v),
+            Channel::Serial(_) => None,
+        }
     }
+
+    /// Readiness over virtio-serial: the agent answers the handshake only
+    /// once it serves (a restored one at once). The connection is kept for
+    /// the first `connect`.
+    async fn wait_serial(&mut self, port: SerialPort, timeout: Duration) -> Result<(), VmmError> {
+        let Some(qemu) = self.qemu.as_mut() else {
+            return Err(VmmError::Qmp("VM already stopped".into()));
+        };
+        let connect = async {
+            let mut delay = Duration::from_micros(500);
+            loop {
+                match port.connect().await {
+                    Ok(s) => return Ok(s),
+                    // QEMU has not bound the port yet, or the agent did
+                    // not answer this connection (see `serial::ANSWER_WAIT`).
+                    Err(VsockError::Connect { .. } | VsockError::Timeout(_)) => {
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_millis(10));
+                    }
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+        };
+        let outcome = tokio::select! {
+            r = connect => r,
+            status = qemu.exited() => Err(format!("qemu: {status}")),
+            _ = tokio::time::sleep(timeout) => {
+                return Err(VmmError::BootTimeout { timeout, console_tail: self.console_tail() });
+            }
+        };
+        match outcome {
+            Ok(s) => {
+                if let Ok(mut p) = self.pending.lock() {
+                    *p = Some(s);
+                }
+                Ok(())
+            }
+            Err(status) => Err(VmmError::DiedDuringBoot {
+                status,
+                console_tail: self.console_tail(),
+            }),
+        }
+    }
+
+    async fn qmp(&self) -> Result<Qmp, VmmError> {
+        Qmp::connect(&self.paths.qmp).await
+    }
+
+    /// The path of the migration socket as QEMU sees it.
+    fn migrate_uri(&self) -> String {
+        let inner = match self.conf.ids() {
+            Some(_) => VmPaths::new(jail::JAIL_VM_DIR.into()),
+            None => self.paths.clone(),
+        };
+        format!("unix:{}", inner.migrate.display())
+    }
+
+    /// Feeds `state` (a template's device state) into a QEMU started with
+    /// `-incoming defer`, then runs the VM.
+    async fn migrate_in(&mut self, state: &[u8]) -> Result<(), VmmError> {
+        use tokio::io::AsyncWriteExt;
+        let snap = |what: &str, e: &dyn std::fmt::Display| VmmError::Snapshot(format!("{what}: {e}"));
+        let qemu = self
+            .qemu
+            .as_mut()
+            .ok_or_else(|| VmmError::Qmp("VM already stopped".into()))?;
+        wait_for_path(
+            &self.paths.qmp,
+            qemu,
+            Duration::from_secs(10),
+            &self.paths.vmm_log,
+        )
+        .await?;
+        let mut qmp = Qmp::connect(&self.paths.qmp).await?;
+        qmp.execute("migrate-set-capabilities", Some(ignore_shared()))
+            .await?;
+        qmp.execute(
+            "migrate-incoming",
+            Some(serde_json::json!({ "uri": self.migrate_uri() })),
+        )
+        .await?;
+        let qemu = self
+            .qemu
+            .as_mut()
+            .ok_or_else(|| VmmError::Qmp("VM already stopped".into()))?;
+        wait_for_path(
+            &self.paths.migrate,
+            qemu,
+            Duration::from_secs(10),
+            &self.paths.vmm_log,
+        )
+        .await?;
+        if let Some(ids) = self.conf.ids() {
+            share_with_jail(&self.paths.migrate, ids.gid)?;
+        }
+        let mut s = tokio::net::UnixStream::connect(&self.paths.migrate)
+            .await
+            .map_err(|e| snap("connect to the incoming migration", &e))?;
+        // A corrupt state makes QEMU exit: its log says why.
+        let fed = async {
+            s.write_all(state).await?;
+            s.shutdown().await
+        };
+        if let Err(e) = fed.await {
+            return Err(self.restore_failed(&format!("send the device state: {e}")).await);
+        }
+        drop(s);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let status = match qmp.execute("query-status", None).await {
+                Ok(v) => v,
+                Err(e) => return Err(self.restore_failed(&e.to_string()).await),
+            };
+            match status.get("status").and_then(|s| s.as_str()) {
+                Some("paused") | Some("postmigrate") => break,
+                Some("running") => return Ok(()),
+                Some("inmigrate") if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                other => {
+                    return Err(self
+                        .restore_failed(&format!("the VM is {other:?} after the migration"))
+                        .await)
+                }
+            }
+        }
+        qmp.execute("cont", None).await?;
+        let _ = std::fs::remove_file(&self.paths.migrate);
+        Ok(())
+    }
+
+    async fn restore_failed(&mut self, what: &str) -> VmmError {
+        if let Some(q) = self.qemu.as_mut() {
+            // Give a dying QEMU the moment it needs to write why.
+            let _ = tokio::time::timeout(Duration::from_millis(500), q.exited()).await;
+        }
+        VmmError::Snapshot(format!(
+            "QEMU refused the snapshot ({what}); its log:\n{}",
+            log_tail(&self.paths.vmm_log, 10)
+        ))
+    }
+}
+
+fn ignore_shared() -> serde_json::Value {
+    serde_json::json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": true }] })
 }
 
 #[cfg(test)]
@@ -612,9 +992,16 @@ mod tests {
             rate_limit: Default::default(),
             guest_io: Default::default(),
             hooks: Default::default(),
+            guest_memory: None,
         };
         let a = backend
-            .qemu_args(&cfg, &VmPaths::new(cfg.vm_dir()), &cfg.kernel, &cfg.rootfs)
+            .qemu_args(
+                &cfg,
+                &VmPaths::new(cfg.vm_dir()),
+                &cfg.kernel,
+                &cfg.rootfs,
+                &Ram::Memfd,
+            )
             .join(" ");
         for want in [
             "-accel tcg",
@@ -642,7 +1029,13 @@ mod tests {
             ..backend
         };
         let k = kvm
-            .qemu_args(&cfg, &VmPaths::new(cfg.vm_dir()), &cfg.kernel, &cfg.rootfs)
+            .qemu_args(
+                &cfg,
+                &VmPaths::new(cfg.vm_dir()),
+                &cfg.kernel,
+                &cfg.rootfs,
+                &Ram::Memfd,
+            )
             .join(" ");
         for unwanted in ["lpj=", "no_timer_check", "tsc_early_khz="] {
             assert!(!k.contains(unwanted), "{unwanted:?} on a KVM command line: {k}");

@@ -1,0 +1,423 @@
+//! Fresh VMs from a snapshot (`--snapshot`): one template VM per (image,
+//! size, backend, warm languages) boots, its agent becomes ready and its warm
+//! interpreters wait for code, it is snapshotted, and every later VM of that
+//! kind is restored from the snapshot instead of booted.
+//!
+//! - **Cache.** `Managed` templates live in `<cache>/<backend>-<size>-<key>/`
+//!   (`state`, `mem`, `inputs.json`); the key hashes the inputs (backend and
+//!   its binary, size, warm languages, kernel and rootfs by path, size, mtime
+//!   and inode). Changed inputs give a new key: the template is rebuilt and
+//!   the stale one removed. A template is built in a temporary directory and
+//!   renamed into place, so concurrent processes never see half of one.
+//!   `Files` are a user's `--snapshot-file`/`--mem-file`: used as they are if
+//!   present, else made there.
+//! - **Memory.** On QEMU the template's RAM is a memfd ([`GuestMemory`]),
+//!   sealed once the template is gone and shared copy-on-write by every
+//!   restored VM of this process. Firecracker maps its memory file itself.
+//! - **Uniqueness.** Before a restored VM is handed out, `Reseed` gives it
+//!   64 bytes of host entropy (credited, CRNG reseeded), the wall clock and
+//!   its id (see the guest's `reseed.rs`).
+//! - **Failure.** A template that cannot be built, or a snapshot that does
+//!   not restore, is logged with the reason and the VMs are booted cold; a
+//!   managed template that failed to restore is deleted, so the next start
+//!   rebuilds it.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use neurovisor_proto::guest::{HealthRequest, ReseedRequest, SettleRequest};
+use neurovisor_proto::GUEST_AGENT_PORT;
+use sha2::{Digest, Sha256};
+
+use crate::channel::GuestError;
+use crate::config::VmSize;
+use crate::exec::{guest_client, sanitize_health, ExecError, ReadyVm, Sandbox};
+use crate::vmm::{GuestMemory, VmmError};
+
+/// Where snapshots come from.
+#[derive(Debug, Clone)]
+pub enum SnapshotSource {
+    /// Templates built and cached under this directory, keyed by their inputs.
+    Managed { cache_dir: PathBuf },
+    /// A user's files (the seed's `--snapshot-file`, `--mem-file`).
+    Files { state: PathBuf, mem: PathBuf },
+}
+
+/// The seed's default paths of a user-made snapshot.
+pub const DEFAULT_SNAPSHOT_FILE: &str = "./snapshot_file";
+pub const DEFAULT_MEM_FILE: &str = "./mem_file";
+
+/// How long a template's warm interpreters may take to be ready.
+const SETTLE: Duration = Duration::from_secs(30);
+/// How long a restored VM may take to answer.
+const RESTORE_READY: Duration = Duration::from_secs(10);
+/// Host entropy handed to each restored VM.
+const ENTROPY_BYTES: usize = 64;
+
+/// One snapshot a VM can be restored from.
+#[derive(Debug)]
+pub struct Template {
+    pub state: PathBuf,
+    pub mem: PathBuf,
+    /// The sealed RAM image (QEMU).
+    pub memory: Option<Arc<GuestMemory>>,
+    /// The managed directory, removed when the template turns out broken.
+    managed_dir: Option<PathBuf>,
+}
+
+enum Slot {
+    Ready(Arc<Template>),
+    /// Why no template: VMs of this kind boot cold.
+    Failed(String),
+}
+
+/// The templates of one sandbox, per VM size and warm languages.
+pub struct Snapshots {
+    source: SnapshotSource,
+    slots: tokio::sync::Mutex<HashMap<(&'static str, Vec<String>), Slot>>,
+}
+
+impl Snapshots {
+    pub fn new(source: SnapshotSource) -> Self {
+        Self {
+            source,
+            slots: Default::default(),
+        }
+    }
+
+    pub fn source(&self) -> &SnapshotSource {
+        &self.source
+    }
+
+    /// Why VMs of `size` boot cold, if they do.
+    pub async fn failure(&self, size: VmSize, warm: &[String]) -> Option<String> {
+        match self.slots.lock().await.get(&(size.name(), warm.to_vec())) {
+            Some(Slot::Failed(why)) => Some(why.clone()),
+            _ => None,
+        }
+    }
+
+    /// The template for `size`, built (or loaded) on first use; `None` if
+    /// there is none (logged once), so the caller boots cold.
+    pub async fn template(&self, sb: &Sandbox, size: VmSize, warm: &[String]) -> Option<Arc<Template>> {
+        let mut slots = self.slots.lock().await;
+        let key = (size.name(), warm.to_vec());
+        if let Some(slot) = slots.get(&key) {
+            return match slot {
+                Slot::Ready(t) => Some(t.clone()),
+                Slot::Failed(_) => None,
+            };
+        }
+        let started = Instant::now();
+        let slot = match self.prepare(sb, size, warm).await {
+            Ok(t) => {
+                tracing::info!(size = size.name(), took_ms = started.elapsed().as_millis() as u64,
+                    state = %t.state.display(), "snapshot template ready");
+                Slot::Ready(Arc::new(t))
+            }
+            Err(e) => {
+                let why = format!("{e:#}");
+                tracing::error!(size = size.name(), "no snapshot, VMs boot cold: {why}");
+                Slot::Failed(why)
+            }
+        };
+        let out = match &slot {
+            Slot::Ready(t) => Some(t.clone()),
+            Slot::Failed(_) => None,
+        };
+        slots.insert(key, slot);
+        out
+    }
+
+    /// A template that failed to restore: never used again by this process;
+    /// a managed one is deleted so that the next start rebuilds it.
+    pub async fn discard(&self, t: &Arc<Template>, why: &str) {
+        tracing::error!(state = %t.state.display(), "snapshot does not restore, VMs boot cold from now on: {why}");
+        let mut slots = self.slots.lock().await;
+        for slot in slots.values_mut() {
+            if matches!(slot, Slot::Ready(x) if Arc::ptr_eq(x, t)) {
+                *slot = Slot::Failed(why.to_string());
+            }
+        }
+        if let Some(dir) = &t.managed_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+
+    async fn prepare(&self, sb: &Sandbox, size: VmSize, warm: &[String]) -> Result<Template, SnapshotError> {
+        let qemu = sb.backend().name() == "qemu";
+        let mem_bytes = u64::from(size.memory_mib()) << 20;
+        let load = |state: PathBuf, mem: PathBuf, managed_dir| -> Result<Template, SnapshotError> {
+            let memory = if qemu {
+                Some(Arc::new(GuestMemory::load(&mem, mem_bytes).map_err(|e| {
+                    SnapshotError::Invalid(format!("{e}; remove it (or pass other files) to make a new one"))
+                })?))
+            } else {
+                None
+            };
+            Ok(Template {
+                state,
+                mem,
+                memory,
+                managed_dir,
+            })
+        };
+        match &self.source {
+            SnapshotSource::Files { state, mem } => {
+                if state.exists() || mem.exists() {
+                    if !state.exists() || !mem.exists() {
+                        return Err(SnapshotError::Invalid(format!(
+                            "{} and {} must both exist (a snapshot is the pair); remove the other one to make a new snapshot there",
+                            state.display(),
+                            mem.display()
+                        )));
+                    }
+                    return load(state.clone(), mem.clone(), None);
+                }
+                let memory = build(sb, size, warm, state, mem).await?;
+                Ok(Template {
+                    state: state.clone(),
+                    mem: mem.clone(),
+                    memory,
+                    managed_dir: None,
+                })
+            }
+            SnapshotSource::Managed { cache_dir } => {
+                let inputs = inputs(sb, size, warm);
+                let key = hex(&Sha256::digest(inputs.to_string().as_bytes())[..8]);
+                let prefix = format!("{}-{}-", sb.backend().name(), size.name());
+                let dir = cache_dir.join(format!("{prefix}{key}"));
+                std::fs::create_dir_all(cache_dir).map_err(|e| SnapshotError::io(cache_dir, e))?;
+                // Stale templates of the same kind (other inputs) go.
+                if let Ok(entries) = std::fs::read_dir(cache_dir) {
+                    for e in entries.flatten() {
+                        let name = e.file_name().to_string_lossy().into_owned();
+                        if name.starts_with(&prefix) && e.path() != dir && !name.ends_with(".tmp") {
+                            tracing::info!(template = %name, "removing a stale snapshot template (its inputs changed)");
+                            let _ = std::fs::remove_dir_all(e.path());
+                        }
+                    }
+                }
+                let (state, mem) = (dir.join("state"), dir.join("mem"));
+                if dir.join("inputs.json").exists() {
+                    match load(state.clone(), mem.clone(), Some(dir.clone())) {
+                        Ok(t) => return Ok(t),
+                        Err(e) => {
+                            tracing::warn!("cached snapshot template unusable, rebuilding: {e}");
+                            let _ = std::fs::remove_dir_all(&dir);
+                        }
+                    }
+                }
+                let tmp = cache_dir.join(format!("{prefix}{key}.{}.tmp", std::process::id()));
+                let _ = std::fs::remove_dir_all(&tmp);
+                std::fs::create_dir_all(&tmp).map_err(|e| SnapshotError::io(&tmp, e))?;
+                let built = build(sb, size, warm, &tmp.join("state"), &tmp.join("mem")).await;
+                let memory = match built {
+                    Ok(m) => m,
+                    Err(e) => {
+                        let _ = std::fs::remove_dir_all(&tmp);
+                        return Err(e);
+                    }
+                };
+                let written = serde_json::to_vec_pretty(&inputs)
+                    .map_err(std::io::Error::other)
+                    .and_then(|j| std::fs::write(tmp.join("inputs.json"), j));
+                if let Err(e) = written {
+                    let _ = std::fs::remove_dir_all(&tmp);
+                    return Err(SnapshotError::io(&tmp, e));
+                }
+                if std::fs::rename(&tmp, &dir).is_err() {
+                    // Another process put the same template there first.
+                    let _ = std::fs::remove_dir_all(&tmp);
+                    return load(state, mem, Some(dir));
+                }
+                Ok(Template {
+                    state,
+                    mem,
+                    memory,
+                    managed_dir: Some(dir),
+                })
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("building the template VM: {0}")]
+    Build(#[source] Box<ExecError>),
+}
+
+impl SnapshotError {
+    fn io(path: &Path, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn file_identity(p: &Path) -> serde_json::Value {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::metadata(p) {
+        Ok(m) => serde_json::json!({
+            "path": p.display().to_string(),
+            "len": m.len(),
+            "mtime_ns": m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
+            "ino": m.ino(),
+        }),
+        Err(_) => serde_json::json!({ "path": p.display().to_string() }),
+    }
+}
+
+/// What a template depends on: a change to any of these makes a new one.
+fn inputs(sb: &Sandbox, size: VmSize, warm: &[String]) -> serde_json::Value {
+    let images = sb.images();
+    serde_json::json!({
+        "neurovisor": env!("CARGO_PKG_VERSION"),
+        "backend": sb.backend().name(),
+        "vmm": sb.backend().identity(),
+        "size": size.name(),
+        "memory_mib": size.memory_mib(),
+        "vcpus": size.vcpus(),
+        "warm": warm,
+        "kernel": file_identity(&images.kernel),
+        "rootfs": file_identity(&images.rootfs),
+    })
+}
+
+/// Boots the template VM, waits for its agent and warm interpreters, and
+/// snapshots it into `state` and `mem`. Returns the sealed RAM (QEMU).
+async fn build(
+    sb: &Sandbox,
+    size: VmSize,
+    warm: &[String],
+    state: &Path,
+    mem: &Path,
+) -> Result<Option<Arc<GuestMemory>>, SnapshotError> {
+    let qemu = sb.backend().name() == "qemu";
+    let memory = if qemu {
+        Some(Arc::new(
+            GuestMemory::create(u64::from(size.memory_mib()) << 20)
+                .map_err(|e| SnapshotError::Invalid(e.to_string()))?,
+        ))
+    } else {
+        None
+    };
+    let build_err = |e: ExecError| SnapshotError::Build(Box::new(e));
+    let mut extra = Vec::new();
+    if !warm.is_empty() {
+        extra.push(format!("nv.warm={}", warm.join(",")));
+    }
+    let mut cfg = sb.vm_config(size, extra);
+    cfg.guest_memory = memory.clone();
+    let budget = Duration::from_secs(90);
+    let mut vm = sb.backend().spawn(&cfg).await.map_err(|e| build_err(e.into()))?;
+    let result = async {
+        vm.wait_ready(budget).await?;
+        let stream = vm.connect(GUEST_AGENT_PORT).await?;
+        let io = sb.guest_io().clone();
+        let settled = io
+            .run(async move {
+                let mut client = guest_client(stream).await?;
+                client.health(HealthRequest {}).await.map_err(GuestError::from)?;
+                let s = client
+                    .settle(SettleRequest {
+                        timeout_ms: SETTLE.as_millis() as u32,
+                    })
+                    .await
+                    .map_err(GuestError::from)?;
+                Ok::<_, ExecError>(s.into_inner().warm_languages)
+            })
+            .await
+            .map_err(|e| GuestError::Connect(e.to_string()))??;
+        let missing: Vec<&String> = warm.iter().filter(|l| !settled.contains(l)).collect();
+        if !missing.is_empty() {
+            tracing::warn!(?missing, "template snapshotted without these warm interpreters");
+        }
+        // The connection is closed: let the agent see it end, so that the
+        // snapshot holds an agent waiting for its next host.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        vm.pause().await?;
+        vm.create_snapshot(state, mem).await?;
+        Ok::<_, ExecError>(())
+    }
+    .await;
+    tracing::debug!(console = %crate::vmm::log_tail(&vm.dir().join("console.log"), 30), "template console");
+    vm.kill().await;
+    result.map_err(build_err)?;
+    if let Some(m) = &memory {
+        m.seal().map_err(|e| SnapshotError::Invalid(e.to_string()))?;
+    }
+    Ok(memory)
+}
+
+/// Restores one VM from `t` and makes it unique; `Err` means the snapshot
+/// (not the caller's request) failed.
+pub async fn restore(sb: &Sandbox, t: &Template, size: VmSize) -> Result<ReadyVm, ExecError> {
+    let started = Instant::now();
+    let mut cfg = sb.vm_config(size, Vec::new());
+    cfg.guest_memory = t.memory.clone();
+    let vm_id = cfg.id.clone();
+    let mut vm = sb.backend().restore(&cfg, &t.state, &t.mem).await?;
+    let deadline = tokio::time::Instant::now() + RESTORE_READY;
+    let connected = tokio::time::timeout_at(deadline, async {
+        vm.wait_ready(RESTORE_READY).await?;
+        let stream = vm.connect(GUEST_AGENT_PORT).await?;
+        let mut entropy = vec![0u8; ENTROPY_BYTES];
+        getrandom::getrandom(&mut entropy).map_err(|e| ExecError::Vmm(VmmError::Snapshot(e.to_string())))?;
+        let unix_time_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        sb.guest_io()
+            .run(async move {
+                let mut client = guest_client(stream).await?;
+                client
+                    .reseed(ReseedRequest {
+                        entropy: entropy.into(),
+                        unix_time_ns,
+                        vm_id,
+                    })
+                    .await
+                    .map_err(GuestError::from)?;
+                let health = client.health(HealthRequest {}).await.map_err(GuestError::from)?;
+                Ok::<_, ExecError>((client, sanitize_health(health.into_inner())))
+            })
+            .await
+            .map_err(|e| GuestError::Connect(e.to_string()))?
+    })
+    .await
+    .unwrap_or_else(|_| {
+        Err(ExecError::Vmm(VmmError::Snapshot(format!(
+            "the restored VM did not answer within {RESTORE_READY:?}"
+        ))))
+    });
+    match connected {
+        Ok((client, health)) => Ok(ReadyVm::new(
+            vm,
+            client,
+            sb.guest_io().clone(),
+            started.elapsed(),
+            health,
+        )),
+        Err(e) => {
+            vm.kill().await;
+            Err(e)
+        }
+    }
+}
