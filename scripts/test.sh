@@ -49,3 +49,5 @@ cargo run --release --locked -q -p neurovisor --features ebpf --example ebpf_pro
 cargo run --release --locked -q -p neurovisor --features ebpf --example lsm_proof || [ $? -eq 3 ]
 echo; echo "== benchmark: neurovisor bench boot"
 ./target/release/neurovisor bench boot --runs 9 --size small
+echo; echo "== benchmark: neurovisor bench snapshot (restore vs cold boot, host CPU and PSS per VM)"
+./target/release/neurovisor bench snapshot --runs 5 --vms 4 --size small

@@ -213,31 +213,37 @@ pub fn incoming(port: &Path) -> io::Result<ReceiverStream<io::Result<SerialConn>
     }
     let (tx, rx) = mpsc::channel(1);
     tokio::spawn(async move {
-        // SAFETY: an OwnedFd's fd stays open and the same for its lifetime.
-        let fd = match unsafe { AsyncFd::register(fd) } {
-            Ok(fd) => Arc::new(fd),
-            Err(e) => {
-                let _ = tx.send(Err(io::Error::other(e.to_string()))).await;
-                return;
-            }
-        };
         loop {
             tracing::info!("virtio-serial: waiting for the host");
-            while !host_connected(fd.get_ref()) {
+            while !host_connected(&fd) {
                 // SIGIO on connect; the timeout only guards a lost signal.
                 let _ = tokio::time::timeout(Duration::from_secs(1), sigio.recv()).await;
             }
             tracing::info!("virtio-serial: host connected");
-            match handshake(&fd).await {
-                Ok(()) => {}
+            // A registration of its own for each connection: tokio keeps a
+            // hang-up it once saw (the previous host leaving) as readiness
+            // for good, so a reused one would spin on EAGAIN after the next
+            // host connects (seen after restores: the agent stopped
+            // answering after its first reply).
+            // SAFETY: the clone is owned by the AsyncFd, open and the same
+            // descriptor for its lifetime.
+            let conn_fd = match fd
+                .try_clone()
+                .and_then(|f| unsafe { AsyncFd::register(f) }.map_err(io::Error::from))
+            {
+                Ok(f) => Arc::new(f),
                 Err(e) => {
-                    tracing::warn!("virtio-serial: handshake failed: {e}");
-                    continue;
+                    let _ = tx.send(Err(e)).await;
+                    return;
                 }
+            };
+            if let Err(e) = handshake(&conn_fd).await {
+                tracing::warn!("virtio-serial: handshake failed: {e}");
+                continue;
             }
             let (done, ended) = oneshot::channel();
             let conn = SerialConn {
-                fd: fd.clone(),
+                fd: conn_fd,
                 _done: done,
             };
             if tx.send(Ok(conn)).await.is_err() {

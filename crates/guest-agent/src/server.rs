@@ -70,16 +70,25 @@ impl ExecutionService for Agent {
             tracing::info!(from = %id, to = %req.vm_id, "reseeded after a restore");
             *id = req.vm_id;
         }
-        Ok(Response::new(ReseedResponse { unix_time_ns }))
+        Ok(Response::new(ReseedResponse {
+            unix_time_ns,
+            health: Some(self.health_now()),
+        }))
     }
 
     async fn health(&self, _: Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {
+        Ok(Response::new(self.health_now()))
+    }
+}
+
+impl Agent {
+    fn health_now(&self) -> HealthResponse {
         let uptime_ms = std::fs::read_to_string("/proc/uptime")
             .ok()
             .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse::<f64>().ok()))
             .map(|secs| (secs * 1000.0) as u64)
             .unwrap_or(0);
-        Ok(Response::new(HealthResponse {
+        HealthResponse {
             ready: true,
             languages: self
                 .languages
@@ -94,7 +103,7 @@ impl ExecutionService for Agent {
                 .map(|u| u.release().to_string_lossy().into_owned())
                 .unwrap_or_default(),
             uptime_ms,
-        }))
+        }
     }
 }
 

@@ -284,8 +284,12 @@ impl WarmSet {
     pub fn restart_unreseedable(&self) {
         let Ok(mut ready) = self.ready.lock() else { return };
         for lang in ["javascript"] {
-            if ready.remove(lang).is_some() {
-                match spawn(lang) {
+            if let Some(old) = ready.remove(lang) {
+                // The new one gets the old one's work directory: a program
+                // sees the same cwd as in a VM that was never restored.
+                let dir = old.dir.clone();
+                drop(old);
+                match spawn_in(lang, Some(dir)) {
                     Ok(w) => {
                         ready.insert(lang.to_string(), w);
                     }
@@ -311,9 +315,17 @@ fn is_read_of_fd3(syscall: &str) -> bool {
 }
 
 fn spawn(language: &str) -> std::io::Result<Warm> {
+    spawn_in(language, None)
+}
+
+/// Starts `language` ahead in `dir`, or in a new work directory.
+fn spawn_in(language: &str, dir: Option<PathBuf>) -> std::io::Result<Warm> {
     let (program, argv) = bootstrap(language)
         .ok_or_else(|| std::io::Error::other(format!("{language} cannot be started ahead")))?;
-    let dir = exec::create_workdir()?;
+    let dir = match dir {
+        Some(d) => d,
+        None => exec::create_workdir()?,
+    };
     let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(std::io::Error::from)?;
     let limits = Limits::default();
     let mut cmd = Command::new(program);

@@ -394,6 +394,7 @@ impl DaemonClient {
                             stderr_bytes: r.stderr_bytes,
                             duration_ms: r.duration_us as f64 / 1000.0,
                             warm_interpreter: r.warm_interpreter,
+                            restored: r.restored,
                             ..Default::default()
                         },
                         wait_ms: r.wait_us as f64 / 1000.0,

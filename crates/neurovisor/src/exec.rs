@@ -398,6 +398,8 @@ pub struct ExecOutcome {
     /// The program ran in an interpreter started before the request (false:
     /// one started for it; see the guest agent's `warm.rs`).
     pub warm_interpreter: bool,
+    /// The VM was restored from a snapshot (`--snapshot`) instead of booted.
+    pub restored: bool,
 }
 
 impl ExecOutcome {
@@ -531,17 +533,8 @@ impl Sandbox {
 
     /// [`Sandbox::boot`] with its own warm languages.
     pub async fn boot_warm(&self, size: VmSize, warm: &[String]) -> Result<ReadyVm, ExecError> {
-        if let Some(snaps) = &self.snapshots {
-            if let Some(t) = snaps.template(self, size, warm).await {
-                match crate::snapshot::restore(self, &t, size).await {
-                    Ok(vm) => {
-                        self.boot_stats
-                            .record_ready(&format!("{}/restore", self.boot_key(size)), vm.boot_time);
-                        return Ok(vm);
-                    }
-                    Err(e) => snaps.discard(&t, &e.to_string()).await,
-                }
-            }
+        if let Some(vm) = self.try_restore(size, warm).await {
+            return Ok(vm);
         }
         let retries = self.boot_stats.config().retries;
         let mut attempt = 0;
@@ -572,8 +565,34 @@ impl Sandbox {
     }
 
     /// One boot attempt (`attempt` 0 is the first) under its stall budget.
+    /// With `--snapshot` the VM is restored when its template restores
+    /// (a failed restore falls through to the boot; see [`Sandbox::try_restore`]).
     pub async fn boot_attempt(&self, size: VmSize, attempt: u32) -> Result<ReadyVm, ExecError> {
+        if let Some(vm) = self.try_restore(size, &self.warm_languages).await {
+            return Ok(vm);
+        }
         self.boot_attempt_warm(size, attempt, &self.warm_languages).await
+    }
+
+    /// A VM restored from the snapshot of `size` and `warm`, if snapshots
+    /// are on and it restores. A restore that fails is logged and counted
+    /// against its template ([`crate::snapshot::Snapshots::failed`]); the
+    /// caller boots instead, so the request never sees the failure.
+    pub async fn try_restore(&self, size: VmSize, warm: &[String]) -> Option<ReadyVm> {
+        let snaps = self.snapshots.as_ref()?;
+        let t = snaps.template(self, size, warm).await?;
+        match crate::snapshot::restore(self, &t, size).await {
+            Ok(vm) => {
+                t.restored();
+                self.boot_stats
+                    .record_ready(&format!("{}/restore", self.boot_key(size)), vm.boot_time);
+                Some(vm)
+            }
+            Err(e) => {
+                snaps.failed(&t, &e.to_string()).await;
+                None
+            }
+        }
     }
 
     async fn boot_attempt_warm(
@@ -638,6 +657,7 @@ impl Sandbox {
                     io: self.guest_io.clone(),
                     boot_time,
                     health,
+                    restored: false,
                 })
             }
             Err(e) => {
@@ -916,6 +936,8 @@ pub struct ReadyVm {
     io: GuestIo,
     pub boot_time: Duration,
     pub health: HealthResponse,
+    /// Restored from a snapshot (`boot_time` is then the restore's).
+    pub restored: bool,
 }
 
 impl ReadyVm {
@@ -932,6 +954,7 @@ impl ReadyVm {
             io,
             boot_time,
             health,
+            restored: false,
         }
     }
 
@@ -1032,6 +1055,7 @@ impl ReadyVm {
             vm_id: self.id().to_string(),
             trace_id: req.trace_id.clone(),
             boot_ms: ms(self.boot_time),
+            restored: self.restored,
             execute_ms: ms(execute_time),
             total_ms: 0.0,
             ..checked

@@ -38,4 +38,4 @@ pub mod transport;
 pub mod vmm;
 
 pub use config::VmSize;
-pub use exec::{ExecError, ExecOutcome, ExecRequest, Output, OutputSink, Sandbox};
+pub use exec::{ExecError, ExecOutcome, ExecRequest, Output, OutputSink, ReadyVm, Sandbox};

@@ -65,7 +65,21 @@ pub struct Template {
     pub memory: Option<Arc<GuestMemory>>,
     /// The managed directory, removed when the template turns out broken.
     managed_dir: Option<PathBuf>,
+    /// Restores that failed in a row.
+    failures: std::sync::atomic::AtomicU32,
 }
+
+impl Template {
+    /// A restore worked: earlier failures were passing (a loaded host).
+    pub fn restored(&self) {
+        self.failures.store(0, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Restores that may fail in a row before a template is given up: one
+/// failure can be a host too loaded to answer in time; a snapshot that
+/// cannot be restored fails every time.
+const FAILURES_BEFORE_DISCARD: u32 = 3;
 
 enum Slot {
     Ready(Arc<Template>),
@@ -131,7 +145,18 @@ impl Snapshots {
         out
     }
 
-    /// A template that failed to restore: never used again by this process;
+    /// A restore of `t` failed (the caller boots instead). After
+    /// [`FAILURES_BEFORE_DISCARD`] in a row the template is discarded.
+    pub async fn failed(&self, t: &Arc<Template>, why: &str) {
+        let n = t.failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        if n < FAILURES_BEFORE_DISCARD {
+            tracing::warn!(state = %t.state.display(), failures = n, "a restore failed, this VM boots instead: {why}");
+            return;
+        }
+        self.discard(t, why).await;
+    }
+
+    /// A template that does not restore: never used again by this process;
     /// a managed one is deleted so that the next start rebuilds it.
     pub async fn discard(&self, t: &Arc<Template>, why: &str) {
         tracing::error!(state = %t.state.display(), "snapshot does not restore, VMs boot cold from now on: {why}");
@@ -162,6 +187,7 @@ impl Snapshots {
                 mem,
                 memory,
                 managed_dir,
+                failures: Default::default(),
             })
         };
         match &self.source {
@@ -182,6 +208,7 @@ impl Snapshots {
                     mem: mem.clone(),
                     memory,
                     managed_dir: None,
+                    failures: Default::default(),
                 })
             }
             SnapshotSource::Managed { cache_dir } => {
@@ -190,11 +217,16 @@ impl Snapshots {
                 let prefix = format!("{}-{}-", sb.backend().name(), size.name());
                 let dir = cache_dir.join(format!("{prefix}{key}"));
                 std::fs::create_dir_all(cache_dir).map_err(|e| SnapshotError::io(cache_dir, e))?;
-                // Stale templates of the same kind (other inputs) go.
+                // Stale templates go: those whose files changed since (a
+                // rebuilt rootfs, another kernel, a new VMM or NeuroVisor).
+                // Templates of other images or warm sets stay: another
+                // process (a daemon, a `run`) may be using them.
                 if let Ok(entries) = std::fs::read_dir(cache_dir) {
                     for e in entries.flatten() {
                         let name = e.file_name().to_string_lossy().into_owned();
-                        if name.starts_with(&prefix) && e.path() != dir && !name.ends_with(".tmp") {
+                        let candidate =
+                            name.starts_with(&prefix) && e.path() != dir && !name.ends_with(".tmp");
+                        if candidate && is_stale(sb, &e.path()) {
                             tracing::info!(template = %name, "removing a stale snapshot template (its inputs changed)");
                             let _ = std::fs::remove_dir_all(e.path());
                         }
@@ -238,6 +270,7 @@ impl Snapshots {
                     mem,
                     memory,
                     managed_dir: Some(dir),
+                    failures: Default::default(),
                 })
             }
         }
@@ -282,6 +315,25 @@ fn file_identity(p: &Path) -> serde_json::Value {
         }),
         Err(_) => serde_json::json!({ "path": p.display().to_string() }),
     }
+}
+
+/// Whether the template in `dir` was made from files that have changed
+/// since (or by another NeuroVisor or VMM): it can never be used again.
+fn is_stale(sb: &Sandbox, dir: &Path) -> bool {
+    let Ok(recorded) = std::fs::read(dir.join("inputs.json")) else {
+        return true;
+    };
+    let Ok(recorded) = serde_json::from_slice::<serde_json::Value>(&recorded) else {
+        return true;
+    };
+    let file_changed = |k: &str| {
+        let path = recorded[k]["path"].as_str().unwrap_or_default();
+        recorded[k] != file_identity(Path::new(path))
+    };
+    recorded["neurovisor"] != env!("CARGO_PKG_VERSION")
+        || recorded["vmm"] != sb.backend().identity()
+        || file_changed("kernel")
+        || file_changed("rootfs")
 }
 
 /// What a template depends on: a change to any of these makes a new one.
@@ -374,9 +426,11 @@ pub async fn restore(sb: &Sandbox, t: &Template, size: VmSize) -> Result<ReadyVm
     cfg.guest_memory = t.memory.clone();
     let vm_id = cfg.id.clone();
     let mut vm = sb.backend().restore(&cfg, &t.state, &t.mem).await?;
+    let loaded = started.elapsed();
     let deadline = tokio::time::Instant::now() + RESTORE_READY;
     let connected = tokio::time::timeout_at(deadline, async {
         vm.wait_ready(RESTORE_READY).await?;
+        let answered = started.elapsed();
         let stream = vm.connect(GUEST_AGENT_PORT).await?;
         let mut entropy = vec![0u8; ENTROPY_BYTES];
         getrandom::getrandom(&mut entropy).map_err(|e| ExecError::Vmm(VmmError::Snapshot(e.to_string())))?;
@@ -387,16 +441,25 @@ pub async fn restore(sb: &Sandbox, t: &Template, size: VmSize) -> Result<ReadyVm
         sb.guest_io()
             .run(async move {
                 let mut client = guest_client(stream).await?;
-                client
+                let reseeded = client
                     .reseed(ReseedRequest {
                         entropy: entropy.into(),
                         unix_time_ns,
                         vm_id,
                     })
                     .await
-                    .map_err(GuestError::from)?;
-                let health = client.health(HealthRequest {}).await.map_err(GuestError::from)?;
-                Ok::<_, ExecError>((client, sanitize_health(health.into_inner())))
+                    .map_err(GuestError::from)?
+                    .into_inner();
+                let health = reseeded.health.ok_or_else(|| {
+                    ExecError::Protocol("Reseed answered without the agent's health".into())
+                })?;
+                tracing::debug!(
+                    loaded_ms = loaded.as_secs_f64() * 1e3,
+                    answered_ms = answered.as_secs_f64() * 1e3,
+                    reseeded_ms = started.elapsed().as_secs_f64() * 1e3,
+                    "restored"
+                );
+                Ok::<_, ExecError>((client, sanitize_health(health)))
             })
             .await
             .map_err(|e| GuestError::Connect(e.to_string()))?
@@ -408,14 +471,14 @@ pub async fn restore(sb: &Sandbox, t: &Template, size: VmSize) -> Result<ReadyVm
         ))))
     });
     match connected {
-        Ok((client, health)) => Ok(ReadyVm::new(
-            vm,
-            client,
-            sb.guest_io().clone(),
-            started.elapsed(),
-            health,
-        )),
+        Ok((client, health)) => {
+            let mut ready = ReadyVm::new(vm, client, sb.guest_io().clone(), started.elapsed(), health);
+            ready.restored = true;
+            Ok(ready)
+        }
         Err(e) => {
+            let tail = crate::vmm::log_tail(&vm.dir().join("console.log"), 20);
+            tracing::debug!(console = %tail, "the restored VM's console");
             vm.kill().await;
             Err(e)
         }

@@ -326,8 +326,14 @@ async fn api_validation_trace_ids_disconnects_and_inference() {
 
     // A client that disconnects mid-stream frees its VM at once. The client is
     // our CLI in daemon mode, killed while its program runs: the connection
-    // drops as when a real client crashes or loses the network.
-    d.wait_warm(1);
+    // drops as when a real client crashes or loses the network. The VMs of
+    // the calls above are destroyed after their answers: wait until they are
+    // gone, so that the one active VM below is the client's.
+    d.wait_for(
+        "the earlier VMs gone and one warm",
+        Duration::from_secs(120),
+        |st| st["active"] == 0 && st["warm"] == 1,
+    );
     let mut client = Command::new(env!("CARGO_BIN_EXE_neurovisor"))
         .args(["run", "--addr", &d.addr(), "--lang", "python", "-c"])
         .arg("import time\nprint('x', flush=True)\ntime.sleep(300)")

@@ -53,9 +53,26 @@ async fn an_unusable_snapshot_file_is_named_and_executions_boot_cold() {
     env.assert_clean();
 }
 
+/// A copy of the default rootfs at `to` (sparse, a new file each time).
+fn copy_rootfs(to: &std::path::Path) {
+    let _ = std::fs::remove_file(to);
+    let st = std::process::Command::new("cp")
+        .args(["--sparse=always"])
+        .arg(&common::images("default").rootfs)
+        .arg(to)
+        .status()
+        .expect("cp");
+    assert!(st.success());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_template_is_cached_by_its_inputs_and_rebuilt_when_the_rootfs_changes() {
-    let env = common::env();
+    let scratch = tempfile::tempdir().expect("scratch");
+    let rootfs = scratch.path().join("rootfs.ext4");
+    copy_rootfs(&rootfs);
+    let mut images = common::images("default");
+    images.rootfs = rootfs.clone();
+    let env = common::env_with_images(images);
     let cache = env.state.path().join("snapshots");
     let source = SnapshotSource::Managed {
         cache_dir: cache.clone(),
@@ -90,25 +107,184 @@ async fn the_template_is_cached_by_its_inputs_and_rebuilt_when_the_rootfs_change
     assert_eq!(again.state, first.state);
     assert_eq!(std::fs::metadata(&again.state).expect("state").ino(), ino);
 
-    // A changed rootfs (another file): a new template, the stale one removed.
-    let mut images = common::images("default");
-    let copy = env.state.path().join("rootfs-copy.ext4");
-    let st = std::process::Command::new("cp")
-        .args(["--sparse=always"])
-        .arg(&images.rootfs)
-        .arg(&copy)
-        .status()
-        .expect("cp");
-    assert!(st.success());
-    images.rootfs = copy;
-    let other = common::env_with_images(images);
-    let rebuilt = Snapshots::new(source)
+    // A template of other images (the default rootfs) is another one, and
+    // both stay: another process may be using the other.
+    let other = common::env();
+    let side = Snapshots::new(source.clone())
         .template(&other.sandbox, VmSize::Medium, &warm())
+        .await
+        .expect("a template of the default images");
+    assert_ne!(side.state, first.state);
+    assert!(dir.exists(), "a template still in use by its images was removed");
+
+    // The rootfs is rebuilt (a new file at the same path): a new template,
+    // the stale one removed.
+    copy_rootfs(&rootfs);
+    let rebuilt = Snapshots::new(source)
+        .template(&env.sandbox, VmSize::Medium, &warm())
         .await
         .expect("rebuilt");
     assert_ne!(rebuilt.state, first.state);
     assert!(!dir.exists(), "the stale template {} was kept", dir.display());
-    drop((first, again, rebuilt));
+    assert!(side.state.exists(), "the other images' template was removed");
+    drop((first, again, rebuilt, side));
     env.assert_clean();
     other.assert_clean();
+}
+
+/// A sandbox whose VMs are restored from a template cached in its own state.
+fn restoring_env() -> common::TestEnv {
+    // NV_TEST_LOG=debug shows the restore's steps.
+    if let Ok(filter) = std::env::var("NV_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    }
+    let mut env = common::env();
+    env.sandbox.snapshots = Some(Arc::new(Snapshots::new(SnapshotSource::Managed {
+        cache_dir: env.state.path().join("snapshots"),
+    })));
+    env
+}
+
+async fn run_on(
+    vm: &mut neurovisor::ReadyVm,
+    req: &ExecRequest,
+) -> (neurovisor::ExecOutcome, String, String) {
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let mut sink = |o: neurovisor::Output<'_>| match o {
+        neurovisor::Output::Stdout(b) => out.extend_from_slice(b),
+        neurovisor::Output::Stderr(b) => err.extend_from_slice(b),
+    };
+    let outcome = vm.execute(req, &mut sink).await.expect("execute");
+    (
+        outcome,
+        String::from_utf8_lossy(&out).into_owned(),
+        String::from_utf8_lossy(&err).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restored_vms_are_unique_isolated_and_on_time() {
+    let env = restoring_env();
+    // Both from one snapshot, alive at the same time.
+    let mut a = env
+        .sandbox
+        .boot_warm(VmSize::Small, &warm())
+        .await
+        .expect("restore a");
+    let mut b = env
+        .sandbox
+        .boot_warm(VmSize::Small, &warm())
+        .await
+        .expect("restore b");
+    assert!(a.restored && b.restored, "both VMs must come from the snapshot");
+    assert_ne!(a.id(), b.id());
+    let probe = ExecRequest::new(
+        "python",
+        "import os, random, uuid, time, pathlib\n\
+         mark = pathlib.Path('/tmp/nv-written-by-a-sibling')\n\
+         seen = mark.exists()\n\
+         mark.write_text('x')\n\
+         print(os.urandom(16).hex(), random.random(), uuid.uuid4(), repr(time.time()), seen)\n",
+    );
+    let mut seen = Vec::new();
+    for vm in [&mut a, &mut b] {
+        let (o, out, err) = run_on(vm, &probe).await;
+        let host_now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs_f64();
+        assert_eq!(o.exit_code, Some(0), "{out}{err}");
+        assert!(o.restored && o.warm_interpreter, "{o:?}");
+        let f: Vec<String> = out.split_whitespace().map(String::from).collect();
+        assert_eq!(f.len(), 5, "{out}");
+        let guest_now: f64 = f[3].parse().expect("time");
+        assert!(
+            (host_now - guest_now).abs() < 1.0,
+            "the restored VM's clock is {guest_now}, the host's {host_now}"
+        );
+        assert_eq!(
+            f[4], "False",
+            "a write in one restored VM is visible in the other"
+        );
+        seen.push(f);
+    }
+    for (i, what) in ["os.urandom(16)", "random.random()", "uuid.uuid4()"]
+        .iter()
+        .enumerate()
+    {
+        assert_ne!(seen[0][i], seen[1][i], "{what} is the same in two restored VMs");
+    }
+    a.destroy().await;
+    b.destroy().await;
+    env.assert_clean();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_vm_runs_every_language() {
+    let env = restoring_env();
+    for (lang, code, want) in [
+        (
+            "python",
+            "import sys; print(sys.argv[0].endswith('main.py'), __name__)",
+            "True __main__\n",
+        ),
+        ("bash", "echo \"$((6 * 7)) $(id -u)\"", "42 1000\n"),
+        (
+            "javascript",
+            "console.log([1, 2, 3].map(x => x * 2).join(','))",
+            "2,4,6\n",
+        ),
+    ] {
+        let mut vm = env
+            .sandbox
+            .boot_warm(VmSize::Small, &warm())
+            .await
+            .expect("restore");
+        assert!(vm.restored, "{lang}: not restored");
+        let (o, out, err) = run_on(&mut vm, &ExecRequest::new(lang, code)).await;
+        assert_eq!((o.exit_code, out.as_str()), (Some(0), want), "{lang}: {err}");
+        vm.destroy().await;
+    }
+    env.assert_clean();
+}
+
+/// `neurovisor serve --snapshot`, confined as in production: its pool's VMs
+/// are restored (each unlike the others), the template outlives the daemon
+/// under `<state>/snapshots`, and nothing else of it is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_with_snapshot_serves_restored_vms_and_keeps_its_template() {
+    let d = common::daemon::start_daemon(&["--warm", "2", "--max", "3", "--snapshot"]);
+    d.wait_warm(2);
+    let mut c = d.client().await;
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..4 {
+        let r = c
+            .execute_once(common::daemon::req(
+                "python",
+                "import os; print(os.urandom(16).hex())",
+            ))
+            .await
+            .expect("execute")
+            .into_inner();
+        assert_eq!(r.exit_code, Some(0), "{}", String::from_utf8_lossy(&r.stderr));
+        assert!(r.restored && r.warm, "not a restored VM from the pool: {r:?}");
+        assert!(
+            seen.insert(r.stdout.clone()),
+            "two restored VMs gave the same random bytes"
+        );
+    }
+    let snapshots = d.dir.join("snapshots");
+    // Held past the daemon: its state directory is removed with the last holder.
+    let _state = d.state.clone();
+    let d_log = d.log_text();
+    drop(c);
+    d.stop();
+    let templates: Vec<_> = std::fs::read_dir(&snapshots)
+        .map(|r| r.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert_eq!(templates.len(), 1, "{templates:?}\n{d_log}");
+    assert!(templates[0].join("state").is_file() && templates[0].join("mem").is_file());
 }

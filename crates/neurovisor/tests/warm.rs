@@ -1,17 +1,21 @@
 //! Warm interpreters (the guest agent's `warm.rs`): a program handed to a
 //! Python or Node started before its request behaves exactly as under a
-//! fresh `python3 -u main.py` or `node main.js`. Every case runs twice side by side, in a VM whose
-//! Python was started ahead and in one that starts it for the call, and the
-//! two results must be the same in everything but `warm_interpreter`.
+//! fresh `python3 -u main.py` or `node main.js`. Every case runs three times
+//! side by side: in a VM whose Python was started ahead, in one restored from
+//! a snapshot of such a VM (`--snapshot`), and in one that starts it for the
+//! call; the results must be the same in everything but `warm_interpreter`.
 
 mod common;
 
 use std::time::Duration;
 
+use neurovisor::snapshot::{SnapshotSource, Snapshots};
 use neurovisor::ExecRequest;
 
 struct Pair {
     warm: common::TestEnv,
+    /// Like `warm`, its VMs restored from a template's snapshot.
+    restored: common::TestEnv,
     fresh: common::TestEnv,
 }
 
@@ -19,38 +23,60 @@ fn pair() -> Pair {
     let mut warm = common::env();
     assert_eq!(warm.sandbox.warm_languages, ["python"], "the default");
     warm.sandbox.warm_languages = vec!["python".into(), "javascript".into()];
+    let mut restored = common::env();
+    restored.sandbox.warm_languages = warm.sandbox.warm_languages.clone();
+    restored.sandbox.snapshots = Some(std::sync::Arc::new(Snapshots::new(SnapshotSource::Managed {
+        cache_dir: restored.state.path().join("snapshots"),
+    })));
     let mut fresh = common::env();
     fresh.sandbox.warm_languages.clear();
-    Pair { warm, fresh }
+    Pair {
+        warm,
+        restored,
+        fresh,
+    }
 }
 
 impl Pair {
     /// Runs `req` in both; asserts the same result; returns the warm one's.
     async fn same(&self, req: &ExecRequest, expect_warm: bool) -> common::Ran {
-        let (w, f) = tokio::join!(self.warm.run_req(req), self.fresh.run_req(req));
-        let (wo, fo) = (&w.outcome, &f.outcome);
-        assert_eq!(
-            (w.out(), node_frames_dropped(&w.err())),
-            (f.out(), node_frames_dropped(&f.err())),
-            "warm and fresh interpreters printed differently for {:?}",
-            req.code
+        let (w, r, f) = tokio::join!(
+            self.warm.run_req(req),
+            self.restored.run_req(req),
+            self.fresh.run_req(req)
         );
-        assert_eq!(
-            (wo.exit_code, wo.signal, wo.timed_out, wo.oom_killed),
-            (fo.exit_code, fo.signal, fo.timed_out, fo.oom_killed),
-            "{:?}",
-            req.code
-        );
-        assert_eq!(
-            (wo.stdout_truncated, wo.stderr_truncated, wo.stdout_bytes),
-            (fo.stdout_truncated, fo.stderr_truncated, fo.stdout_bytes)
-        );
-        if w.err() == f.err() {
-            assert_eq!(wo.stderr_bytes, fo.stderr_bytes);
-        }
-        assert_eq!(wo.warm_interpreter, expect_warm, "{wo:?}");
-        assert!(!fo.warm_interpreter, "{fo:?}");
+        assert!(r.outcome.restored && !w.outcome.restored, "{:?}", r.outcome);
+        alike(&req.code, &w, &r, expect_warm, "restored");
+        alike(&req.code, &w, &f, expect_warm, "fresh");
         w
+    }
+}
+
+/// `w` (a warm interpreter) and `f` gave the same result for `code`.
+fn alike(code: &str, w: &common::Ran, f: &common::Ran, expect_warm: bool, what: &str) {
+    let (wo, fo) = (&w.outcome, &f.outcome);
+    assert_eq!(
+        (w.out(), node_frames_dropped(&w.err())),
+        (f.out(), node_frames_dropped(&f.err())),
+        "warm and {what} interpreters printed differently for {code:?}"
+    );
+    assert_eq!(
+        (wo.exit_code, wo.signal, wo.timed_out, wo.oom_killed),
+        (fo.exit_code, fo.signal, fo.timed_out, fo.oom_killed),
+        "warm and {what}: {wo:?} {fo:?} for {code:?}"
+    );
+    assert_eq!(
+        (wo.stdout_truncated, wo.stderr_truncated, wo.stdout_bytes),
+        (fo.stdout_truncated, fo.stderr_truncated, fo.stdout_bytes)
+    );
+    if w.err() == f.err() {
+        assert_eq!(wo.stderr_bytes, fo.stderr_bytes);
+    }
+    assert_eq!(wo.warm_interpreter, expect_warm, "{wo:?}");
+    if what == "fresh" {
+        assert!(!fo.warm_interpreter, "{fo:?}");
+    } else {
+        assert_eq!(fo.warm_interpreter, expect_warm, "{what}: {fo:?}");
     }
 }
 
@@ -79,6 +105,7 @@ impl Drop for Pair {
     fn drop(&mut self) {
         if !std::thread::panicking() {
             self.warm.assert_clean();
+            self.restored.assert_clean();
             self.fresh.assert_clean();
         }
     }

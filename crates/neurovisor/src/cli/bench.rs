@@ -17,6 +17,9 @@ pub enum BenchCommand {
     /// Pool: warm acquisition latency, `print(1)` warm vs cold (side by side),
     /// and throughput of N requests at concurrency C.
     Pool(PoolArgs),
+    /// Snapshots: restore vs cold boot to agent-ready, host CPU per VM, idle
+    /// PSS per VM (side by side).
+    Snapshot(super::bench_snapshot::SnapshotArgs),
 }
 
 #[derive(Debug, Args)]
@@ -36,6 +39,12 @@ pub struct PoolArgs {
     concurrency: usize,
     #[arg(long, value_enum, default_value_t = VmSize::Small)]
     size: VmSize,
+    /// Instead: two `neurovisor serve` daemons side by side, one booting its
+    /// VMs and one restoring them (`--snapshot`), driven over gRPC: print(1)
+    /// from the warm pool (--runs) and short Python programs (--requests)
+    /// from --concurrency clients.
+    #[arg(long)]
+    daemon: bool,
     /// Print the results as JSON.
     #[arg(long)]
     json: bool,
@@ -313,6 +322,37 @@ fn row(name: &str, s: &serde_json::Value) -> String {
 
 pub async fn bench(cmd: BenchCommand) -> u8 {
     match cmd {
+        BenchCommand::Snapshot(a) => match super::bench_snapshot::bench(a).await {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("neurovisor: bench failed: {e}");
+                EXIT_SANDBOX_ERROR
+            }
+        },
+        BenchCommand::Pool(a) if a.daemon => {
+            let b = super::bench_daemon::DaemonBench {
+                runs: a.runs,
+                warm: a.warm.max(1),
+                max: a.max.max(a.warm.max(1) + 1),
+                size: a.size,
+                programs: a.requests,
+                concurrency: a.concurrency,
+            };
+            match super::bench_daemon::run(&b).await {
+                Ok(v) if a.json => {
+                    println!("{v}");
+                    0
+                }
+                Ok(v) => {
+                    super::bench_daemon::print(&v);
+                    0
+                }
+                Err(e) => {
+                    eprintln!("neurovisor: bench failed: {e}");
+                    EXIT_SANDBOX_ERROR
+                }
+            }
+        }
         BenchCommand::Pool(a) => {
             let json_out = a.json;
             match pool_bench(a).await {

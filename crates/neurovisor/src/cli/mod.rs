@@ -2,6 +2,8 @@
 
 mod agent;
 mod bench;
+mod bench_daemon;
+mod bench_snapshot;
 mod doctor;
 mod images;
 mod mcp;

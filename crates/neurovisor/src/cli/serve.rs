@@ -256,8 +256,9 @@ pub async fn serve(a: ServeArgs) -> u8 {
         Ok(s) => {
             cfg.rate_limit = s.rate_limit;
             cfg.warm_languages = s.warm_languages.clone();
-            // The daemon's templates live with its other state.
-            cfg.snapshot = a.vm.snapshot_source(&cfg.state_dir.join("daemon"));
+            // `<state>/snapshots`, shared with `run`: the daemon removes
+            // `<state>/daemon` when it stops, and a template outlives that.
+            cfg.snapshot = a.vm.snapshot_source(&cfg.state_dir);
             s.into_parts()
         }
         Err(e) => {

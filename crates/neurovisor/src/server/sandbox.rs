@@ -295,6 +295,7 @@ fn result_of(o: &ExecOutcome, warm: bool, waited: Duration) -> ExecuteResult {
         stdout: Default::default(),
         stderr: Default::default(),
         warm_interpreter: o.warm_interpreter,
+        restored: o.restored,
     }
 }
 

@@ -467,8 +467,15 @@ impl VmmBackend for QemuBackend {
             path: snapshot.to_path_buf(),
             source,
         })?;
+        let t = std::time::Instant::now();
         let mut vm = self.start(cfg, Some(memory), true).await?;
+        let started = t.elapsed();
         vm.migrate_in(&state).await?;
+        tracing::debug!(
+            started_ms = started.as_secs_f64() * 1e3,
+            migrated_ms = t.elapsed().as_secs_f64() * 1e3,
+            "QEMU restored"
+        );
         Ok(Box::new(vm))
     }
 }
@@ -681,7 +688,12 @@ impl Vm for QemuVm {
     }
 
     fn check_exited(&mut self) -> Option<String> {
+        // A VM on a virtio-serial port has no vsock helper.
+        let has_vhost = matches!(self.channel, Channel::Vsock(_));
         for (name, helper) in [("qemu", &mut self.qemu), ("vhost-device-vsock", &mut self.vhost)] {
+            if name == "vhost-device-vsock" && !has_vhost {
+                continue;
+            }
             match helper.as_mut() {
                 None => return Some(format!("{name}: stopped")),
                 Some(h) => {
