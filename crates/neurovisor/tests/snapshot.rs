@@ -288,3 +288,46 @@ async fn a_daemon_with_snapshot_serves_restored_vms_and_keeps_its_template() {
     assert_eq!(templates.len(), 1, "{templates:?}\n{d_log}");
     assert!(templates[0].join("state").is_file() && templates[0].join("mem").is_file());
 }
+
+/// A snapshot whose device state is damaged (its memory file is right):
+/// each restore fails and that VM boots instead, so every execution still
+/// answers; after three failures in a row the snapshot is given up with
+/// QEMU's reason, and the user's files are left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_snapshot_is_given_up_while_every_execution_boots() {
+    let mut env = common::env();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (state, mem) = (dir.path().join("snapshot_file"), dir.path().join("mem_file"));
+    let source = SnapshotSource::Files {
+        state: state.clone(),
+        mem: mem.clone(),
+    };
+    // Made there, as the seed's `--snapshot-file`/`--mem-file` do when missing.
+    Snapshots::new(source.clone())
+        .template(&env.sandbox, VmSize::Small, &warm())
+        .await
+        .expect("the snapshot is made");
+    let good = std::fs::read(&state).expect("state");
+    std::fs::write(&state, &good[..good.len() / 2]).expect("truncate the device state");
+    let snaps = Arc::new(Snapshots::new(source));
+    env.sandbox.snapshots = Some(snaps.clone());
+    for _ in 0..4 {
+        let ran = env.run_req(&print_one()).await;
+        assert_eq!(ran.out(), "42\n");
+        assert!(
+            !ran.outcome.restored,
+            "a corrupt snapshot restored: {:?}",
+            ran.outcome
+        );
+    }
+    let why = snaps
+        .failure(VmSize::Small, &warm())
+        .await
+        .expect("the snapshot must be given up after failing three times");
+    assert!(why.contains("QEMU refused the snapshot"), "{why}");
+    assert!(
+        state.is_file() && mem.is_file(),
+        "the user's snapshot files were removed"
+    );
+    env.assert_clean();
+}

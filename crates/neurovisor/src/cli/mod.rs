@@ -155,7 +155,7 @@ pub struct VmArgs {
     /// Restore VMs from a snapshot of a template VM (booted once per size,
     /// agent and warm interpreters ready) instead of booting each one; the
     /// template is cached under the state directory, keyed by its inputs.
-    /// In progress: a restore that does not answer falls back to cold boots.
+    /// A restore that fails is logged and that VM boots instead.
     #[arg(long, env = "NEUROVISOR_SNAPSHOT")]
     snapshot: bool,
     /// A user's snapshot device-state file (made there if missing; implies

@@ -196,6 +196,12 @@ impl Keeper {
         }
         if libc::getppid() != self.parent {
             self.remove_cgroups();
+        } else if !owner_dying {
+            // A host stop. If this was the VM's last process, its cgroup goes
+            // now too: an owner SIGKILLed between reaping its keepers and
+            // removing the cgroup would otherwise leave it, with no keeper
+            // left to notice (the owner tolerates it being gone).
+            self.remove_cgroups_if_empty();
         }
         if libc::WIFSIGNALED(status) {
             let sig = libc::WTERMSIG(status);
@@ -212,6 +218,42 @@ impl Keeper {
         } else {
             125
         });
+    }
+
+    /// Removes the VM's cgroup directories if no process is left in them
+    /// (a sibling VM process still running: nothing to do, its keeper is
+    /// last). Retries briefly: a reaped task can keep a cgroup busy for a
+    /// moment after it left `cgroup.procs`.
+    unsafe fn remove_cgroups_if_empty(&self) {
+        let Some(procs) = self.spec.cgroup_procs.first() else {
+            return;
+        };
+        let fd = libc::open(procs.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+        if fd < 0 {
+            return;
+        }
+        let mut buf = [0u8; 16];
+        let n = libc::read(fd, buf.as_mut_ptr().cast(), buf.len());
+        libc::close(fd);
+        if n != 0 {
+            return;
+        }
+        let pause = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 5_000_000,
+        };
+        for _ in 0..20 {
+            let mut busy = false;
+            for d in &self.spec.cgroup_dirs {
+                if libc::rmdir(d.as_ptr()) < 0 && *libc::__errno_location() == libc::EBUSY {
+                    busy = true;
+                }
+            }
+            if !busy {
+                return;
+            }
+            libc::nanosleep(&pause, std::ptr::null_mut());
+        }
     }
 
     /// Removes the VM's cgroup directories once the other VM processes are
