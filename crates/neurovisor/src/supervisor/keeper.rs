@@ -238,32 +238,23 @@ impl Keeper {
         if n != 0 {
             return;
         }
-        let pause = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 5_000_000,
-        };
-        for _ in 0..20 {
-            let mut busy = false;
-            for d in &self.spec.cgroup_dirs {
-                if libc::rmdir(d.as_ptr()) < 0 && *libc::__errno_location() == libc::EBUSY {
-                    busy = true;
-                }
-            }
-            if !busy {
-                return;
-            }
-            libc::nanosleep(&pause, std::ptr::null_mut());
-        }
+        self.rmdir_cgroups(20, 5_000_000);
     }
 
     /// Removes the VM's cgroup directories once the other VM processes are
     /// gone too (EBUSY until then); whichever keeper is last succeeds.
     unsafe fn remove_cgroups(&self) {
+        self.rmdir_cgroups(ORPHAN_RMDIR_MS / 10, 10_000_000);
+    }
+
+    /// Up to `tries` rounds, `pause_ns` apart, of removing the VM's cgroup
+    /// directories; done at the first round in which none was busy.
+    unsafe fn rmdir_cgroups(&self, tries: u32, pause_ns: libc::c_long) {
         let pause = libc::timespec {
             tv_sec: 0,
-            tv_nsec: 10_000_000,
+            tv_nsec: pause_ns,
         };
-        for _ in 0..ORPHAN_RMDIR_MS / 10 {
+        for _ in 0..tries {
             let mut busy = false;
             for d in &self.spec.cgroup_dirs {
                 if libc::rmdir(d.as_ptr()) < 0 && *libc::__errno_location() == libc::EBUSY {
