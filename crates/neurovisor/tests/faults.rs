@@ -25,6 +25,9 @@ use nix::unistd::Pid;
 /// How long after a SIGKILL every VM process (QEMU, vhost) must be reaped and
 /// its cgroups gone.
 const VM_GONE: Duration = Duration::from_secs(2);
+/// Cgroups go once the killed owner's last thread has exited, which a keeper
+/// waits for (up to 2 s: `OWNER_EXIT_MS`), then its rmdir retries.
+const CGROUPS_GONE: Duration = Duration::from_secs(4);
 /// Keepers outlive their VM process by a moment and are then reaped by PID 1
 /// (their parent is gone), which on these machines takes 1-2 s.
 const KEEPER_GONE: Duration = Duration::from_secs(6);
@@ -244,8 +247,9 @@ fn sigkill_of_run_at_30_points_leaves_no_vm_process_zombie_or_cgroup() {
         if before_keepers && !cgroups_of(&ids).is_empty() {
             *phases.entry("cgroup before any keeper").or_default() += 1;
         }
-        let vm_time = wait_until(VM_GONE, || {
-            !vms.iter().any(present) && (before_keepers || cgroups_of(&ids).is_empty())
+        let vm_time = wait_until(VM_GONE, || !vms.iter().any(present)).and_then(|t| {
+            let cgroups = wait_until(CGROUPS_GONE, || before_keepers || cgroups_of(&ids).is_empty());
+            cgroups.map(|c| t + c)
         });
         let Some(vm_time) = vm_time else {
             let left: Vec<_> = vms
@@ -254,7 +258,7 @@ fn sigkill_of_run_at_30_points_leaves_no_vm_process_zombie_or_cgroup() {
                 .map(|p| (p, stat_of(p.pid)))
                 .collect();
             panic!(
-                "round {i} ({phase}, killed at {delay:?}): VM processes {left:?} or cgroups {:?} still there {VM_GONE:?} after SIGKILL",
+                "round {i} ({phase}, killed at {delay:?}): VM processes {left:?} or cgroups {:?} still there ({VM_GONE:?}, {CGROUPS_GONE:?}) after SIGKILL",
                 cgroups_of(&ids)
             );
         };

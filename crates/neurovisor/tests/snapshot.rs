@@ -261,6 +261,9 @@ async fn a_daemon_with_snapshot_serves_restored_vms_and_keeps_its_template() {
     let mut c = d.client().await;
     let mut seen = std::collections::HashSet::new();
     for _ in 0..4 {
+        // Refilled before each request: one taken before the pool has
+        // restored its replacement is restored on demand (not `warm`).
+        tokio::task::block_in_place(|| d.wait_warm(2));
         let r = c
             .execute_once(common::daemon::req(
                 "python",
