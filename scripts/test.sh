@@ -16,11 +16,16 @@ if ! dpkg -s libseccomp-dev >/dev/null 2>&1; then
     apt-get install -y -q libseccomp-dev || { apt-get update -q && apt-get install -y -q libseccomp-dev; }
 fi
 fc_dir=$(bash ../shared/firecracker/build-firecracker.sh)
-# promtool (Debian's prometheus package) checks /metrics in tests/limits.rs.
-if ! command -v promtool >/dev/null 2>&1; then
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus \
-        || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus; }
+# Prometheus and promtool (scrape and lint /metrics: tests/limits.rs,
+# tests/observability.rs), the Pushgateway (`--pushgateway`), PyYAML for the
+# monitoring stack's checker.
+if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus-pushgateway >/dev/null 2>&1 \
+    || ! python3 -c 'import yaml' 2>/dev/null; then
+    pkgs="prometheus prometheus-pushgateway python3-yaml"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $pkgs \
+        || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $pkgs; }
 fi
+# (The tests start their own servers on free loopback ports.)
 export FIRECRACKER_BIN="$fc_dir/firecracker" JAILER_BIN="$fc_dir/jailer"
 "$FIRECRACKER_BIN" --version
 
@@ -36,6 +41,14 @@ cargo test --release --locked --workspace
 
 echo; echo "== soak: 300 executions through the daemon pool, no client-visible failure (5-7 min)"
 cargo test --release --locked -p neurovisor --test soak -- --ignored --nocapture
+
+echo; echo "== monitoring stack: configs, rules (promtool), dashboards"
+python3 monitoring/check.py
+
+echo; echo "== observability examples (real VMs; each exits non-zero if what it shows did not hold)"
+for ex in metrics_demo trace_id_demo streaming_latency; do
+    cargo run --release --locked -q -p neurovisor --example "$ex"
+done
 
 echo; echo "== security proofs (each exits non-zero if its protection did not hold)"
 for ex in seccomp_proof capabilities_proof rate_limit_proof cgroups_demo; do

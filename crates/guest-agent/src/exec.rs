@@ -338,10 +338,12 @@ async fn start(plan: &Plan, warm: &WarmSet) -> Result<(Child, bool), Status> {
 }
 
 /// Runs a validated plan, sending output chunks and then one final exit event.
-pub async fn run(plan: Plan, tx: EventTx, warm: &WarmSet) -> Result<(), Status> {
+/// `received`: when the request arrived (the host learns the start delay).
+pub async fn run(plan: Plan, tx: EventTx, warm: &WarmSet, received: Instant) -> Result<(), Status> {
     let oom_before = oom_kills();
-    let started = Instant::now();
     let (mut child, warm_interpreter) = start(&plan, warm).await?;
+    let started = Instant::now();
+    let start_delay = started.saturating_duration_since(received);
     let pgid = child.id();
 
     if let Some(mut stdin) = child.stdin.take() {
@@ -415,6 +417,7 @@ pub async fn run(plan: Plan, tx: EventTx, warm: &WarmSet) -> Result<(), Status> 
         stdout_bytes: out_bytes,
         stderr_bytes: err_bytes,
         warm_interpreter,
+        start_delay_us: start_delay.as_micros() as u64,
     };
     let _ = tx
         .send(Ok(ExecuteEvent {

@@ -36,6 +36,7 @@ impl ExecutionService for Agent {
         &self,
         request: Request<ExecuteRequest>,
     ) -> Result<Response<Self::ExecuteStream>, Status> {
+        let received = std::time::Instant::now();
         #[cfg(feature = "misbehave")]
         if let Some(mode) = crate::misbehave::requested(request.get_ref()) {
             return crate::misbehave::execute(&mode, request.into_inner()).map(Response::new);
@@ -44,7 +45,7 @@ impl ExecutionService for Agent {
         let (tx, rx) = mpsc::channel(64);
         let warm = self.warm.clone();
         tokio::spawn(async move {
-            if let Err(status) = exec::run(plan, tx.clone(), &warm).await {
+            if let Err(status) = exec::run(plan, tx.clone(), &warm, received).await {
                 let _ = tx.send(Err(status)).await;
             }
         });

@@ -321,6 +321,12 @@ impl DaemonClient {
         if let Some(a) = &self.auth {
             r.metadata_mut().insert("authorization", a.clone());
         }
+        // The daemon's spans join this process's trace (`--otlp`).
+        if let Some(tp) = crate::telemetry::traceparent(&tracing::Span::current()) {
+            if let Ok(v) = tp.parse() {
+                r.metadata_mut().insert("traceparent", v);
+            }
+        }
         r
     }
 

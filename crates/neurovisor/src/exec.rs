@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 
 use hyper_util::rt::TokioIo;
 use neurovisor_proto::guest::execution_service_client::ExecutionServiceClient;
@@ -111,6 +112,17 @@ impl ExecError {
                     | VmmError::Qmp(_)
             ),
             Self::InvalidRequest(_) | Self::Image(_) | Self::BootFailed { .. } => false,
+        }
+    }
+
+    /// What kind of guest misbehaviour this is, if the guest is to blame
+    /// (`protocol`, `unresponsive`, `channel`), as a bounded label value.
+    pub fn guest_fault(&self) -> Option<&'static str> {
+        match self {
+            Self::Protocol(_) => Some("protocol"),
+            Self::Unresponsive(_) => Some("unresponsive"),
+            Self::Guest(_) => Some("channel"),
+            _ => None,
         }
     }
 
@@ -581,14 +593,26 @@ impl Sandbox {
     pub async fn try_restore(&self, size: VmSize, warm: &[String]) -> Option<ReadyVm> {
         let snaps = self.snapshots.as_ref()?;
         let t = snaps.template(self, size, warm).await?;
-        match crate::snapshot::restore(self, &t, size).await {
+        let span = tracing::info_span!("vm.restore", size = size.name(), vm_id = tracing::field::Empty);
+        let counters = &self.hooks.counters;
+        match crate::snapshot::restore(self, &t, size)
+            .instrument(span.clone())
+            .await
+        {
             Ok(vm) => {
+                span.record("vm_id", vm.id());
                 t.restored();
                 self.boot_stats
                     .record_ready(&format!("{}/restore", self.boot_key(size)), vm.boot_time);
+                counters.restore("restored");
+                counters
+                    .snapshot_restore_seconds
+                    .observe(vm.boot_time.as_secs_f64());
                 Some(vm)
             }
             Err(e) => {
+                counters.restore("failed");
+                span.in_scope(|| tracing::warn!("restore failed, booting instead: {e}"));
                 snaps.failed(&t, &e.to_string()).await;
                 None
             }
@@ -601,6 +625,17 @@ impl Sandbox {
         attempt: u32,
         warm: &[String],
     ) -> Result<ReadyVm, ExecError> {
+        let span = tracing::info_span!(
+            "vm.boot",
+            size = size.name(),
+            attempt,
+            vm_id = tracing::field::Empty,
+            backend = self.backend.name()
+        );
+        self.boot_one(size, attempt, warm).instrument(span).await
+    }
+
+    async fn boot_one(&self, size: VmSize, attempt: u32, warm: &[String]) -> Result<ReadyVm, ExecError> {
         let key = self.boot_key(size);
         let budget = self.boot_stats.budget(&key, attempt);
         let started = Instant::now();
@@ -611,6 +646,7 @@ impl Sandbox {
         }
         let cfg = self.vm_config(size, extra);
         let mut vm = self.backend.spawn(&cfg).await?;
+        tracing::Span::current().record("vm_id", vm.id());
         let stalled = |vm: &dyn Vm, console_tail: String| {
             self.stalled(vm.id(), &key, started.elapsed(), &budget, console_tail)
         };
@@ -658,6 +694,8 @@ impl Sandbox {
                     boot_time,
                     health,
                     restored: false,
+                    counters: self.hooks.counters.clone(),
+                    ready_at: Instant::now(),
                 })
             }
             Err(e) => {
@@ -938,6 +976,9 @@ pub struct ReadyVm {
     pub health: HealthResponse,
     /// Restored from a snapshot (`boot_time` is then the restore's).
     pub restored: bool,
+    /// Where its lifetime is counted when it is destroyed.
+    counters: crate::metrics::VmCounters,
+    ready_at: Instant,
 }
 
 impl ReadyVm {
@@ -947,6 +988,7 @@ impl ReadyVm {
         io: GuestIo,
         boot_time: Duration,
         health: HealthResponse,
+        counters: crate::metrics::VmCounters,
     ) -> Self {
         Self {
             vm: Some(vm),
@@ -955,6 +997,8 @@ impl ReadyVm {
             boot_time,
             health,
             restored: false,
+            counters,
+            ready_at: Instant::now(),
         }
     }
 
@@ -1012,7 +1056,36 @@ impl ReadyVm {
         req: &ExecRequest,
         on_output: &mut dyn OutputSink,
     ) -> Result<ExecOutcome, ExecError> {
+        let span = tracing::info_span!(
+            "vm.execute",
+            language = %req.language,
+            vm_id = self.id(),
+            restored = self.restored,
+            exit_code = tracing::field::Empty,
+        );
+        let result = self
+            .execute_in(req, on_output, &span)
+            .instrument(span.clone())
+            .await;
+        match &result {
+            Ok(o) => {
+                if let Some(c) = o.exit_code {
+                    span.record("exit_code", c);
+                }
+            }
+            Err(e) => span.in_scope(|| tracing::warn!("execution failed: {e}")),
+        }
+        result
+    }
+
+    async fn execute_in(
+        &mut self,
+        req: &ExecRequest,
+        on_output: &mut dyn OutputSink,
+        span: &tracing::Span,
+    ) -> Result<ExecOutcome, ExecError> {
         let started = Instant::now();
+        let sent = std::time::SystemTime::now();
         let deadline = req.timeout + HOST_DEADLINE_SLACK;
         let mut meter = OutputMeter::new(req.max_output_bytes);
         // The guest's frames are decoded by a task on the guest I/O runtime;
@@ -1050,6 +1123,19 @@ impl ReadyVm {
         drop(reader);
         let status = status??;
         let execute_time = started.elapsed();
+        crate::telemetry::record_guest_spans(
+            span,
+            sent,
+            std::time::SystemTime::now(),
+            crate::telemetry::GuestTimings {
+                start_delay: Duration::from_micros(status.start_delay_us),
+                run: Duration::from_micros(status.duration_us),
+            },
+            vec![
+                opentelemetry::KeyValue::new("language", req.language.clone()),
+                opentelemetry::KeyValue::new("warm_interpreter", status.warm_interpreter),
+            ],
+        );
         let checked = check_exit(&status, &meter, execute_time)?;
         Ok(ExecOutcome {
             vm_id: self.id().to_string(),
@@ -1066,6 +1152,9 @@ impl ReadyVm {
     pub async fn destroy(mut self) {
         if let Some(vm) = self.vm.take() {
             vm.kill().await;
+            self.counters
+                .vm_lifetime_seconds
+                .observe(self.ready_at.elapsed().as_secs_f64());
         }
     }
 }

@@ -34,6 +34,7 @@ pub mod security;
 pub mod server;
 pub mod snapshot;
 pub mod supervisor;
+pub mod telemetry;
 pub mod transport;
 pub mod vmm;
 

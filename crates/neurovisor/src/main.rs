@@ -9,7 +9,6 @@ use neurovisor::security::seccomp::{self, Role};
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
-    cli::init_logging(args.verbose);
     // The hooks confine API threads once the daemon arms its seccomp filters
     // (`neurovisor serve`); for other commands they do nothing.
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -26,7 +25,22 @@ fn main() -> ExitCode {
             return ExitCode::from(cli::EXIT_SANDBOX_ERROR);
         }
     };
-    let code = rt.block_on(cli::dispatch(args));
+    // Exporters (`--otlp`) run as tasks on this runtime.
+    let telemetry = {
+        let _in_rt = rt.enter();
+        match neurovisor::telemetry::Telemetry::init(&args.telemetry()) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("neurovisor: {e}");
+                return ExitCode::from(cli::EXIT_BAD_INPUT);
+            }
+        }
+    };
+    let code = rt.block_on(async {
+        let code = cli::dispatch(args).await;
+        telemetry.shutdown().await;
+        code
+    });
     // Do not wait for lingering blocking tasks (e.g. a stdin reader).
     rt.shutdown_timeout(std::time::Duration::from_millis(100));
     ExitCode::from(code)

@@ -9,6 +9,7 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 
 use serde::Serialize;
 use tokio::sync::Notify;
@@ -147,6 +148,7 @@ impl Inner {
         self.metrics.pool_warm_vms.set(st.warm.len() as i64);
         self.metrics.pool_active_vms.set(st.active as i64);
         self.metrics.pool_booting_vms.set(st.booting as i64);
+        self.metrics.pool_queued_requests.set(st.queued as i64);
     }
 
     fn record_boot(&self, st: &mut State, result: Result<Duration, &ExecError>) {
@@ -159,10 +161,7 @@ impl Inner {
             }
             Err(e) => {
                 st.failures += 1;
-                self.metrics.vm_boot_failures.inc();
-                if e.is_stall() {
-                    self.metrics.vm_boot_stalls.inc();
-                }
+                self.metrics.record_boot_failure(e, false);
                 let e = e.to_string();
                 tracing::warn!(failures = st.failures, "VM boot failed: {e}");
                 st.last_error = Some(e);
@@ -201,7 +200,10 @@ impl Slot {
     fn into_lease(mut self, vm: ReadyVm, warm: bool, started: Instant, health_check: Duration) -> Lease {
         let inner = self.inner.take().expect("slot used once");
         let waited = started.elapsed();
-        inner.metrics.vm_acquire_seconds.observe(waited.as_secs_f64());
+        inner
+            .metrics
+            .vm_acquire_seconds
+            .observe(waited.as_secs_f64(), crate::metrics::TraceLabel::current());
         inner.lock().served += 1;
         Lease {
             vm: Some(vm),
@@ -291,6 +293,20 @@ impl Pool {
     /// budget's `retries`): the request's code has not run yet. A pool in
     /// back-off fails at once.
     pub async fn acquire(&self) -> Result<Lease, PoolError> {
+        let span = tracing::info_span!(
+            "pool.acquire",
+            warm = tracing::field::Empty,
+            vm_id = tracing::field::Empty,
+            waited_ms = tracing::field::Empty
+        );
+        let lease = self.acquire_in().instrument(span.clone()).await?;
+        span.record("warm", lease.warm);
+        span.record("vm_id", lease.vm_id());
+        span.record("waited_ms", lease.waited.as_secs_f64() * 1000.0);
+        Ok(lease)
+    }
+
+    async fn acquire_in(&self) -> Result<Lease, PoolError> {
         let inner = &self.inner;
         let started = Instant::now();
         let mut attempt: u32 = 0;
@@ -331,7 +347,7 @@ impl Pool {
                             });
                         }
                         st.queued += 1;
-                        ticket = Some(QueueTicket(inner.clone()));
+                        ticket = Some(QueueTicket(inner.clone(), Instant::now()));
                     }
                     Step::Wait
                 };
@@ -360,13 +376,15 @@ impl Pool {
                 }
                 Step::Cold(slot) => {
                     let boot_started = Instant::now();
-                    let boot =
-                        {
-                            let inner = inner.clone();
-                            AbortOnDrop(inner.vm_rt.clone().spawn(async move {
-                                inner.sandbox.boot_attempt(inner.cfg.size, attempt).await
-                            }))
-                        };
+                    let boot = {
+                        let inner = inner.clone();
+                        AbortOnDrop(
+                            inner.vm_rt.clone().spawn(
+                                async move { inner.sandbox.boot_attempt(inner.cfg.size, attempt).await }
+                                    .in_current_span(),
+                            ),
+                        )
+                    };
                     let booted = match boot.join().await {
                         Ok(r) => r,
                         Err(e) => {
@@ -396,7 +414,7 @@ impl Pool {
                                     .sandbox
                                     .boot_stats()
                                     .record_retry(attempt, vm_id, &e.to_string());
-                                inner.metrics.vm_boot_retries.inc();
+                                inner.metrics.record_boot_failure(&e, true);
                                 attempt += 1;
                                 continue;
                             }
@@ -505,12 +523,19 @@ impl Drop for Lease {
 }
 
 /// A request's place in the queue, given back when it stops waiting.
-struct QueueTicket(Arc<Inner>);
+/// A place in the queue of a full pool, and when it was taken.
+struct QueueTicket(Arc<Inner>, Instant);
 
 impl Drop for QueueTicket {
     fn drop(&mut self) {
         let mut st = self.0.lock();
         st.queued = st.queued.saturating_sub(1);
+        self.0.publish(&st);
+        drop(st);
+        self.0
+            .metrics
+            .pool_queue_wait_seconds
+            .observe(self.1.elapsed().as_secs_f64());
     }
 }
 

@@ -472,7 +472,14 @@ pub async fn restore(sb: &Sandbox, t: &Template, size: VmSize) -> Result<ReadyVm
     });
     match connected {
         Ok((client, health)) => {
-            let mut ready = ReadyVm::new(vm, client, sb.guest_io().clone(), started.elapsed(), health);
+            let mut ready = ReadyVm::new(
+                vm,
+                client,
+                sb.guest_io().clone(),
+                started.elapsed(),
+                health,
+                sb.hooks.counters.clone(),
+            );
             ready.restored = true;
             Ok(ready)
         }

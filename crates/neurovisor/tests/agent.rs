@@ -1154,7 +1154,7 @@ async fn grpc_run_task_streams_the_session_through_the_daemon() {
     for name in [
         "neurovisor_agent_tasks_total{status=\"answer\"} 1",
         "neurovisor_agent_tasks_total{status=\"llm_error\"} 1",
-        "neurovisor_agent_iterations_total_count 2",
+        "neurovisor_agent_iterations_count 2",
         "neurovisor_llm_call_duration_seconds_count{model=\"qwen3\"} 2",
         "neurovisor_model_load_duration_seconds_count{model=\"qwen3\"} 2",
     ] {

@@ -122,7 +122,8 @@ async fn a_cold_boot_that_stalls_is_retried_and_the_request_succeeds() {
     assert_eq!(st.consecutive_boot_failures, 0, "the retry's success resets it");
     let text = metrics.encode();
     for line in [
-        "neurovisor_vm_boot_retries_total 1",
+        "neurovisor_vm_boot_retries_total{reason=\"stall\"} 1",
+        "neurovisor_vm_boot_failures_total{reason=\"stall\"} 1",
         "neurovisor_vm_boot_stalls_total 1",
     ] {
         assert!(text.contains(line), "missing {line}:\n{text}");

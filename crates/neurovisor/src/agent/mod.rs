@@ -31,7 +31,8 @@ pub use toolcall::{parse_text_calls, strip_think, CallSource};
 use crate::exec::ExecRequest;
 use crate::images::Language;
 use crate::llm::{ChatMessage, ChatRequest, LlmClient, LlmError, Provider, ToolCall, ToolSpec};
-use crate::metrics::{Label, Metrics, ModelLabel, StatusLabel};
+use crate::metrics::{Label, Metrics, ModelLabel, StatusLabel, TraceLabel};
+use tracing::Instrument;
 
 pub const DEFAULT_MAX_ITERATIONS: u32 = 10;
 /// The most iterations a session may be given.
@@ -489,8 +490,30 @@ impl AgentController {
         trace_id: Option<String>,
         sink: &mut (dyn FnMut(&AgentEvent) + Send),
     ) -> AgentReport {
-        let started = Instant::now();
         let trace_id = trace_id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+        // The task's span: the trace's root for a CLI task, a child of the
+        // request's span in the daemon.
+        let span = tracing::info_span!(
+            "agent.task",
+            %trace_id,
+            model = self.llm.model(),
+            iterations = tracing::field::Empty,
+            stop = tracing::field::Empty,
+        );
+        crate::telemetry::start_trace(&span, &trace_id);
+        let report = self.run_task(task, trace_id, sink).instrument(span.clone()).await;
+        span.record("iterations", report.stats.iterations);
+        span.record("stop", report.stop_reason().as_str());
+        report
+    }
+
+    async fn run_task(
+        &self,
+        task: &str,
+        trace_id: String,
+        sink: &mut (dyn FnMut(&AgentEvent) + Send),
+    ) -> AgentReport {
+        let started = Instant::now();
         let model = self.llm.model().to_string();
         let provider = self.llm.provider();
         let max_iterations = self.cfg.max_iterations.clamp(1, MAX_ITERATIONS_LIMIT);
@@ -531,6 +554,14 @@ impl AgentController {
                 model: model.clone(),
             });
             let llm_started = Instant::now();
+            let llm_span = tracing::info_span!(
+                "llm.call",
+                model = %model,
+                %provider,
+                iteration,
+                prompt_tokens = tracing::field::Empty,
+                completion_tokens = tracing::field::Empty,
+            );
             let result = {
                 let sink = &mut *s.sink;
                 let mut on_text = |t: &str| {
@@ -548,6 +579,7 @@ impl AgentController {
                         },
                         &mut on_text,
                     )
+                    .instrument(llm_span.clone())
                     .await
             };
             let llm_time = llm_started.elapsed();
@@ -560,7 +592,7 @@ impl AgentController {
                     .get_or_create(&ModelLabel {
                         model: m.model(&model),
                     })
-                    .observe(llm_time.as_secs_f64());
+                    .observe(llm_time.as_secs_f64(), TraceLabel::of(&trace_id));
             }
             let turn = match result {
                 Ok(t) => t,
@@ -588,6 +620,19 @@ impl AgentController {
             }
             s.stats.prompt_tokens += turn.prompt_tokens.unwrap_or(0);
             s.stats.completion_tokens += turn.completion_tokens.unwrap_or(0);
+            if let Some(t) = turn.prompt_tokens {
+                llm_span.record("prompt_tokens", t);
+            }
+            if let Some(t) = turn.completion_tokens {
+                llm_span.record("completion_tokens", t);
+                if let Some(m) = &self.metrics {
+                    m.tokens_generated
+                        .get_or_create(&ModelLabel {
+                            model: m.model(&model),
+                        })
+                        .inc_by(t);
+                }
+            }
 
             // Native calls first; otherwise calls written in the text.
             let mut calls: Vec<(ToolCall, CallSource, Option<String>)> = Vec::new();
@@ -657,9 +702,24 @@ impl AgentController {
                     call: rec.clone(),
                 });
                 let tool_started = Instant::now();
+                if let Some(m) = &self.metrics {
+                    let tool = if TOOLS.contains(&call.name.as_str()) {
+                        call.name.as_str()
+                    } else {
+                        crate::metrics::OTHER
+                    };
+                    m.agent_tool_calls
+                        .get_or_create(&crate::metrics::ToolLabel {
+                            tool: Label::fixed(tool),
+                        })
+                        .inc();
+                }
                 let result = match limit {
                     Some(why) => refused(&call, ToolErrorKind::Limit, why),
-                    None => self.dispatch(&mut s, &call, parse_error).await,
+                    None => {
+                        let span = tracing::info_span!("tool.call", tool = %call.name, iteration);
+                        self.dispatch(&mut s, &call, parse_error).instrument(span).await
+                    }
                 };
                 s.stats.tools_ms += ms(tool_started.elapsed());
                 messages.push(ChatMessage::tool(&call, result.content.clone()));
@@ -747,11 +807,18 @@ impl AgentController {
                 req.timeout = self.cfg.exec_timeout;
                 req.max_output_bytes = self.cfg.max_output_bytes;
                 s.stats.executions += 1;
-                match self
+                let done = self
                     .executor
                     .execute(&req, &executor::OutputProgress::default())
-                    .await
-                {
+                    .await;
+                if let Some(m) = &self.metrics {
+                    match &done {
+                        Ok(exec) => m.record_outcome(&req.language, &req.trace_id, Ok(&exec.outcome)),
+                        Err(e) if e.is_invalid_request() => {}
+                        Err(_) => m.record_outcome(&req.language, &req.trace_id, Err(None)),
+                    }
+                }
+                match done {
                     Ok(exec) => self.execution_result(r, &req, exec),
                     Err(e) if e.is_invalid_request() => fail(r, ToolErrorKind::InvalidRequest, e.to_string()),
                     Err(e) => {

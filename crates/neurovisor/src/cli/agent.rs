@@ -101,33 +101,41 @@ pub struct SeedAgentArgs {
 }
 
 /// `neurovisor --agent TASK ...`.
-pub async fn run_seed(task: String, seed: SeedAgentArgs, serve: ServeArgs) -> u8 {
+pub async fn run_seed(
+    task: String,
+    seed: SeedAgentArgs,
+    serve: ServeArgs,
+    pushgateway: Option<String>,
+) -> u8 {
     let llm = seed.llm.unwrap_or(Provider::Ollama);
     // --ollama-host (or OLLAMA_HOST) of the daemon form points at Ollama here too.
     let base_url = seed.base_url.or(match llm {
         Provider::Ollama => serve.ollama_host,
         Provider::OpenAi => None,
     });
-    run(AgentArgs {
-        task,
-        model: serve.model.unwrap_or_else(|| DEFAULT_MODEL.to_string()),
-        llm,
-        base_url,
-        api_key_env: "OPENAI_API_KEY".into(),
-        max_iterations: seed.max_iterations.unwrap_or(DEFAULT_MAX_ITERATIONS),
-        max_tool_calls: DEFAULT_MAX_TOOL_CALLS,
-        max_tool_calls_per_turn: DEFAULT_MAX_TOOL_CALLS_PER_TURN,
-        timeout: AgentConfig::default().exec_timeout,
-        size: serve.size.unwrap_or_default(),
-        json: seed.json,
-        target: super::DaemonTarget {
-            addr: env_nonempty("NEUROVISOR_ADDR"),
-            local: env_nonempty("NEUROVISOR_LOCAL")
-                .is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on")),
-            tls_ca: env_nonempty("NEUROVISOR_TLS_CA").map(Into::into),
+    run(
+        AgentArgs {
+            task,
+            model: serve.model.unwrap_or_else(|| DEFAULT_MODEL.to_string()),
+            llm,
+            base_url,
+            api_key_env: "OPENAI_API_KEY".into(),
+            max_iterations: seed.max_iterations.unwrap_or(DEFAULT_MAX_ITERATIONS),
+            max_tool_calls: DEFAULT_MAX_TOOL_CALLS,
+            max_tool_calls_per_turn: DEFAULT_MAX_TOOL_CALLS_PER_TURN,
+            timeout: AgentConfig::default().exec_timeout,
+            size: serve.size.unwrap_or_default(),
+            json: seed.json,
+            target: super::DaemonTarget {
+                addr: env_nonempty("NEUROVISOR_ADDR"),
+                local: env_nonempty("NEUROVISOR_LOCAL")
+                    .is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on")),
+                tls_ca: env_nonempty("NEUROVISOR_TLS_CA").map(Into::into),
+            },
+            vm: serve.vm,
         },
-        vm: serve.vm,
-    })
+        pushgateway,
+    )
     .await
 }
 
@@ -323,7 +331,17 @@ impl Human {
     }
 }
 
-pub async fn run(a: AgentArgs) -> u8 {
+pub async fn run(a: AgentArgs, pushgateway: Option<String>) -> u8 {
+    let metrics = match super::one_shot_metrics(pushgateway.as_deref()) {
+        Ok(m) => m,
+        Err(m) => return fail(a.json, "invalid_request", &m, EXIT_BAD_INPUT),
+    };
+    let code = run_counted(a, metrics.clone()).await;
+    super::push_metrics(metrics.as_deref(), pushgateway.as_deref(), "agent").await;
+    code
+}
+
+async fn run_counted(a: AgentArgs, metrics: Option<Arc<neurovisor::metrics::Metrics>>) -> u8 {
     if a.task.trim().is_empty() {
         return fail(
             a.json,
@@ -355,7 +373,13 @@ pub async fn run(a: AgentArgs) -> u8 {
             Arc::new(DaemonExecutor::new(ep.clone()))
         }
         None => match a.vm.sandbox() {
-            Ok(sb) => Arc::new(SandboxExecutor::new(sb, a.size)),
+            Ok(mut sb) => {
+                if let Some(m) = &metrics {
+                    sb.hooks.counters = m.vm_counters();
+                    m.allow_languages(sb.images().languages.iter().map(|l| l.name.as_str()));
+                }
+                Arc::new(SandboxExecutor::new(sb, a.size))
+            }
             Err(m) => return fail(a.json, "sandbox", &m, EXIT_SANDBOX_ERROR),
         },
     };
@@ -366,7 +390,11 @@ pub async fn run(a: AgentArgs) -> u8 {
         max_tool_calls_per_turn: a.max_tool_calls_per_turn,
         ..AgentConfig::default()
     };
-    let controller = AgentController::new(Arc::from(llm::client(&llm_cfg)), executor, cfg);
+    let mut controller = AgentController::new(Arc::from(llm::client(&llm_cfg)), executor, cfg);
+    if let Some(m) = metrics {
+        m.allow_model(&a.model);
+        controller = controller.with_metrics(m);
+    }
     let mut human = Human::default();
     let json_mode = a.json;
     let mut sink = |ev: &AgentEvent| {

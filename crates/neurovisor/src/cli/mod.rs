@@ -41,6 +41,24 @@ pub struct Cli {
     /// More log output on stderr (-v info, -vv debug); NEUROVISOR_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+    /// Log lines on stderr as text or JSON (one object per line, with the
+    /// request's trace_id from its span).
+    #[arg(
+        long,
+        global = true,
+        env = "NEUROVISOR_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: neurovisor::telemetry::LogFormat,
+    /// Export traces and logs over OTLP/gRPC to this endpoint (e.g.
+    /// http://localhost:4317); without it nothing is exported.
+    #[arg(long, global = true, env = "NEUROVISOR_OTLP", value_name = "URL")]
+    pub otlp: Option<String>,
+    /// Push the metrics of a one-shot command (`run`, `agent`) to this
+    /// Prometheus Pushgateway when it ends (e.g. http://localhost:9091).
+    #[arg(long, global = true, env = "NEUROVISOR_PUSHGATEWAY", value_name = "URL")]
+    pub pushgateway: Option<String>,
     #[command(subcommand)]
     command: Option<Command>,
     #[command(flatten)]
@@ -314,34 +332,54 @@ impl DaemonTarget {
     }
 }
 
-pub fn init_logging(verbose: u8) {
-    let default = match verbose {
-        0 => "warn",
-        1 => "info",
-        _ => "debug",
-    };
-    let filter = std::env::var("NEUROVISOR_LOG")
-        .ok()
-        .and_then(|v| tracing_subscriber::EnvFilter::try_new(v).ok())
-        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(default));
-    use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Colours only for a person; log files and journald get plain text.
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+impl Cli {
+    /// Logging and trace export as the flags ask.
+    pub fn telemetry(&self) -> neurovisor::telemetry::TelemetryConfig {
+        neurovisor::telemetry::TelemetryConfig {
+            verbose: self.verbose,
+            format: self.log_format,
+            otlp: self.otlp.clone(),
+        }
+    }
+}
+
+/// The metrics a one-shot command pushes at its end (`--pushgateway`), or
+/// the error line for a URL that cannot work (bad input: before any VM).
+pub fn one_shot_metrics(
+    pushgateway: Option<&str>,
+) -> Result<Option<std::sync::Arc<neurovisor::metrics::Metrics>>, String> {
+    match pushgateway {
+        None => Ok(None),
+        Some(url) => {
+            neurovisor::metrics::check_pushgateway(url).map_err(|e| e.to_string())?;
+            Ok(Some(std::sync::Arc::new(neurovisor::metrics::Metrics::new())))
+        }
+    }
+}
+
+/// Pushes a one-shot command's metrics; a failure is one line on stderr
+/// (the command's own result stands).
+pub async fn push_metrics(
+    metrics: Option<&neurovisor::metrics::Metrics>,
+    pushgateway: Option<&str>,
+    command: &str,
+) {
+    if let (Some(m), Some(url)) = (metrics, pushgateway) {
+        if let Err(e) = m.push(url, command).await {
+            eprintln!("neurovisor: {e}");
+        }
+    }
 }
 
 pub async fn dispatch(mut cli: Cli) -> u8 {
     match cli.command {
         None => match cli.seed_agent.agent.take() {
-            Some(task) => agent::run_seed(task, cli.seed_agent, cli.serve).await,
+            Some(task) => agent::run_seed(task, cli.seed_agent, cli.serve, cli.pushgateway).await,
             None => serve::serve(cli.serve).await,
         },
-        Some(Command::Agent(a)) => agent::run(a).await,
+        Some(Command::Agent(a)) => agent::run(a, cli.pushgateway).await,
         Some(Command::Serve(a)) => serve::serve(a).await,
-        Some(Command::Run(a)) => run::run(a).await,
+        Some(Command::Run(a)) => run::run(a, cli.pushgateway).await,
         Some(Command::Mcp(a)) => mcp::run(a).await,
         Some(Command::Doctor(a)) => doctor::doctor(a),
         Some(Command::Images(c)) => images::images(c).await,

@@ -7,8 +7,11 @@ use std::time::Duration;
 use clap::Args;
 use neurovisor::daemon_client::{DaemonClient, DaemonEndpoint, DaemonError};
 use neurovisor::exec::DEFAULT_MAX_OUTPUT;
+use neurovisor::metrics::Metrics;
 use neurovisor::{ExecOutcome, ExecRequest, Output, VmSize};
 use serde_json::json;
+use std::sync::Arc;
+use tracing::Instrument;
 
 use super::{parse_duration, VmArgs, EXIT_BAD_INPUT, EXIT_SANDBOX_ERROR, EXIT_TIMEOUT};
 
@@ -157,11 +160,24 @@ fn notes(o: &ExecOutcome, req: &ExecRequest, size: VmSize) -> Vec<String> {
     n
 }
 
-pub async fn run(a: RunArgs) -> u8 {
+pub async fn run(a: RunArgs, pushgateway: Option<String>) -> u8 {
     let req = match a.request() {
         Ok(r) => r,
         Err(m) => return fail(a.json, "invalid_request", &m, EXIT_BAD_INPUT),
     };
+    let metrics = match super::one_shot_metrics(pushgateway.as_deref()) {
+        Ok(m) => m,
+        Err(m) => return fail(a.json, "invalid_request", &m, EXIT_BAD_INPUT),
+    };
+    let code = run_counted(&a, req, metrics.clone()).await;
+    super::push_metrics(metrics.as_deref(), pushgateway.as_deref(), "run").await;
+    code
+}
+
+async fn run_counted(a: &RunArgs, req: ExecRequest, metrics: Option<Arc<Metrics>>) -> u8 {
+    // The trace of this run: its root span carries the request's trace id.
+    let span = tracing::info_span!("run", trace_id = %req.trace_id, language = %req.language);
+    neurovisor::telemetry::start_trace(&span, &req.trace_id);
     let daemon = match a.target.resolve(a.vm.state_dir()).await {
         Ok(d) => d,
         Err(m) => return fail(a.json, "invalid_request", &m, EXIT_BAD_INPUT),
@@ -169,10 +185,18 @@ pub async fn run(a: RunArgs) -> u8 {
     let sandbox = match &daemon {
         Some(_) => None,
         None => match a.vm.sandbox() {
-            Ok(s) => Some(s),
+            Ok(mut s) => {
+                if let Some(m) = &metrics {
+                    s.hooks.counters = m.vm_counters();
+                }
+                Some(s)
+            }
             Err(m) => return fail(a.json, "sandbox", &m, EXIT_SANDBOX_ERROR),
         },
     };
+    if let Some(m) = &metrics {
+        m.allow_languages([req.language.as_str()]);
+    }
     if let Some(sb) = &sandbox {
         if let Err(e) = req.validate(sb.images()) {
             return fail(a.json, "invalid_request", &e.to_string(), EXIT_BAD_INPUT);
@@ -207,27 +231,30 @@ pub async fn run(a: RunArgs) -> u8 {
             )
         }
     };
-    let mut execution = Box::pin(async {
-        match (&sandbox, &daemon) {
-            (Some(sb), _) => sb.run(&req, a.size, &mut sink).await.map_err(|e| {
-                let kind = if e.is_invalid_request() {
-                    Kind::Invalid
-                } else {
-                    Kind::Sandbox
-                };
-                (kind, e.to_string())
-            }),
-            (None, Some(ep)) => {
-                tracing::info!(daemon = %ep, "executing through the daemon");
-                let remote = async { DaemonClient::connect(ep).await?.execute(&req, &mut sink).await };
-                remote.await.map(|r| r.outcome).map_err(|e| match e {
-                    DaemonError::Invalid(m) | DaemonError::BadAddress(m) => (Kind::Invalid, m),
-                    DaemonError::Other(m) => (Kind::Sandbox, m),
-                })
+    let mut execution = Box::pin(
+        async {
+            match (&sandbox, &daemon) {
+                (Some(sb), _) => sb.run(&req, a.size, &mut sink).await.map_err(|e| {
+                    let kind = if e.is_invalid_request() {
+                        Kind::Invalid
+                    } else {
+                        Kind::Sandbox
+                    };
+                    (kind, e.to_string())
+                }),
+                (None, Some(ep)) => {
+                    tracing::info!(daemon = %ep, "executing through the daemon");
+                    let remote = async { DaemonClient::connect(ep).await?.execute(&req, &mut sink).await };
+                    remote.await.map(|r| r.outcome).map_err(|e| match e {
+                        DaemonError::Invalid(m) | DaemonError::BadAddress(m) => (Kind::Invalid, m),
+                        DaemonError::Other(m) => (Kind::Sandbox, m),
+                    })
+                }
+                (None, None) => Err((Kind::Sandbox, "no sandbox".to_string())),
             }
-            (None, None) => Err((Kind::Sandbox, "no sandbox".to_string())),
         }
-    });
+        .instrument(span.clone()),
+    );
     let result = tokio::select! {
         r = &mut execution => r,
         _ = sigint.recv() => {
@@ -240,7 +267,30 @@ pub async fn run(a: RunArgs) -> u8 {
         }
     };
     drop(execution);
-    finish(&a, &req, daemon.as_ref(), result, &out_buf, &err_buf)
+    span.in_scope(|| match &result {
+        Ok(o) => tracing::info!(
+            vm_id = %o.vm_id,
+            exit_code = ?o.exit_code,
+            restored = o.restored,
+            boot_ms = o.boot_ms,
+            execute_ms = o.execute_ms,
+            "execution finished"
+        ),
+        Err((_, m)) => tracing::info!("execution failed: {m}"),
+    });
+    if let Some(m) = &metrics {
+        match &result {
+            Ok(o) => {
+                m.record_outcome(&req.language, &req.trace_id, Ok(o));
+                if !o.restored && o.boot_ms > 0.0 {
+                    m.vm_boot_seconds.observe(o.boot_ms / 1000.0);
+                }
+            }
+            Err((Kind::Invalid, _)) => {}
+            Err((Kind::Sandbox, _)) => m.record_outcome(&req.language, &req.trace_id, Err(None)),
+        }
+    }
+    finish(a, &req, daemon.as_ref(), result, &out_buf, &err_buf)
 }
 
 enum Kind {

@@ -18,6 +18,7 @@ use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo, UdsConnectInfo};
 use tower::{Layer, Service};
 use tracing::Instrument;
 
+use crate::metrics::Metrics;
 use crate::transport::{Token, TOKEN_ENV};
 
 #[derive(Debug)]
@@ -29,17 +30,51 @@ struct Policy {
 }
 
 /// The layer; one value serves both listeners.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct AccessLayer {
     policy: Arc<Policy>,
+    metrics: Arc<Metrics>,
 }
 
 impl AccessLayer {
-    pub fn new(token: Option<Token>, token_file: PathBuf) -> Self {
+    /// Refusals are counted in `metrics` (`neurovisor_auth_failures_total`).
+    pub fn new(token: Option<Token>, token_file: PathBuf, metrics: Arc<Metrics>) -> Self {
         Self {
             policy: Arc::new(Policy { token, token_file }),
+            metrics,
         }
     }
+}
+
+/// The label of a refusal from [`check_bearer`] or the policy.
+pub fn refusal_reason(message: &str) -> &'static str {
+    if message.starts_with(NO_TOKEN) {
+        "no_token"
+    } else if message.starts_with(WRONG_TOKEN) {
+        "wrong_token"
+    } else {
+        "not_admitted"
+    }
+}
+
+const NO_TOKEN: &str = "no token";
+const WRONG_TOKEN: &str = "wrong token";
+
+/// Makes the request's span the root of its trace: continues the client's
+/// trace (`traceparent`) or starts the one named by `x-trace-id`, minting a
+/// UUIDv7 into that header when the client sent none, so the handler (which
+/// reads the header) and the span agree on the id.
+fn trace_request<B>(req: &mut http::Request<B>, span: &tracing::Span) {
+    let mut meta = tonic::metadata::MetadataMap::from_headers(std::mem::take(req.headers_mut()));
+    let probe = tonic::Request::from_parts(meta.clone(), tonic::Extensions::default(), ());
+    let trace_id = super::trace::trace_id_of(&probe);
+    if let Ok(v) = tonic::metadata::MetadataValue::try_from(trace_id.as_str()) {
+        meta.insert(super::trace::TRACE_HEADER, v);
+    }
+    *req.headers_mut() = meta.into_headers();
+    let parent = req.headers().get("traceparent").and_then(|v| v.to_str().ok());
+    crate::telemetry::continue_trace(span, parent, &trace_id);
+    span.record("trace_id", trace_id.as_str());
 }
 
 impl<S> Layer<S> for AccessLayer {
@@ -49,14 +84,16 @@ impl<S> Layer<S> for AccessLayer {
         Access {
             inner,
             policy: self.policy.clone(),
+            metrics: self.metrics.clone(),
         }
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Access<S> {
     inner: S,
     policy: Arc<Policy>,
+    metrics: Arc<Metrics>,
 }
 
 /// The bearer token a request sent, if any.
@@ -88,11 +125,11 @@ pub fn check_bearer<B>(
     let file = token_file.display();
     match bearer(req) {
         None => Err(format!(
-            "no token: requests over TCP need `authorization: Bearer <token>`; the token is in {file} on the daemon's host (neurovisor run/agent send {TOKEN_ENV}, or read that file)"
+            "{NO_TOKEN}: requests over TCP need `authorization: Bearer <token>`; the token is in {file} on the daemon's host (neurovisor run/agent send {TOKEN_ENV}, or read that file)"
         )),
         Some(sent) if token.matches(sent) => Ok(()),
         Some(_) => Err(format!(
-            "wrong token: use the one in {file} on the daemon's host (set {TOKEN_ENV} to it)"
+            "{WRONG_TOKEN}: use the one in {file} on the daemon's host (set {TOKEN_ENV} to it)"
         )),
     }
 }
@@ -111,13 +148,14 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         let method = req.uri().path().to_string();
         let ext = req.extensions();
         let span = if let Some(uds) = ext.get::<UdsConnectInfo>() {
             let span = tracing::info_span!(
                 "grpc",
                 %method,
+                trace_id = tracing::field::Empty,
                 peer_uid = tracing::field::Empty,
                 peer_gid = tracing::field::Empty,
                 peer_pid = tracing::field::Empty,
@@ -129,6 +167,7 @@ where
                     span.record("peer_pid", pid);
                 }
             }
+            trace_request(&mut req, &span);
             tracing::info!(parent: &span, "request over the Unix socket");
             span
         } else {
@@ -141,12 +180,15 @@ where
                 (None, None) => (None, false),
             };
             let peer = peer.map(|p| p.to_string()).unwrap_or_else(|| "unknown".into());
-            let span = tracing::info_span!("grpc", %method, %peer, tls);
+            let span = tracing::info_span!("grpc", %method, trace_id = tracing::field::Empty, %peer, tls);
             if let Err(msg) = self.policy.check_remote(&req) {
                 tracing::warn!(parent: &span, "refused: {msg}");
+                self.metrics
+                    .auth_failure(if tls { "tls" } else { "tcp" }, refusal_reason(&msg));
                 let status = tonic::Status::unauthenticated(msg);
                 return Box::pin(async move { Ok(status.into_http()) });
             }
+            trace_request(&mut req, &span);
             tracing::info!(parent: &span, "request over TCP");
             span
         };

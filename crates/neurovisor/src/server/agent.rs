@@ -6,6 +6,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 
 use futures_util::{Stream, StreamExt};
 use prost::Message as _;
@@ -254,7 +255,9 @@ impl AgentApi for AgentService {
                 }
                 None => tracing::info!("agent session ended early (client gone or not reading)"),
             }
-        });
+        }
+        // The request's span lives on in the session's task.
+        .in_current_span());
         let stream = UnboundedReceiverStream::new(rx).map(move |(ev, n)| {
             queued.fetch_sub(n, Ordering::SeqCst);
             ev

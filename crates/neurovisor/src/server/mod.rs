@@ -416,16 +416,31 @@ fn metrics_router(metrics: Arc<Metrics>, pool: Pool) -> axum::Router {
     axum::Router::new()
         .route(
             "/metrics",
-            get(move || {
+            // OpenMetrics (with exemplars linking samples to traces) for
+            // scrapers that ask for it, as Prometheus does; the classic text
+            // format for everyone else (curl, promtool, older scrapers).
+            get(move |headers: axum::http::HeaderMap| {
                 let m = m.clone();
                 async move {
-                    (
-                        [(
-                            CONTENT_TYPE,
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        )],
-                        m.encode(),
-                    )
+                    let openmetrics = headers
+                        .get_all(axum::http::header::ACCEPT)
+                        .iter()
+                        .filter_map(|v| v.to_str().ok())
+                        .any(|v| v.contains("application/openmetrics-text"));
+                    if openmetrics {
+                        (
+                            [(
+                                CONTENT_TYPE,
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            )],
+                            m.encode(),
+                        )
+                    } else {
+                        (
+                            [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+                            m.encode_prometheus_text(),
+                        )
+                    }
                 }
             }),
         )
@@ -558,6 +573,7 @@ pub async fn run(
 
     let metrics = Arc::new(Metrics::new());
     metrics.watch_vms(backend.live_vms());
+    metrics.set_build(backend.name(), backend.accel());
     metrics.allow_model(&cfg.default_model);
     metrics.allow_languages(images.languages.iter().map(|l| l.name.as_str()));
     let languages = images.languages.clone();
@@ -670,7 +686,7 @@ pub async fn run(
     ));
     // The same services behind both listeners; the access layer tells them
     // apart (Unix socket: peer credentials; TCP: the token).
-    let access = AccessLayer::new(token, token_file.clone());
+    let access = AccessLayer::new(token, token_file.clone(), metrics.clone());
     let routes = |b: Server| {
         b.max_concurrent_streams(Some(cfg.max_streams_per_connection))
             // A client that opens connections and then answers nothing is dropped.

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 
 use neurovisor_proto::v1::sandbox_server::Sandbox as SandboxApi;
 use neurovisor_proto::v1::{
@@ -19,7 +20,7 @@ use tonic::{Request, Response, Status};
 
 use super::trace::{trace_id_of, with_trace_id};
 use crate::exec::{ExecError, ExecOutcome, ExecRequest, Output, OutputSink, WireRequest};
-use crate::metrics::{Label, LanguageLabel, Metrics, OutcomeLabel};
+use crate::metrics::Metrics;
 use crate::pool::{Pool, PoolError};
 
 /// Messages buffered per stream while its client is slow: at most this many
@@ -232,28 +233,8 @@ impl SandboxService {
     }
 
     fn record(&self, req: &ExecRequest, result: &Result<ExecOutcome, ExecError>) {
-        let outcome = match result {
-            Ok(o) if o.timed_out => "timeout",
-            Ok(o) if o.oom_killed => "oom",
-            Ok(o) if o.exit_code == Some(0) => "ok",
-            Ok(_) => "nonzero_exit",
-            Err(_) => "error",
-        };
-        if let Ok(o) = result {
-            self.metrics
-                .code_execution_duration_seconds
-                .get_or_create(&LanguageLabel {
-                    language: self.metrics.language(&req.language),
-                })
-                .observe(o.duration_ms / 1000.0);
-        }
         self.metrics
-            .executions
-            .get_or_create(&OutcomeLabel {
-                language: self.metrics.language(&req.language),
-                outcome: Label::fixed(outcome),
-            })
-            .inc();
+            .record_execution(&req.language, &req.trace_id, result);
     }
 }
 
@@ -325,9 +306,16 @@ impl SandboxApi for SandboxService {
     ) -> Result<Response<Self::ExecuteStream>, Status> {
         let started = Instant::now();
         let trace_id = trace_id_of(&request);
-        let req = self.to_exec_request(request.into_inner(), trace_id.clone())?;
+        let req = self
+            .to_exec_request(request.into_inner(), trace_id.clone())
+            .inspect_err(|s| self.metrics.grpc_code("Execute", s.code()))?;
         let in_flight = InFlight::new(&self.metrics);
-        let mut lease = self.pool.acquire().await.map_err(pool_status)?;
+        let mut lease = self
+            .pool
+            .acquire()
+            .await
+            .map_err(pool_status)
+            .inspect_err(|s| self.metrics.grpc_code("Execute", s.code()))?;
         let (tx, rx) = mpsc::channel::<Queued>(STREAM_QUEUE);
         let outbox = Outbox::new(rx);
         let stalled = Arc::new(tokio::sync::Notify::new());
@@ -351,6 +339,7 @@ impl SandboxApi for SandboxService {
                     tracing::warn!(%trace_id, vm = lease.vm_id(), "client stopped reading its output; destroying its VM");
                     drop(lease);
                     service.metrics.observe_grpc("Execute", started);
+                    service.metrics.grpc_code("Execute", tonic::Code::DeadlineExceeded);
                     task_outbox.abandon(Status::deadline_exceeded(format!(
                         "the client read none of its output for {:?}; the execution was stopped and its VM destroyed (read the stream as it arrives)",
                         service.stall_timeout
@@ -360,10 +349,19 @@ impl SandboxApi for SandboxService {
                 // The client went away: dropping the lease destroys the VM now.
                 _ = tx.closed() => {
                     tracing::info!(vm = lease.vm_id(), "client disconnected; destroying its VM");
+                    service.metrics.grpc_code("Execute", tonic::Code::Cancelled);
                     return;
                 }
             };
             service.record(&req, &result);
+            service.metrics.grpc_code(
+                "Execute",
+                match &result {
+                    Ok(_) => tonic::Code::Ok,
+                    Err(e) if e.is_invalid_request() => tonic::Code::InvalidArgument,
+                    Err(_) => tonic::Code::Internal,
+                },
+            );
             let msg = match result {
                 Ok(o) => Ok(ExecuteResponse {
                     event: Some(Event::Result(result_of(&o, lease.warm, lease.waited))),
@@ -382,7 +380,9 @@ impl SandboxApi for SandboxService {
                 task_outbox.abandon(Status::deadline_exceeded("the client did not read its result"));
             }
             service.metrics.observe_grpc("Execute", started);
-        });
+        }
+        // The request's span lives on in the task that streams its output.
+        .in_current_span());
         let stream = OutboxStream {
             outbox,
             finished: false,
@@ -391,6 +391,35 @@ impl SandboxApi for SandboxService {
     }
 
     async fn execute_once(
+        &self,
+        request: Request<ExecuteRequest>,
+    ) -> Result<Response<ExecuteResult>, Status> {
+        let r = self.execute_once_in(request).await;
+        self.metrics.grpc_code(
+            "ExecuteOnce",
+            r.as_ref().map(|_| tonic::Code::Ok).unwrap_or_else(|s| s.code()),
+        );
+        r
+    }
+
+    async fn languages(&self, _: Request<LanguagesRequest>) -> Result<Response<LanguagesResponse>, Status> {
+        let images = self.pool.sandbox().images();
+        Ok(Response::new(LanguagesResponse {
+            languages: images
+                .languages
+                .iter()
+                .map(|l| Language {
+                    name: l.name.clone(),
+                    version: l.version.clone(),
+                })
+                .collect(),
+            image: images.name.clone(),
+        }))
+    }
+}
+
+impl SandboxService {
+    async fn execute_once_in(
         &self,
         request: Request<ExecuteRequest>,
     ) -> Result<Response<ExecuteResult>, Status> {
@@ -417,20 +446,5 @@ impl SandboxApi for SandboxService {
         r.stderr = stderr.into();
         self.metrics.observe_grpc("ExecuteOnce", started);
         Ok(with_trace_id(Response::new(r), &trace_id))
-    }
-
-    async fn languages(&self, _: Request<LanguagesRequest>) -> Result<Response<LanguagesResponse>, Status> {
-        let images = self.pool.sandbox().images();
-        Ok(Response::new(LanguagesResponse {
-            languages: images
-                .languages
-                .iter()
-                .map(|l| Language {
-                    name: l.name.clone(),
-                    version: l.version.clone(),
-                })
-                .collect(),
-            image: images.name.clone(),
-        }))
     }
 }

@@ -153,6 +153,10 @@ pub fn base_cmdline(cfg: &VmConfig) -> Vec<String> {
 pub trait VmmBackend: Send + Sync {
     /// Short name for logs and metrics ("qemu", "firecracker").
     fn name(&self) -> &'static str;
+    /// The accelerator its VMs run on ("kvm", "tcg"), for `/metrics`.
+    fn accel(&self) -> &'static str {
+        "kvm"
+    }
     /// What a snapshot made by this backend depends on besides the images
     /// (the VMM binary, the accelerator): part of a template's cache key.
     fn identity(&self) -> String {

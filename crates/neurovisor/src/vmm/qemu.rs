@@ -423,6 +423,13 @@ impl VmmBackend for QemuBackend {
         "qemu"
     }
 
+    fn accel(&self) -> &'static str {
+        match self.accel.accel {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+
     fn identity(&self) -> String {
         let m = std::fs::metadata(&self.qemu).ok();
         format!(
