@@ -37,6 +37,9 @@ cargo clippy --release --locked -p neurovisor-guest-agent --all-targets --featur
 cargo build --release --locked -p neurovisor-guest-agent --features misbehave --bin neurovisor-agent-misbehave
 
 echo; echo "== tests (integration tests boot real VMs)"
+# The library's warnings (a restore that failed, a boot that stalled) go into
+# each test's captured output, shown when it fails.
+export NV_TEST_LOG="${NV_TEST_LOG:-neurovisor=warn}"
 cargo test --release --locked --workspace
 
 echo; echo "== soak: 300 executions through the daemon pool, no client-visible failure (5-7 min)"

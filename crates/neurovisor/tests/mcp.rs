@@ -164,6 +164,13 @@ fn streamable_http_from_the_daemon_needs_the_token_and_serves_both_revisions() {
         post_status(&addr, "127.0.0.1", "Authorization: Bearer 00\r\n"),
         401
     );
+    let metrics = common::daemon::http_get(&d.metrics, "/metrics").1;
+    for line in [
+        r#"neurovisor_auth_failures_total{transport="mcp",reason="no_token"} 1"#,
+        r#"neurovisor_auth_failures_total{transport="mcp",reason="wrong_token"} 1"#,
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "missing {line}:\n{metrics}");
+    }
     let url = format!("http://{addr}/mcp");
     let auth = format!("Authorization: Bearer {token}");
     // The right token from a page on another host (DNS rebinding): refused.

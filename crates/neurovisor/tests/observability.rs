@@ -331,6 +331,34 @@ async fn prometheus_and_otlp_see_a_daemons_executions_and_agent_task() {
         logs.len()
     );
 
+    // `run` through the daemon: both processes export, one trace, the
+    // daemon's request span a child of the CLI's (`traceparent`).
+    let run_trace = uuid::Uuid::now_v7().to_string();
+    let out = tokio::task::spawn_blocking({
+        let (addr, url, run_trace) = (d.addr(), otlp.url(), run_trace.clone());
+        move || {
+            Command::new(env!("CARGO_BIN_EXE_neurovisor"))
+                .args(["run", "--addr", &addr, "--otlp", &url, "--trace-id", &run_trace])
+                .args(["--lang", "bash", "-c", "echo via the daemon"])
+                .output()
+                .expect("run")
+        }
+    })
+    .await
+    .expect("join");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let t = hex_trace(&run_trace);
+    let spans = otlp
+        .wait_trace(&t, &["run", "grpc", "guest.process"], Duration::from_secs(20))
+        .await;
+    let (cli, daemon) = (named(&spans, "run"), named(&spans, "grpc"));
+    assert!(
+        descends(&spans, daemon, cli) && descends(&spans, named(&spans, "guest.process"), cli),
+        "the daemon's spans did not join the CLI's trace:\n{}",
+        tree(&spans)
+    );
+    println!("run through the daemon, trace {run_trace}:\n{}", tree(&spans));
+
     drop(c);
     drop(agent);
     let log = d.log_text();
@@ -446,6 +474,49 @@ async fn run_exports_its_trace_pushes_its_metrics_and_logs_json() {
         "{executed}"
     );
     assert!(pushed.contains("neurovisor_vm_boot_seconds_count{"), "{pushed}");
+
+    // `agent` pushes too: its task, LLM calls, tokens and the execution.
+    let ollama = scripted_ollama().await;
+    let out = tokio::task::spawn_blocking({
+        let (state, gateway) = (state.path().to_path_buf(), gateway.clone());
+        move || {
+            Command::new(env!("CARGO_BIN_EXE_neurovisor"))
+                .args([
+                    "agent",
+                    "What is 6 * 7?",
+                    "--local",
+                    "--size",
+                    "small",
+                    "--model",
+                    "qwen3",
+                ])
+                .args(["--base-url", &ollama, "--pushgateway", &gateway])
+                .arg("--state-dir")
+                .arg(&state)
+                .output()
+                .expect("agent")
+        }
+    })
+    .await
+    .expect("join");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (_, pushed) = get(&format!("{gateway}/metrics")).expect("pushgateway");
+    for want in [
+        "neurovisor_agent_tasks_total{",
+        "neurovisor_tokens_generated_total{",
+        "neurovisor_executions_total{",
+    ] {
+        let line = pushed
+            .lines()
+            .find(|l| l.starts_with(want) && l.contains("command=\"agent\""))
+            .unwrap_or_else(|| panic!("no pushed {want}...}} of the agent:\n{pushed}"));
+        let v: f64 = line
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        assert!(v >= 1.0, "{line}");
+    }
 
     // Bad URLs: one line naming the flag, before any VM.
     for (flag, bad) in [("--otlp", "localhost:4317"), ("--pushgateway", "ftp://x")] {

@@ -134,13 +134,6 @@ async fn the_template_is_cached_by_its_inputs_and_rebuilt_when_the_rootfs_change
 
 /// A sandbox whose VMs are restored from a template cached in its own state.
 fn restoring_env() -> common::TestEnv {
-    // NV_TEST_LOG=debug shows the restore's steps.
-    if let Ok(filter) = std::env::var("NV_TEST_LOG") {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-            .with_test_writer()
-            .try_init();
-    }
     let mut env = common::env();
     env.sandbox.snapshots = Some(Arc::new(Snapshots::new(SnapshotSource::Managed {
         cache_dir: env.state.path().join("snapshots"),

@@ -293,6 +293,14 @@ fn tcp_needs_the_token_from_the_token_file() {
             ))
             .await;
         assert!(ok.is_ok(), "{ok:?}");
+        // Each refusal is counted by transport and reason.
+        let metrics = common::daemon::http_get(&d.metrics, "/metrics").1;
+        for line in [
+            r#"neurovisor_auth_failures_total{transport="tcp",reason="no_token"} 2"#,
+            r#"neurovisor_auth_failures_total{transport="tcp",reason="wrong_token"} 1"#,
+        ] {
+            assert!(metrics.lines().any(|l| l == line), "missing {line}:\n{metrics}");
+        }
         let r = c
             .execute_once(with_token(req("python", "print(6*7)"), &token))
             .await

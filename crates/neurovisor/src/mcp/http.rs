@@ -31,12 +31,14 @@ pub const MCP_PATH: &str = "/mcp";
 
 /// The router: `/mcp` behind the token check. `stop` ends open streams at
 /// shutdown.
+/// Refusals are counted in `metrics` (`neurovisor_auth_failures_total{transport="mcp"}`).
 pub fn router(
     server: NeuroVisorMcp,
     token: Token,
     token_file: PathBuf,
     bound: SocketAddr,
     stop: CancellationToken,
+    metrics: Arc<crate::metrics::Metrics>,
 ) -> axum::Router {
     let mut hosts = vec!["localhost".to_string(), "127.0.0.1".into(), "::1".into()];
     if !bound.ip().is_unspecified() {
@@ -56,10 +58,14 @@ pub fn router(
         .nest_service(MCP_PATH, service)
         .layer(axum::middleware::from_fn(move |req: Request, next: Next| {
             let auth = auth.clone();
+            let metrics = metrics.clone();
             async move {
                 match check_bearer(&auth.0, &auth.1, &req) {
                     Ok(()) => next.run(req).await,
-                    Err(msg) => unauthorized(msg),
+                    Err(msg) => {
+                        metrics.auth_failure("mcp", crate::server::access::refusal_reason(&msg));
+                        unauthorized(msg)
+                    }
                 }
             }
         }))

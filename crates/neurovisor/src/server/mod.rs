@@ -652,8 +652,14 @@ pub async fn run(
                     ..Default::default()
                 },
             );
-            let router =
-                crate::mcp::http::router(server, token.clone(), token_file.clone(), addr, stop_mcp.clone());
+            let router = crate::mcp::http::router(
+                server,
+                token.clone(),
+                token_file.clone(),
+                addr,
+                stop_mcp.clone(),
+                metrics.clone(),
+            );
             let listener = slots.limit_listener(l);
             Some(tokio::spawn(async move {
                 let serving = axum::serve(listener, router).with_graceful_shutdown(async move {

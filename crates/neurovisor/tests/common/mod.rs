@@ -36,6 +36,14 @@ pub fn env_with_image(name: &str) -> TestEnv {
 
 /// A sandbox on the QEMU backend booting `images`.
 pub fn env_with_images(images: ImageSet) -> TestEnv {
+    // NV_TEST_LOG=neurovisor=debug shows what the library logs (a restore's
+    // steps, why one failed) in the test's output.
+    if let Ok(filter) = std::env::var("NV_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    }
     let state = tempfile::Builder::new()
         .prefix("nvtest-")
         .tempdir()
