@@ -10,40 +10,22 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use neurovisor::images::{ImageSelection, ImageSet};
+mod common;
+
 use neurovisor::metrics::Metrics;
 use neurovisor::pool::{Pool, PoolConfig};
-use neurovisor::vmm::qemu::QemuOptions;
-use neurovisor::vmm::QemuBackend;
-use neurovisor::{ExecRequest, Output, Sandbox, VmSize};
+use neurovisor::{ExecRequest, Output, VmSize};
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    match demo().await {
-        Ok(true) => std::process::ExitCode::SUCCESS,
-        Ok(false) => std::process::ExitCode::from(1),
-        Err(e) => {
-            eprintln!("metrics_demo: {e}");
-            std::process::ExitCode::from(2)
-        }
-    }
+    common::exit_status("metrics_demo", demo().await)
 }
 
 async fn demo() -> Result<bool, String> {
-    let images = ImageSet::resolve(&ImageSelection {
-        image: Some("default".into()),
-        ..Default::default()
-    })
-    .map_err(|e| e.to_string())?;
-    let state = tempfile::Builder::new()
-        .prefix("nv-metrics-demo-")
-        .tempdir()
-        .map_err(|e| e.to_string())?;
-    let backend = QemuBackend::new(&QemuOptions::default()).map_err(|e| e.to_string())?;
+    let (mut sandbox, _state) = common::qemu_sandbox("nv-metrics-demo-")?;
     let metrics = Arc::new(Metrics::new());
-    metrics.allow_languages(images.languages.iter().map(|l| l.name.as_str()));
-    metrics.set_build("qemu", neurovisor::vmm::VmmBackend::accel(&backend));
-    let mut sandbox = Sandbox::new(Arc::new(backend), images, state.path().to_path_buf());
+    metrics.allow_languages(sandbox.images().languages.iter().map(|l| l.name.as_str()));
+    metrics.set_build(sandbox.backend().name(), sandbox.backend().accel());
     sandbox.hooks.counters = metrics.vm_counters();
     let pool = Pool::start(
         sandbox,

@@ -8,27 +8,18 @@
 //! exits 1 if output was batched instead of streamed (the median gap over
 //! twice the interval, or most lines arriving together).
 
-use std::sync::Arc;
+mod common;
+
 use std::time::Instant;
 
-use neurovisor::images::{ImageSelection, ImageSet};
-use neurovisor::vmm::qemu::QemuOptions;
-use neurovisor::vmm::QemuBackend;
-use neurovisor::{ExecRequest, Output, Sandbox, VmSize};
+use neurovisor::{ExecRequest, Output, VmSize};
 
 const LINES: usize = 40;
 const INTERVAL_MS: u64 = 50;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    match measure().await {
-        Ok(true) => std::process::ExitCode::SUCCESS,
-        Ok(false) => std::process::ExitCode::from(1),
-        Err(e) => {
-            eprintln!("streaming_latency: {e}");
-            std::process::ExitCode::from(2)
-        }
-    }
+    common::exit_status("streaming_latency", measure().await)
 }
 
 fn pct(sorted: &[f64], p: f64) -> f64 {
@@ -40,17 +31,7 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
 }
 
 async fn measure() -> Result<bool, String> {
-    let images = ImageSet::resolve(&ImageSelection {
-        image: Some("default".into()),
-        ..Default::default()
-    })
-    .map_err(|e| e.to_string())?;
-    let state = tempfile::Builder::new()
-        .prefix("nv-streaming-")
-        .tempdir()
-        .map_err(|e| e.to_string())?;
-    let backend = QemuBackend::new(&QemuOptions::default()).map_err(|e| e.to_string())?;
-    let sandbox = Sandbox::new(Arc::new(backend), images, state.path().to_path_buf());
+    let (sandbox, _state) = common::qemu_sandbox("nv-streaming-")?;
     let boot = Instant::now();
     let mut vm = sandbox.boot(VmSize::Small).await.map_err(|e| e.to_string())?;
     println!(

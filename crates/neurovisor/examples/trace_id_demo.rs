@@ -8,29 +8,19 @@
 //! were exported under (the UUID's 16 bytes) — with the span tree, down to
 //! the guest's process span. Exits 1 if they disagree.
 
+mod common;
 #[path = "../tests/common/otlp.rs"]
 mod otlp;
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use neurovisor::images::{ImageSelection, ImageSet};
 use neurovisor::telemetry::{start_trace, Telemetry, TelemetryConfig};
-use neurovisor::vmm::qemu::QemuOptions;
-use neurovisor::vmm::QemuBackend;
-use neurovisor::{ExecRequest, Output, Sandbox, VmSize};
+use neurovisor::{ExecRequest, Output, VmSize};
 use tracing::Instrument;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    match demo().await {
-        Ok(true) => std::process::ExitCode::SUCCESS,
-        Ok(false) => std::process::ExitCode::from(1),
-        Err(e) => {
-            eprintln!("trace_id_demo: {e}");
-            std::process::ExitCode::from(2)
-        }
-    }
+    common::exit_status("trace_id_demo", demo().await)
 }
 
 async fn demo() -> Result<bool, String> {
@@ -40,17 +30,7 @@ async fn demo() -> Result<bool, String> {
         ..Default::default()
     })
     .map_err(|e| e.to_string())?;
-    let images = ImageSet::resolve(&ImageSelection {
-        image: Some("default".into()),
-        ..Default::default()
-    })
-    .map_err(|e| e.to_string())?;
-    let state = tempfile::Builder::new()
-        .prefix("nv-trace-demo-")
-        .tempdir()
-        .map_err(|e| e.to_string())?;
-    let backend = QemuBackend::new(&QemuOptions::default()).map_err(|e| e.to_string())?;
-    let sandbox = Sandbox::new(Arc::new(backend), images, state.path().to_path_buf());
+    let (sandbox, _state) = common::qemu_sandbox("nv-trace-demo-")?;
 
     let req = ExecRequest::new("python", "import os; print(os.environ['NEUROVISOR_TRACE_ID'])");
     let trace_id = req.trace_id.clone();
