@@ -910,7 +910,18 @@ impl QemuVm {
             &self.paths.vmm_log,
         )
         .await?;
-        let mut qmp = Qmp::connect(&self.paths.qmp).await?;
+        // QEMU binds the socket before it listens: a connect in between is
+        // refused (seen in CI as a failed restore). Retry briefly.
+        let mut tries = 0;
+        let mut qmp = loop {
+            match Qmp::connect(&self.paths.qmp).await {
+                Err(_) if tries < 200 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                r => break r?,
+            }
+        };
         qmp.execute("migrate-set-capabilities", Some(ignore_shared()))
             .await?;
         qmp.execute(
