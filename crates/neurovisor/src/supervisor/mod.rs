@@ -251,12 +251,14 @@ impl Confinement {
     ) -> keeper::KeeperSpec {
         keeper::KeeperSpec {
             cgroup_procs: self.cgroup.as_ref().map(|c| c.procs_files()).unwrap_or_default(),
+            cgroup_join: self.cgroup.as_ref().map(|c| c.join()).unwrap_or_default(),
             cgroup_dirs: self
                 .cgroup
                 .as_ref()
                 .map(|c| c.removal_order())
                 .unwrap_or_default(),
             jail,
+            no_huge_pages: false,
             inherit_fds: Vec::new(),
         }
     }

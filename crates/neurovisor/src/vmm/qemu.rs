@@ -578,6 +578,9 @@ impl QemuBackend {
         }
 
         let (mut qemu_cmd, mut qemu_spec) = self.command(&self.qemu, cfg, &paths, &vm.conf, true)?;
+        // TCG's code buffer asks for huge pages; KVM guests keep them (their
+        // RAM is where huge pages pay off).
+        qemu_spec.no_huge_pages = self.accel.accel == Accel::Tcg;
         let ram = match &memory {
             None => Ram::Memfd,
             Some(m) => {
@@ -846,15 +849,14 @@ impl QemuVm {
             return Err(VmmError::Qmp("VM already stopped".into()));
         };
         let connect = async {
-            let mut delay = Duration::from_micros(500);
+            let started = tokio::time::Instant::now();
             loop {
                 match port.connect().await {
                     Ok(s) => return Ok(s),
                     // QEMU has not bound the port yet, or the agent did
                     // not answer this connection (see `serial::ANSWER_WAIT`).
                     Err(VsockError::Connect { .. } | VsockError::Timeout(_)) => {
-                        tokio::time::sleep(delay).await;
-                        delay = (delay * 2).min(Duration::from_millis(10));
+                        tokio::time::sleep(super::process::poll_pause(started)).await;
                     }
                     Err(e) => return Err(e.to_string()),
                 }
@@ -912,12 +914,11 @@ impl QemuVm {
         .await?;
         // QEMU binds the socket before it listens: a connect in between is
         // refused (seen in CI as a failed restore). Retry briefly.
-        let mut tries = 0;
+        let started = tokio::time::Instant::now();
         let mut qmp = loop {
             match Qmp::connect(&self.paths.qmp).await {
-                Err(_) if tries < 200 => {
-                    tries += 1;
-                    tokio::time::sleep(Duration::from_millis(10)).await;
+                Err(_) if started.elapsed() < Duration::from_secs(2) => {
+                    tokio::time::sleep(super::process::poll_pause(started)).await;
                 }
                 r => break r?,
             }
