@@ -1,5 +1,6 @@
 //! A client of a running daemon's `neurovisor.v1.Sandbox` API, shared by
-//! `neurovisor run` and the agent when they hand executions to a daemon.
+//! `neurovisor run` and the agent when they hand executions to a daemon, and
+//! of its `neurovisor.v1.Sandboxes` API (`neurovisor sandbox ...`).
 //!
 //! Clients find a local daemon by its Unix socket, `<state>/neurovisor.sock`
 //! ([`discover`]), and trust it only when nobody else can have put it there:
@@ -13,7 +14,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use neurovisor_proto::v1::sandbox_client::SandboxClient;
-use neurovisor_proto::v1::{execute_response::Event, ExecuteRequest, LanguagesRequest};
+use neurovisor_proto::v1::sandboxes_client::SandboxesClient;
+use neurovisor_proto::v1::{
+    execute_response::Event, CreateSandboxRequest, ExecuteRequest, ExecuteResponse, LanguagesRequest,
+    ListSandboxesRequest, SandboxExecRequest, SandboxInfo, SandboxRef, SetSandboxTimeoutRequest,
+};
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Uri};
 
@@ -31,6 +36,9 @@ pub enum DaemonError {
     /// `--addr` (or its companions) cannot be used as given.
     #[error("{0}")]
     BadAddress(String),
+    /// No such sandbox (NOT_FOUND).
+    #[error("{0}")]
+    NotFound(String),
     #[error("{0}")]
     Other(String),
 }
@@ -260,6 +268,20 @@ pub struct DaemonClient {
     addr: String,
     auth: Option<MetadataValue<Ascii>>,
     inner: SandboxClient<Channel>,
+    sandboxes: SandboxesClient<Channel>,
+}
+
+/// The wire form of a validated request.
+fn wire_request(req: &ExecRequest) -> ExecuteRequest {
+    ExecuteRequest {
+        language: req.language.clone(),
+        code: req.code.clone(),
+        args: req.args.clone(),
+        stdin: req.stdin.clone().into(),
+        env: req.env.clone().into_iter().collect(),
+        timeout_ms: u32::try_from(req.timeout.as_millis()).unwrap_or(u32::MAX),
+        max_output_bytes: req.max_output_bytes,
+    }
 }
 
 impl DaemonClient {
@@ -310,7 +332,10 @@ impl DaemonClient {
         Ok(Self {
             addr,
             auth,
-            inner: SandboxClient::new(channel)
+            inner: SandboxClient::new(channel.clone())
+                .max_decoding_message_size(64 << 20)
+                .max_encoding_message_size(64 << 20),
+            sandboxes: SandboxesClient::new(channel)
                 .max_decoding_message_size(64 << 20)
                 .max_encoding_message_size(64 << 20),
         })
@@ -337,6 +362,7 @@ impl DaemonClient {
     fn status(&self, s: tonic::Status) -> DaemonError {
         match s.code() {
             tonic::Code::InvalidArgument => DaemonError::Invalid(s.message().to_string()),
+            tonic::Code::NotFound => DaemonError::NotFound(s.message().to_string()),
             _ => DaemonError::Other(format!("daemon at {}: {}", self.addr, s.message())),
         }
     }
@@ -363,24 +389,86 @@ impl DaemonClient {
         req: &ExecRequest,
         on_output: &mut dyn OutputSink,
     ) -> Result<RemoteOutcome, DaemonError> {
-        let mut request = self.request(ExecuteRequest {
-            language: req.language.clone(),
-            code: req.code.clone(),
-            args: req.args.clone(),
-            stdin: req.stdin.clone().into(),
-            env: req.env.clone().into_iter().collect(),
-            timeout_ms: u32::try_from(req.timeout.as_millis()).unwrap_or(u32::MAX),
-            max_output_bytes: req.max_output_bytes,
-        });
+        let mut request = self.request(wire_request(req));
         if let Ok(v) = req.trace_id.parse() {
             request.metadata_mut().insert(TRACE_HEADER, v);
         }
-        let mut stream = self
+        let stream = self
             .inner
             .execute(request)
             .await
             .map_err(|s| self.status(s))?
             .into_inner();
+        self.forward(stream, on_output).await
+    }
+
+    /// Creates a sandbox that lives across calls.
+    pub async fn sandbox_create(&mut self, r: CreateSandboxRequest) -> Result<SandboxInfo, DaemonError> {
+        let request = self.request(r);
+        let s = self.sandboxes.create(request).await;
+        s.map(|r| r.into_inner()).map_err(|s| self.status(s))
+    }
+
+    pub async fn sandbox_get(&mut self, id: &str) -> Result<SandboxInfo, DaemonError> {
+        let request = self.request(SandboxRef {
+            sandbox_id: id.into(),
+        });
+        let s = self.sandboxes.get(request).await;
+        s.map(|r| r.into_inner()).map_err(|s| self.status(s))
+    }
+
+    pub async fn sandbox_list(&mut self) -> Result<Vec<SandboxInfo>, DaemonError> {
+        let request = self.request(ListSandboxesRequest {});
+        let s = self.sandboxes.list(request).await;
+        s.map(|r| r.into_inner().sandboxes).map_err(|s| self.status(s))
+    }
+
+    pub async fn sandbox_kill(&mut self, id: &str) -> Result<(), DaemonError> {
+        let request = self.request(SandboxRef {
+            sandbox_id: id.into(),
+        });
+        let s = self.sandboxes.kill(request).await;
+        s.map(|_| ()).map_err(|s| self.status(s))
+    }
+
+    pub async fn sandbox_set_timeout(
+        &mut self,
+        id: &str,
+        timeout_s: u32,
+    ) -> Result<SandboxInfo, DaemonError> {
+        let request = self.request(SetSandboxTimeoutRequest {
+            sandbox_id: id.into(),
+            timeout_s,
+        });
+        let s = self.sandboxes.set_timeout(request).await;
+        s.map(|r| r.into_inner()).map_err(|s| self.status(s))
+    }
+
+    /// Runs `req` in sandbox `id`, forwarding output as it streams.
+    pub async fn sandbox_exec(
+        &mut self,
+        id: &str,
+        req: &ExecRequest,
+        on_output: &mut dyn OutputSink,
+    ) -> Result<RemoteOutcome, DaemonError> {
+        let mut request = self.request(SandboxExecRequest {
+            sandbox_id: id.into(),
+            request: Some(wire_request(req)),
+        });
+        if let Ok(v) = req.trace_id.parse() {
+            request.metadata_mut().insert(TRACE_HEADER, v);
+        }
+        let s = self.sandboxes.exec(request).await;
+        let stream = s.map_err(|s| self.status(s))?.into_inner();
+        self.forward(stream, on_output).await
+    }
+
+    /// Forwards a stream's output to `on_output` and returns its result.
+    async fn forward(
+        &self,
+        mut stream: tonic::Streaming<ExecuteResponse>,
+        on_output: &mut dyn OutputSink,
+    ) -> Result<RemoteOutcome, DaemonError> {
         while let Some(msg) = stream.message().await.map_err(|s| self.status(s))? {
             match msg.event {
                 Some(Event::Stdout(b)) => on_output.write(Output::Stdout(&b)).await,

@@ -477,7 +477,8 @@ impl Pool {
     }
 }
 
-/// One VM, leased for one execution. Dropping the lease destroys the VM.
+/// One VM, leased for one execution (or for the life of a sandbox, see
+/// `server::sessions`). Dropping the lease destroys the VM.
 pub struct Lease {
     vm: Option<ReadyVm>,
     inner: Arc<Inner>,
@@ -492,6 +493,11 @@ pub struct Lease {
 impl Lease {
     pub fn vm_id(&self) -> &str {
         self.vm.as_ref().map(|v| v.id()).unwrap_or("")
+    }
+
+    /// The VM was restored from a snapshot (false: it booted).
+    pub fn restored(&self) -> bool {
+        self.vm.as_ref().is_some_and(|v| v.restored)
     }
 
     pub async fn execute(

@@ -213,7 +213,9 @@ impl DaemonExecutor {
 fn daemon_error(e: DaemonError) -> ExecutorError {
     match e {
         DaemonError::Invalid(m) => ExecutorError::Invalid(m),
-        DaemonError::Other(m) | DaemonError::BadAddress(m) => ExecutorError::Daemon(m),
+        DaemonError::Other(m) | DaemonError::BadAddress(m) | DaemonError::NotFound(m) => {
+            ExecutorError::Daemon(m)
+        }
     }
 }
 

@@ -8,6 +8,7 @@ mod doctor;
 mod images;
 mod mcp;
 mod run;
+mod sandbox;
 mod serve;
 
 use std::path::PathBuf;
@@ -88,6 +89,13 @@ enum Command {
     Mcp(mcp::McpArgs),
     /// Run the daemon: a pre-warmed VM pool behind a gRPC API, plus /metrics.
     Serve(serve::ServeArgs),
+    /// Sandboxes that live across calls, on a running daemon: create, exec,
+    /// list, get, kill, timeout.
+    ///
+    /// Exit status of exec: the program's own (as for run); 2 for bad input
+    /// or an unknown sandbox; 125 if the daemon failed.
+    #[command(subcommand)]
+    Sandbox(sandbox::SandboxCommand),
     /// Check that this host can run VMs, and say how to fix what is missing.
     Doctor(doctor::DoctorArgs),
     /// Build the guest kernel and root filesystem images (cached).
@@ -381,6 +389,7 @@ pub async fn dispatch(mut cli: Cli) -> u8 {
         Some(Command::Serve(a)) => serve::serve(a).await,
         Some(Command::Run(a)) => run::run(a, cli.pushgateway).await,
         Some(Command::Mcp(a)) => mcp::run(a).await,
+        Some(Command::Sandbox(c)) => sandbox::sandbox(c).await,
         Some(Command::Doctor(a)) => doctor::doctor(a),
         Some(Command::Images(c)) => images::images(c).await,
         Some(Command::Bench(c)) => bench::bench(c).await,

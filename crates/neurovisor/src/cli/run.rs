@@ -17,6 +17,23 @@ use super::{parse_duration, VmArgs, EXIT_BAD_INPUT, EXIT_SANDBOX_ERROR, EXIT_TIM
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
+    #[command(flatten)]
+    program: ProgramArgs,
+    /// VM size: small (1 vCPU, 256 MiB), medium (2, 512), large (4, 1024).
+    #[arg(long, value_enum, default_value_t = VmSize::Medium)]
+    size: VmSize,
+    /// Print one JSON object with the output and the result instead of streaming.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    target: super::DaemonTarget,
+    #[command(flatten)]
+    vm: VmArgs,
+}
+
+/// What to run: shared by `run` and `sandbox exec`.
+#[derive(Debug, Args)]
+pub struct ProgramArgs {
     /// Language: python, bash, javascript (go and rust with --image full).
     /// Inferred from the file extension when a file is given.
     #[arg(short, long = "lang")]
@@ -32,9 +49,6 @@ pub struct RunArgs {
     /// Wall-clock limit for the program (e.g. 30, 30s, 500ms, 2m).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     timeout: Duration,
-    /// VM size: small (1 vCPU, 256 MiB), medium (2, 512), large (4, 1024).
-    #[arg(long, value_enum, default_value_t = VmSize::Medium)]
-    size: VmSize,
     /// Environment variable for the program (repeatable).
     #[arg(short, long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
     env: Vec<(String, String)>,
@@ -47,16 +61,9 @@ pub struct RunArgs {
     /// Trace id passed to the program as NEUROVISOR_TRACE_ID (default: a new UUIDv7).
     #[arg(long)]
     trace_id: Option<String>,
-    /// Print one JSON object with the output and the result instead of streaming.
-    #[arg(long)]
-    json: bool,
-    #[command(flatten)]
-    target: super::DaemonTarget,
-    #[command(flatten)]
-    vm: VmArgs,
 }
 
-fn parse_env(s: &str) -> Result<(String, String), String> {
+pub(super) fn parse_env(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
         _ => Err(format!("'{s}' is not KEY=VALUE")),
@@ -86,8 +93,9 @@ fn read_all(path: &Path, what: &str) -> Result<Vec<u8>, String> {
     Ok(buf)
 }
 
-impl RunArgs {
-    fn request(&self) -> Result<ExecRequest, String> {
+impl ProgramArgs {
+    /// The request these options describe (validated against an image later).
+    pub(super) fn request(&self) -> Result<ExecRequest, String> {
         let code = match (&self.code, &self.file) {
             (Some(c), _) => c.clone(),
             (None, Some(f)) => String::from_utf8(read_all(f, "the code")?)
@@ -161,7 +169,7 @@ fn notes(o: &ExecOutcome, req: &ExecRequest, size: VmSize) -> Vec<String> {
 }
 
 pub async fn run(a: RunArgs, pushgateway: Option<String>) -> u8 {
-    let req = match a.request() {
+    let req = match a.program.request() {
         Ok(r) => r,
         Err(m) => return fail(a.json, "invalid_request", &m, EXIT_BAD_INPUT),
     };
@@ -247,7 +255,7 @@ async fn run_counted(a: &RunArgs, req: ExecRequest, metrics: Option<Arc<Metrics>
                     let remote = async { DaemonClient::connect(ep).await?.execute(&req, &mut sink).await };
                     remote.await.map(|r| r.outcome).map_err(|e| match e {
                         DaemonError::Invalid(m) | DaemonError::BadAddress(m) => (Kind::Invalid, m),
-                        DaemonError::Other(m) => (Kind::Sandbox, m),
+                        DaemonError::Other(m) | DaemonError::NotFound(m) => (Kind::Sandbox, m),
                     })
                 }
                 (None, None) => Err((Kind::Sandbox, "no sandbox".to_string())),

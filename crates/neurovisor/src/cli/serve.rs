@@ -69,6 +69,12 @@ pub struct ServeArgs {
     /// A streaming client that reads nothing for this long loses its execution (its VM is destroyed) [default: 10s].
     #[arg(long, value_parser = parse_duration)]
     pub client_stall_timeout: Option<Duration>,
+    /// Sandboxes (`neurovisor sandbox create`) live at once; more get RESOURCE_EXHAUSTED [default: --max].
+    #[arg(long)]
+    pub max_sandboxes: Option<usize>,
+    /// MiB of guest memory all live sandboxes may hold together [default: no cap beyond --max-sandboxes].
+    #[arg(long)]
+    pub max_sandbox_memory: Option<u64>,
     /// Run without seccomp filters and capability drops (debugging only).
     #[arg(long, env = "NEUROVISOR_NO_CONFINE")]
     pub no_confine: bool,
@@ -112,6 +118,8 @@ struct FileConfig {
     max_streams: Option<u32>,
     output_budget_mib: Option<u64>,
     client_stall_timeout: Option<String>,
+    max_sandboxes: Option<usize>,
+    max_sandbox_memory: Option<u64>,
 }
 
 impl ServeArgs {
@@ -178,6 +186,7 @@ impl ServeArgs {
                     .into(),
             );
         }
+        let max_vms = pool.max;
         Ok(DaemonConfig {
             listen,
             mcp_listen: self.mcp_listen.or(f.mcp_listen),
@@ -225,6 +234,13 @@ impl ServeArgs {
                 (Some(d), _) => d,
                 (None, Some(s)) => parse_duration(s)?,
                 (None, None) => server::sandbox::DEFAULT_STALL_TIMEOUT,
+            },
+            sandboxes: server::sessions::SandboxLimits {
+                max_sandboxes: self.max_sandboxes.or(f.max_sandboxes).unwrap_or(max_vms),
+                max_memory_mib: self
+                    .max_sandbox_memory
+                    .or(f.max_sandbox_memory)
+                    .unwrap_or(u64::MAX),
             },
         })
     }

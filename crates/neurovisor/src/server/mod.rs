@@ -15,6 +15,7 @@ pub mod agent;
 pub mod inference;
 pub mod limits;
 pub mod sandbox;
+pub mod sessions;
 pub mod trace;
 
 use std::future::Future;
@@ -28,6 +29,7 @@ use std::time::Duration;
 use neurovisor_proto::inference::inference_service_server::InferenceServiceServer;
 use neurovisor_proto::v1::agent_server::AgentServer;
 use neurovisor_proto::v1::sandbox_server::SandboxServer;
+use neurovisor_proto::v1::sandboxes_server::SandboxesServer;
 use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tonic::transport::{Identity, Server, ServerTlsConfig};
@@ -82,6 +84,8 @@ pub struct DaemonConfig {
     pub output_budget: usize,
     /// How long a streaming client may read nothing before its execution is stopped.
     pub stall_timeout: Duration,
+    /// Caps on sandboxes that live across calls (`neurovisor.v1.Sandboxes`).
+    pub sandboxes: sessions::SandboxLimits,
 }
 
 /// PEM files for the TCP listener's TLS.
@@ -674,6 +678,10 @@ pub async fn run(
     };
 
     let budget = sandbox::OutputBudget::new(cfg.output_budget);
+    let sessions =
+        sessions::SandboxTable::start(pool.clone(), cfg.sandboxes, metrics.clone(), budget.clone());
+    let sessions_svc = SandboxesServer::new(sessions::SandboxesService::new(sessions.clone()))
+        .max_decoding_message_size(crate::exec::MAX_REQUEST_BYTES);
     let sandbox_svc = SandboxServer::new(
         sandbox::SandboxService::new(pool.clone(), metrics.clone(), budget)
             .with_stall_timeout(cfg.stall_timeout),
@@ -703,6 +711,7 @@ pub async fn run(
             .add_service(reflection_v1.clone())
             .add_service(reflection_v1alpha.clone())
             .add_service(sandbox_svc.clone())
+            .add_service(sessions_svc.clone())
             .add_service(agent_svc.clone())
             .add_service(inference_svc.clone())
     };
@@ -766,10 +775,12 @@ pub async fn run(
         // MCP calls still open now end with their sessions (their VMs destroyed).
         stop_mcp.cancel();
     };
-    tokio::join!(
-        drain_server,
-        pool.shutdown(cfg.shutdown_grace + Duration::from_secs(10))
-    );
+    // Sandboxes end now (they would hold their leases, and the pool's
+    // drain, for as long as they live).
+    tokio::join!(drain_server, async {
+        sessions.kill_all().await;
+        pool.shutdown(cfg.shutdown_grace + Duration::from_secs(10)).await
+    });
     if let Some(t) = mcp_task {
         let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
     }

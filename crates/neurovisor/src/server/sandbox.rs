@@ -26,7 +26,7 @@ use crate::pool::{Pool, PoolError};
 /// Messages buffered per stream while its client is slow: at most this many
 /// chunks (the guest agent sends up to 32 KiB each), then the host stops
 /// reading from the guest.
-const STREAM_QUEUE: usize = 32;
+pub(super) const STREAM_QUEUE: usize = 32;
 /// How long a client may read nothing while output waits for it.
 pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -50,7 +50,7 @@ impl OutputBudget {
     }
 
     /// Room for `n` bytes (a chunk larger than the whole budget takes all of it).
-    async fn reserve(&self, n: usize) -> Option<OwnedSemaphorePermit> {
+    pub(super) async fn reserve(&self, n: usize) -> Option<OwnedSemaphorePermit> {
         let n = u32::try_from(n).unwrap_or(u32::MAX).clamp(1, self.total);
         self.bytes.clone().acquire_many_owned(n).await.ok()
     }
@@ -63,22 +63,22 @@ impl OutputBudget {
 
 /// One message on its way to a client, with the budget it holds until tonic
 /// takes it off the queue.
-struct Queued {
-    msg: Result<ExecuteResponse, Status>,
-    _room: Option<OwnedSemaphorePermit>,
+pub(super) struct Queued {
+    pub(super) msg: Result<ExecuteResponse, Status>,
+    pub(super) _room: Option<OwnedSemaphorePermit>,
 }
 
 /// The queue of one stream, shared by the execution's task and the response
 /// stream. The task can abandon it: the queued messages (and the budget they
 /// hold) are freed at once, and the client is told why when it reads again.
-struct Outbox {
+pub(super) struct Outbox {
     rx: std::sync::Mutex<Option<mpsc::Receiver<Queued>>>,
     ended: std::sync::Mutex<Option<Status>>,
     waker: AtomicWaker,
 }
 
 impl Outbox {
-    fn new(rx: mpsc::Receiver<Queued>) -> Arc<Self> {
+    pub(super) fn new(rx: mpsc::Receiver<Queued>) -> Arc<Self> {
         Arc::new(Self {
             rx: std::sync::Mutex::new(Some(rx)),
             ended: std::sync::Mutex::new(None),
@@ -86,7 +86,7 @@ impl Outbox {
         })
     }
 
-    fn abandon(&self, why: Status) {
+    pub(super) fn abandon(&self, why: Status) {
         if let Ok(mut e) = self.ended.lock() {
             *e = Some(why);
         }
@@ -97,9 +97,9 @@ impl Outbox {
 }
 
 /// The response stream over an [`Outbox`].
-struct OutboxStream {
-    outbox: Arc<Outbox>,
-    finished: bool,
+pub(super) struct OutboxStream {
+    pub(super) outbox: Arc<Outbox>,
+    pub(super) finished: bool,
 }
 
 impl Drop for OutboxStream {
@@ -247,7 +247,7 @@ pub fn to_status(e: ExecError) -> Status {
     }
 }
 
-fn pool_status(e: PoolError) -> Status {
+pub(super) fn pool_status(e: PoolError) -> Status {
     match e {
         PoolError::Exhausted { .. } | PoolError::QueueFull { .. } => {
             Status::resource_exhausted(e.to_string())
@@ -258,7 +258,7 @@ fn pool_status(e: PoolError) -> Status {
     }
 }
 
-fn result_of(o: &ExecOutcome, warm: bool, waited: Duration) -> ExecuteResult {
+pub(super) fn result_of(o: &ExecOutcome, warm: bool, waited: Duration) -> ExecuteResult {
     ExecuteResult {
         exit_code: o.exit_code,
         signal: o.signal,
@@ -281,10 +281,10 @@ fn result_of(o: &ExecOutcome, warm: bool, waited: Duration) -> ExecuteResult {
 }
 
 /// Counts a request as in flight for as long as it lives.
-struct InFlight(Arc<Metrics>);
+pub(super) struct InFlight(Arc<Metrics>);
 
 impl InFlight {
-    fn new(m: &Arc<Metrics>) -> Self {
+    pub(super) fn new(m: &Arc<Metrics>) -> Self {
         m.requests_in_flight.inc();
         Self(m.clone())
     }

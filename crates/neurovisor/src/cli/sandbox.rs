@@ -1,0 +1,260 @@
+//! `neurovisor sandbox ...`: sandboxes that live across calls, on a running
+//! daemon (`neurovisor.v1.Sandboxes`).
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use neurovisor::daemon_client::{DaemonClient, DaemonEndpoint, DaemonError};
+use neurovisor::exec::Output;
+use neurovisor_proto::v1::{CreateSandboxRequest, SandboxInfo};
+use serde_json::json;
+
+use super::run::{parse_env, ProgramArgs};
+use super::{parse_duration, EXIT_BAD_INPUT, EXIT_SANDBOX_ERROR, EXIT_TIMEOUT};
+
+#[derive(Debug, Subcommand)]
+pub enum SandboxCommand {
+    /// Create a sandbox: a VM of its own that keeps its files between runs,
+    /// until it is killed or its timeout passes. Prints its id.
+    Create(CreateArgs),
+    /// Run a program in a sandbox; streams its output and exits with its
+    /// status (like `run`).
+    Exec(ExecArgs),
+    /// The live sandboxes.
+    List(ListArgs),
+    /// One sandbox, as JSON.
+    Get(IdArgs),
+    /// Kill a sandbox: its VM is destroyed.
+    Kill(IdArgs),
+    /// Set a sandbox's timeout, counted from now.
+    Timeout(TimeoutArgs),
+}
+
+/// Which daemon.
+#[derive(Debug, Args)]
+pub struct DaemonArgs {
+    /// The daemon: unix:/path/to/neurovisor.sock, host:port, http://... or
+    /// https://... (default: the one whose socket is in the state directory).
+    #[arg(long, env = "NEUROVISOR_ADDR")]
+    addr: Option<String>,
+    /// PEM CA certificate of an https:// daemon with a private CA.
+    #[arg(long, env = "NEUROVISOR_TLS_CA", value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// The daemon's state directory (where its socket and token are).
+    #[arg(long, env = "NEUROVISOR_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// How long the sandbox lives (e.g. 300s, 10m, 2h) [default: 5m].
+    #[arg(long, value_parser = parse_duration)]
+    timeout: Option<Duration>,
+    /// A label, returned by get and list (repeatable).
+    #[arg(long = "meta", value_name = "KEY=VALUE", value_parser = parse_env)]
+    metadata: Vec<(String, String)>,
+    /// Environment of every program run in it (repeatable).
+    #[arg(short, long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
+    env: Vec<(String, String)>,
+    /// Print the sandbox as JSON instead of its id.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    daemon: DaemonArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    /// The sandbox's id (from `sandbox create`).
+    id: String,
+    #[command(flatten)]
+    program: ProgramArgs,
+    #[command(flatten)]
+    daemon: DaemonArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    daemon: DaemonArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct IdArgs {
+    id: String,
+    #[command(flatten)]
+    daemon: DaemonArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct TimeoutArgs {
+    id: String,
+    /// The new timeout, from now (e.g. 300s, 10m).
+    #[arg(value_parser = parse_duration)]
+    timeout: Duration,
+    #[command(flatten)]
+    daemon: DaemonArgs,
+}
+
+fn fail(msg: impl std::fmt::Display, code: u8) -> u8 {
+    eprintln!("neurovisor: {msg}");
+    code
+}
+
+fn exit_code(e: &DaemonError) -> u8 {
+    match e {
+        DaemonError::Invalid(_) | DaemonError::BadAddress(_) | DaemonError::NotFound(_) => EXIT_BAD_INPUT,
+        DaemonError::Other(_) => EXIT_SANDBOX_ERROR,
+    }
+}
+
+async fn connect(d: &DaemonArgs) -> Result<DaemonClient, u8> {
+    let dirs = neurovisor::daemon_client::discovery_dirs(d.state_dir.as_deref());
+    let ep = match &d.addr {
+        Some(addr) => {
+            DaemonEndpoint::parse(addr, &dirs[0], d.tls_ca.clone()).map_err(|e| fail(&e, exit_code(&e)))?
+        }
+        None => neurovisor::daemon_client::discover(&dirs).await.ok_or_else(|| {
+            fail(
+                "no daemon is running (sandboxes live in a daemon): start `neurovisor serve`, or pass --addr",
+                EXIT_SANDBOX_ERROR,
+            )
+        })?,
+    };
+    DaemonClient::connect(&ep)
+        .await
+        .map_err(|e| fail(&e, exit_code(&e)))
+}
+
+fn secs(d: Option<Duration>) -> Result<u32, u8> {
+    match d {
+        None => Ok(0),
+        Some(d) if d.as_secs() == 0 => Err(fail("--timeout: at least 1s", EXIT_BAD_INPUT)),
+        Some(d) => u32::try_from(d.as_secs()).map_err(|_| fail("--timeout: too long", EXIT_BAD_INPUT)),
+    }
+}
+
+fn info_json(s: &SandboxInfo) -> serde_json::Value {
+    json!({
+        "sandbox_id": s.sandbox_id,
+        "vm_id": s.vm_id,
+        "started_at_ms": s.started_at_ms,
+        "end_at_ms": s.end_at_ms,
+        "metadata": s.metadata,
+        "memory_mib": s.memory_mib,
+        "vcpus": s.vcpus,
+        "image": s.image,
+        "restored": s.restored,
+        "executions": s.executions,
+    })
+}
+
+pub async fn sandbox(cmd: SandboxCommand) -> u8 {
+    match run(cmd).await {
+        Ok(code) | Err(code) => code,
+    }
+}
+
+async fn run(cmd: SandboxCommand) -> Result<u8, u8> {
+    match cmd {
+        SandboxCommand::Create(a) => {
+            let timeout_s = secs(a.timeout)?;
+            let mut c = connect(&a.daemon).await?;
+            let s = c
+                .sandbox_create(CreateSandboxRequest {
+                    timeout_s,
+                    metadata: a.metadata.into_iter().collect::<HashMap<_, _>>(),
+                    env: a.env.into_iter().collect::<HashMap<_, _>>(),
+                })
+                .await
+                .map_err(|e| fail(&e, exit_code(&e)))?;
+            if a.json {
+                println!("{}", info_json(&s));
+            } else {
+                println!("{}", s.sandbox_id);
+            }
+            Ok(0)
+        }
+        SandboxCommand::Exec(a) => {
+            let req = a.program.request().map_err(|m| fail(m, EXIT_BAD_INPUT))?;
+            let mut c = connect(&a.daemon).await?;
+            let mut sink = |o: Output<'_>| match o {
+                Output::Stdout(b) => {
+                    let mut s = std::io::stdout().lock();
+                    let _ = s.write_all(b).and_then(|_| s.flush());
+                }
+                Output::Stderr(b) => {
+                    let _ = std::io::stderr().lock().write_all(b);
+                }
+            };
+            let r = c
+                .sandbox_exec(&a.id, &req, &mut sink)
+                .await
+                .map_err(|e| fail(&e, exit_code(&e)))?;
+            let o = r.outcome;
+            if o.timed_out {
+                eprintln!(
+                    "neurovisor: the program hit its time limit ({:?}) and was killed",
+                    req.timeout
+                );
+                return Ok(EXIT_TIMEOUT);
+            }
+            Ok(u8::try_from(o.shell_status().clamp(0, 255)).unwrap_or(1))
+        }
+        SandboxCommand::List(a) => {
+            let mut c = connect(&a.daemon).await?;
+            let all = c.sandbox_list().await.map_err(|e| fail(&e, exit_code(&e)))?;
+            if a.json {
+                println!(
+                    "{}",
+                    serde_json::Value::Array(all.iter().map(info_json).collect())
+                );
+            } else {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as u64)
+                    .unwrap_or(0);
+                println!(
+                    "{:<34} {:>8} {:>6} {:>10}",
+                    "SANDBOX", "MEMORY", "RUNS", "ENDS IN"
+                );
+                for s in &all {
+                    println!(
+                        "{:<34} {:>5}MiB {:>6} {:>9}s",
+                        s.sandbox_id,
+                        s.memory_mib,
+                        s.executions,
+                        s.end_at_ms.saturating_sub(now) / 1000
+                    );
+                }
+            }
+            Ok(0)
+        }
+        SandboxCommand::Get(a) => {
+            let mut c = connect(&a.daemon).await?;
+            let s = c.sandbox_get(&a.id).await.map_err(|e| fail(&e, exit_code(&e)))?;
+            println!("{}", info_json(&s));
+            Ok(0)
+        }
+        SandboxCommand::Kill(a) => {
+            let mut c = connect(&a.daemon).await?;
+            c.sandbox_kill(&a.id).await.map_err(|e| fail(&e, exit_code(&e)))?;
+            Ok(0)
+        }
+        SandboxCommand::Timeout(a) => {
+            let timeout_s = secs(Some(a.timeout))?;
+            let mut c = connect(&a.daemon).await?;
+            let s = c
+                .sandbox_set_timeout(&a.id, timeout_s)
+                .await
+                .map_err(|e| fail(&e, exit_code(&e)))?;
+            println!("{}", info_json(&s));
+            Ok(0)
+        }
+    }
+}

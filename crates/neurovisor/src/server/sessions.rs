@@ -1,0 +1,539 @@
+//! `neurovisor.v1.Sandboxes`: sandboxes that live across calls.
+//!
+//! A sandbox is a [`Lease`] on one pool VM that is kept instead of dropped
+//! after its first program: the VM is never handed to anyone else, and files
+//! and installed software stay between its `Exec` calls. The table owns every
+//! lease; a sandbox ends (its lease dropped, which destroys the VM) at `Kill`,
+//! when its deadline passes (the reaper task), when a program leaves its VM in
+//! an unknown state (a failed execution, not a program's own failure), or at
+//! daemon shutdown ([`SandboxTable::kill_all`], before the pool drains). The
+//! leases count against the pool's `max`, and the table has caps of its own
+//! on live sandboxes and their memory.
+
+use std::collections::{BTreeMap, HashMap};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use neurovisor_proto::v1::sandboxes_server::Sandboxes as SandboxesApi;
+use neurovisor_proto::v1::{
+    execute_response::Event, CreateSandboxRequest, ExecuteResponse, KillSandboxResponse,
+    ListSandboxesRequest, ListSandboxesResponse, SandboxExecRequest, SandboxInfo, SandboxRef,
+    SetSandboxTimeoutRequest,
+};
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+use super::sandbox::{
+    pool_status, result_of, to_status, InFlight, Outbox, OutboxStream, OutputBudget, Queued,
+};
+use super::trace::{trace_id_of, with_trace_id};
+use crate::exec::{ExecRequest, Output, OutputSink, WireRequest};
+use crate::metrics::Metrics;
+use crate::pool::{Lease, Pool};
+
+/// A sandbox's life when the request names none.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+/// The longest life a request may ask for.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+const MAX_METADATA: usize = 64;
+const MAX_METADATA_KEY: usize = 256;
+const MAX_METADATA_VALUE: usize = 4096;
+
+/// Caps on what sandboxes may hold at once.
+#[derive(Debug, Clone, Copy)]
+pub struct SandboxLimits {
+    /// Live sandboxes.
+    pub max_sandboxes: usize,
+    /// Guest memory of all live sandboxes together, MiB.
+    pub max_memory_mib: u64,
+}
+
+struct Session {
+    id: String,
+    vm_id: String,
+    started_at: SystemTime,
+    /// (monotonic deadline, the same as wall time for clients).
+    deadline: std::sync::Mutex<(Instant, SystemTime)>,
+    metadata: HashMap<String, String>,
+    env: BTreeMap<String, String>,
+    restored: bool,
+    executions: AtomicU64,
+    /// `None` once killed. Held by the one `Exec` running.
+    lease: tokio::sync::Mutex<Option<Lease>>,
+    /// Cancelled when the sandbox ends: a running `Exec` lets go of the lease.
+    killed: CancellationToken,
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+struct Table {
+    pool: Pool,
+    limits: SandboxLimits,
+    metrics: Arc<Metrics>,
+    budget: OutputBudget,
+    stall_timeout: Duration,
+    sessions: std::sync::Mutex<HashMap<String, Arc<Session>>>,
+    /// Sandboxes being created (counted against the caps).
+    creating: std::sync::Mutex<usize>,
+    /// A deadline changed or a sandbox came or went: the reaper looks again.
+    changed: tokio::sync::Notify,
+    /// The daemon is stopping: the reaper ends.
+    stopped: CancellationToken,
+}
+
+/// Every live sandbox of the daemon (a handle: clones share it).
+#[derive(Clone)]
+pub struct SandboxTable {
+    inner: Arc<Table>,
+}
+
+/// A place counted against the caps while a sandbox is created.
+struct Reservation<'a>(&'a Table);
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut n) = self.0.creating.lock() {
+            *n = n.saturating_sub(1);
+        }
+    }
+}
+
+impl SandboxTable {
+    /// The table and its reaper (a task on the current runtime that kills
+    /// sandboxes whose deadline has passed).
+    pub fn start(pool: Pool, limits: SandboxLimits, metrics: Arc<Metrics>, budget: OutputBudget) -> Self {
+        let t = Self {
+            inner: Arc::new(Table {
+                pool,
+                limits,
+                metrics,
+                budget,
+                stall_timeout: super::sandbox::DEFAULT_STALL_TIMEOUT,
+                sessions: std::sync::Mutex::new(HashMap::new()),
+                creating: std::sync::Mutex::new(0),
+                changed: tokio::sync::Notify::new(),
+                stopped: CancellationToken::new(),
+            }),
+        };
+        tokio::spawn(reap(t.inner.clone()));
+        t
+    }
+
+    fn get(&self, id: &str) -> Result<Arc<Session>, Status> {
+        self.inner
+            .sessions
+            .lock()
+            .ok()
+            .and_then(|s| s.get(id).cloned())
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "no sandbox '{id}' (it was killed, its timeout passed, or the daemon restarted); create one"
+                ))
+            })
+    }
+
+    fn info(&self, s: &Session) -> SandboxInfo {
+        let size = self.inner.pool.config().size;
+        let end = s.deadline.lock().map(|d| d.1).unwrap_or(s.started_at);
+        SandboxInfo {
+            sandbox_id: s.id.clone(),
+            vm_id: s.vm_id.clone(),
+            started_at_ms: unix_ms(s.started_at),
+            end_at_ms: unix_ms(end),
+            metadata: s.metadata.clone(),
+            memory_mib: size.memory_mib(),
+            vcpus: size.vcpus(),
+            image: self.inner.pool.sandbox().images().name.clone(),
+            restored: s.restored,
+            executions: s.executions.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Live sandboxes.
+    pub fn len(&self) -> usize {
+        self.inner.sessions.lock().map(|s| s.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn reserve(&self) -> Result<Reservation<'_>, Status> {
+        let t = &*self.inner;
+        let live = self.len();
+        let mut creating = t
+            .creating
+            .lock()
+            .map_err(|_| Status::internal("sandbox table poisoned"))?;
+        let n = live + *creating;
+        let per_vm = u64::from(t.pool.config().size.memory_mib());
+        if n >= t.limits.max_sandboxes {
+            return Err(Status::resource_exhausted(format!(
+                "{n} sandboxes are live, the most this daemon allows (--max-sandboxes {}); kill one first",
+                t.limits.max_sandboxes
+            )));
+        }
+        if (n as u64 + 1) * per_vm > t.limits.max_memory_mib {
+            return Err(Status::resource_exhausted(format!(
+                "another sandbox of {per_vm} MiB would take live sandboxes past {} MiB (--max-sandbox-memory); kill one first",
+                t.limits.max_memory_mib
+            )));
+        }
+        *creating += 1;
+        Ok(Reservation(t))
+    }
+
+    async fn create(&self, r: CreateSandboxRequest) -> Result<SandboxInfo, Status> {
+        let timeout = timeout_of(r.timeout_s)?;
+        check_metadata(&r.metadata)?;
+        let env: BTreeMap<String, String> = r.env.into_iter().collect();
+        // The same checks as every request's environment, before a VM is taken.
+        let mut probe = ExecRequest::new("bash", "true");
+        probe.env = env.clone();
+        probe
+            .validate(self.inner.pool.sandbox().images())
+            .map_err(to_status)?;
+        let _place = self.reserve()?;
+        let lease = self.inner.pool.acquire().await.map_err(pool_status)?;
+        let now = (Instant::now(), SystemTime::now());
+        let session = Arc::new(Session {
+            id: uuid::Uuid::now_v7().simple().to_string(),
+            vm_id: lease.vm_id().to_string(),
+            started_at: now.1,
+            deadline: std::sync::Mutex::new((now.0 + timeout, now.1 + timeout)),
+            metadata: r.metadata,
+            env,
+            restored: lease.restored(),
+            executions: AtomicU64::new(0),
+            lease: tokio::sync::Mutex::new(Some(lease)),
+            killed: CancellationToken::new(),
+        });
+        let info = self.info(&session);
+        if let Ok(mut s) = self.inner.sessions.lock() {
+            s.insert(session.id.clone(), session.clone());
+        }
+        self.inner.changed.notify_waiters();
+        tracing::info!(sandbox = %session.id, vm = %session.vm_id, ?timeout, "sandbox created");
+        Ok(info)
+    }
+
+    /// Ends sandbox `id`: its VM is destroyed. `false` if there was none.
+    pub async fn kill(&self, id: &str, why: &str) -> bool {
+        let session = self.inner.sessions.lock().ok().and_then(|mut s| s.remove(id));
+        let Some(session) = session else { return false };
+        self.inner.changed.notify_waiters();
+        end(&session, why).await;
+        true
+    }
+
+    /// Ends every sandbox and the reaper (daemon shutdown), before the pool drains.
+    pub async fn kill_all(&self) {
+        self.inner.stopped.cancel();
+        let all: Vec<Arc<Session>> = self
+            .inner
+            .sessions
+            .lock()
+            .map(|mut s| s.drain().map(|(_, v)| v).collect())
+            .unwrap_or_default();
+        for s in all {
+            end(&s, "the daemon is stopping").await;
+        }
+    }
+
+    fn set_timeout(&self, id: &str, timeout_s: u32) -> Result<SandboxInfo, Status> {
+        let timeout = timeout_of(timeout_s)?;
+        let s = self.get(id)?;
+        let now = (Instant::now(), SystemTime::now());
+        if let Ok(mut d) = s.deadline.lock() {
+            *d = (now.0 + timeout, now.1 + timeout);
+        }
+        self.inner.changed.notify_waiters();
+        Ok(self.info(&s))
+    }
+}
+
+/// Drops the session's lease (destroying its VM), after any running `Exec`
+/// has let go of it.
+async fn end(s: &Session, why: &str) {
+    s.killed.cancel();
+    let lease = s.lease.lock().await.take();
+    if lease.is_some() {
+        tracing::info!(sandbox = %s.id, vm = %s.vm_id, "sandbox ended: {why}");
+    }
+    drop(lease);
+}
+
+/// Kills sandboxes whose deadline has passed, until the daemon stops.
+async fn reap(t: Arc<Table>) {
+    loop {
+        // Registered before the table is read: no change is missed.
+        let changed = t.changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        let now = Instant::now();
+        let (expired, next): (Vec<Arc<Session>>, Option<Instant>) = match t.sessions.lock() {
+            Ok(mut map) => {
+                let ids: Vec<String> = map
+                    .iter()
+                    .filter(|(_, s)| s.deadline.lock().map(|d| d.0 <= now).unwrap_or(true))
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                let expired = ids.iter().filter_map(|id| map.remove(id)).collect();
+                let next = map
+                    .values()
+                    .filter_map(|s| s.deadline.lock().ok().map(|d| d.0))
+                    .min();
+                (expired, next)
+            }
+            Err(_) => return,
+        };
+        for s in expired {
+            end(&s, "its timeout passed").await;
+        }
+        let wait = next
+            .map(|n| n.saturating_duration_since(Instant::now()))
+            .unwrap_or(Duration::from_secs(3600));
+        tokio::select! {
+            _ = t.stopped.cancelled() => return,
+            _ = changed => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+fn timeout_of(secs: u32) -> Result<Duration, Status> {
+    let d = if secs == 0 {
+        DEFAULT_TIMEOUT
+    } else {
+        Duration::from_secs(u64::from(secs))
+    };
+    if d > MAX_TIMEOUT {
+        return Err(Status::invalid_argument(format!(
+            "timeout_s: {secs} s is longer than the most a sandbox may live ({} s); ask for less and extend it with SetTimeout",
+            MAX_TIMEOUT.as_secs()
+        )));
+    }
+    Ok(d)
+}
+
+fn check_metadata(m: &HashMap<String, String>) -> Result<(), Status> {
+    if m.len() > MAX_METADATA {
+        return Err(Status::invalid_argument(format!(
+            "metadata: {} entries, at most {MAX_METADATA} allowed",
+            m.len()
+        )));
+    }
+    for (k, v) in m {
+        if k.is_empty() || k.len() > MAX_METADATA_KEY || v.len() > MAX_METADATA_VALUE {
+            return Err(Status::invalid_argument(format!(
+                "metadata: key '{}' must be 1-{MAX_METADATA_KEY} bytes and its value at most {MAX_METADATA_VALUE} bytes",
+                k.chars().take(40).collect::<String>()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Output of a sandbox's program on its way to the client. A client that
+/// left or stopped reading loses the rest (the program runs on and the
+/// sandbox stays); the budget bounds what waits for slow readers.
+struct ExecSink {
+    tx: mpsc::Sender<Queued>,
+    budget: OutputBudget,
+    stall_timeout: Duration,
+    outbox: Arc<Outbox>,
+    dropped: bool,
+}
+
+#[tonic::async_trait]
+impl OutputSink for ExecSink {
+    async fn write(&mut self, o: Output<'_>) {
+        if self.dropped {
+            return;
+        }
+        let ev = match o {
+            Output::Stdout(b) => Event::Stdout(b.to_vec().into()),
+            Output::Stderr(b) => Event::Stderr(b.to_vec().into()),
+        };
+        let queue = async {
+            let room = self.budget.reserve(o.len()).await;
+            self.tx
+                .send(Queued {
+                    msg: Ok(ExecuteResponse { event: Some(ev) }),
+                    _room: room,
+                })
+                .await
+                .is_ok()
+        };
+        match tokio::time::timeout(self.stall_timeout, queue).await {
+            Ok(true) => {}
+            Ok(false) => self.dropped = true,
+            Err(_) => {
+                self.dropped = true;
+                self.outbox.abandon(Status::deadline_exceeded(format!(
+                    "the client read none of its output for {:?}; the rest of it is dropped (the sandbox stays)",
+                    self.stall_timeout
+                )));
+            }
+        }
+    }
+}
+
+pub struct SandboxesService {
+    table: SandboxTable,
+}
+
+impl SandboxesService {
+    pub fn new(table: SandboxTable) -> Self {
+        Self { table }
+    }
+}
+
+#[tonic::async_trait]
+impl SandboxesApi for SandboxesService {
+    type ExecStream = Pin<Box<dyn Stream<Item = Result<ExecuteResponse, Status>> + Send>>;
+
+    async fn create(&self, request: Request<CreateSandboxRequest>) -> Result<Response<SandboxInfo>, Status> {
+        self.table.create(request.into_inner()).await.map(Response::new)
+    }
+
+    async fn get(&self, request: Request<SandboxRef>) -> Result<Response<SandboxInfo>, Status> {
+        let s = self.table.get(&request.into_inner().sandbox_id)?;
+        Ok(Response::new(self.table.info(&s)))
+    }
+
+    async fn list(
+        &self,
+        _: Request<ListSandboxesRequest>,
+    ) -> Result<Response<ListSandboxesResponse>, Status> {
+        let all: Vec<Arc<Session>> = self
+            .table
+            .inner
+            .sessions
+            .lock()
+            .map(|s| s.values().cloned().collect())
+            .unwrap_or_default();
+        let mut sandboxes: Vec<SandboxInfo> = all.iter().map(|s| self.table.info(s)).collect();
+        sandboxes.sort_by_key(|s| (s.started_at_ms, s.sandbox_id.clone()));
+        Ok(Response::new(ListSandboxesResponse { sandboxes }))
+    }
+
+    async fn kill(&self, request: Request<SandboxRef>) -> Result<Response<KillSandboxResponse>, Status> {
+        let id = request.into_inner().sandbox_id;
+        if self.table.kill(&id, "killed by a client").await {
+            Ok(Response::new(KillSandboxResponse {}))
+        } else {
+            Err(self.table.get(&id).err().unwrap_or_else(|| Status::not_found(id)))
+        }
+    }
+
+    async fn set_timeout(
+        &self,
+        request: Request<SetSandboxTimeoutRequest>,
+    ) -> Result<Response<SandboxInfo>, Status> {
+        let r = request.into_inner();
+        self.table
+            .set_timeout(&r.sandbox_id, r.timeout_s)
+            .map(Response::new)
+    }
+
+    async fn exec(&self, request: Request<SandboxExecRequest>) -> Result<Response<Self::ExecStream>, Status> {
+        let trace_id = trace_id_of(&request);
+        let r = request.into_inner();
+        let session = self.table.get(&r.sandbox_id)?;
+        let e = r
+            .request
+            .ok_or_else(|| Status::invalid_argument("request: missing; say what to run (language, code)"))?;
+        let mut env: BTreeMap<String, String> = session.env.clone();
+        env.extend(e.env);
+        let wire = WireRequest {
+            language: e.language,
+            code: e.code,
+            args: e.args,
+            stdin: e.stdin.to_vec(),
+            env: env.into_iter().collect(),
+            timeout_ms: e.timeout_ms,
+            max_output_bytes: e.max_output_bytes,
+            trace_id: trace_id.clone(),
+        };
+        let t = &self.table.inner;
+        let req = ExecRequest::from_wire(wire, t.pool.sandbox().images()).map_err(to_status)?;
+        let in_flight = InFlight::new(&t.metrics);
+        let (tx, rx) = mpsc::channel::<Queued>(super::sandbox::STREAM_QUEUE);
+        let outbox = Outbox::new(rx);
+        let table = self.table.clone();
+        let task_outbox = outbox.clone();
+        tokio::spawn(
+            async move {
+                let _in_flight = in_flight;
+                let t = &table.inner;
+                let mut sink = ExecSink {
+                    tx: tx.clone(),
+                    budget: t.budget.clone(),
+                    stall_timeout: t.stall_timeout,
+                    outbox: task_outbox.clone(),
+                    dropped: false,
+                };
+                let started = Instant::now();
+                let mut guard = tokio::select! {
+                    g = session.lease.lock() => g,
+                    _ = session.killed.cancelled() => {
+                        task_outbox.abandon(Status::aborted("the sandbox was killed"));
+                        return;
+                    }
+                };
+                let waited = started.elapsed();
+                let Some(lease) = guard.as_mut() else {
+                    task_outbox.abandon(Status::aborted("the sandbox was killed"));
+                    return;
+                };
+                session.executions.fetch_add(1, Ordering::Relaxed);
+                let result = tokio::select! {
+                    r = lease.execute(&req, &mut sink) => r,
+                    _ = session.killed.cancelled() => {
+                        task_outbox.abandon(Status::aborted("the sandbox was killed while the program ran"));
+                        return;
+                    }
+                };
+                t.metrics.record_execution(&req.language, &req.trace_id, &result);
+                let msg = match result {
+                    Ok(o) => Ok(ExecuteResponse {
+                        event: Some(Event::Result(result_of(&o, true, waited))),
+                    }),
+                    Err(e) => {
+                        // The VM's state is unknown after a failed execution:
+                        // the sandbox ends rather than serve from it.
+                        drop(guard);
+                        table
+                            .kill(&session.id, &format!("an execution failed: {e}"))
+                            .await;
+                        Err(Status::internal(format!("{e}; the sandbox was killed")))
+                    }
+                };
+                let queued = Queued { msg, _room: None };
+                if !sink.dropped
+                    && tokio::time::timeout(t.stall_timeout, tx.send(queued))
+                        .await
+                        .is_err()
+                {
+                    task_outbox.abandon(Status::deadline_exceeded("the client did not read its result"));
+                }
+            }
+            .in_current_span(),
+        );
+        let stream = OutboxStream {
+            outbox,
+            finished: false,
+        };
+        Ok(with_trace_id(Response::new(Box::pin(stream)), &trace_id))
+    }
+}
