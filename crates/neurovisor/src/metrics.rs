@@ -298,6 +298,10 @@ pub struct Metrics {
     /// Requests waiting for a VM because the pool is at `max`.
     pub pool_queued_requests: Gauge,
     pub pool_queue_wait_seconds: Histogram,
+    /// Sandboxes that live across calls, alive now.
+    pub sandboxes: Gauge,
+    /// Sandboxes ended, by reason (killed, expired, failed, shutdown).
+    pub sandboxes_ended: Family<ReasonLabel, Counter>,
     pub vm_boot_seconds: Histogram,
     /// By reason ([`boot_failure_reason`]).
     pub vm_boot_failures: Family<ReasonLabel, Counter>,
@@ -363,6 +367,8 @@ impl Metrics {
             pool_booting_vms: Gauge::default(),
             pool_queued_requests: Gauge::default(),
             pool_queue_wait_seconds: buckets(WAIT_BUCKETS),
+            sandboxes: Gauge::default(),
+            sandboxes_ended: Family::default(),
             vm_boot_seconds: buckets(BOOT_BUCKETS),
             vm_boot_failures: Family::default(),
             vm_boot_stalls: Counter::default(),
@@ -406,6 +412,8 @@ impl Metrics {
             "pool_booting_vms", "VMs booting for the pool", m.pool_booting_vms;
             "pool_queued_requests", "Requests waiting for a VM because the pool is at --max", m.pool_queued_requests;
             "pool_queue_wait_seconds", "Time requests waited in the queue of a full pool", m.pool_queue_wait_seconds;
+            "sandboxes", "Sandboxes (neurovisor sandbox create) alive", m.sandboxes;
+            "sandboxes_ended", "Sandboxes ended, by reason (killed, expired, failed, shutdown)", m.sandboxes_ended;
             "vm_boot_seconds", "VM boot latency until the agent answers", m.vm_boot_seconds;
             "vm_boot_failures", "VM boots that failed, by reason (stall, exited, refused, error)", m.vm_boot_failures;
             "vm_boot_stalls", "VM boots that exceeded their stall budget (derived from measured boot times)", m.vm_boot_stalls;

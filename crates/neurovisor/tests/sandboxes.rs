@@ -195,6 +195,7 @@ async fn sandboxes_keep_state_apart_expire_are_killed_and_capped() {
     );
     let list = c.list(ListSandboxesRequest {}).await.expect("list").into_inner();
     assert_eq!(list.sandboxes.len(), 2);
+    assert_eq!(d.metric_sum("neurovisor_sandboxes"), 2.0);
 
     // Kill B with the CLI: its VM goes; B is then unknown (exit 2, one line).
     wait_until("A, B and one warm VM", Duration::from_secs(60), || {
@@ -227,6 +228,12 @@ async fn sandboxes_keep_state_apart_expire_are_killed_and_capped() {
         .await
         .expect_err("A expired");
     assert_eq!(e.code(), tonic::Code::NotFound);
+    assert_eq!(d.metric_sum("neurovisor_sandboxes"), 0.0);
+    let (_, text) = common::daemon::http_get(&d.metrics, "/metrics");
+    for reason in ["killed", "expired"] {
+        let line = format!("neurovisor_sandboxes_ended_total{{reason=\"{reason}\"}} 1");
+        assert!(text.contains(&line), "no '{line}' in /metrics");
+    }
 
     // A sandbox alive at SIGTERM is destroyed with the daemon; stop() checks
     // that no process, cgroup, socket or directory is left.

@@ -221,17 +221,18 @@ impl SandboxTable {
         if let Ok(mut s) = self.inner.sessions.lock() {
             s.insert(session.id.clone(), session.clone());
         }
+        self.inner.metrics.sandboxes.inc();
         self.inner.changed.notify_waiters();
         tracing::info!(sandbox = %session.id, vm = %session.vm_id, ?timeout, "sandbox created");
         Ok(info)
     }
 
     /// Ends sandbox `id`: its VM is destroyed. `false` if there was none.
-    pub async fn kill(&self, id: &str, why: &str) -> bool {
+    async fn kill(&self, id: &str, how: Ending, why: &str) -> bool {
         let session = self.inner.sessions.lock().ok().and_then(|mut s| s.remove(id));
         let Some(session) = session else { return false };
         self.inner.changed.notify_waiters();
-        end(&session, why).await;
+        end(&self.inner, &session, how, why).await;
         true
     }
 
@@ -245,7 +246,7 @@ impl SandboxTable {
             .map(|mut s| s.drain().map(|(_, v)| v).collect())
             .unwrap_or_default();
         for s in all {
-            end(&s, "the daemon is stopping").await;
+            end(&self.inner, &s, Ending::Shutdown, "the daemon is stopping").await;
         }
     }
 
@@ -261,13 +262,40 @@ impl SandboxTable {
     }
 }
 
+/// Why a sandbox ended (the `reason` of `neurovisor_sandboxes_ended_total`).
+#[derive(Debug, Clone, Copy)]
+enum Ending {
+    Killed,
+    Expired,
+    Failed,
+    Shutdown,
+}
+
+impl Ending {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Killed => "killed",
+            Self::Expired => "expired",
+            Self::Failed => "failed",
+            Self::Shutdown => "shutdown",
+        }
+    }
+}
+
 /// Drops the session's lease (destroying its VM), after any running `Exec`
 /// has let go of it.
-async fn end(s: &Session, why: &str) {
+async fn end(t: &Table, s: &Session, how: Ending, why: &str) {
     s.killed.cancel();
     let lease = s.lease.lock().await.take();
     if lease.is_some() {
-        tracing::info!(sandbox = %s.id, vm = %s.vm_id, "sandbox ended: {why}");
+        tracing::info!(sandbox = %s.id, vm = %s.vm_id, reason = how.label(), "sandbox ended: {why}");
+        t.metrics.sandboxes.dec();
+        t.metrics
+            .sandboxes_ended
+            .get_or_create(&crate::metrics::ReasonLabel {
+                reason: crate::metrics::Label::fixed(how.label()),
+            })
+            .inc();
     }
     drop(lease);
 }
@@ -297,7 +325,7 @@ async fn reap(t: Arc<Table>) {
             Err(_) => return,
         };
         for s in expired {
-            end(&s, "its timeout passed").await;
+            end(&t, &s, Ending::Expired, "its timeout passed").await;
         }
         let wait = next
             .map(|n| n.saturating_duration_since(Instant::now()))
@@ -429,7 +457,7 @@ impl SandboxesApi for SandboxesService {
 
     async fn kill(&self, request: Request<SandboxRef>) -> Result<Response<KillSandboxResponse>, Status> {
         let id = request.into_inner().sandbox_id;
-        if self.table.kill(&id, "killed by a client").await {
+        if self.table.kill(&id, Ending::Killed, "killed by a client").await {
             Ok(Response::new(KillSandboxResponse {}))
         } else {
             Err(self.table.get(&id).err().unwrap_or_else(|| Status::not_found(id)))
@@ -514,7 +542,7 @@ impl SandboxesApi for SandboxesService {
                         // the sandbox ends rather than serve from it.
                         drop(guard);
                         table
-                            .kill(&session.id, &format!("an execution failed: {e}"))
+                            .kill(&session.id, Ending::Failed, &format!("an execution failed: {e}"))
                             .await;
                         Err(Status::internal(format!("{e}; the sandbox was killed")))
                     }
