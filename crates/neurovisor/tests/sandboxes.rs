@@ -269,3 +269,85 @@ fn a_sigkilled_daemon_takes_its_sandbox_vms_along() {
     assert!(d2.vm_processes().is_empty());
     assert_eq!(d2.stop(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_stops_a_running_program_and_a_client_that_leaves_does_not_end_the_sandbox() {
+    let d = start_daemon(&["--warm", "0", "--max", "3"]);
+    let mut c = sandboxes(&d).await;
+    let a = c
+        .create(CreateSandboxRequest::default())
+        .await
+        .expect("create A")
+        .into_inner();
+    let b = c
+        .create(CreateSandboxRequest::default())
+        .await
+        .expect("create B")
+        .into_inner();
+
+    // Kill while a program runs: its stream ends ABORTED, its VM goes.
+    let mut running = c
+        .exec(SandboxExecRequest {
+            sandbox_id: a.sandbox_id.clone(),
+            request: Some(req("bash", "echo started; sleep 60; echo never")),
+        })
+        .await
+        .expect("exec")
+        .into_inner();
+    let first = running
+        .message()
+        .await
+        .expect("first message")
+        .expect("a message");
+    assert!(
+        matches!(first.event, Some(Event::Stdout(ref o)) if o.as_ref() == b"started\n"),
+        "{first:?}"
+    );
+    let killed_at = Instant::now();
+    c.kill(SandboxRef {
+        sandbox_id: a.sandbox_id.clone(),
+    })
+    .await
+    .expect("kill A");
+    let end = loop {
+        match running.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => break None,
+            Err(s) => break Some(s),
+        }
+    };
+    let end = end.expect("the stream ends with an error, not a result");
+    assert_eq!(end.code(), tonic::Code::Aborted, "{end:?}");
+    assert!(killed_at.elapsed() < Duration::from_secs(10));
+    wait_until("A's VM to be destroyed", Duration::from_secs(10), || {
+        !d.vm_processes().iter().any(|p| p.contains(&a.vm_id))
+    });
+
+    // A client that goes away mid-program: the program runs to its end, the
+    // sandbox stays, and the next program (which waits for it) sees its work.
+    let mut leaving = c
+        .exec(SandboxExecRequest {
+            sandbox_id: b.sandbox_id.clone(),
+            request: Some(req(
+                "bash",
+                "for i in $(seq 1 20); do echo $i; sleep 0.1; done; echo finished > /tmp/done",
+            )),
+        })
+        .await
+        .expect("exec")
+        .into_inner();
+    let _ = leaving.message().await.expect("first line");
+    drop(leaving);
+    let (out, err, r) = exec(&mut c, &b.sandbox_id, "bash", "cat /tmp/done").await;
+    assert_eq!((out.as_str(), r.exit_code), ("finished\n", Some(0)), "{err}");
+    let info = c
+        .get(SandboxRef {
+            sandbox_id: b.sandbox_id.clone(),
+        })
+        .await
+        .expect("B still there")
+        .into_inner();
+    assert_eq!(info.executions, 2);
+    drop(c);
+    assert_eq!(d.stop(), Some(0));
+}
