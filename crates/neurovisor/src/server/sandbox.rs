@@ -219,22 +219,27 @@ impl SandboxService {
     }
 
     fn to_exec_request(&self, r: ExecuteRequest, trace_id: String) -> Result<ExecRequest, Status> {
-        let wire = WireRequest {
-            language: r.language,
-            code: r.code,
-            args: r.args,
-            stdin: r.stdin.to_vec(),
-            env: r.env.into_iter().collect(),
-            timeout_ms: r.timeout_ms,
-            max_output_bytes: r.max_output_bytes,
-            trace_id,
-        };
-        ExecRequest::from_wire(wire, self.pool.sandbox().images()).map_err(to_status)
+        ExecRequest::from_wire(wire_of(r, trace_id), self.pool.sandbox().images()).map_err(to_status)
     }
 
     fn record(&self, req: &ExecRequest, result: &Result<ExecOutcome, ExecError>) {
         self.metrics
             .record_execution(&req.language, &req.trace_id, result);
+    }
+}
+
+/// The transport-neutral form of a daemon API request (validated by
+/// [`ExecRequest::from_wire`]).
+pub(super) fn wire_of(r: ExecuteRequest, trace_id: String) -> WireRequest {
+    WireRequest {
+        language: r.language,
+        code: r.code,
+        args: r.args,
+        stdin: r.stdin.to_vec(),
+        env: r.env.into_iter().collect(),
+        timeout_ms: r.timeout_ms,
+        max_output_bytes: r.max_output_bytes,
+        trace_id,
     }
 }
 

@@ -29,10 +29,10 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use super::sandbox::{
-    pool_status, result_of, to_status, InFlight, Outbox, OutboxStream, OutputBudget, Queued,
+    pool_status, result_of, to_status, wire_of, InFlight, Outbox, OutboxStream, OutputBudget, Queued,
 };
 use super::trace::{trace_id_of, with_trace_id};
-use crate::exec::{ExecRequest, Output, OutputSink, WireRequest};
+use crate::exec::{ExecRequest, Output, OutputSink};
 use crate::metrics::Metrics;
 use crate::pool::{Lease, Pool};
 
@@ -478,23 +478,16 @@ impl SandboxesApi for SandboxesService {
         let trace_id = trace_id_of(&request);
         let r = request.into_inner();
         let session = self.table.get(&r.sandbox_id)?;
-        let e = r
+        let mut e = r
             .request
             .ok_or_else(|| Status::invalid_argument("request: missing; say what to run (language, code)"))?;
-        let mut env: BTreeMap<String, String> = session.env.clone();
-        env.extend(e.env);
-        let wire = WireRequest {
-            language: e.language,
-            code: e.code,
-            args: e.args,
-            stdin: e.stdin.to_vec(),
-            env: env.into_iter().collect(),
-            timeout_ms: e.timeout_ms,
-            max_output_bytes: e.max_output_bytes,
-            trace_id: trace_id.clone(),
-        };
+        // The sandbox's environment under the request's own.
+        let own = std::mem::take(&mut e.env);
+        e.env = session.env.clone().into_iter().collect();
+        e.env.extend(own);
         let t = &self.table.inner;
-        let req = ExecRequest::from_wire(wire, t.pool.sandbox().images()).map_err(to_status)?;
+        let req = ExecRequest::from_wire(wire_of(e, trace_id.clone()), t.pool.sandbox().images())
+            .map_err(to_status)?;
         let in_flight = InFlight::new(&t.metrics);
         let (tx, rx) = mpsc::channel::<Queued>(super::sandbox::STREAM_QUEUE);
         let outbox = Outbox::new(rx);
