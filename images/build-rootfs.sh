@@ -97,8 +97,8 @@ build_base() {
     log "base: sandbox user, directories, languages.json"
     in_root "$r" '
         set -e
-        groupadd -g 1000 sandbox
-        useradd -u 1000 -g 1000 -m -d /home/sandbox -s /bin/bash sandbox
+        groupadd -g 1000 user
+        useradd -u 1000 -g 1000 -m -d /home/user -s /bin/bash user
         mkdir -p /overlay /proc /sys /dev /run /tmp /etc/neurovisor
         chmod 1777 /tmp
         chmod 0755 /overlay /run

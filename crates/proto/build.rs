@@ -4,6 +4,7 @@ use std::path::PathBuf;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         "proto/execution.proto",
+        "proto/session.proto",
         "proto/sandbox.proto",
         "proto/inference.proto",
         "proto/agent.proto",

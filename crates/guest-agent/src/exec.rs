@@ -31,12 +31,14 @@ const DEFAULT_MAX_PROCESSES: u32 = 512;
 const DEFAULT_MAX_FILE_SIZE: u64 = 1 << 30;
 const DEFAULT_MAX_OPEN_FILES: u32 = 1024;
 /// How long output already in the pipes may still drain after the program ended.
-const DRAIN_GRACE: Duration = Duration::from_millis(300);
+pub(crate) const DRAIN_GRACE: Duration = Duration::from_millis(300);
 
 /// The unprivileged account programs run as (created in the image).
 pub const SANDBOX_UID: u32 = 1000;
 pub const SANDBOX_GID: u32 = 1000;
-const SANDBOX_HOME: &str = "/home/sandbox";
+pub const SANDBOX_HOME: &str = "/home/user";
+/// Its name (E2B's sandboxes call it `user` too).
+pub const SANDBOX_USER: &str = "user";
 
 pub type EventTx = mpsc::Sender<Result<ExecuteEvent, Status>>;
 
@@ -139,8 +141,8 @@ pub(crate) fn base_env() -> Vec<(&'static str, String)> {
     vec![
         ("PATH", "/usr/local/bin:/usr/bin:/bin".into()),
         ("HOME", SANDBOX_HOME.into()),
-        ("USER", "sandbox".into()),
-        ("LOGNAME", "sandbox".into()),
+        ("USER", SANDBOX_USER.into()),
+        ("LOGNAME", SANDBOX_USER.into()),
         ("LANG", "C.UTF-8".into()),
         ("TMPDIR", "/tmp".into()),
         ("PYTHONUNBUFFERED", "1".into()),
@@ -264,7 +266,7 @@ fn drop_privileges() -> std::io::Result<()> {
     Ok(())
 }
 
-fn kill_group(pgid: Option<u32>) {
+pub(crate) fn kill_group(pgid: Option<u32>) {
     if let Some(pid) = pgid {
         let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
     }
@@ -274,6 +276,17 @@ fn kill_group(pgid: Option<u32>) {
 /// for a request or ahead of one ([`crate::warm`]): preferred OOM victim,
 /// own session, rlimits, the sandbox user; `control` becomes fd 3.
 pub(crate) fn confine_child(cmd: &mut Command, limits: Limits, control: Option<std::os::fd::RawFd>) {
+    confine_child_as(cmd, limits, control, true)
+}
+
+/// [`confine_child`], staying root when `drop_to_user` is false (a sandbox
+/// process started as root on request).
+pub(crate) fn confine_child_as(
+    cmd: &mut Command,
+    limits: Limits,
+    control: Option<std::os::fd::RawFd>,
+    drop_to_user: bool,
+) {
     let (nproc, fsize, nofile) = (
         u64::from(limits.max_processes),
         limits.max_file_size,
@@ -304,7 +317,10 @@ pub(crate) fn confine_child(cmd: &mut Command, limits: Limits, control: Option<s
             set_rlimit(libc::RLIMIT_FSIZE, fsize)?;
             set_rlimit(libc::RLIMIT_NOFILE, nofile)?;
             set_rlimit(libc::RLIMIT_CORE, 0)?;
-            drop_privileges()
+            if drop_to_user {
+                drop_privileges()?;
+            }
+            Ok(())
         });
     }
 }

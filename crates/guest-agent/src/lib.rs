@@ -6,10 +6,12 @@
 //! with the `misbehave` feature) only call [`main`].
 
 mod exec;
+mod files;
 mod init;
 mod languages;
 #[cfg(feature = "misbehave")]
 mod misbehave;
+mod procs;
 mod reseed;
 mod serial;
 mod server;

@@ -1,8 +1,12 @@
-//! The gRPC `ExecutionService` served on vsock port 6000.
+//! The agent's gRPC services on vsock port 6000 (and the virtio-serial port):
+//! `ExecutionService`, and for sandboxes that live across calls `Files` and
+//! `Processes`.
 
 use std::sync::Arc;
 
 use neurovisor_proto::guest::execution_service_server::{ExecutionService, ExecutionServiceServer};
+use neurovisor_proto::guest::files_server::FilesServer;
+use neurovisor_proto::guest::processes_server::ProcessesServer;
 use neurovisor_proto::guest::{
     self as pb, ExecuteEvent, ExecuteRequest, HealthRequest, HealthResponse, ReseedRequest, ReseedResponse,
     SettleRequest, SettleResponse,
@@ -201,6 +205,14 @@ pub async fn serve(warm_languages: Vec<String>) -> Result<(), Box<dyn std::error
         // Every request the host's validation lets through must decode here.
         .add_service(
             ExecutionServiceServer::new(agent)
+                .max_decoding_message_size(neurovisor_proto::limits::MAX_REQUEST_BYTES),
+        )
+        .add_service(
+            FilesServer::new(crate::files::FilesService)
+                .max_decoding_message_size(crate::files::CHUNK + (64 << 10)),
+        )
+        .add_service(
+            ProcessesServer::new(crate::procs::ProcessesService::default())
                 .max_decoding_message_size(neurovisor_proto::limits::MAX_REQUEST_BYTES),
         )
         .serve_with_incoming(incoming(listener)?);

@@ -16,12 +16,14 @@ use std::time::Duration;
 use neurovisor_proto::v1::sandbox_client::SandboxClient;
 use neurovisor_proto::v1::sandboxes_client::SandboxesClient;
 use neurovisor_proto::v1::{
-    execute_response::Event, CreateSandboxRequest, ExecuteRequest, ExecuteResponse, LanguagesRequest,
-    ListSandboxesRequest, SandboxExecRequest, SandboxInfo, SandboxRef, SetSandboxTimeoutRequest,
+    execute_response::Event, CreateSandboxRequest, EntryInfo, ExecuteRequest, ExecuteResponse,
+    LanguagesRequest, ListDirRequest, ListSandboxesRequest, ReadFileRequest, SandboxExecRequest, SandboxInfo,
+    SandboxRef, SetSandboxTimeoutRequest, WriteFileRequest,
 };
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Uri};
 
+use crate::channel::session::FILE_CHUNK;
 use crate::exec::{ExecOutcome, ExecRequest, Output, OutputSink};
 use crate::images::Language;
 use crate::server::error_chain;
@@ -442,6 +444,105 @@ impl DaemonClient {
         });
         let s = self.sandboxes.set_timeout(request).await;
         s.map(|r| r.into_inner()).map_err(|s| self.status(s))
+    }
+
+    /// Copies `local` into sandbox `id` at `remote` (1 MiB at a time; the
+    /// file is never held whole).
+    pub async fn sandbox_upload(
+        &mut self,
+        id: &str,
+        local: &Path,
+        remote: &str,
+        user: &str,
+    ) -> Result<EntryInfo, DaemonError> {
+        use tokio::io::AsyncReadExt;
+        let mut file = tokio::fs::File::open(local)
+            .await
+            .map_err(|e| DaemonError::Invalid(format!("cannot read {}: {e}", local.display())))?;
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        let first = WriteFileRequest {
+            sandbox_id: id.into(),
+            path: remote.into(),
+            user: user.into(),
+            data: Default::default(),
+        };
+        let _ = tx.send(first).await;
+        let path = local.to_path_buf();
+        let reader = tokio::spawn(async move {
+            let mut buf = vec![0u8; FILE_CHUNK];
+            loop {
+                let n = file.read(&mut buf).await?;
+                if n == 0 {
+                    return Ok(());
+                }
+                let m = WriteFileRequest {
+                    data: buf[..n].to_vec().into(),
+                    ..Default::default()
+                };
+                if tx.send(m).await.is_err() {
+                    return Ok::<(), std::io::Error>(());
+                }
+            }
+        });
+        let request = self.request(tokio_stream::wrappers::ReceiverStream::new(rx));
+        let written = self.sandboxes.write_file(request).await;
+        match reader.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                return Err(DaemonError::Invalid(format!(
+                    "cannot read {}: {e}",
+                    path.display()
+                )))
+            }
+            Err(e) => return Err(DaemonError::Other(format!("upload: {e}"))),
+        }
+        written.map(|r| r.into_inner()).map_err(|s| self.status(s))
+    }
+
+    /// Copies `remote` of sandbox `id` into `out` as it streams; the bytes copied.
+    pub async fn sandbox_download(
+        &mut self,
+        id: &str,
+        remote: &str,
+        user: &str,
+        out: &mut (dyn tokio::io::AsyncWrite + Unpin + Send),
+    ) -> Result<u64, DaemonError> {
+        use tokio::io::AsyncWriteExt;
+        let request = self.request(ReadFileRequest {
+            sandbox_id: id.into(),
+            path: remote.into(),
+            user: user.into(),
+        });
+        let s = self.sandboxes.read_file(request).await;
+        let mut stream = s.map_err(|s| self.status(s))?.into_inner();
+        let mut n = 0u64;
+        while let Some(chunk) = stream.message().await.map_err(|s| self.status(s))? {
+            out.write_all(&chunk.data)
+                .await
+                .map_err(|e| DaemonError::Other(format!("cannot write the download: {e}")))?;
+            n += chunk.data.len() as u64;
+        }
+        out.flush()
+            .await
+            .map_err(|e| DaemonError::Other(format!("cannot write the download: {e}")))?;
+        Ok(n)
+    }
+
+    pub async fn sandbox_list_dir(
+        &mut self,
+        id: &str,
+        path: &str,
+        depth: u32,
+        user: &str,
+    ) -> Result<Vec<EntryInfo>, DaemonError> {
+        let request = self.request(ListDirRequest {
+            sandbox_id: id.into(),
+            path: path.into(),
+            user: user.into(),
+            depth,
+        });
+        let s = self.sandboxes.list_dir(request).await;
+        s.map(|r| r.into_inner().entries).map_err(|s| self.status(s))
     }
 
     /// Runs `req` in sandbox `id`, forwarding output as it streams.

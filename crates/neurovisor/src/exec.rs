@@ -669,9 +669,10 @@ impl Sandbox {
             // The HTTP/2 connection task is spawned where `guest_client`
             // runs, and Health is decoded there: on the guest I/O runtime.
             io.run(async move {
-                let mut client = guest_client(stream).await?;
+                let channel = guest_channel(stream).await?;
+                let mut client = execution_client(channel.clone());
                 let health = client.health(HealthRequest {}).await.map_err(GuestError::from)?;
-                Ok::<_, ExecError>((client, sanitize_health(health.into_inner())))
+                Ok::<_, ExecError>((channel, sanitize_health(health.into_inner())))
             })
             .await
             .map_err(|e| GuestError::Connect(e.to_string()))?
@@ -684,12 +685,13 @@ impl Sandbox {
             ))
         });
         match connected {
-            Ok((client, health)) => {
+            Ok((channel, health)) => {
                 let boot_time = started.elapsed();
                 self.boot_stats.record_ready(&key, boot_time);
                 Ok(ReadyVm {
                     vm: Some(vm),
-                    client,
+                    client: execution_client(channel.clone()),
+                    channel,
                     io: self.guest_io.clone(),
                     boot_time,
                     health,
@@ -765,8 +767,21 @@ impl Sandbox {
 /// stream once. Its reads are paced by the VM's rate limiter, so a guest that
 /// sends too fast meets HTTP/2 flow control.
 pub(crate) async fn guest_client(stream: GuestStream) -> Result<ExecutionServiceClient<Channel>, GuestError> {
+    guest_channel(stream).await.map(execution_client)
+}
+
+/// The agent's `ExecutionService` on an open channel, with the host's limits.
+pub(crate) fn execution_client(channel: Channel) -> ExecutionServiceClient<Channel> {
+    ExecutionServiceClient::new(channel)
+        .max_decoding_message_size(MAX_GUEST_MESSAGE)
+        .max_encoding_message_size(MAX_REQUEST_BYTES)
+}
+
+/// The HTTP/2 channel over one guest stream, on which every service of the
+/// agent is called (see [`guest_client`]).
+pub(crate) async fn guest_channel(stream: GuestStream) -> Result<Channel, GuestError> {
     let slot = Arc::new(Mutex::new(Some(stream)));
-    let channel = Endpoint::from_static("http://guest-agent.vsock")
+    Endpoint::from_static("http://guest-agent.vsock")
         .connect_with_connector(tower::service_fn(move |_| {
             let taken = slot.lock().ok().and_then(|mut s| s.take());
             async move {
@@ -776,10 +791,7 @@ pub(crate) async fn guest_client(stream: GuestStream) -> Result<ExecutionService
             }
         }))
         .await
-        .map_err(|e| GuestError::Connect(e.to_string()))?;
-    Ok(ExecutionServiceClient::new(channel)
-        .max_decoding_message_size(MAX_GUEST_MESSAGE)
-        .max_encoding_message_size(MAX_REQUEST_BYTES))
+        .map_err(|e| GuestError::Connect(e.to_string()))
 }
 
 /// One decoded event of the Execute stream.
@@ -970,6 +982,8 @@ pub(crate) fn check_exit(
 pub struct ReadyVm {
     vm: Option<Box<dyn Vm>>,
     client: ExecutionServiceClient<Channel>,
+    /// The connection `client` is on; the agent's other services share it.
+    channel: Channel,
     /// Where the client's calls are made and their answers decoded.
     io: GuestIo,
     pub boot_time: Duration,
@@ -984,7 +998,7 @@ pub struct ReadyVm {
 impl ReadyVm {
     pub(crate) fn new(
         vm: Box<dyn Vm>,
-        client: ExecutionServiceClient<Channel>,
+        channel: Channel,
         io: GuestIo,
         boot_time: Duration,
         health: HealthResponse,
@@ -992,7 +1006,8 @@ impl ReadyVm {
     ) -> Self {
         Self {
             vm: Some(vm),
-            client,
+            client: execution_client(channel.clone()),
+            channel,
             io,
             boot_time,
             health,
@@ -1004,6 +1019,12 @@ impl ReadyVm {
 
     pub fn id(&self) -> &str {
         self.vm.as_ref().map(|v| v.id()).unwrap_or("")
+    }
+
+    /// The agent's `Files` and `Processes` services, callable while an
+    /// execution runs (they share its connection, not its `&mut`).
+    pub fn session(&self) -> crate::channel::GuestSession {
+        crate::channel::GuestSession::new(self.channel.clone(), self.io.clone())
     }
 
     /// The VM's state directory (console log, sockets), while it runs.

@@ -495,6 +495,11 @@ impl Lease {
         self.vm.as_ref().map(|v| v.id()).unwrap_or("")
     }
 
+    /// The VM's files and processes (usable while an execution runs).
+    pub fn session(&self) -> Option<crate::channel::GuestSession> {
+        self.vm.as_ref().map(|v| v.session())
+    }
+
     /// The VM was restored from a snapshot (false: it booted).
     pub fn restored(&self) -> bool {
         self.vm.as_ref().is_some_and(|v| v.restored)

@@ -440,7 +440,8 @@ pub async fn restore(sb: &Sandbox, t: &Template, size: VmSize) -> Result<ReadyVm
             .unwrap_or(0);
         sb.guest_io()
             .run(async move {
-                let mut client = guest_client(stream).await?;
+                let channel = crate::exec::guest_channel(stream).await?;
+                let mut client = crate::exec::execution_client(channel.clone());
                 let reseeded = client
                     .reseed(ReseedRequest {
                         entropy: entropy.into(),
@@ -459,7 +460,7 @@ pub async fn restore(sb: &Sandbox, t: &Template, size: VmSize) -> Result<ReadyVm
                     reseeded_ms = started.elapsed().as_secs_f64() * 1e3,
                     "restored"
                 );
-                Ok::<_, ExecError>((client, sanitize_health(health)))
+                Ok::<_, ExecError>((channel, sanitize_health(health)))
             })
             .await
             .map_err(|e| GuestError::Connect(e.to_string()))?
@@ -471,10 +472,10 @@ pub async fn restore(sb: &Sandbox, t: &Template, size: VmSize) -> Result<ReadyVm
         ))))
     });
     match connected {
-        Ok((client, health)) => {
+        Ok((channel, health)) => {
             let mut ready = ReadyVm::new(
                 vm,
-                client,
+                channel,
                 sb.guest_io().clone(),
                 started.elapsed(),
                 health,

@@ -2,7 +2,9 @@
 //! `neurovisor sandbox ...`), against a real daemon booting real VMs: state
 //! persists between runs of one sandbox and never reaches another, timeouts
 //! and kills destroy the VM, caps are enforced, and a daemon stopped with
-//! SIGTERM or SIGKILL leaves no sandbox VM behind.
+//! SIGTERM or SIGKILL leaves no sandbox VM behind; files round-trip
+//! byte-exact (64 MiB) as the sandbox's user; processes outlive their call,
+//! take input and signals, and a reader that stalls is detached.
 
 mod common;
 
@@ -14,8 +16,10 @@ use std::time::{Duration, Instant};
 use common::daemon::{req, start_daemon, start_daemon_in, Daemon};
 use neurovisor_proto::v1::sandboxes_client::SandboxesClient;
 use neurovisor_proto::v1::{
-    execute_response::Event, CreateSandboxRequest, ExecuteResult, ListSandboxesRequest, SandboxExecRequest,
-    SandboxRef, SetSandboxTimeoutRequest,
+    execute_response::Event, process_event::Event as PEvent, CreateSandboxRequest, EntryInfo, ExecuteResult,
+    FileType, ListDirRequest, ListProcessesRequest, ListSandboxesRequest, MoveRequest, PathRequest,
+    ProcessEnd, ProcessEvent, ProcessSelector, ReadFileRequest, SandboxExecRequest, SandboxRef,
+    SendInputRequest, SetSandboxTimeoutRequest, SignalProcessRequest, StartProcessRequest, WriteFileRequest,
 };
 use tonic::transport::Channel;
 
@@ -348,6 +352,523 @@ async fn kill_stops_a_running_program_and_a_client_that_leaves_does_not_end_the_
         .expect("B still there")
         .into_inner();
     assert_eq!(info.executions, 2);
+    drop(c);
+    assert_eq!(d.stop(), Some(0));
+}
+
+/// Incompressible bytes that are not text.
+fn noise(len: usize, mut seed: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        out.extend_from_slice(&seed.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+async fn write_file(
+    c: &mut SandboxesClient<Channel>,
+    id: &str,
+    path: &str,
+    user: &str,
+    data: &[u8],
+) -> EntryInfo {
+    let mut msgs = vec![WriteFileRequest {
+        sandbox_id: id.into(),
+        path: path.into(),
+        user: user.into(),
+        data: Default::default(),
+    }];
+    msgs.extend(data.chunks(1 << 20).map(|c| WriteFileRequest {
+        data: c.to_vec().into(),
+        ..Default::default()
+    }));
+    c.write_file(tokio_stream::iter(msgs))
+        .await
+        .map(|r| r.into_inner())
+        .unwrap_or_else(|e| panic!("write {path}: {e:?}"))
+}
+
+async fn read_file(
+    c: &mut SandboxesClient<Channel>,
+    id: &str,
+    path: &str,
+    user: &str,
+) -> Result<Vec<u8>, tonic::Status> {
+    let mut s = c
+        .read_file(ReadFileRequest {
+            sandbox_id: id.into(),
+            path: path.into(),
+            user: user.into(),
+        })
+        .await?
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(chunk) = s.message().await? {
+        assert!(chunk.data.len() <= 1 << 20);
+        out.extend_from_slice(&chunk.data);
+    }
+    Ok(out)
+}
+
+fn path_req(id: &str, path: &str, user: &str) -> PathRequest {
+    PathRequest {
+        sandbox_id: id.into(),
+        path: path.into(),
+        user: user.into(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_of_a_sandbox_round_trip_byte_exact_and_act_as_its_user() {
+    // Medium: its 128 MiB writable layer holds a 64 MiB file.
+    let state = Arc::new(tempfile::tempdir().expect("state dir"));
+    let d = common::daemon::start_daemon_sized(state, "medium", &["--warm", "0", "--max", "2"]);
+    let mut c = sandboxes(&d).await;
+    let s = c
+        .create(CreateSandboxRequest::default())
+        .await
+        .expect("create")
+        .into_inner();
+    let id = s.sandbox_id.as_str();
+
+    // 64 MiB of binary data in and out, byte-exact, streamed both ways.
+    let big = noise(64 << 20, 0x9e37_79b9_7f4a_7c15);
+    let started = Instant::now();
+    let info = write_file(&mut c, id, "data/big.bin", "", &big).await;
+    let up = started.elapsed();
+    assert_eq!(info.path, "/home/user/data/big.bin");
+    assert_eq!((info.size, info.owner.as_str()), (64 << 20, "user"), "{info:?}");
+    let started = Instant::now();
+    let back = read_file(&mut c, id, "/home/user/data/big.bin", "")
+        .await
+        .expect("read back");
+    let down = started.elapsed();
+    assert!(back == big, "64 MiB came back different ({} bytes)", back.len());
+    eprintln!("64 MiB: upload {up:?}, download {down:?}");
+    // A program sees the same bytes.
+    let (out, err, r) = exec(
+        &mut c,
+        id,
+        "python",
+        "import hashlib; print(hashlib.sha256(open('/home/user/data/big.bin','rb').read()).hexdigest())",
+    )
+    .await;
+    assert_eq!(r.exit_code, Some(0), "{err}");
+    let expected = {
+        let out = Command::new("sha256sum")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut p| {
+                use std::io::Write;
+                p.stdin.take().expect("stdin").write_all(&big)?;
+                p.wait_with_output()
+            })
+            .expect("sha256sum");
+        String::from_utf8_lossy(&out.stdout)[..64].to_string()
+    };
+    assert_eq!(out.trim(), expected);
+    c.remove(path_req(id, "data/big.bin", ""))
+        .await
+        .expect("remove the big file");
+
+    // Directories, stat, move, remove, and what NOT_FOUND / ALREADY_EXISTS mean.
+    let dir = c
+        .make_dir(path_req(id, "a/b/c", ""))
+        .await
+        .expect("mkdir")
+        .into_inner();
+    assert_eq!(dir.r#type(), FileType::Directory);
+    let e = c
+        .make_dir(path_req(id, "a/b/c", ""))
+        .await
+        .expect_err("mkdir twice");
+    assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e:?}");
+    write_file(&mut c, id, "a/b/note.txt", "", b"hello").await;
+    let list = c
+        .list_dir(ListDirRequest {
+            sandbox_id: id.into(),
+            path: "a".into(),
+            depth: 2,
+            user: String::new(),
+        })
+        .await
+        .expect("list")
+        .into_inner()
+        .entries;
+    let paths: Vec<&str> = list.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        ["/home/user/a/b", "/home/user/a/b/c", "/home/user/a/b/note.txt"]
+    );
+    let moved = c
+        .r#move(MoveRequest {
+            sandbox_id: id.into(),
+            source: "a/b/note.txt".into(),
+            destination: "/tmp/x/moved.txt".into(),
+            user: String::new(),
+        })
+        .await
+        .expect("move")
+        .into_inner();
+    assert_eq!((moved.name.as_str(), moved.size), ("moved.txt", 5));
+    let e = c
+        .stat(path_req(id, "a/b/note.txt", ""))
+        .await
+        .expect_err("stat after move");
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+    assert_eq!(
+        read_file(&mut c, id, "/tmp/x/moved.txt", "").await.expect("read"),
+        b"hello"
+    );
+    c.remove(path_req(id, "a", "")).await.expect("remove a tree");
+    assert_eq!(
+        c.stat(path_req(id, "a", "")).await.expect_err("gone").code(),
+        tonic::Code::NotFound
+    );
+
+    // The user is the kernel's to check: root's home is closed to "user".
+    let e = read_file(&mut c, id, "/root/.bashrc", "")
+        .await
+        .expect_err("user reads root's file");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    let mut w = vec![WriteFileRequest {
+        sandbox_id: id.into(),
+        path: "/etc/evil".into(),
+        ..Default::default()
+    }];
+    w.push(WriteFileRequest {
+        data: b"x".to_vec().into(),
+        ..Default::default()
+    });
+    let e = c
+        .write_file(tokio_stream::iter(w))
+        .await
+        .expect_err("user writes /etc");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    let root = write_file(&mut c, id, "/etc/allowed", "root", b"root was here").await;
+    assert_eq!(root.owner, "root");
+
+    // Bad input is refused by the daemon with the field named.
+    let e = c.stat(path_req(id, "", "")).await.expect_err("empty path");
+    assert!(e.message().contains("path"), "{e:?}");
+    let e = c.stat(path_req(id, "/", "bob")).await.expect_err("unknown user");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("\"root\""), "{}", e.message());
+    let e = c
+        .stat(path_req("0123456789abcdef0123456789abcdef", "/", ""))
+        .await
+        .expect_err("unknown sandbox");
+    assert_eq!(e.code(), tonic::Code::NotFound);
+
+    // The CLI copies both ways (stdin and files) and lists.
+    let tmp = tempfile::tempdir().expect("tmp");
+    let local = tmp.path().join("up.bin");
+    let data = noise(3 << 20, 42);
+    std::fs::write(&local, &data).expect("write local");
+    let remote = format!("{id}:/tmp/up.bin");
+    let (code, _, err) = cli(&d, &["cp", local.to_str().expect("utf-8"), &remote]);
+    assert_eq!(code, Some(0), "{err}");
+    let down = tmp.path().join("down.bin");
+    let (code, _, err) = cli(&d, &["cp", &remote, down.to_str().expect("utf-8")]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(std::fs::read(&down).expect("downloaded") == data);
+    let (code, out, err) = cli(&d, &["ls", id, "/tmp"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.lines()
+            .any(|l| l.ends_with(" /tmp/up.bin") && l.contains(" user ")),
+        "{out}"
+    );
+    let (code, _, err) = cli(&d, &["cp", &format!("{id}:/nope"), down.to_str().expect("utf-8")]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("/nope"), "{err}");
+    let (code, _, err) = cli(&d, &["cp", "a", "b"]);
+    assert_eq!(code, Some(2), "{err}");
+
+    drop(c);
+    assert_eq!(d.stop(), Some(0));
+}
+
+/// The events of a process stream until it ends: (stdout, stderr, end).
+async fn follow(s: &mut tonic::Streaming<ProcessEvent>) -> (String, String, Option<ProcessEnd>) {
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    while let Some(ev) = s.message().await.expect("process stream") {
+        match ev.event {
+            Some(PEvent::Stdout(b)) => out.extend_from_slice(&b),
+            Some(PEvent::Stderr(b)) => err.extend_from_slice(&b),
+            Some(PEvent::End(e)) => {
+                return (
+                    String::from_utf8_lossy(&out).into_owned(),
+                    String::from_utf8_lossy(&err).into_owned(),
+                    Some(e),
+                )
+            }
+            _ => {}
+        }
+    }
+    (
+        String::from_utf8_lossy(&out).into_owned(),
+        String::from_utf8_lossy(&err).into_owned(),
+        None,
+    )
+}
+
+/// Reads until stdout has shown `want`.
+async fn read_until(s: &mut tonic::Streaming<ProcessEvent>, want: &str) {
+    let mut out = String::new();
+    while !out.contains(want) {
+        match tokio::time::timeout(Duration::from_secs(30), s.message()).await {
+            Ok(Ok(Some(ProcessEvent {
+                event: Some(PEvent::Stdout(b)),
+            }))) => out.push_str(&String::from_utf8_lossy(&b)),
+            Ok(Ok(Some(_))) => {}
+            other => panic!("waiting for {want:?} in {out:?}: {other:?}"),
+        }
+    }
+}
+
+fn start_req(id: &str, cmd: &str, args: &[&str]) -> StartProcessRequest {
+    StartProcessRequest {
+        sandbox_id: id.into(),
+        cmd: cmd.into(),
+        args: args.iter().map(|a| a.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+async fn started(
+    c: &mut SandboxesClient<Channel>,
+    r: StartProcessRequest,
+) -> (u32, tonic::Streaming<ProcessEvent>) {
+    let mut s = c.start_process(r).await.expect("start").into_inner();
+    match s.message().await.expect("first event").and_then(|e| e.event) {
+        Some(PEvent::Started(pid)) => (pid, s),
+        other => panic!("the first event is not `started`: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_outlive_their_call_take_input_and_signals_and_a_stalled_reader_is_dropped() {
+    let d = start_daemon(&["--warm", "0", "--max", "2"]);
+    let mut c = sandboxes(&d).await;
+    let s = c
+        .create(CreateSandboxRequest {
+            env: HashMap::from([("FROM_SANDBOX".to_string(), "yes".to_string())]),
+            ..Default::default()
+        })
+        .await
+        .expect("create")
+        .into_inner();
+    let id = s.sandbox_id.as_str();
+
+    // Exit codes exact; the user, the home, the sandbox's environment.
+    let (_, mut p) = started(
+        &mut c,
+        start_req(
+            id,
+            "bash",
+            &["-c", "id -un; pwd; echo $FROM_SANDBOX; echo oops >&2; exit 7"],
+        ),
+    )
+    .await;
+    let (out, err, end) = follow(&mut p).await;
+    let end = end.expect("an end");
+    assert_eq!(out, "user\n/home/user\nyes\n");
+    assert_eq!(err, "oops\n");
+    assert_eq!(
+        (end.exit_code, end.signal, end.status.as_str()),
+        (Some(7), None, "exit status 7")
+    );
+    let mut as_root = start_req(id, "id", &["-u"]);
+    as_root.user = "root".into();
+    let (_, mut p) = started(&mut c, as_root).await;
+    assert_eq!(follow(&mut p).await.0, "0\n");
+
+    // A background process outlives the call that started it; another call
+    // finds it by tag, reconnects by pid, feeds its stdin and signals it.
+    let mut bg = start_req(
+        id,
+        "bash",
+        &[
+            "-c",
+            "echo ready; while read line; do echo \"got $line\"; done; sleep 600",
+        ],
+    );
+    bg.stdin = true;
+    bg.tag = "worker".into();
+    let (pid, mut first) = started(&mut c, bg).await;
+    read_until(&mut first, "ready").await;
+    drop(first);
+    let list = c
+        .list_processes(ListProcessesRequest {
+            sandbox_id: id.into(),
+        })
+        .await
+        .expect("list")
+        .into_inner()
+        .processes;
+    let w = list
+        .iter()
+        .find(|p| p.tag == "worker")
+        .expect("the worker is listed");
+    assert_eq!((w.pid, w.cmd.as_str(), w.user.as_str()), (pid, "bash", "user"));
+    let mut again = c
+        .connect_process(ProcessSelector {
+            sandbox_id: id.into(),
+            pid,
+            tag: String::new(),
+        })
+        .await
+        .expect("connect")
+        .into_inner();
+    assert_eq!(
+        again.message().await.expect("event").and_then(|e| e.event),
+        Some(PEvent::Started(pid))
+    );
+    c.send_input(SendInputRequest {
+        sandbox_id: id.into(),
+        pid: 0,
+        tag: "worker".into(),
+        data: b"hello\n".to_vec().into(),
+    })
+    .await
+    .expect("send input");
+    read_until(&mut again, "got hello").await;
+    c.signal_process(SignalProcessRequest {
+        sandbox_id: id.into(),
+        pid,
+        tag: String::new(),
+        signal: 15,
+    })
+    .await
+    .expect("SIGTERM");
+    let end = follow(&mut again).await.2.expect("an end after SIGTERM");
+    assert_eq!(
+        (end.exit_code, end.signal, end.status.as_str()),
+        (None, Some(15), "signal: SIGTERM")
+    );
+    let e = c
+        .connect_process(ProcessSelector {
+            sandbox_id: id.into(),
+            pid,
+            tag: String::new(),
+        })
+        .await
+        .expect_err("connect to an ended process");
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+
+    // Closing stdin is end-of-file for the process.
+    let mut cat = start_req(id, "cat", &[]);
+    cat.stdin = true;
+    let (pid, mut p) = started(&mut c, cat).await;
+    c.send_input(SendInputRequest {
+        sandbox_id: id.into(),
+        pid,
+        tag: String::new(),
+        data: b"abc".to_vec().into(),
+    })
+    .await
+    .expect("input");
+    c.close_stdin(ProcessSelector {
+        sandbox_id: id.into(),
+        pid,
+        tag: String::new(),
+    })
+    .await
+    .expect("close stdin");
+    let (out, _, end) = follow(&mut p).await;
+    assert_eq!((out.as_str(), end.and_then(|e| e.exit_code)), ("abc", Some(0)));
+
+    // A time limit kills the whole group.
+    let mut slow = start_req(id, "bash", &["-c", "sleep 100 & sleep 100"]);
+    slow.timeout_ms = 500;
+    let (_, mut p) = started(&mut c, slow).await;
+    let end = follow(&mut p).await.2.expect("an end");
+    assert!(end.timed_out && end.signal == Some(9), "{end:?}");
+
+    // Bad input, named.
+    let e = c
+        .start_process(start_req(id, " ", &[]))
+        .await
+        .expect_err("empty cmd");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    let e = c
+        .start_process(start_req(id, "no-such-program", &[]))
+        .await
+        .expect_err("missing program");
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+    assert!(e.message().contains("no-such-program"), "{}", e.message());
+    let e = c
+        .signal_process(SignalProcessRequest {
+            sandbox_id: id.into(),
+            pid: 1,
+            tag: String::new(),
+            signal: 99,
+        })
+        .await
+        .expect_err("signal 99");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+
+    // A client that never reads a flood: it is detached (its stream ends
+    // without an end), the process runs on, other calls are answered.
+    let mut flood = start_req(id, "cat", &["/dev/zero"]);
+    flood.tag = "flood".into();
+    let (pid, mut p) = started(&mut c, flood).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let stat = c
+        .stat(path_req(id, "/", ""))
+        .await
+        .expect("stat while a reader stalls");
+    assert_eq!(stat.into_inner().path, "/");
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let (_, _, end) = tokio::time::timeout(Duration::from_secs(60), follow(&mut p))
+        .await
+        .expect("the stalled reader's stream ends");
+    assert!(
+        end.is_none(),
+        "a stalled reader is detached, not given an end: {end:?}"
+    );
+    let list = c
+        .list_processes(ListProcessesRequest {
+            sandbox_id: id.into(),
+        })
+        .await
+        .expect("list")
+        .into_inner()
+        .processes;
+    assert!(
+        list.iter().any(|p| p.pid == pid),
+        "the flood still runs: {list:?}"
+    );
+    c.signal_process(SignalProcessRequest {
+        sandbox_id: id.into(),
+        pid,
+        tag: String::new(),
+        signal: 9,
+    })
+    .await
+    .expect("SIGKILL");
+
+    // Killing the sandbox ends an attached stream with ABORTED.
+    let (_, mut p) = started(&mut c, start_req(id, "sleep", &["600"])).await;
+    c.kill(SandboxRef {
+        sandbox_id: id.into(),
+    })
+    .await
+    .expect("kill");
+    let end = loop {
+        match p.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => break None,
+            Err(s) => break Some(s),
+        }
+    };
+    assert_eq!(end.map(|s| s.code()), Some(tonic::Code::Aborted));
     drop(c);
     assert_eq!(d.stop(), Some(0));
 }

@@ -3,16 +3,32 @@
 //! The `.proto` files under `proto/` are the source of truth; they are compiled
 //! at build time with `protox`, so no `protoc` binary is needed.
 
-/// Host <-> guest execution protocol (served by the guest agent on vsock port 6000).
-pub mod guest {
-    #![allow(clippy::all, missing_docs)]
-    tonic::include_proto!("neurovisor.guest.v1");
+/// The generated code, nested as the packages are (`neurovisor.guest.v1`
+/// refers to messages of `neurovisor.v1` by relative path).
+mod generated {
+    pub mod neurovisor {
+        pub mod v1 {
+            #![allow(clippy::all, missing_docs)]
+            tonic::include_proto!("neurovisor.v1");
+        }
+        pub mod guest {
+            pub mod v1 {
+                #![allow(clippy::all, missing_docs)]
+                tonic::include_proto!("neurovisor.guest.v1");
+            }
+        }
+    }
 }
 
-/// The daemon's public API (`neurovisor serve`).
+/// Host <-> guest protocol (served by the guest agent on vsock port 6000).
+pub mod guest {
+    pub use crate::generated::neurovisor::guest::v1::*;
+}
+
+/// The daemon's public API (`neurovisor serve`), and the file and process
+/// messages the guest's `Files`/`Processes` services take too.
 pub mod v1 {
-    #![allow(clippy::all, missing_docs)]
-    tonic::include_proto!("neurovisor.v1");
+    pub use crate::generated::neurovisor::v1::*;
 }
 
 /// LLM inference proxied to Ollama.

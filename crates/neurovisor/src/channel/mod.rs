@@ -14,10 +14,12 @@
 pub mod client;
 pub mod guest_io;
 pub mod serial;
+pub mod session;
 pub mod text;
 pub mod vsock;
 
 pub use client::GuestError;
 pub use guest_io::{GuestIo, GuestIoError, GuestTask};
+pub use session::{GuestItems, GuestSession, SessionError};
 pub use text::{sanitize_guest_bytes, sanitize_guest_text};
 pub use vsock::{HybridVsock, VsockError};

@@ -31,6 +31,47 @@ pub enum SandboxCommand {
     Kill(IdArgs),
     /// Set a sandbox's timeout, counted from now.
     Timeout(TimeoutArgs),
+    /// Copy a file into or out of a sandbox: `cp LOCAL ID:PATH` or
+    /// `cp ID:PATH LOCAL` (`-` for stdin/stdout). Streams; any size.
+    Cp(CpArgs),
+    /// List a directory of a sandbox.
+    Ls(LsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CpArgs {
+    /// LOCAL or ID:PATH.
+    from: String,
+    /// LOCAL or ID:PATH (exactly one side is in a sandbox).
+    to: String,
+    /// Act as this sandbox user: "user" (default) or "root".
+    #[arg(long, default_value = "user")]
+    user: String,
+    #[command(flatten)]
+    daemon: DaemonArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct LsArgs {
+    id: String,
+    /// Absolute, or relative to the user's home.
+    #[arg(default_value = ".")]
+    path: String,
+    /// Levels to descend.
+    #[arg(long, default_value_t = 1)]
+    depth: u32,
+    #[arg(long, default_value = "user")]
+    user: String,
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    daemon: DaemonArgs,
+}
+
+/// `ID:PATH` -> (id, path); `None` for a local path.
+fn remote_of(arg: &str) -> Option<(&str, &str)> {
+    let (id, path) = arg.split_once(':')?;
+    (id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()) && !path.is_empty()).then_some((id, path))
 }
 
 /// Which daemon.
@@ -244,6 +285,64 @@ async fn run(cmd: SandboxCommand) -> Result<u8, u8> {
         SandboxCommand::Kill(a) => {
             let mut c = connect(&a.daemon).await?;
             c.sandbox_kill(&a.id).await.map_err(|e| fail(&e, exit_code(&e)))?;
+            Ok(0)
+        }
+        SandboxCommand::Cp(a) => {
+            let mut c = connect(&a.daemon).await?;
+            match (remote_of(&a.from), remote_of(&a.to)) {
+                (None, Some((id, path))) => {
+                    let local = if a.from == "-" {
+                        PathBuf::from("/dev/stdin")
+                    } else {
+                        PathBuf::from(&a.from)
+                    };
+                    c.sandbox_upload(id, &local, path, &a.user)
+                        .await
+                        .map_err(|e| fail(&e, exit_code(&e)))?;
+                }
+                (Some((id, path)), None) => {
+                    let mut out: Box<dyn tokio::io::AsyncWrite + Unpin + Send> = if a.to == "-" {
+                        Box::new(tokio::io::stdout())
+                    } else {
+                        Box::new(
+                            tokio::fs::File::create(&a.to)
+                                .await
+                                .map_err(|e| fail(format!("cannot write {}: {e}", a.to), EXIT_BAD_INPUT))?,
+                        )
+                    };
+                    c.sandbox_download(id, path, &a.user, &mut out)
+                        .await
+                        .map_err(|e| fail(&e, exit_code(&e)))?;
+                }
+                _ => return Err(fail(
+                    "cp: exactly one side must be SANDBOX_ID:PATH (the 32-digit id from `sandbox create`)",
+                    EXIT_BAD_INPUT,
+                )),
+            }
+            Ok(0)
+        }
+        SandboxCommand::Ls(a) => {
+            let mut c = connect(&a.daemon).await?;
+            let all = c
+                .sandbox_list_dir(&a.id, &a.path, a.depth, &a.user)
+                .await
+                .map_err(|e| fail(&e, exit_code(&e)))?;
+            for e in &all {
+                if a.json {
+                    println!(
+                        "{}",
+                        json!({"name": e.name, "path": e.path, "type": e.r#type().as_str_name(),
+                               "size": e.size, "mode": e.mode, "permissions": e.permissions,
+                               "owner": e.owner, "group": e.group, "modified_unix_ns": e.modified_unix_ns,
+                               "symlink_target": e.symlink_target})
+                    );
+                } else {
+                    println!(
+                        "{} {:<8} {:<8} {:>10} {}",
+                        e.permissions, e.owner, e.group, e.size, e.path
+                    );
+                }
+            }
             Ok(0)
         }
         SandboxCommand::Timeout(a) => {

@@ -15,6 +15,7 @@ pub mod agent;
 pub mod inference;
 pub mod limits;
 pub mod sandbox;
+pub mod session_io;
 pub mod sessions;
 pub mod trace;
 

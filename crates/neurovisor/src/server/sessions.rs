@@ -18,14 +18,18 @@ use std::time::{Duration, Instant, SystemTime};
 
 use neurovisor_proto::v1::sandboxes_server::Sandboxes as SandboxesApi;
 use neurovisor_proto::v1::{
-    execute_response::Event, CreateSandboxRequest, ExecuteResponse, KillSandboxResponse,
-    ListSandboxesRequest, ListSandboxesResponse, SandboxExecRequest, SandboxInfo, SandboxRef,
-    SetSandboxTimeoutRequest,
+    execute_response::Event, CreateSandboxRequest, EntryInfo, ExecuteResponse, KillSandboxResponse,
+    ListDirRequest, ListDirResponse, ListProcessesRequest, ListProcessesResponse, ListSandboxesRequest,
+    ListSandboxesResponse, MoveRequest, PathRequest, ProcessAck, ProcessSelector, ReadFileRequest,
+    RemoveResponse, SandboxExecRequest, SandboxInfo, SandboxRef, SendInputRequest, SetSandboxTimeoutRequest,
+    SignalProcessRequest, StartProcessRequest, WriteFileRequest,
 };
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::session_io::{ChunkStream, EventStream};
 use tracing::Instrument;
 
 use super::sandbox::{
@@ -53,20 +57,23 @@ pub struct SandboxLimits {
     pub max_memory_mib: u64,
 }
 
-struct Session {
+pub(super) struct Session {
     id: String,
     vm_id: String,
     started_at: SystemTime,
     /// (monotonic deadline, the same as wall time for clients).
     deadline: std::sync::Mutex<(Instant, SystemTime)>,
     metadata: HashMap<String, String>,
-    env: BTreeMap<String, String>,
+    pub(super) env: BTreeMap<String, String>,
     restored: bool,
     executions: AtomicU64,
     /// `None` once killed. Held by the one `Exec` running.
     lease: tokio::sync::Mutex<Option<Lease>>,
     /// Cancelled when the sandbox ends: a running `Exec` lets go of the lease.
-    killed: CancellationToken,
+    pub(super) killed: CancellationToken,
+    /// Its files and processes (on the VM's connection; calls fail once the
+    /// VM is gone).
+    pub(super) guest: crate::channel::GuestSession,
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
@@ -128,7 +135,7 @@ impl SandboxTable {
         t
     }
 
-    fn get(&self, id: &str) -> Result<Arc<Session>, Status> {
+    pub(super) fn get(&self, id: &str) -> Result<Arc<Session>, Status> {
         self.inner
             .sessions
             .lock()
@@ -156,6 +163,10 @@ impl SandboxTable {
             restored: s.restored,
             executions: s.executions.load(Ordering::Relaxed),
         }
+    }
+
+    pub(super) fn images(&self) -> &crate::images::ImageSet {
+        self.inner.pool.sandbox().images()
     }
 
     /// Live sandboxes.
@@ -204,6 +215,9 @@ impl SandboxTable {
             .map_err(to_status)?;
         let _place = self.reserve()?;
         let lease = self.inner.pool.acquire().await.map_err(pool_status)?;
+        let guest = lease
+            .session()
+            .ok_or_else(|| Status::internal("the pool handed out a lease without a VM"))?;
         let now = (Instant::now(), SystemTime::now());
         let session = Arc::new(Session {
             id: uuid::Uuid::now_v7().simple().to_string(),
@@ -216,6 +230,7 @@ impl SandboxTable {
             executions: AtomicU64::new(0),
             lease: tokio::sync::Mutex::new(Some(lease)),
             killed: CancellationToken::new(),
+            guest,
         });
         let info = self.info(&session);
         if let Ok(mut s) = self.inner.sessions.lock() {
@@ -429,6 +444,71 @@ impl SandboxesService {
 #[tonic::async_trait]
 impl SandboxesApi for SandboxesService {
     type ExecStream = Pin<Box<dyn Stream<Item = Result<ExecuteResponse, Status>> + Send>>;
+    type ReadFileStream = ChunkStream;
+    type StartProcessStream = EventStream;
+    type ConnectProcessStream = EventStream;
+
+    async fn read_file(&self, r: Request<ReadFileRequest>) -> Result<Response<ChunkStream>, Status> {
+        self.table.read_file(r.into_inner()).await.map(Response::new)
+    }
+
+    async fn write_file(
+        &self,
+        r: Request<Streaming<WriteFileRequest>>,
+    ) -> Result<Response<EntryInfo>, Status> {
+        self.table.write_file(r.into_inner()).await.map(Response::new)
+    }
+
+    async fn list_dir(&self, r: Request<ListDirRequest>) -> Result<Response<ListDirResponse>, Status> {
+        self.table.list_dir(r.into_inner()).await.map(Response::new)
+    }
+
+    async fn stat(&self, r: Request<PathRequest>) -> Result<Response<EntryInfo>, Status> {
+        self.table.stat(r.into_inner()).await.map(Response::new)
+    }
+
+    async fn make_dir(&self, r: Request<PathRequest>) -> Result<Response<EntryInfo>, Status> {
+        self.table.make_dir(r.into_inner()).await.map(Response::new)
+    }
+
+    async fn remove(&self, r: Request<PathRequest>) -> Result<Response<RemoveResponse>, Status> {
+        self.table.remove(r.into_inner()).await?;
+        Ok(Response::new(RemoveResponse {}))
+    }
+
+    async fn r#move(&self, r: Request<MoveRequest>) -> Result<Response<EntryInfo>, Status> {
+        self.table.rename(r.into_inner()).await.map(Response::new)
+    }
+
+    async fn start_process(&self, r: Request<StartProcessRequest>) -> Result<Response<EventStream>, Status> {
+        self.table.start_process(r.into_inner()).await.map(Response::new)
+    }
+
+    async fn connect_process(&self, r: Request<ProcessSelector>) -> Result<Response<EventStream>, Status> {
+        self.table
+            .connect_process(r.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn list_processes(
+        &self,
+        r: Request<ListProcessesRequest>,
+    ) -> Result<Response<ListProcessesResponse>, Status> {
+        self.table.list_processes(r.into_inner()).await.map(Response::new)
+    }
+
+    async fn send_input(&self, r: Request<SendInputRequest>) -> Result<Response<ProcessAck>, Status> {
+        self.table.send_input(r.into_inner()).await.map(Response::new)
+    }
+
+    async fn close_stdin(&self, r: Request<ProcessSelector>) -> Result<Response<ProcessAck>, Status> {
+        self.table.close_stdin(r.into_inner()).await.map(Response::new)
+    }
+
+    async fn signal_process(&self, r: Request<SignalProcessRequest>) -> Result<Response<ProcessAck>, Status> {
+        self.table.signal_process(r.into_inner()).await.map(Response::new)
+    }
 
     async fn create(&self, request: Request<CreateSandboxRequest>) -> Result<Response<SandboxInfo>, Status> {
         self.table.create(request.into_inner()).await.map(Response::new)

@@ -1,0 +1,266 @@
+//! The files and processes of a sandbox (`neurovisor.v1.Sandboxes` `ReadFile`
+//! ... `SignalProcess`): the daemon checks each request once, takes the
+//! sandbox id off it and hands it to the sandbox's guest
+//! ([`GuestSession`](crate::channel::GuestSession)); any number run at once,
+//! also while an `Exec` runs. Streams end with ABORTED when the sandbox is
+//! killed.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use neurovisor_proto::v1::{
+    EntryInfo, FileChunk, ListDirRequest, ListDirResponse, ListProcessesRequest, ListProcessesResponse,
+    MoveRequest, PathRequest, ProcessAck, ProcessEvent, ProcessSelector, ReadFileRequest, SendInputRequest,
+    SignalProcessRequest, StartProcessRequest, WriteFileRequest,
+};
+use tokio::sync::mpsc;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Status, Streaming};
+
+use super::sessions::{SandboxTable, Session};
+use crate::channel::session::FILE_CHUNK;
+use crate::channel::{GuestItems, SessionError};
+
+pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<FileChunk, Status>> + Send>>;
+pub type EventStream = Pin<Box<dyn Stream<Item = Result<ProcessEvent, Status>> + Send>>;
+
+const MAX_PATH: usize = 4096;
+
+fn status(e: SessionError) -> Status {
+    Status::new(e.code(), e.to_string())
+}
+
+/// The checks every path and user get before a guest sees them.
+fn check_path(field: &str, path: &str) -> Result<(), Status> {
+    if path.is_empty() {
+        return Err(Status::invalid_argument(format!(
+            "{field}: empty; give an absolute path or one relative to the user's home"
+        )));
+    }
+    if path.len() > MAX_PATH || path.contains('\0') {
+        return Err(Status::invalid_argument(format!(
+            "{field}: must be at most {MAX_PATH} bytes without NUL"
+        )));
+    }
+    Ok(())
+}
+
+fn check_user(user: &str) -> Result<(), Status> {
+    match user {
+        "" | "user" | "root" => Ok(()),
+        other => Err(Status::invalid_argument(format!(
+            "user: '{}' is not a sandbox user; use \"user\" (the default) or \"root\"",
+            other.chars().take(40).collect::<String>()
+        ))),
+    }
+}
+
+fn check_selector(pid: u32, tag: &str) -> Result<(), Status> {
+    if pid == 0 && tag.is_empty() {
+        return Err(Status::invalid_argument("name the process: pid or tag"));
+    }
+    Ok(())
+}
+
+/// A guest stream as the client's, ending with ABORTED if the sandbox is
+/// killed first.
+fn relay<T: Unpin + Send + 'static>(
+    items: GuestItems<T>,
+    session: &Session,
+) -> Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>> {
+    let killed = session.killed.clone();
+    let (tx, rx) = mpsc::channel(1);
+    tokio::spawn(async move {
+        let mut items = items;
+        loop {
+            let next = tokio::select! {
+                n = items.next() => n,
+                _ = killed.cancelled() => Some(Err(SessionError::Guest {
+                    code: tonic::Code::Aborted,
+                    message: "the sandbox was killed".into(),
+                })),
+                _ = tx.closed() => return,
+            };
+            let Some(item) = next else { return };
+            let stop = item.is_err();
+            if tx.send(item.map_err(status)).await.is_err() || stop {
+                return;
+            }
+        }
+    });
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+impl SandboxTable {
+    fn live(&self, id: &str) -> Result<Arc<Session>, Status> {
+        self.get(id)
+    }
+
+    pub(super) async fn read_file(&self, r: ReadFileRequest) -> Result<ChunkStream, Status> {
+        check_path("path", &r.path)?;
+        check_user(&r.user)?;
+        let s = self.live(&r.sandbox_id)?;
+        let items = s.guest.read_file(r).await.map_err(status)?;
+        Ok(relay(items, &s))
+    }
+
+    /// The first message names the sandbox, the file and the user.
+    pub(super) async fn write_file(
+        &self,
+        mut input: Streaming<WriteFileRequest>,
+    ) -> Result<EntryInfo, Status> {
+        let first = input.message().await?.ok_or_else(|| {
+            Status::invalid_argument("empty stream: the first message names the sandbox and the file")
+        })?;
+        check_path("path", &first.path)?;
+        check_user(&first.user)?;
+        let s = self.live(&first.sandbox_id)?;
+        let (tx, rx) = mpsc::channel(4);
+        let check = |m: &WriteFileRequest| {
+            if m.data.len() > FILE_CHUNK {
+                return Err(Status::invalid_argument(format!(
+                    "data: a chunk of {} bytes; send at most {FILE_CHUNK} bytes per message",
+                    m.data.len()
+                )));
+            }
+            Ok(())
+        };
+        check(&first)?;
+        let feed = async move {
+            if tx.send(first).await.is_err() {
+                return Ok(());
+            }
+            while let Some(m) = input.message().await? {
+                check(&m)?;
+                // Only the first message names the file.
+                let m = WriteFileRequest {
+                    data: m.data,
+                    ..Default::default()
+                };
+                if tx.send(m).await.is_err() {
+                    break;
+                }
+            }
+            Ok::<(), Status>(())
+        };
+        let write = s.guest.write_file(rx);
+        let (fed, written) = tokio::select! {
+            r = async { tokio::join!(feed, write) } => r,
+            _ = s.killed.cancelled() => return Err(Status::aborted("the sandbox was killed")),
+        };
+        // A client's broken stream is the first thing to report: the guest
+        // saw only its end.
+        fed?;
+        written.map_err(status)
+    }
+
+    pub(super) async fn list_dir(&self, r: ListDirRequest) -> Result<ListDirResponse, Status> {
+        check_path("path", &r.path)?;
+        check_user(&r.user)?;
+        let s = self.live(&r.sandbox_id)?;
+        let entries = s.guest.list_dir(r).await.map_err(status)?;
+        Ok(ListDirResponse { entries })
+    }
+
+    pub(super) async fn stat(&self, r: PathRequest) -> Result<EntryInfo, Status> {
+        check_path("path", &r.path)?;
+        check_user(&r.user)?;
+        let s = self.live(&r.sandbox_id)?;
+        s.guest.stat(r).await.map_err(status)
+    }
+
+    pub(super) async fn make_dir(&self, r: PathRequest) -> Result<EntryInfo, Status> {
+        check_path("path", &r.path)?;
+        check_user(&r.user)?;
+        let s = self.live(&r.sandbox_id)?;
+        s.guest.make_dir(r).await.map_err(status)
+    }
+
+    pub(super) async fn remove(&self, r: PathRequest) -> Result<(), Status> {
+        check_path("path", &r.path)?;
+        check_user(&r.user)?;
+        let s = self.live(&r.sandbox_id)?;
+        s.guest.remove(r).await.map_err(status)
+    }
+
+    pub(super) async fn rename(&self, r: MoveRequest) -> Result<EntryInfo, Status> {
+        check_path("source", &r.source)?;
+        check_path("destination", &r.destination)?;
+        check_user(&r.user)?;
+        let s = self.live(&r.sandbox_id)?;
+        s.guest.rename(r).await.map_err(status)
+    }
+
+    pub(super) async fn start_process(&self, mut r: StartProcessRequest) -> Result<EventStream, Status> {
+        if r.cmd.trim().is_empty() {
+            return Err(Status::invalid_argument(
+                "cmd: empty; name the program to run (e.g. \"bash\")",
+            ));
+        }
+        check_user(&r.user)?;
+        if !r.cwd.is_empty() {
+            check_path("cwd", &r.cwd)?;
+        }
+        let s = self.live(&r.sandbox_id)?;
+        // The same checks as a program's arguments and environment, with
+        // the sandbox's environment under the request's own.
+        let own = std::mem::take(&mut r.env);
+        r.env = s.env.clone().into_iter().collect();
+        r.env.extend(own);
+        let mut probe = crate::exec::ExecRequest::new("bash", "true");
+        probe.args = r.args.clone();
+        probe.env = r.env.clone().into_iter().collect();
+        probe.validate(self.images()).map_err(super::sandbox::to_status)?;
+        let items = s.guest.start_process(r).await.map_err(status)?;
+        Ok(relay(items, &s))
+    }
+
+    pub(super) async fn connect_process(&self, r: ProcessSelector) -> Result<EventStream, Status> {
+        check_selector(r.pid, &r.tag)?;
+        let s = self.live(&r.sandbox_id)?;
+        let items = s.guest.attach(r).await.map_err(status)?;
+        Ok(relay(items, &s))
+    }
+
+    pub(super) async fn list_processes(
+        &self,
+        r: ListProcessesRequest,
+    ) -> Result<ListProcessesResponse, Status> {
+        let s = self.live(&r.sandbox_id)?;
+        let processes = s.guest.list_processes().await.map_err(status)?;
+        Ok(ListProcessesResponse { processes })
+    }
+
+    pub(super) async fn send_input(&self, r: SendInputRequest) -> Result<ProcessAck, Status> {
+        check_selector(r.pid, &r.tag)?;
+        if r.data.len() > FILE_CHUNK {
+            return Err(Status::invalid_argument(format!(
+                "data: {} bytes; send at most {FILE_CHUNK} bytes per call",
+                r.data.len()
+            )));
+        }
+        let s = self.live(&r.sandbox_id)?;
+        s.guest.send_input(r).await.map_err(status)?;
+        Ok(ProcessAck {})
+    }
+
+    pub(super) async fn close_stdin(&self, r: ProcessSelector) -> Result<ProcessAck, Status> {
+        check_selector(r.pid, &r.tag)?;
+        let s = self.live(&r.sandbox_id)?;
+        s.guest.close_stdin(r).await.map_err(status)?;
+        Ok(ProcessAck {})
+    }
+
+    pub(super) async fn signal_process(&self, r: SignalProcessRequest) -> Result<ProcessAck, Status> {
+        check_selector(r.pid, &r.tag)?;
+        if !(1..=64).contains(&r.signal) {
+            return Err(Status::invalid_argument(format!(
+                "signal: {} is not a signal number; use e.g. 15 (SIGTERM), 9 (SIGKILL), 2 (SIGINT)",
+                r.signal
+            )));
+        }
+        let s = self.live(&r.sandbox_id)?;
+        s.guest.signal(r).await.map_err(status)?;
+        Ok(ProcessAck {})
+    }
+}
