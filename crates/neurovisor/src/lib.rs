@@ -24,6 +24,7 @@ pub mod channel;
 pub mod config;
 pub mod daemon_client;
 pub mod doctor;
+pub mod e2b;
 pub mod exec;
 pub mod images;
 pub mod llm;

@@ -38,6 +38,12 @@ pub struct ServeArgs {
     /// request needs `Authorization: Bearer <token>` (<state-dir>/token).
     #[arg(long, env = "NEUROVISOR_MCP_LISTEN", value_name = "ADDR")]
     pub mcp_listen: Option<SocketAddr>,
+    /// Also serve an E2B-compatible HTTP API on this TCP address, so the
+    /// official E2B SDKs drive this daemon's sandboxes: set E2B_API_URL and
+    /// E2B_SANDBOX_URL to http://ADDR and E2B_API_KEY to the token
+    /// (<state-dir>/token).
+    #[arg(long, env = "NEUROVISOR_E2B_LISTEN", value_name = "ADDR")]
+    pub e2b_listen: Option<SocketAddr>,
     /// PEM certificate chain: makes the --listen address TLS (with --tls-key).
     #[arg(long, env = "NEUROVISOR_TLS_CERT", value_name = "FILE")]
     pub tls_cert: Option<PathBuf>,
@@ -105,6 +111,7 @@ struct FileConfig {
     /// The old name of `listen`.
     grpc_addr: Option<SocketAddr>,
     mcp_listen: Option<SocketAddr>,
+    e2b_listen: Option<SocketAddr>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     socket_group: Option<String>,
@@ -190,6 +197,7 @@ impl ServeArgs {
         Ok(DaemonConfig {
             listen,
             mcp_listen: self.mcp_listen.or(f.mcp_listen),
+            e2b_listen: self.e2b_listen.or(f.e2b_listen),
             tls,
             socket_group: self
                 .socket_group
@@ -292,6 +300,12 @@ pub async fn serve(a: ServeArgs) -> u8 {
             l.grpc_summary(),
             l.metrics
         );
+        if let Some(a) = l.e2b {
+            eprintln!(
+                "neurovisor: serving the E2B API on http://{a} (E2B_API_URL and E2B_SANDBOX_URL; E2B_API_KEY is the token in {})",
+                l.token_file.display()
+            );
+        }
         if let Some(a) = l.mcp {
             eprintln!(
                 "neurovisor: serving MCP on http://{a}{} (token in {})",

@@ -56,6 +56,9 @@ pub struct DaemonConfig {
     /// TCP listener for MCP over Streamable HTTP (`--mcp-listen`, endpoint
     /// `/mcp`); requests over it need the token too.
     pub mcp_listen: Option<SocketAddr>,
+    /// TCP listener for the E2B-compatible HTTP API (`--e2b-listen`); its
+    /// API key is the token, each sandbox's calls need its own access token.
+    pub e2b_listen: Option<SocketAddr>,
     /// Certificate and key that make the TCP listener TLS.
     pub tls: Option<TlsFiles>,
     /// The group that may use the Unix socket (when it exists).
@@ -106,6 +109,8 @@ pub struct Listening {
     pub metrics: SocketAddr,
     /// The MCP endpoint's address (`http://<addr>/mcp`).
     pub mcp: Option<SocketAddr>,
+    /// The E2B API's address.
+    pub e2b: Option<SocketAddr>,
 }
 
 impl Listening {
@@ -492,7 +497,7 @@ pub async fn run(
         tracing::warn!("removed {removed} VM(s) left by a previous daemon");
     }
     let token_file = transport::token_path(&cfg.state_dir);
-    let token = match cfg.listen.or(cfg.mcp_listen) {
+    let token = match cfg.listen.or(cfg.mcp_listen).or(cfg.e2b_listen) {
         Some(_) => Some(Token::load_or_create(&cfg.state_dir)?),
         None => None,
     };
@@ -523,6 +528,10 @@ pub async fn run(
         Some(addr) => Some(bind(addr, "MCP", "--mcp-listen").await?),
         None => None,
     };
+    let e2b_tcp = match cfg.e2b_listen {
+        Some(addr) => Some(bind(addr, "E2B API", "--e2b-listen").await?),
+        None => None,
+    };
     let http = bind(cfg.metrics_addr, "metrics", "--metrics-addr").await?;
     let metrics_addr = http.local_addr().unwrap_or(cfg.metrics_addr);
     if !metrics_addr.ip().is_loopback() {
@@ -542,6 +551,10 @@ pub async fn run(
         mcp: mcp_tcp
             .as_ref()
             .map(|l| l.local_addr().ok().or(cfg.mcp_listen))
+            .unwrap_or(None),
+        e2b: e2b_tcp
+            .as_ref()
+            .map(|l| l.local_addr().ok().or(cfg.e2b_listen))
             .unwrap_or(None),
     };
 
@@ -681,6 +694,32 @@ pub async fn run(
     let budget = sandbox::OutputBudget::new(cfg.output_budget);
     let sessions =
         sessions::SandboxTable::start(pool.clone(), cfg.sandboxes, metrics.clone(), budget.clone());
+    // The E2B API: the same sandboxes, the same connection limit.
+    let (stop_e2b_http, e2b_http_stopped) = tokio::sync::oneshot::channel::<()>();
+    let e2b_task = match (e2b_tcp, &token, listening.e2b) {
+        (Some(l), Some(token), Some(addr)) => {
+            let state = crate::e2b::E2bState::new(
+                sessions.clone(),
+                token.clone(),
+                token_file.clone(),
+                cfg.pool.size,
+                pool.sandbox().images().name.clone(),
+                metrics.clone(),
+                addr,
+            );
+            let router = crate::e2b::router(state);
+            let listener = slots.limit_listener(l);
+            Some(tokio::spawn(async move {
+                let serving = axum::serve(listener, router).with_graceful_shutdown(async move {
+                    let _ = e2b_http_stopped.await;
+                });
+                if let Err(e) = serving.await {
+                    tracing::warn!("E2B endpoint stopped: {e}");
+                }
+            }))
+        }
+        _ => None,
+    };
     let sessions_svc = SandboxesServer::new(sessions::SandboxesService::new(sessions.clone()))
         .max_decoding_message_size(crate::exec::MAX_REQUEST_BYTES);
     let sandbox_svc = SandboxServer::new(
@@ -746,6 +785,7 @@ pub async fn run(
         tcp = ?listening.tcp,
         tls = listening.tls,
         mcp = ?listening.mcp,
+        e2b = ?listening.e2b,
         %metrics_addr,
         warm = cfg.pool.warm,
         max = cfg.pool.max,
@@ -764,6 +804,7 @@ pub async fn run(
     drop(socket);
     let _ = stop_grpc.send(true);
     let _ = stop_mcp_http.send(());
+    let _ = stop_e2b_http.send(());
     // In-flight executions finish within the grace period; the pool destroys
     // warm VMs at once and waits for leased ones.
     let drain_server = async {
@@ -782,7 +823,7 @@ pub async fn run(
         sessions.kill_all().await;
         pool.shutdown(cfg.shutdown_grace + Duration::from_secs(10)).await
     });
-    if let Some(t) = mcp_task {
+    for t in [mcp_task, e2b_task].into_iter().flatten() {
         let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
     }
     let _ = stop_http.send(());

@@ -15,7 +15,7 @@ use neurovisor_proto::v1::{
 };
 use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt};
-use tonic::{Status, Streaming};
+use tonic::Status;
 
 use super::sessions::{SandboxTable, Session};
 use crate::channel::session::FILE_CHUNK;
@@ -96,7 +96,7 @@ impl SandboxTable {
         self.get(id)
     }
 
-    pub(super) async fn read_file(&self, r: ReadFileRequest) -> Result<ChunkStream, Status> {
+    pub(crate) async fn read_file(&self, r: ReadFileRequest) -> Result<ChunkStream, Status> {
         check_path("path", &r.path)?;
         check_user(&r.user)?;
         let s = self.live(&r.sandbox_id)?;
@@ -104,12 +104,13 @@ impl SandboxTable {
         Ok(relay(items, &s))
     }
 
-    /// The first message names the sandbox, the file and the user.
-    pub(super) async fn write_file(
-        &self,
-        mut input: Streaming<WriteFileRequest>,
-    ) -> Result<EntryInfo, Status> {
-        let first = input.message().await?.ok_or_else(|| {
+    /// The first message names the sandbox, the file and the user; the
+    /// rest carry data.
+    pub(crate) async fn write_file<S>(&self, mut input: S) -> Result<EntryInfo, Status>
+    where
+        S: Stream<Item = Result<WriteFileRequest, Status>> + Unpin + Send,
+    {
+        let first = input.next().await.transpose()?.ok_or_else(|| {
             Status::invalid_argument("empty stream: the first message names the sandbox and the file")
         })?;
         check_path("path", &first.path)?;
@@ -130,7 +131,7 @@ impl SandboxTable {
             if tx.send(first).await.is_err() {
                 return Ok(());
             }
-            while let Some(m) = input.message().await? {
+            while let Some(m) = input.next().await.transpose()? {
                 check(&m)?;
                 // Only the first message names the file.
                 let m = WriteFileRequest {
@@ -154,7 +155,7 @@ impl SandboxTable {
         written.map_err(status)
     }
 
-    pub(super) async fn list_dir(&self, r: ListDirRequest) -> Result<ListDirResponse, Status> {
+    pub(crate) async fn list_dir(&self, r: ListDirRequest) -> Result<ListDirResponse, Status> {
         check_path("path", &r.path)?;
         check_user(&r.user)?;
         let s = self.live(&r.sandbox_id)?;
@@ -162,28 +163,28 @@ impl SandboxTable {
         Ok(ListDirResponse { entries })
     }
 
-    pub(super) async fn stat(&self, r: PathRequest) -> Result<EntryInfo, Status> {
+    pub(crate) async fn stat(&self, r: PathRequest) -> Result<EntryInfo, Status> {
         check_path("path", &r.path)?;
         check_user(&r.user)?;
         let s = self.live(&r.sandbox_id)?;
         s.guest.stat(r).await.map_err(status)
     }
 
-    pub(super) async fn make_dir(&self, r: PathRequest) -> Result<EntryInfo, Status> {
+    pub(crate) async fn make_dir(&self, r: PathRequest) -> Result<EntryInfo, Status> {
         check_path("path", &r.path)?;
         check_user(&r.user)?;
         let s = self.live(&r.sandbox_id)?;
         s.guest.make_dir(r).await.map_err(status)
     }
 
-    pub(super) async fn remove(&self, r: PathRequest) -> Result<(), Status> {
+    pub(crate) async fn remove(&self, r: PathRequest) -> Result<(), Status> {
         check_path("path", &r.path)?;
         check_user(&r.user)?;
         let s = self.live(&r.sandbox_id)?;
         s.guest.remove(r).await.map_err(status)
     }
 
-    pub(super) async fn rename(&self, r: MoveRequest) -> Result<EntryInfo, Status> {
+    pub(crate) async fn rename(&self, r: MoveRequest) -> Result<EntryInfo, Status> {
         check_path("source", &r.source)?;
         check_path("destination", &r.destination)?;
         check_user(&r.user)?;
@@ -191,7 +192,7 @@ impl SandboxTable {
         s.guest.rename(r).await.map_err(status)
     }
 
-    pub(super) async fn start_process(&self, mut r: StartProcessRequest) -> Result<EventStream, Status> {
+    pub(crate) async fn start_process(&self, mut r: StartProcessRequest) -> Result<EventStream, Status> {
         if r.cmd.trim().is_empty() {
             return Err(Status::invalid_argument(
                 "cmd: empty; name the program to run (e.g. \"bash\")",
@@ -215,14 +216,14 @@ impl SandboxTable {
         Ok(relay(items, &s))
     }
 
-    pub(super) async fn connect_process(&self, r: ProcessSelector) -> Result<EventStream, Status> {
+    pub(crate) async fn connect_process(&self, r: ProcessSelector) -> Result<EventStream, Status> {
         check_selector(r.pid, &r.tag)?;
         let s = self.live(&r.sandbox_id)?;
         let items = s.guest.attach(r).await.map_err(status)?;
         Ok(relay(items, &s))
     }
 
-    pub(super) async fn list_processes(
+    pub(crate) async fn list_processes(
         &self,
         r: ListProcessesRequest,
     ) -> Result<ListProcessesResponse, Status> {
@@ -231,7 +232,7 @@ impl SandboxTable {
         Ok(ListProcessesResponse { processes })
     }
 
-    pub(super) async fn send_input(&self, r: SendInputRequest) -> Result<ProcessAck, Status> {
+    pub(crate) async fn send_input(&self, r: SendInputRequest) -> Result<ProcessAck, Status> {
         check_selector(r.pid, &r.tag)?;
         if r.data.len() > FILE_CHUNK {
             return Err(Status::invalid_argument(format!(
@@ -244,14 +245,14 @@ impl SandboxTable {
         Ok(ProcessAck {})
     }
 
-    pub(super) async fn close_stdin(&self, r: ProcessSelector) -> Result<ProcessAck, Status> {
+    pub(crate) async fn close_stdin(&self, r: ProcessSelector) -> Result<ProcessAck, Status> {
         check_selector(r.pid, &r.tag)?;
         let s = self.live(&r.sandbox_id)?;
         s.guest.close_stdin(r).await.map_err(status)?;
         Ok(ProcessAck {})
     }
 
-    pub(super) async fn signal_process(&self, r: SignalProcessRequest) -> Result<ProcessAck, Status> {
+    pub(crate) async fn signal_process(&self, r: SignalProcessRequest) -> Result<ProcessAck, Status> {
         check_selector(r.pid, &r.tag)?;
         if !(1..=64).contains(&r.signal) {
             return Err(Status::invalid_argument(format!(

@@ -74,6 +74,23 @@ pub(super) struct Session {
     /// Its files and processes (on the VM's connection; calls fail once the
     /// VM is gone).
     pub(super) guest: crate::channel::GuestSession,
+    /// See [`SandboxTable::access_token`].
+    access_token: String,
+}
+
+/// 32 random bytes as hex.
+fn random_token() -> String {
+    let mut b = [0u8; 32];
+    // The kernel's CSPRNG; it does not fail after boot.
+    if getrandom::getrandom(&mut b).is_err() {
+        // Two v4 UUIDs come from the same source through another path.
+        return format!(
+            "{}{}",
+            uuid::Uuid::new_v4().simple(),
+            uuid::Uuid::new_v4().simple()
+        );
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
@@ -203,7 +220,7 @@ impl SandboxTable {
         Ok(Reservation(t))
     }
 
-    async fn create(&self, r: CreateSandboxRequest) -> Result<SandboxInfo, Status> {
+    pub(crate) async fn create(&self, r: CreateSandboxRequest) -> Result<SandboxInfo, Status> {
         let timeout = timeout_of(r.timeout_s)?;
         check_metadata(&r.metadata)?;
         let env: BTreeMap<String, String> = r.env.into_iter().collect();
@@ -231,6 +248,7 @@ impl SandboxTable {
             lease: tokio::sync::Mutex::new(Some(lease)),
             killed: CancellationToken::new(),
             guest,
+            access_token: random_token(),
         });
         let info = self.info(&session);
         if let Ok(mut s) = self.inner.sessions.lock() {
@@ -240,6 +258,35 @@ impl SandboxTable {
         self.inner.changed.notify_waiters();
         tracing::info!(sandbox = %session.id, vm = %session.vm_id, ?timeout, "sandbox created");
         Ok(info)
+    }
+
+    /// One sandbox as clients see it; NOT_FOUND if it is not live.
+    pub(crate) fn info_of(&self, id: &str) -> Result<SandboxInfo, Status> {
+        self.get(id).map(|s| self.info(&s))
+    }
+
+    /// Every live sandbox, oldest first.
+    pub(crate) fn infos(&self) -> Vec<SandboxInfo> {
+        let all: Vec<Arc<Session>> = self
+            .inner
+            .sessions
+            .lock()
+            .map(|s| s.values().cloned().collect())
+            .unwrap_or_default();
+        let mut v: Vec<SandboxInfo> = all.iter().map(|s| self.info(s)).collect();
+        v.sort_by_key(|s| (s.started_at_ms, s.sandbox_id.clone()));
+        v
+    }
+
+    /// The secret a client must show for sandbox `id`'s files and processes
+    /// over HTTP (E2B's `envdAccessToken`).
+    pub(crate) fn access_token(&self, id: &str) -> Option<String> {
+        self.get(id).ok().map(|s| s.access_token.clone())
+    }
+
+    /// Kills sandbox `id` for a client; `false` if it was not live.
+    pub(crate) async fn kill_for_client(&self, id: &str) -> bool {
+        self.kill(id, Ending::Killed, "killed by a client").await
     }
 
     /// Ends sandbox `id`: its VM is destroyed. `false` if there was none.
@@ -265,7 +312,7 @@ impl SandboxTable {
         }
     }
 
-    fn set_timeout(&self, id: &str, timeout_s: u32) -> Result<SandboxInfo, Status> {
+    pub(crate) fn set_timeout(&self, id: &str, timeout_s: u32) -> Result<SandboxInfo, Status> {
         let timeout = timeout_of(timeout_s)?;
         let s = self.get(id)?;
         let now = (Instant::now(), SystemTime::now());
@@ -523,16 +570,9 @@ impl SandboxesApi for SandboxesService {
         &self,
         _: Request<ListSandboxesRequest>,
     ) -> Result<Response<ListSandboxesResponse>, Status> {
-        let all: Vec<Arc<Session>> = self
-            .table
-            .inner
-            .sessions
-            .lock()
-            .map(|s| s.values().cloned().collect())
-            .unwrap_or_default();
-        let mut sandboxes: Vec<SandboxInfo> = all.iter().map(|s| self.table.info(s)).collect();
-        sandboxes.sort_by_key(|s| (s.started_at_ms, s.sandbox_id.clone()));
-        Ok(Response::new(ListSandboxesResponse { sandboxes }))
+        Ok(Response::new(ListSandboxesResponse {
+            sandboxes: self.table.infos(),
+        }))
     }
 
     async fn kill(&self, request: Request<SandboxRef>) -> Result<Response<KillSandboxResponse>, Status> {

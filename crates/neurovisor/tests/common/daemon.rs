@@ -43,7 +43,41 @@ pub fn start_daemon_at(state: Arc<tempfile::TempDir>, dir: PathBuf, extra: &[&st
 }
 
 fn spawn_daemon(state: Arc<tempfile::TempDir>, dir: PathBuf, size: &str, extra: &[&str]) -> Daemon {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_neurovisor"));
+    spawn_daemon_with(
+        Command::new(env!("CARGO_BIN_EXE_neurovisor")),
+        state,
+        dir,
+        size,
+        extra,
+    )
+}
+
+/// A daemon in a network namespace of its own where only loopback exists
+/// (its TCP listeners are reachable only from that namespace: enter it with
+/// `nsenter --net=/proc/<pid>/ns/net`). The daemon keeps the pid `unshare`
+/// and `sh` had (both exec).
+pub fn start_daemon_offline(extra: &[&str]) -> Daemon {
+    let state = Arc::new(tempfile::Builder::new().prefix("nvd-").tempdir().expect("state"));
+    let mut cmd = Command::new("unshare");
+    cmd.args([
+        "--net",
+        "--",
+        "sh",
+        "-c",
+        "ip link set lo up && exec \"$0\" \"$@\"",
+    ])
+    .arg(env!("CARGO_BIN_EXE_neurovisor"));
+    let dir = state.path().to_path_buf();
+    spawn_daemon_with(cmd, state, dir, "small", extra)
+}
+
+fn spawn_daemon_with(
+    mut cmd: Command,
+    state: Arc<tempfile::TempDir>,
+    dir: PathBuf,
+    size: &str,
+    extra: &[&str],
+) -> Daemon {
     cmd.args(["serve", "--metrics-addr", "127.0.0.1:0", "--size", size])
         .arg("--state-dir")
         .arg(&dir)

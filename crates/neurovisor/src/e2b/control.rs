@@ -1,0 +1,293 @@
+//! E2B's control plane: create, get, list, kill, timeout, connect, pause.
+
+use std::collections::HashMap;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::Json;
+use neurovisor_proto::v1::{CreateSandboxRequest, SandboxInfo};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::{check_api_key, rfc3339, ApiError, E2bState, ENVD_VERSION, TEMPLATES};
+
+pub fn router() -> axum::Router<E2bState> {
+    axum::Router::new()
+        .route("/v2/sandboxes", post(create).get(list))
+        .route("/sandboxes", post(create).get(list))
+        .route("/sandboxes/{id}", get(detail).delete(kill))
+        .route("/v2/sandboxes/{id}", delete(kill))
+        .route("/sandboxes/{id}/timeout", post(timeout))
+        .route("/sandboxes/{id}/connect", post(connect))
+        .route("/v2/sandboxes/{id}/connect", post(connect))
+        .route("/sandboxes/{id}/pause", post(pause))
+        .route("/sandboxes/{id}/resume", post(resume))
+        .route("/health", get(|| async { StatusCode::OK }))
+        .fallback(|req: axum::extract::Request| async move {
+            ApiError(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "{} {} is not part of the E2B API this daemon serves",
+                    req.method(),
+                    req.uri().path()
+                ),
+            )
+        })
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct NewSandbox {
+    #[serde(rename = "templateID")]
+    template_id: Option<String>,
+    timeout: Option<i64>,
+    #[serde(default)]
+    metadata: Option<HashMap<String, String>>,
+    #[serde(default)]
+    env_vars: Option<HashMap<String, String>>,
+    allow_internet_access: Option<bool>,
+}
+
+/// A body that is not the JSON a handler expects: 400 naming the problem.
+fn parse<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")))
+}
+
+/// Seconds as the table takes them (0 = its default).
+fn timeout_s(t: Option<i64>) -> Result<u32, ApiError> {
+    match t {
+        None => Ok(0),
+        Some(t) if t <= 0 => Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("timeout: {t} s; give a positive number of seconds"),
+        )),
+        Some(t) => u32::try_from(t)
+            .map_err(|_| ApiError(StatusCode::BAD_REQUEST, format!("timeout: {t} s is too long"))),
+    }
+}
+
+/// What E2B's API answers for a sandbox (create, connect, get and list use
+/// subsets of it).
+fn sandbox_json(st: &E2bState, s: &SandboxInfo, token: Option<String>) -> Value {
+    let (cpus, mem, disk) = st.size;
+    let mut v = json!({
+        "templateID": "base",
+        "sandboxID": s.sandbox_id,
+        "clientID": "neurovisor",
+        "envdVersion": ENVD_VERSION,
+        "startedAt": rfc3339(s.started_at_ms),
+        "endAt": rfc3339(s.end_at_ms),
+        "cpuCount": cpus.max(s.vcpus),
+        "memoryMB": mem.max(s.memory_mib),
+        "diskSizeMB": disk,
+        "state": "running",
+        "metadata": s.metadata,
+        "alias": st.image,
+    });
+    if let Some(t) = token {
+        v["envdAccessToken"] = Value::String(t);
+    }
+    v
+}
+
+async fn create(
+    State(st): State<E2bState>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    check_api_key(&st, &headers)?;
+    let r: NewSandbox = parse(&body)?;
+    if let Some(t) = r.template_id.as_deref() {
+        if !TEMPLATES.contains(&t) && t != st.image {
+            return Err(ApiError(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "template '{t}' not found; this daemon serves the image '{}' as 'base' (omit the template)",
+                    st.image
+                ),
+            ));
+        }
+    }
+    if r.allow_internet_access == Some(true) {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "allowInternetAccess: sandboxes have no network here; leave it unset or false".into(),
+        ));
+    }
+    let info = st
+        .table
+        .create(CreateSandboxRequest {
+            timeout_s: timeout_s(r.timeout)?,
+            metadata: r.metadata.unwrap_or_default(),
+            env: r.env_vars.unwrap_or_default(),
+        })
+        .await?;
+    let token = st.table.access_token(&info.sandbox_id);
+    Ok((StatusCode::CREATED, Json(sandbox_json(&st, &info, token))).into_response())
+}
+
+async fn detail(
+    State(st): State<E2bState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    check_api_key(&st, &headers)?;
+    let info = st.table.info_of(&id).map_err(not_found(&id))?;
+    let token = st.table.access_token(&id);
+    Ok(Json(sandbox_json(&st, &info, token)).into_response())
+}
+
+fn not_found(id: &str) -> impl FnOnce(tonic::Status) -> ApiError + '_ {
+    move |s| match s.code() {
+        tonic::Code::NotFound => ApiError(StatusCode::NOT_FOUND, format!("sandbox {id} not found")),
+        _ => s.into(),
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct ListQuery {
+    /// `state=running&state=paused` or `state=running,paused`.
+    state: Option<String>,
+    /// URL-encoded `k=v&k2=v2`.
+    metadata: Option<String>,
+    limit: Option<usize>,
+    #[serde(rename = "nextToken")]
+    next_token: Option<String>,
+}
+
+async fn list(
+    State(st): State<E2bState>,
+    headers: HeaderMap,
+    Query(q): Query<ListQuery>,
+) -> Result<Response, ApiError> {
+    check_api_key(&st, &headers)?;
+    let wants_running = q
+        .state
+        .as_deref()
+        .is_none_or(|s| s.split(',').any(|s| s.trim() == "running"));
+    let filter: Vec<(String, String)> = q
+        .metadata
+        .as_deref()
+        .map(|m| {
+            form_urlencoded::parse(m.as_bytes())
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let all: Vec<SandboxInfo> = st
+        .table
+        .infos()
+        .into_iter()
+        .filter(|_| wants_running)
+        .filter(|s| filter.iter().all(|(k, v)| s.metadata.get(k) == Some(v)))
+        .collect();
+    // Pages are runs of the list in start order; the token is the last id.
+    let start = match q.next_token.as_deref() {
+        Some(t) => all
+            .iter()
+            .position(|s| s.sandbox_id == t)
+            .map_or(all.len(), |i| i + 1),
+        None => 0,
+    };
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let page: Vec<&SandboxInfo> = all.iter().skip(start).take(limit).collect();
+    let body: Vec<Value> = page.iter().map(|s| sandbox_json(&st, s, None)).collect();
+    let mut resp = Json(body).into_response();
+    if start + page.len() < all.len() {
+        if let Some(last) = page.last() {
+            if let Ok(v) = last.sandbox_id.parse() {
+                resp.headers_mut().insert("x-next-token", v);
+            }
+        }
+    }
+    Ok(resp)
+}
+
+async fn kill(
+    State(st): State<E2bState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    check_api_key(&st, &headers)?;
+    if st.table.kill_for_client(&id).await {
+        Ok(StatusCode::NO_CONTENT.into_response())
+    } else {
+        Err(ApiError(StatusCode::NOT_FOUND, format!("sandbox {id} not found")))
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct TimeoutBody {
+    timeout: Option<i64>,
+}
+
+async fn timeout(
+    State(st): State<E2bState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    check_api_key(&st, &headers)?;
+    let t: TimeoutBody = parse(&body)?;
+    let Some(secs) = t.timeout else {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "timeout: missing; give the seconds from now".into(),
+        ));
+    };
+    st.table
+        .set_timeout(&id, timeout_s(Some(secs))?)
+        .map_err(not_found(&id))?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Connecting to a running sandbox sets its timeout (when given) and
+/// answers like create.
+async fn connect(
+    State(st): State<E2bState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    check_api_key(&st, &headers)?;
+    let t: TimeoutBody = parse(&body)?;
+    let info = match t.timeout {
+        Some(secs) => st.table.set_timeout(&id, timeout_s(Some(secs))?),
+        None => st.table.info_of(&id),
+    }
+    .map_err(not_found(&id))?;
+    let token = st.table.access_token(&id);
+    Ok(Json(sandbox_json(&st, &info, token)).into_response())
+}
+
+async fn pause(
+    State(st): State<E2bState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    check_api_key(&st, &headers)?;
+    st.table.info_of(&id).map_err(not_found(&id))?;
+    Err(ApiError(
+        StatusCode::NOT_IMPLEMENTED,
+        format!("sandbox {id} cannot be paused: pause and resume are not supported by this daemon yet; it keeps running until killed or its timeout"),
+    ))
+}
+
+async fn resume(
+    State(st): State<E2bState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    check_api_key(&st, &headers)?;
+    st.table.info_of(&id).map_err(not_found(&id))?;
+    Err(ApiError(
+        StatusCode::CONFLICT,
+        format!("sandbox {id} is running, not paused"),
+    ))
+}
