@@ -69,12 +69,12 @@ cache="${NEUROVISOR_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/neurovisor}"
 # The MCP tests drive `neurovisor mcp` and `serve --mcp-listen` with the official
 # MCP Python SDK (tests/mcp/mcp_check.py); the E2B tests the official E2B SDK
 # (tests/e2b/e2b_check.py), pinned to the versions the API is tested with.
-if [[ ! -x "$cache/pyenv/bin/python" ]] || ! "$cache/pyenv/bin/python" -c 'import grpc_tools, grpc_health, grpc_reflection, mcp, jsonschema, e2b, httpx; from importlib.metadata import version; assert version("e2b") == "2.63.0"' 2>/dev/null; then
+if [[ ! -x "$cache/pyenv/bin/python" ]] || ! "$cache/pyenv/bin/python" -c 'import grpc_tools, grpc_health, grpc_reflection, mcp, jsonschema, e2b, e2b_code_interpreter, httpx; from importlib.metadata import version; assert version("e2b") == "2.63.0" and version("e2b-code-interpreter") == "2.11.5"' 2>/dev/null; then
     say "python venv for the gRPC and MCP client tests ($cache/pyenv)"
     python3 -m venv "$cache/pyenv"
     "$cache/pyenv/bin/pip" install -q grpcio==1.85.1 grpcio-tools==1.85.1 \
         grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 protobuf==7.36.2 \
-        mcp==2.3.0 jsonschema==4.26.0 e2b==2.63.0 httpx==0.29.0
+        mcp==2.3.0 jsonschema==4.26.0 e2b==2.63.0 e2b-code-interpreter==2.11.5 httpx==0.29.0
 fi
 
 say "doctor"

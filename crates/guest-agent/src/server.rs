@@ -1,9 +1,10 @@
 //! The agent's gRPC services on vsock port 6000 (and the virtio-serial port):
-//! `ExecutionService`, and for sandboxes that live across calls `Files` and
-//! `Processes`.
+//! `ExecutionService`, and for sandboxes that live across calls `Files`,
+//! `Processes` and `Contexts`.
 
 use std::sync::Arc;
 
+use neurovisor_proto::guest::contexts_server::ContextsServer;
 use neurovisor_proto::guest::execution_service_server::{ExecutionService, ExecutionServiceServer};
 use neurovisor_proto::guest::files_server::FilesServer;
 use neurovisor_proto::guest::processes_server::ProcessesServer;
@@ -210,6 +211,10 @@ pub async fn serve(warm_languages: Vec<String>) -> Result<(), Box<dyn std::error
         .add_service(
             FilesServer::new(crate::files::FilesService)
                 .max_decoding_message_size(crate::files::CHUNK + (64 << 10)),
+        )
+        .add_service(
+            ContextsServer::new(crate::contexts::ContextsService::default())
+                .max_decoding_message_size(neurovisor_proto::limits::MAX_REQUEST_BYTES),
         )
         .add_service(
             ProcessesServer::new(crate::procs::ProcessesService::default())

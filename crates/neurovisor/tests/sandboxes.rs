@@ -16,10 +16,11 @@ use std::time::{Duration, Instant};
 use common::daemon::{req, start_daemon, start_daemon_in, Daemon};
 use neurovisor_proto::v1::sandboxes_client::SandboxesClient;
 use neurovisor_proto::v1::{
-    execute_response::Event, process_event::Event as PEvent, CreateSandboxRequest, EntryInfo, ExecuteResult,
-    FileType, ListDirRequest, ListProcessesRequest, ListSandboxesRequest, MoveRequest, PathRequest,
-    ProcessEnd, ProcessEvent, ProcessSelector, ReadFileRequest, SandboxExecRequest, SandboxRef,
-    SendInputRequest, SetSandboxTimeoutRequest, SignalProcessRequest, StartProcessRequest, WriteFileRequest,
+    code_event::Event as CEvent, execute_response::Event, process_event::Event as PEvent, CodeError,
+    CreateContextRequest, CreateSandboxRequest, EntryInfo, ExecuteResult, FileType, ListDirRequest,
+    ListProcessesRequest, ListSandboxesRequest, MoveRequest, PathRequest, ProcessEnd, ProcessEvent,
+    ProcessSelector, ReadFileRequest, RunCodeRequest, SandboxExecRequest, SandboxRef, SendInputRequest,
+    SetSandboxTimeoutRequest, SignalProcessRequest, StartProcessRequest, WriteFileRequest,
 };
 use tonic::transport::Channel;
 
@@ -594,6 +595,38 @@ async fn files_of_a_sandbox_round_trip_byte_exact_and_act_as_its_user() {
     assert_eq!(d.stop(), Some(0));
 }
 
+/// Runs code in a context: (stdout, result texts, error).
+async fn run_code(
+    c: &mut SandboxesClient<Channel>,
+    id: &str,
+    context_id: &str,
+    language: &str,
+    code: &str,
+) -> (String, Vec<String>, Option<CodeError>) {
+    let mut s = c
+        .run_code(RunCodeRequest {
+            sandbox_id: id.into(),
+            context_id: context_id.into(),
+            language: language.into(),
+            code: code.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("run code")
+        .into_inner();
+    let (mut out, mut results, mut error) = (String::new(), Vec::new(), None);
+    while let Some(ev) = s.message().await.expect("code stream") {
+        match ev.event {
+            Some(CEvent::Stdout(t)) => out.push_str(&t),
+            Some(CEvent::Result(r)) => results.push(r.text),
+            Some(CEvent::Error(e)) => error = Some(e),
+            Some(CEvent::ExecutionCount(_)) => return (out, results, error),
+            _ => {}
+        }
+    }
+    panic!("the run ended without its count");
+}
+
 /// The events of a process stream until it ends: (stdout, stderr, end).
 async fn follow(s: &mut tonic::Streaming<ProcessEvent>) -> (String, String, Option<ProcessEnd>) {
     let (mut out, mut err) = (Vec::new(), Vec::new());
@@ -853,6 +886,42 @@ async fn processes_outlive_their_call_take_input_and_signals_and_a_stalled_reade
     })
     .await
     .expect("SIGKILL");
+
+    // Code contexts: state between runs, the last expression's value,
+    // errors by name, separate contexts, JavaScript.
+    let x = run_code(&mut c, id, "", "python", "x = 20\nprint('set')").await;
+    assert_eq!((x.0.as_str(), x.2), ("set\n", None));
+    let x = run_code(
+        &mut c,
+        id,
+        "",
+        "python",
+        "x * 2 + int(__import__('os').environ['FROM_SANDBOX'] == 'yes')",
+    )
+    .await;
+    assert_eq!(x.1, vec!["41".to_string()]);
+    let x = run_code(&mut c, id, "", "python", "undefined_name").await;
+    assert_eq!(x.2.map(|e| e.name).as_deref(), Some("NameError"));
+    let ctx = c
+        .create_context(CreateContextRequest {
+            sandbox_id: id.into(),
+            language: "javascript".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("create a context")
+        .into_inner();
+    let x = run_code(&mut c, id, &ctx.id, "", "let n = 3; n * 7").await;
+    assert_eq!(x.1, vec!["21".to_string()]);
+    let e = c
+        .create_context(CreateContextRequest {
+            sandbox_id: id.into(),
+            language: "cobol".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("no cobol contexts");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
 
     // Killing the sandbox ends an attached stream with ABORTED.
     let (_, mut p) = started(&mut c, start_req(id, "sleep", &["600"])).await;

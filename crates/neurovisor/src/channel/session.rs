@@ -11,11 +11,13 @@
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use neurovisor_proto::guest::contexts_client::ContextsClient;
 use neurovisor_proto::guest::files_client::FilesClient;
 use neurovisor_proto::guest::processes_client::ProcessesClient;
 use neurovisor_proto::v1::{
-    EntryInfo, FileChunk, ListDirRequest, ListProcessesRequest, MoveRequest, PathRequest, ProcessEvent,
-    ProcessInfo, ProcessSelector, ReadFileRequest, SendInputRequest, SignalProcessRequest,
+    CodeEvent, ContextInfo, ContextSelector, CreateContextRequest, EntryInfo, FileChunk, ListContextsRequest,
+    ListDirRequest, ListProcessesRequest, MoveRequest, PathRequest, ProcessEvent, ProcessInfo,
+    ProcessSelector, ReadFileRequest, RunCodeRequest, SendInputRequest, SignalProcessRequest,
     StartProcessRequest, WriteFileRequest,
 };
 use tokio::sync::mpsc;
@@ -103,6 +105,31 @@ fn check_chunk(c: &FileChunk) -> Result<(), SessionError> {
     Ok(())
 }
 
+fn check_code_event(e: &CodeEvent) -> Result<(), SessionError> {
+    use neurovisor_proto::v1::code_event::Event;
+    let size = match &e.event {
+        Some(Event::Stdout(t) | Event::Stderr(t)) => t.len(),
+        Some(Event::Result(r)) => {
+            r.text.len()
+                + r.html.len()
+                + r.markdown.len()
+                + r.svg.len()
+                + r.png.len()
+                + r.jpeg.len()
+                + r.latex.len()
+                + r.json.len()
+                + r.javascript.len()
+        }
+        Some(Event::Error(e)) => e.name.len() + e.value.len() + e.traceback.len(),
+        Some(Event::ExecutionCount(_)) => 0,
+        None => return Err(SessionError::Protocol("an empty code event".into())),
+    };
+    if size > MAX_EVENT {
+        return Err(SessionError::Protocol(format!("a code event of {size} bytes")));
+    }
+    Ok(())
+}
+
 fn check_event(e: &ProcessEvent) -> Result<(), SessionError> {
     use neurovisor_proto::v1::process_event::Event;
     match &e.event {
@@ -134,6 +161,12 @@ impl GuestSession {
     fn processes(&self) -> ProcessesClient<Channel> {
         ProcessesClient::new(self.channel.clone())
             .max_decoding_message_size(MAX_EVENT)
+            .max_encoding_message_size(crate::exec::MAX_REQUEST_BYTES)
+    }
+
+    fn contexts(&self) -> ContextsClient<Channel> {
+        ContextsClient::new(self.channel.clone())
+            .max_decoding_message_size(MAX_EVENT + (64 << 10))
             .max_encoding_message_size(crate::exec::MAX_REQUEST_BYTES)
     }
 
@@ -247,6 +280,33 @@ impl GuestSession {
     pub async fn attach(&self, r: ProcessSelector) -> Result<GuestItems<ProcessEvent>, SessionError> {
         let mut c = self.processes();
         self.stream(async move { c.attach(r).await }, check_event).await
+    }
+
+    pub async fn create_context(&self, r: CreateContextRequest) -> Result<ContextInfo, SessionError> {
+        let mut c = self.contexts();
+        self.unary(async move { c.create(r).await }).await
+    }
+
+    pub async fn list_contexts(&self) -> Result<Vec<ContextInfo>, SessionError> {
+        let mut c = self.contexts();
+        let r = ListContextsRequest::default();
+        Ok(self.unary(async move { c.list(r).await }).await?.contexts)
+    }
+
+    pub async fn restart_context(&self, r: ContextSelector) -> Result<ContextInfo, SessionError> {
+        let mut c = self.contexts();
+        self.unary(async move { c.restart(r).await }).await
+    }
+
+    pub async fn remove_context(&self, r: ContextSelector) -> Result<(), SessionError> {
+        let mut c = self.contexts();
+        self.unary(async move { c.remove(r).await }).await.map(drop)
+    }
+
+    /// Runs code in a context: output, results, an error, then the count.
+    pub async fn run_code(&self, r: RunCodeRequest) -> Result<GuestItems<CodeEvent>, SessionError> {
+        let mut c = self.contexts();
+        self.stream(async move { c.run(r).await }, check_code_event).await
     }
 
     pub async fn list_processes(&self) -> Result<Vec<ProcessInfo>, SessionError> {

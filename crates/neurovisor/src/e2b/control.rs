@@ -91,7 +91,10 @@ fn sandbox_json(st: &E2bState, s: &SandboxInfo, token: Option<String>) -> Value 
         "alias": st.image,
     });
     if let Some(t) = token {
-        v["envdAccessToken"] = Value::String(t);
+        // One secret per sandbox: envd calls send it as the access token,
+        // the code interpreter SDK as the traffic token.
+        v["envdAccessToken"] = Value::String(t.clone());
+        v["trafficAccessToken"] = Value::String(t);
     }
     v
 }

@@ -24,6 +24,7 @@
 pub mod control;
 pub mod envd;
 pub mod files;
+pub mod interpreter;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -46,8 +47,9 @@ pub const ENVD_VERSION: &str = "0.5.7";
 pub const ENVD_PORT: u16 = 49983;
 /// The code interpreter's port.
 pub const CODE_INTERPRETER_PORT: u16 = 49999;
+const CODE_INTERPRETER_PORT_STR: &str = "49999";
 /// Templates a create request may name: E2B's default and ours.
-pub const TEMPLATES: &[&str] = &["base", "default"];
+pub const TEMPLATES: &[&str] = &["base", "default", "code-interpreter-v1", "code-interpreter"];
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -128,16 +130,23 @@ impl From<tonic::Status> for ApiError {
 /// The router: the Host check, then the plane the request belongs to.
 pub fn router(state: E2bState) -> axum::Router {
     let control = control::router().with_state(state.clone());
-    let sandbox = envd::router().merge(files::router()).with_state(state.clone());
+    let envd = envd::router().merge(files::router()).with_state(state.clone());
+    let interpreter = interpreter::router().with_state(state.clone());
     axum::Router::new()
         .fallback_service(tower::service_fn(move |req: Request| {
-            let (control, sandbox) = (control.clone(), sandbox.clone());
+            let (control, envd, interpreter) = (control.clone(), envd.clone(), interpreter.clone());
             async move {
                 use tower::ServiceExt;
-                if req.headers().contains_key("e2b-sandbox-id") {
-                    sandbox.oneshot(req).await
-                } else {
+                let port = req
+                    .headers()
+                    .get("e2b-sandbox-port")
+                    .and_then(|v| v.to_str().ok());
+                if !req.headers().contains_key("e2b-sandbox-id") {
                     control.oneshot(req).await
+                } else if port == Some(CODE_INTERPRETER_PORT_STR) {
+                    interpreter.oneshot(req).await
+                } else {
+                    envd.oneshot(req).await
                 }
             }
         }))
@@ -213,11 +222,15 @@ pub fn check_sandbox(st: &E2bState, headers: &HeaderMap) -> Result<String, (Code
             format!("sandbox {id} was not found (killed, timed out, or never created)"),
         ));
     };
-    let sent = headers
-        .get("x-access-token")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default();
-    let ok: bool = subtle::ConstantTimeEq::ct_eq(sent.as_bytes(), expected.as_bytes()).into();
+    // envd calls carry the access token; the code interpreter SDK sends it
+    // on /execute only and the traffic token (the same secret here) on all.
+    let sent = ["x-access-token", "e2b-traffic-access-token"]
+        .iter()
+        .filter_map(|h| headers.get(*h).and_then(|v| v.to_str().ok()))
+        .collect::<Vec<_>>();
+    let ok = sent
+        .iter()
+        .any(|s| bool::from(subtle::ConstantTimeEq::ct_eq(s.as_bytes(), expected.as_bytes())));
     if !ok {
         st.metrics.auth_failure(
             "e2b",
@@ -232,15 +245,10 @@ pub fn check_sandbox(st: &E2bState, headers: &HeaderMap) -> Result<String, (Code
             format!("X-Access-Token is missing or not sandbox {id}'s (use the envdAccessToken its create returned)"),
         ));
     }
-    if port != ENVD_PORT.to_string() {
-        let why = if port == CODE_INTERPRETER_PORT.to_string() {
-            "the code interpreter is not served by this daemon yet"
-        } else {
-            "only envd's port is served"
-        };
+    if port != ENVD_PORT.to_string() && port != CODE_INTERPRETER_PORT.to_string() {
         return Err((
             Code::Unavailable,
-            format!("the port is not open: {port} in sandbox {id} ({why})"),
+            format!("the port is not open: {port} in sandbox {id} (only envd's {ENVD_PORT} and the code interpreter's {CODE_INTERPRETER_PORT} are served)"),
         ));
     }
     Ok(id)

@@ -9,9 +9,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use neurovisor_proto::v1::{
-    EntryInfo, FileChunk, ListDirRequest, ListDirResponse, ListProcessesRequest, ListProcessesResponse,
-    MoveRequest, PathRequest, ProcessAck, ProcessEvent, ProcessSelector, ReadFileRequest, SendInputRequest,
-    SignalProcessRequest, StartProcessRequest, WriteFileRequest,
+    CodeEvent, ContextAck, ContextInfo, ContextSelector, CreateContextRequest, EntryInfo, FileChunk,
+    ListContextsRequest, ListContextsResponse, ListDirRequest, ListDirResponse, ListProcessesRequest,
+    ListProcessesResponse, MoveRequest, PathRequest, ProcessAck, ProcessEvent, ProcessSelector,
+    ReadFileRequest, RunCodeRequest, SendInputRequest, SignalProcessRequest, StartProcessRequest,
+    WriteFileRequest,
 };
 use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt};
@@ -22,6 +24,7 @@ use crate::channel::session::FILE_CHUNK;
 use crate::channel::{GuestItems, SessionError};
 
 pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<FileChunk, Status>> + Send>>;
+pub type CodeStream = Pin<Box<dyn Stream<Item = Result<CodeEvent, Status>> + Send>>;
 pub type EventStream = Pin<Box<dyn Stream<Item = Result<ProcessEvent, Status>> + Send>>;
 
 const MAX_PATH: usize = 4096;
@@ -53,6 +56,33 @@ fn check_user(user: &str) -> Result<(), Status> {
             other.chars().take(40).collect::<String>()
         ))),
     }
+}
+
+/// The longest a run in a code context may be given.
+const MAX_RUN_MS: u32 = 3_600_000;
+
+fn check_language(language: &str) -> Result<(), Status> {
+    match language {
+        "" | "python" | "javascript" => Ok(()),
+        other => Err(Status::invalid_argument(format!(
+            "language: '{}' has no code contexts; use \"python\" (default) or \"javascript\"",
+            other.chars().take(40).collect::<String>()
+        ))),
+    }
+}
+
+fn check_context_id(id: &str) -> Result<(), Status> {
+    if id.is_empty()
+        || id.len() > 64
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(Status::invalid_argument(
+            "context_id: give the id a context was created with (letters, digits, - and _)",
+        ));
+    }
+    Ok(())
 }
 
 fn check_selector(pid: u32, tag: &str) -> Result<(), Status> {
@@ -250,6 +280,59 @@ impl SandboxTable {
         let s = self.live(&r.sandbox_id)?;
         s.guest.close_stdin(r).await.map_err(status)?;
         Ok(ProcessAck {})
+    }
+
+    pub(crate) async fn create_context(&self, r: CreateContextRequest) -> Result<ContextInfo, Status> {
+        check_language(&r.language)?;
+        check_user(&r.user)?;
+        if !r.cwd.is_empty() {
+            check_path("cwd", &r.cwd)?;
+        }
+        let s = self.live(&r.sandbox_id)?;
+        s.guest.create_context(r).await.map_err(status)
+    }
+
+    pub(crate) async fn list_contexts(&self, r: ListContextsRequest) -> Result<ListContextsResponse, Status> {
+        let s = self.live(&r.sandbox_id)?;
+        let contexts = s.guest.list_contexts().await.map_err(status)?;
+        Ok(ListContextsResponse { contexts })
+    }
+
+    pub(crate) async fn restart_context(&self, r: ContextSelector) -> Result<ContextInfo, Status> {
+        check_context_id(&r.context_id)?;
+        let s = self.live(&r.sandbox_id)?;
+        s.guest.restart_context(r).await.map_err(status)
+    }
+
+    pub(crate) async fn remove_context(&self, r: ContextSelector) -> Result<ContextAck, Status> {
+        check_context_id(&r.context_id)?;
+        let s = self.live(&r.sandbox_id)?;
+        s.guest.remove_context(r).await.map_err(status)?;
+        Ok(ContextAck {})
+    }
+
+    pub(crate) async fn run_code(&self, mut r: RunCodeRequest) -> Result<CodeStream, Status> {
+        if r.context_id.is_empty() {
+            check_language(&r.language)?;
+        } else {
+            check_context_id(&r.context_id)?;
+        }
+        let s = self.live(&r.sandbox_id)?;
+        // The code, the environment (the sandbox's under the run's own) and
+        // the time limit get the checks of every program.
+        let own = std::mem::take(&mut r.env);
+        r.env = s.env.clone().into_iter().collect();
+        r.env.extend(own);
+        let mut probe = crate::exec::ExecRequest::new("python", r.code.clone());
+        probe.env = r.env.clone().into_iter().collect();
+        probe.validate(self.images()).map_err(super::sandbox::to_status)?;
+        if r.timeout_ms > MAX_RUN_MS {
+            return Err(Status::invalid_argument(format!(
+                "timeout_ms: at most {MAX_RUN_MS} (1 h); split the work into shorter runs"
+            )));
+        }
+        let items = s.guest.run_code(r).await.map_err(status)?;
+        Ok(relay(items, &s))
     }
 
     pub(crate) async fn signal_process(&self, r: SignalProcessRequest) -> Result<ProcessAck, Status> {

@@ -18,18 +18,19 @@ use std::time::{Duration, Instant, SystemTime};
 
 use neurovisor_proto::v1::sandboxes_server::Sandboxes as SandboxesApi;
 use neurovisor_proto::v1::{
-    execute_response::Event, CreateSandboxRequest, EntryInfo, ExecuteResponse, KillSandboxResponse,
-    ListDirRequest, ListDirResponse, ListProcessesRequest, ListProcessesResponse, ListSandboxesRequest,
-    ListSandboxesResponse, MoveRequest, PathRequest, ProcessAck, ProcessSelector, ReadFileRequest,
-    RemoveResponse, SandboxExecRequest, SandboxInfo, SandboxRef, SendInputRequest, SetSandboxTimeoutRequest,
-    SignalProcessRequest, StartProcessRequest, WriteFileRequest,
+    execute_response::Event, ContextAck, ContextInfo, ContextSelector, CreateContextRequest,
+    CreateSandboxRequest, EntryInfo, ExecuteResponse, KillSandboxResponse, ListContextsRequest,
+    ListContextsResponse, ListDirRequest, ListDirResponse, ListProcessesRequest, ListProcessesResponse,
+    ListSandboxesRequest, ListSandboxesResponse, MoveRequest, PathRequest, ProcessAck, ProcessSelector,
+    ReadFileRequest, RemoveResponse, RunCodeRequest, SandboxExecRequest, SandboxInfo, SandboxRef,
+    SendInputRequest, SetSandboxTimeoutRequest, SignalProcessRequest, StartProcessRequest, WriteFileRequest,
 };
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::session_io::{ChunkStream, EventStream};
+use super::session_io::{ChunkStream, CodeStream, EventStream};
 use tracing::Instrument;
 
 use super::sandbox::{
@@ -494,6 +495,36 @@ impl SandboxesApi for SandboxesService {
     type ReadFileStream = ChunkStream;
     type StartProcessStream = EventStream;
     type ConnectProcessStream = EventStream;
+    type RunCodeStream = CodeStream;
+
+    async fn create_context(
+        &self,
+        r: Request<CreateContextRequest>,
+    ) -> Result<Response<ContextInfo>, Status> {
+        self.table.create_context(r.into_inner()).await.map(Response::new)
+    }
+
+    async fn list_contexts(
+        &self,
+        r: Request<ListContextsRequest>,
+    ) -> Result<Response<ListContextsResponse>, Status> {
+        self.table.list_contexts(r.into_inner()).await.map(Response::new)
+    }
+
+    async fn restart_context(&self, r: Request<ContextSelector>) -> Result<Response<ContextInfo>, Status> {
+        self.table
+            .restart_context(r.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn remove_context(&self, r: Request<ContextSelector>) -> Result<Response<ContextAck>, Status> {
+        self.table.remove_context(r.into_inner()).await.map(Response::new)
+    }
+
+    async fn run_code(&self, r: Request<RunCodeRequest>) -> Result<Response<CodeStream>, Status> {
+        self.table.run_code(r.into_inner()).await.map(Response::new)
+    }
 
     async fn read_file(&self, r: Request<ReadFileRequest>) -> Result<Response<ChunkStream>, Status> {
         self.table.read_file(r.into_inner()).await.map(Response::new)
