@@ -19,12 +19,13 @@ use bytes::Bytes;
 use neurovisor_proto::guest::processes_server::Processes;
 use neurovisor_proto::v1::{
     process_event::Event, ListProcessesRequest, ListProcessesResponse, ProcessAck, ProcessEnd, ProcessEvent,
-    ProcessInfo, ProcessSelector, SendInputRequest, SignalProcessRequest, StartProcessRequest,
+    ProcessInfo, ProcessSelector, PtySize, ResizePtyRequest, SendInputRequest, SignalProcessRequest,
+    StartProcessRequest,
 };
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::process::{ChildStdin, Command};
+use tokio::process::Command;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -47,10 +48,15 @@ struct Attached {
     subscribers: Option<Vec<EventTx>>,
 }
 
+type Input = Box<dyn tokio::io::AsyncWrite + Send + Unpin>;
+
 struct Proc {
     info: ProcessInfo,
     attached: Mutex<Attached>,
-    stdin: tokio::sync::Mutex<Option<ChildStdin>>,
+    /// Its stdin pipe, or its terminal.
+    stdin: tokio::sync::Mutex<Option<Input>>,
+    /// The terminal's controller side, for resizing.
+    pty: Option<std::os::fd::OwnedFd>,
 }
 
 impl Proc {
@@ -170,8 +176,15 @@ fn end_of(status: &std::process::ExitStatus, timed_out: bool) -> ProcessEnd {
 const BATCH: Duration = Duration::from_millis(10);
 const BATCH_BYTES: usize = 32 * 1024;
 
+#[derive(Clone, Copy)]
+enum Stream {
+    Stdout,
+    Stderr,
+    Pty,
+}
+
 /// Reads one pipe to its end, publishing what it reads in batches.
-async fn pump(mut pipe: impl AsyncRead + Unpin, proc: Arc<Proc>, stdout: bool) {
+async fn pump(mut pipe: impl AsyncRead + Unpin, proc: Arc<Proc>, stream: Stream) {
     let mut buf = vec![0u8; BATCH_BYTES];
     loop {
         let mut n = match pipe.read(&mut buf).await {
@@ -191,10 +204,10 @@ async fn pump(mut pipe: impl AsyncRead + Unpin, proc: Arc<Proc>, stdout: bool) {
             }
         }
         let data = Bytes::copy_from_slice(&buf[..n]);
-        let ev = if stdout {
-            Event::Stdout(data)
-        } else {
-            Event::Stderr(data)
+        let ev = match stream {
+            Stream::Stdout => Event::Stdout(data),
+            Stream::Stderr => Event::Stderr(data),
+            Stream::Pty => Event::Pty(data),
         };
         proc.publish(ev, false).await;
         if ended {
@@ -242,11 +255,37 @@ impl Processes for ProcessesService {
             .env_clear()
             .envs(base_env())
             .envs(account_env(account))
-            .envs(&r.env)
-            .stdin(if r.stdin { Stdio::piped() } else { Stdio::null() })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+            .envs(&r.env);
+        let terminal = match &r.pty {
+            Some(size) => Some(Terminal::open(size)?),
+            None => None,
+        };
+        match &terminal {
+            Some(t) => {
+                cmd.stdin(t.follower()?)
+                    .stdout(t.follower()?)
+                    .stderr(t.follower()?);
+            }
+            None => {
+                cmd.stdin(if r.stdin { Stdio::piped() } else { Stdio::null() })
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped());
+            }
+        }
         confine_child_as(&mut cmd, Limits::default(), None, account == Account::User);
+        if terminal.is_some() {
+            // After `setsid` (in confine_child_as): the terminal on fd 0
+            // becomes the new session's controlling terminal.
+            // SAFETY: one ioctl on the child's own fd 0; async-signal-safe.
+            unsafe {
+                cmd.pre_exec(|| {
+                    if libc::ioctl(0, libc::TIOCSCTTY, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         let mut child = cmd.spawn().map_err(|e| {
             let msg = format!("start {} (in {}): {e}", r.cmd, cwd.display());
             match e.kind() {
@@ -255,9 +294,18 @@ impl Processes for ProcessesService {
                 _ => Status::internal(msg),
             }
         })?;
+        // The parent's copies of the follower side go with `cmd`.
+        drop(cmd);
         let pid = child
             .id()
             .ok_or_else(|| Status::internal("the process ended before it had a pid"))?;
+        let (input, output, pty): (Option<Input>, Option<tokio::fs::File>, _) = match terminal {
+            Some(t) => {
+                let (writer, reader, control) = t.into_parts()?;
+                (Some(Box::new(writer)), Some(reader), Some(control))
+            }
+            None => (child.stdin.take().map(|s| Box::new(s) as Input), None, None),
+        };
         let proc = Arc::new(Proc {
             info: ProcessInfo {
                 pid,
@@ -274,7 +322,8 @@ impl Processes for ProcessesService {
             attached: Mutex::new(Attached {
                 subscribers: Some(Vec::new()),
             }),
-            stdin: tokio::sync::Mutex::new(child.stdin.take()),
+            stdin: tokio::sync::Mutex::new(input),
+            pty,
         });
         let rx = proc
             .attach()
@@ -282,14 +331,17 @@ impl Processes for ProcessesService {
         if let Ok(mut p) = self.table.procs.lock() {
             p.insert(pid, proc.clone());
         }
-        let out = child
-            .stdout
-            .take()
-            .map(|p| tokio::spawn(pump(p, proc.clone(), true)));
+        let out = match output {
+            Some(terminal) => Some(tokio::spawn(pump(terminal, proc.clone(), Stream::Pty))),
+            None => child
+                .stdout
+                .take()
+                .map(|p| tokio::spawn(pump(p, proc.clone(), Stream::Stdout))),
+        };
         let err = child
             .stderr
             .take()
-            .map(|p| tokio::spawn(pump(p, proc.clone(), false)));
+            .map(|p| tokio::spawn(pump(p, proc.clone(), Stream::Stderr)));
         let timeout = (r.timeout_ms > 0).then(|| Duration::from_millis(r.timeout_ms.into()));
         let table = self.table.clone();
         tokio::spawn(async move {
@@ -380,6 +432,22 @@ impl Processes for ProcessesService {
         }
     }
 
+    async fn resize_pty(&self, request: Request<ResizePtyRequest>) -> Result<Response<ProcessAck>, Status> {
+        let r = request.into_inner();
+        let size = r
+            .size
+            .ok_or_else(|| Status::invalid_argument("size: missing; give cols and rows"))?;
+        let proc = self.table.find(r.pid, &r.tag)?;
+        let fd = proc.pty.as_ref().ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "process {} has no terminal (start it with pty)",
+                proc.info.pid
+            ))
+        })?;
+        set_size(fd, &size)?;
+        Ok(Response::new(ProcessAck {}))
+    }
+
     async fn close_stdin(&self, request: Request<ProcessSelector>) -> Result<Response<ProcessAck>, Status> {
         let r = request.into_inner();
         let proc = self.table.find(r.pid, &r.tag)?;
@@ -399,6 +467,72 @@ impl Processes for ProcessesService {
         killpg(Pid::from_raw(proc.info.pid as i32), sig)
             .map_err(|e| Status::internal(format!("signal process {}: {e}", proc.info.pid)))?;
         Ok(Response::new(ProcessAck {}))
+    }
+}
+
+/// A pseudo-terminal for one process.
+struct Terminal {
+    controller: std::os::fd::OwnedFd,
+    follower: std::os::fd::OwnedFd,
+}
+
+fn winsize(size: &PtySize) -> Result<nix::pty::Winsize, Status> {
+    if size.cols == 0 || size.rows == 0 || size.cols > 1000 || size.rows > 1000 {
+        return Err(Status::invalid_argument(format!(
+            "pty size {}x{}: cols and rows must be 1-1000",
+            size.cols, size.rows
+        )));
+    }
+    Ok(nix::pty::Winsize {
+        ws_row: size.rows as u16,
+        ws_col: size.cols as u16,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    })
+}
+
+fn set_size(fd: &std::os::fd::OwnedFd, size: &PtySize) -> Result<(), Status> {
+    use std::os::fd::AsRawFd;
+    let ws = winsize(size)?;
+    // SAFETY: TIOCSWINSZ reads one winsize from a valid pointer.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &ws) } != 0 {
+        return Err(Status::internal(format!(
+            "resize the terminal: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(())
+}
+
+impl Terminal {
+    fn open(size: &PtySize) -> Result<Self, Status> {
+        let ws = winsize(size)?;
+        let pty = nix::pty::openpty(Some(&ws), None)
+            .map_err(|e| Status::internal(format!("open a pseudo-terminal: {e}")))?;
+        Ok(Self {
+            controller: pty.master,
+            follower: pty.slave,
+        })
+    }
+
+    /// A copy of the follower side for one of the child's standard streams.
+    fn follower(&self) -> Result<Stdio, Status> {
+        self.follower
+            .try_clone()
+            .map(Stdio::from)
+            .map_err(|e| Status::internal(format!("pseudo-terminal: {e}")))
+    }
+
+    /// (writer, reader, the controller kept for resizing).
+    fn into_parts(self) -> Result<(tokio::fs::File, tokio::fs::File, std::os::fd::OwnedFd), Status> {
+        let dup = |fd: &std::os::fd::OwnedFd| {
+            fd.try_clone()
+                .map_err(|e| Status::internal(format!("pseudo-terminal: {e}")))
+        };
+        let writer = tokio::fs::File::from_std(std::fs::File::from(dup(&self.controller)?));
+        let reader = tokio::fs::File::from_std(std::fs::File::from(dup(&self.controller)?));
+        drop(self.follower);
+        Ok((writer, reader, self.controller))
     }
 }
 
@@ -445,6 +579,82 @@ mod tests {
         assert!(check_start(&r).unwrap_err().message().starts_with("env:"));
     }
 
+    /// The pty output of a stream until its end.
+    async fn terminal_output(mut s: EventStream) -> (String, Option<ProcessEnd>) {
+        use tokio_stream::StreamExt;
+        let mut out = Vec::new();
+        while let Some(Ok(ev)) = s.next().await {
+            match ev.event {
+                Some(Event::Pty(b)) => out.extend_from_slice(&b),
+                Some(Event::End(e)) => return (String::from_utf8_lossy(&out).into_owned(), Some(e)),
+                _ => {}
+            }
+        }
+        (String::from_utf8_lossy(&out).into_owned(), None)
+    }
+
+    #[tokio::test]
+    async fn a_process_on_a_terminal_sees_its_size_input_and_resizes() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root (as the guest agent is)");
+            return;
+        }
+        let svc = ProcessesService::default();
+        let start = |script: &str| StartProcessRequest {
+            cmd: "bash".into(),
+            args: vec!["-c".into(), script.into()],
+            cwd: "/tmp".into(),
+            user: "root".into(),
+            pty: Some(PtySize { cols: 100, rows: 30 }),
+            ..Default::default()
+        };
+        let s = svc
+            .start(Request::new(start("stty size; tty")))
+            .await
+            .unwrap()
+            .into_inner();
+        let (out, end) = terminal_output(s).await;
+        assert!(out.contains("30 100") && out.contains("/dev/pts/"), "{out:?}");
+        assert_eq!(end.and_then(|e| e.exit_code), Some(0));
+
+        let mut s = svc
+            .start(Request::new(start("read line; echo \"got $line\"; stty size")))
+            .await
+            .unwrap()
+            .into_inner();
+        let pid = match tokio_stream::StreamExt::next(&mut s).await {
+            Some(Ok(ProcessEvent {
+                event: Some(Event::Started(pid)),
+            })) => pid,
+            other => panic!("{other:?}"),
+        };
+        svc.resize_pty(Request::new(ResizePtyRequest {
+            pid,
+            size: Some(PtySize { cols: 120, rows: 40 }),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+        svc.send_input(Request::new(SendInputRequest {
+            pid,
+            data: b"hello\n".to_vec().into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+        let (out, _) = terminal_output(s).await;
+        assert!(out.contains("got hello") && out.contains("40 120"), "{out:?}");
+        let e = svc
+            .resize_pty(Request::new(ResizePtyRequest {
+                pid: 1,
+                size: Some(PtySize { cols: 0, rows: 1 }),
+                ..Default::default()
+            }))
+            .await
+            .unwrap_err();
+        assert_ne!(e.code(), tonic::Code::Ok);
+    }
+
     #[tokio::test]
     async fn a_stalled_caller_is_dropped_and_the_others_keep_their_events() {
         let proc = Proc {
@@ -456,6 +666,7 @@ mod tests {
                 subscribers: Some(Vec::new()),
             }),
             stdin: tokio::sync::Mutex::new(None),
+            pty: None,
         };
         let mut reader = proc.attach().unwrap();
         let _stalled = proc.attach().unwrap();

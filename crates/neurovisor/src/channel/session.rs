@@ -17,8 +17,8 @@ use neurovisor_proto::guest::processes_client::ProcessesClient;
 use neurovisor_proto::v1::{
     CodeEvent, ContextInfo, ContextSelector, CreateContextRequest, EntryInfo, FileChunk, ListContextsRequest,
     ListDirRequest, ListProcessesRequest, MoveRequest, PathRequest, ProcessEvent, ProcessInfo,
-    ProcessSelector, ReadFileRequest, RunCodeRequest, SendInputRequest, SignalProcessRequest,
-    StartProcessRequest, WriteFileRequest,
+    ProcessSelector, ReadFileRequest, ResizePtyRequest, RunCodeRequest, SendInputRequest,
+    SignalProcessRequest, StartProcessRequest, WriteFileRequest,
 };
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
@@ -133,9 +133,9 @@ fn check_code_event(e: &CodeEvent) -> Result<(), SessionError> {
 fn check_event(e: &ProcessEvent) -> Result<(), SessionError> {
     use neurovisor_proto::v1::process_event::Event;
     match &e.event {
-        Some(Event::Stdout(b) | Event::Stderr(b)) if b.len() > FILE_CHUNK => Err(SessionError::Protocol(
-            format!("an output chunk of {} bytes", b.len()),
-        )),
+        Some(Event::Stdout(b) | Event::Stderr(b) | Event::Pty(b)) if b.len() > FILE_CHUNK => Err(
+            SessionError::Protocol(format!("an output chunk of {} bytes", b.len())),
+        ),
         Some(Event::End(end)) if end.exit_code.is_none() && end.signal.is_none() => Err(
             SessionError::Protocol("a process end with neither an exit code nor a signal".into()),
         ),
@@ -318,6 +318,11 @@ impl GuestSession {
     pub async fn send_input(&self, r: SendInputRequest) -> Result<(), SessionError> {
         let mut c = self.processes();
         self.unary(async move { c.send_input(r).await }).await.map(drop)
+    }
+
+    pub async fn resize_pty(&self, r: ResizePtyRequest) -> Result<(), SessionError> {
+        let mut c = self.processes();
+        self.unary(async move { c.resize_pty(r).await }).await.map(drop)
     }
 
     pub async fn close_stdin(&self, r: ProcessSelector) -> Result<(), SessionError> {

@@ -11,7 +11,7 @@ use neurovisor_proto::v1::{CreateSandboxRequest, SandboxInfo};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{check_api_key, rfc3339, ApiError, E2bState, ENVD_VERSION, TEMPLATES};
+use super::{check_api_key, parse_body as parse, rfc3339, ApiError, E2bState, ENVD_VERSION, TEMPLATES};
 
 pub fn router() -> axum::Router<E2bState> {
     axum::Router::new()
@@ -48,15 +48,6 @@ struct NewSandbox {
     #[serde(default)]
     env_vars: Option<HashMap<String, String>>,
     allow_internet_access: Option<bool>,
-}
-
-/// A body that is not the JSON a handler expects: 400 naming the problem.
-fn parse<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Result<T, ApiError> {
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(T::default());
-    }
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")))
 }
 
 /// Seconds as the table takes them (0 = its default).

@@ -17,7 +17,8 @@ use axum::routing::{get, post};
 use base64::Engine;
 use neurovisor_proto::v1::{
     process_event::Event, EntryInfo, FileType, ListDirRequest, ListProcessesRequest, MoveRequest,
-    PathRequest, ProcessEvent, ProcessSelector, SendInputRequest, SignalProcessRequest, StartProcessRequest,
+    PathRequest, ProcessEvent, ProcessSelector, PtySize, ResizePtyRequest, SendInputRequest,
+    SignalProcessRequest, StartProcessRequest,
 };
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -208,6 +209,23 @@ struct StartBody {
 }
 
 #[derive(Deserialize, Default)]
+struct UpdateBody {
+    process: Option<Selector>,
+    pty: Option<Value>,
+}
+
+/// envd's `PTY {size: {cols, rows}}`.
+fn pty_size(v: Value) -> Result<PtySize, ConnectError> {
+    let size = &v["size"];
+    let dim = |k: &str| size[k].as_u64().and_then(|n| u32::try_from(n).ok()).unwrap_or(0);
+    let (cols, rows) = (dim("cols"), dim("rows"));
+    if cols == 0 || rows == 0 {
+        return Err(bad("pty.size: give cols and rows"));
+    }
+    Ok(PtySize { cols, rows })
+}
+
+#[derive(Deserialize, Default)]
 struct SelectorBody {
     process: Option<Selector>,
 }
@@ -268,6 +286,7 @@ fn event_json(ev: &ProcessEvent) -> Option<Value> {
             "status": end.status,
         }}),
         Event::Keepalive(_) => json!({"keepalive": {}}),
+        Event::Pty(b) => json!({"data": {"pty": B64.encode(b)}}),
     };
     Some(json!({"event": e}))
 }
@@ -334,9 +353,7 @@ async fn process(
                 let id = check_sandbox(&st, &headers)?;
                 if method == "Start" {
                     let b: StartBody = message(&headers, &body, true)?;
-                    if b.pty.is_some() {
-                        return Err(unimplemented("a PTY"));
-                    }
+                    let pty = b.pty.map(pty_size).transpose()?;
                     let p = b
                         .process
                         .ok_or_else(|| bad("process: missing; give cmd and args"))?;
@@ -350,6 +367,7 @@ async fn process(
                         stdin: b.stdin.unwrap_or(false),
                         tag: b.tag.unwrap_or_default(),
                         timeout_ms: 0,
+                        pty,
                     };
                     Ok(st.table.start_process(r).await?)
                 } else {
@@ -404,13 +422,11 @@ async fn unary_process(
         "SendInput" => {
             let b: InputBody = message(headers, body, false)?;
             let (pid, tag) = b.process.unwrap_or_default().parts()?;
+            // Input for a terminal goes to it whichever field carries it.
             let input = b.input.unwrap_or_default();
-            if input.pty.is_some() {
-                return Err(unimplemented("PTY input"));
-            }
             let data = B64
-                .decode(input.stdin.unwrap_or_default())
-                .map_err(|e| bad(format!("input.stdin: not base64: {e}")))?;
+                .decode(input.stdin.or(input.pty).unwrap_or_default())
+                .map_err(|e| bad(format!("input: not base64: {e}")))?;
             st.table
                 .send_input(SendInputRequest {
                     sandbox_id: id,
@@ -447,7 +463,23 @@ async fn unary_process(
                 .await?;
             Ok(ok_json(json!({})))
         }
-        "Update" => Err(unimplemented("resizing a PTY")),
+        "Update" => {
+            let b: UpdateBody = message(headers, body, false)?;
+            let (pid, tag) = b.process.unwrap_or_default().parts()?;
+            let size = pty_size(
+                b.pty
+                    .ok_or_else(|| bad("pty: missing; give size.cols and size.rows"))?,
+            )?;
+            st.table
+                .resize_pty(ResizePtyRequest {
+                    sandbox_id: id,
+                    pid,
+                    tag,
+                    size: Some(size),
+                })
+                .await?;
+            Ok(ok_json(json!({})))
+        }
         "StreamInput" => Err(unimplemented("StreamInput (use SendInput)")),
         other => Err(ConnectError(
             Code::Unimplemented,

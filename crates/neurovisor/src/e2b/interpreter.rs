@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 use tokio_stream::StreamExt;
 
 use super::files::refused;
-use super::{check_sandbox, ApiError, E2bState};
+use super::{check_sandbox, parse_body as parse, ApiError, E2bState};
 
 pub fn router() -> axum::Router<E2bState> {
     axum::Router::new()
@@ -47,14 +47,6 @@ fn language(l: Option<&str>) -> Result<String, ApiError> {
             format!("language '{other}' has no code contexts here; use \"python\" or \"javascript\""),
         )),
     }
-}
-
-fn parse<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Result<T, ApiError> {
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(T::default());
-    }
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")))
 }
 
 fn context_json(c: &ContextInfo) -> Value {

@@ -104,6 +104,16 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// A JSON body (empty: the type's default); one that is not the JSON a
+/// handler expects is a 400 naming the problem.
+pub fn parse_body<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")))
+}
+
 /// The HTTP status of a gRPC code (as Connect maps them).
 pub fn http_status(code: Code) -> StatusCode {
     match code {

@@ -11,9 +11,9 @@ use std::sync::Arc;
 use neurovisor_proto::v1::{
     CodeEvent, ContextAck, ContextInfo, ContextSelector, CreateContextRequest, EntryInfo, FileChunk,
     ListContextsRequest, ListContextsResponse, ListDirRequest, ListDirResponse, ListProcessesRequest,
-    ListProcessesResponse, MoveRequest, PathRequest, ProcessAck, ProcessEvent, ProcessSelector,
-    ReadFileRequest, RunCodeRequest, SendInputRequest, SignalProcessRequest, StartProcessRequest,
-    WriteFileRequest,
+    ListProcessesResponse, MoveRequest, PathRequest, ProcessAck, ProcessEvent, ProcessSelector, PtySize,
+    ReadFileRequest, ResizePtyRequest, RunCodeRequest, SendInputRequest, SignalProcessRequest,
+    StartProcessRequest, WriteFileRequest,
 };
 use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt};
@@ -83,6 +83,13 @@ fn check_context_id(id: &str) -> Result<(), Status> {
         ));
     }
     Ok(())
+}
+
+fn check_pty(size: Option<&PtySize>) -> Result<(), Status> {
+    match size {
+        Some(s) if (1..=1000).contains(&s.cols) && (1..=1000).contains(&s.rows) => Ok(()),
+        _ => Err(Status::invalid_argument("pty: give cols and rows, each 1-1000")),
+    }
 }
 
 fn check_selector(pid: u32, tag: &str) -> Result<(), Status> {
@@ -232,6 +239,9 @@ impl SandboxTable {
         if !r.cwd.is_empty() {
             check_path("cwd", &r.cwd)?;
         }
+        if r.pty.is_some() {
+            check_pty(r.pty.as_ref())?;
+        }
         let s = self.live(&r.sandbox_id)?;
         // The same checks as a program's arguments and environment, with
         // the sandbox's environment under the request's own.
@@ -272,6 +282,14 @@ impl SandboxTable {
         }
         let s = self.live(&r.sandbox_id)?;
         s.guest.send_input(r).await.map_err(status)?;
+        Ok(ProcessAck {})
+    }
+
+    pub(crate) async fn resize_pty(&self, r: ResizePtyRequest) -> Result<ProcessAck, Status> {
+        check_selector(r.pid, &r.tag)?;
+        check_pty(r.size.as_ref())?;
+        let s = self.live(&r.sandbox_id)?;
+        s.guest.resize_pty(r).await.map_err(status)?;
         Ok(ProcessAck {})
     }
 

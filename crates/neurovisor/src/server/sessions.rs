@@ -22,8 +22,9 @@ use neurovisor_proto::v1::{
     CreateSandboxRequest, EntryInfo, ExecuteResponse, KillSandboxResponse, ListContextsRequest,
     ListContextsResponse, ListDirRequest, ListDirResponse, ListProcessesRequest, ListProcessesResponse,
     ListSandboxesRequest, ListSandboxesResponse, MoveRequest, PathRequest, ProcessAck, ProcessSelector,
-    ReadFileRequest, RemoveResponse, RunCodeRequest, SandboxExecRequest, SandboxInfo, SandboxRef,
-    SendInputRequest, SetSandboxTimeoutRequest, SignalProcessRequest, StartProcessRequest, WriteFileRequest,
+    ReadFileRequest, RemoveResponse, ResizePtyRequest, RunCodeRequest, SandboxExecRequest, SandboxInfo,
+    SandboxRef, SendInputRequest, SetSandboxTimeoutRequest, SignalProcessRequest, StartProcessRequest,
+    WriteFileRequest,
 };
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
@@ -578,6 +579,10 @@ impl SandboxesApi for SandboxesService {
 
     async fn send_input(&self, r: Request<SendInputRequest>) -> Result<Response<ProcessAck>, Status> {
         self.table.send_input(r.into_inner()).await.map(Response::new)
+    }
+
+    async fn resize_pty(&self, r: Request<ResizePtyRequest>) -> Result<Response<ProcessAck>, Status> {
+        self.table.resize_pty(r.into_inner()).await.map(Response::new)
     }
 
     async fn close_stdin(&self, r: Request<ProcessSelector>) -> Result<Response<ProcessAck>, Status> {

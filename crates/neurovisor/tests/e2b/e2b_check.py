@@ -119,6 +119,28 @@ assert e.exit_code != 0, e
 assert sbx.commands.kill(h.pid) is False
 step("processes")
 
+# A PTY: its size, input, resize (once the first size is printed).
+from e2b import PtySize
+
+t = sbx.pty.create(PtySize(cols=100, rows=30), timeout=60)
+sbx.pty.send_stdin(t.pid, b"stty size; echo tty-$((6*7)); read x; stty size; exit 5\n")
+seen = bytearray()
+
+
+def on_pty(b):
+    seen.extend(b)
+    if b"tty-42" in seen and not getattr(on_pty, "resized", False):
+        on_pty.resized = True
+        sbx.pty.resize(t.pid, PtySize(cols=120, rows=40))
+        sbx.pty.send_stdin(t.pid, b"\n")
+
+
+e = expect_raises(CommandExitException, t.wait, on_pty=on_pty)
+text = seen.decode(errors="replace")
+assert "30 100" in text and "40 120" in text, text
+assert e.exit_code == 5, e
+step("pty")
+
 # The control plane: list, info, timeout.
 listed = {s.sandbox_id: s for s in Sandbox.list().next_items()}
 assert sbx.sandbox_id in listed and other.sandbox_id in listed, listed
