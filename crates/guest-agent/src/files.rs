@@ -6,6 +6,7 @@
 //! belongs to that user, without a process per call. Files stream in chunks
 //! through bounded channels: a large file is never held whole.
 
+use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -13,8 +14,8 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 use neurovisor_proto::guest::files_server::Files;
 use neurovisor_proto::v1::{
-    EntryInfo, FileChunk, FileType, ListDirRequest, ListDirResponse, MoveRequest, PathRequest,
-    ReadFileRequest, RemoveResponse, WriteFileRequest,
+    EntryInfo, FileChunk, FileType, FsEvent, FsEventType, ListDirRequest, ListDirResponse, MoveRequest,
+    PathRequest, ReadFileRequest, RemoveResponse, WatchDirRequest, WriteFileRequest,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -303,9 +304,190 @@ fn pump_file(mut file: std::fs::File, path: PathBuf, tx: ChunkTx) {
     }
 }
 
+/// The most directories one recursive watch follows.
+const MAX_WATCHED_DIRS: usize = 10_000;
+
+/// An inotify instance and the directory each of its watches is on
+/// (relative to the watched root).
+struct Watch {
+    inotify: nix::sys::inotify::Inotify,
+    dirs: HashMap<nix::sys::inotify::WatchDescriptor, PathBuf>,
+    root: PathBuf,
+    recursive: bool,
+}
+
+fn watch_mask() -> nix::sys::inotify::AddWatchFlags {
+    use nix::sys::inotify::AddWatchFlags as F;
+    F::IN_CREATE
+        | F::IN_MODIFY
+        | F::IN_CLOSE_WRITE
+        | F::IN_DELETE
+        | F::IN_MOVED_FROM
+        | F::IN_MOVED_TO
+        | F::IN_ATTRIB
+}
+
+impl Watch {
+    /// Watches `rel` (relative to the root) and, when recursive, what is under it.
+    fn add(&mut self, rel: PathBuf) -> std::io::Result<()> {
+        let mut todo = vec![rel];
+        while let Some(rel) = todo.pop() {
+            if self.dirs.len() >= MAX_WATCHED_DIRS {
+                return Err(std::io::Error::other(format!(
+                    "more than {MAX_WATCHED_DIRS} directories; watch a narrower one"
+                )));
+            }
+            let abs = self.root.join(&rel);
+            let wd = match self.inotify.add_watch(&abs, watch_mask()) {
+                Ok(wd) => wd,
+                // The top must be watchable; a subdirectory may be gone or closed.
+                Err(e) if rel.as_os_str().is_empty() => return Err(e.into()),
+                Err(_) => continue,
+            };
+            self.dirs.insert(wd, rel.clone());
+            if self.recursive {
+                if let Ok(rd) = std::fs::read_dir(&abs) {
+                    for e in rd.flatten() {
+                        if e.file_type().is_ok_and(|t| t.is_dir()) {
+                            todo.push(rel.join(e.file_name()));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn fs_event(ev: &nix::sys::inotify::InotifyEvent, dir: &Path) -> Option<FsEvent> {
+    use nix::sys::inotify::AddWatchFlags as F;
+    let name = ev.name.as_ref()?;
+    let t = if ev.mask.intersects(F::IN_CREATE | F::IN_MOVED_TO) {
+        FsEventType::Create
+    } else if ev.mask.intersects(F::IN_MODIFY | F::IN_CLOSE_WRITE) {
+        FsEventType::Write
+    } else if ev.mask.contains(F::IN_DELETE) {
+        FsEventType::Remove
+    } else if ev.mask.contains(F::IN_MOVED_FROM) {
+        FsEventType::Rename
+    } else if ev.mask.contains(F::IN_ATTRIB) {
+        FsEventType::Chmod
+    } else {
+        return None;
+    };
+    Some(FsEvent {
+        name: dir.join(name).to_string_lossy().into_owned(),
+        r#type: t as i32,
+        started: false,
+    })
+}
+
+struct RawFd(std::os::fd::RawFd);
+
+impl std::os::fd::AsRawFd for RawFd {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0
+    }
+}
+
+/// Sends the watch's events until the caller leaves.
+async fn follow(mut w: Watch, account: Account, tx: mpsc::Sender<Result<FsEvent, Status>>) {
+    use std::os::fd::{AsFd, AsRawFd};
+    // SAFETY: the fd is the inotify instance's, owned by `w`, a parameter:
+    // dropped after this local, so it stays open while registered.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(
+            RawFd(w.inotify.as_fd().as_raw_fd()),
+            tokio::io::Interest::READABLE,
+        )
+    };
+    let Ok(fd) = registered else {
+        return;
+    };
+    loop {
+        let mut guard = tokio::select! {
+            g = fd.readable() => match g { Ok(g) => g, Err(_) => return },
+            _ = tx.closed() => return,
+        };
+        let events = match w.inotify.read_events() {
+            Ok(evs) => evs,
+            Err(nix::errno::Errno::EAGAIN) => {
+                guard.clear_ready();
+                continue;
+            }
+            Err(_) => return,
+        };
+        for ev in events {
+            let Some(dir) = w.dirs.get(&ev.wd).cloned() else {
+                continue;
+            };
+            if w.recursive
+                && ev.mask.contains(nix::sys::inotify::AddWatchFlags::IN_ISDIR)
+                && ev.mask.intersects(
+                    nix::sys::inotify::AddWatchFlags::IN_CREATE
+                        | nix::sys::inotify::AddWatchFlags::IN_MOVED_TO,
+                )
+            {
+                if let Some(name) = &ev.name {
+                    // As the user: only what it may read is followed.
+                    let _id = FsIdentity::enter(account);
+                    let _ = w.add(dir.join(name));
+                }
+            }
+            if let Some(e) = fs_event(&ev, &dir) {
+                if tx.send(Ok(e)).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl Files for FilesService {
     type ReadStream = ReceiverStream<Result<FileChunk, Status>>;
+    type WatchDirStream = ReceiverStream<Result<FsEvent, Status>>;
+
+    async fn watch_dir(
+        &self,
+        request: Request<WatchDirRequest>,
+    ) -> Result<Response<Self::WatchDirStream>, Status> {
+        let r = request.into_inner();
+        let account = Account::parse(&r.user)?;
+        let path = account.resolve(&r.path)?;
+        let root = path.clone();
+        let recursive = r.recursive;
+        let w = as_account(account, move || {
+            if !std::fs::metadata(&root)?.is_dir() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::NotADirectory,
+                    "not a directory",
+                ));
+            }
+            let inotify = nix::sys::inotify::Inotify::init(
+                nix::sys::inotify::InitFlags::IN_NONBLOCK | nix::sys::inotify::InitFlags::IN_CLOEXEC,
+            )?;
+            let mut w = Watch {
+                inotify,
+                dirs: HashMap::new(),
+                root,
+                recursive,
+            };
+            w.add(PathBuf::new())?;
+            Ok(w)
+        })
+        .await
+        .map_err(|e| status_of("watch", &path, e))?;
+        let (tx, rx) = mpsc::channel(256);
+        let _ = tx
+            .send(Ok(FsEvent {
+                started: true,
+                ..Default::default()
+            }))
+            .await;
+        tokio::spawn(follow(w, account, tx));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
 
     async fn read(&self, request: Request<ReadFileRequest>) -> Result<Response<Self::ReadStream>, Status> {
         let r = request.into_inner();
@@ -495,6 +677,65 @@ mod tests {
         assert_eq!(list(d.path(), 3).unwrap().len(), 5);
         let e = list(&d.path().join("a/f.txt"), 1).unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::NotADirectory);
+    }
+
+    #[tokio::test]
+    async fn a_recursive_watch_sees_changes_in_new_subdirectories() {
+        use tokio_stream::StreamExt;
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root (as the guest agent is)");
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().to_string_lossy().into_owned();
+        let watch = |recursive| WatchDirRequest {
+            path: root.clone(),
+            user: "root".into(),
+            recursive,
+            ..Default::default()
+        };
+        let mut s = FilesService
+            .watch_dir(Request::new(watch(true)))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(s.next().await.unwrap().unwrap().started);
+        std::fs::create_dir(d.path().join("sub")).unwrap();
+        let first = s.next().await.unwrap().unwrap();
+        assert_eq!(
+            (first.name.as_str(), first.r#type()),
+            ("sub", FsEventType::Create)
+        );
+        // The new directory is watched once its create event is handled.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        std::fs::write(d.path().join("sub/x.txt"), b"hi").unwrap();
+        std::fs::remove_file(d.path().join("sub/x.txt")).unwrap();
+        let mut seen = Vec::new();
+        while seen.last().map(|(_, t)| *t) != Some(FsEventType::Remove) {
+            let e = tokio::time::timeout(std::time::Duration::from_secs(5), s.next())
+                .await
+                .expect("an event")
+                .unwrap()
+                .unwrap();
+            seen.push((e.name.clone(), e.r#type()));
+        }
+        assert!(
+            seen.contains(&("sub/x.txt".to_string(), FsEventType::Create)),
+            "{seen:?}"
+        );
+        assert!(
+            seen.contains(&("sub/x.txt".to_string(), FsEventType::Write)),
+            "{seen:?}"
+        );
+        let e = FilesService
+            .watch_dir(Request::new(WatchDirRequest {
+                path: format!("{root}/nope"),
+                user: "root".into(),
+                ..Default::default()
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::NotFound);
     }
 
     #[test]

@@ -15,10 +15,10 @@ use neurovisor_proto::guest::contexts_client::ContextsClient;
 use neurovisor_proto::guest::files_client::FilesClient;
 use neurovisor_proto::guest::processes_client::ProcessesClient;
 use neurovisor_proto::v1::{
-    CodeEvent, ContextInfo, ContextSelector, CreateContextRequest, EntryInfo, FileChunk, ListContextsRequest,
-    ListDirRequest, ListProcessesRequest, MoveRequest, PathRequest, ProcessEvent, ProcessInfo,
-    ProcessSelector, ReadFileRequest, ResizePtyRequest, RunCodeRequest, SendInputRequest,
-    SignalProcessRequest, StartProcessRequest, WriteFileRequest,
+    CodeEvent, ContextInfo, ContextSelector, CreateContextRequest, EntryInfo, FileChunk, FsEvent,
+    ListContextsRequest, ListDirRequest, ListProcessesRequest, MoveRequest, PathRequest, ProcessEvent,
+    ProcessInfo, ProcessSelector, ReadFileRequest, ResizePtyRequest, RunCodeRequest, SendInputRequest,
+    SignalProcessRequest, StartProcessRequest, WatchDirRequest, WriteFileRequest,
 };
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
@@ -126,6 +126,16 @@ fn check_code_event(e: &CodeEvent) -> Result<(), SessionError> {
     };
     if size > MAX_EVENT {
         return Err(SessionError::Protocol(format!("a code event of {size} bytes")));
+    }
+    Ok(())
+}
+
+fn check_fs_event(e: &FsEvent) -> Result<(), SessionError> {
+    if e.name.len() > 4096 {
+        return Err(SessionError::Protocol(format!(
+            "a watch event naming {} bytes",
+            e.name.len()
+        )));
     }
     Ok(())
 }
@@ -265,6 +275,13 @@ impl GuestSession {
     pub async fn rename(&self, r: MoveRequest) -> Result<EntryInfo, SessionError> {
         let mut c = self.files();
         self.unary(async move { c.r#move(r).await }).await
+    }
+
+    /// Changes in a directory; the stream's first event is `started`.
+    pub async fn watch_dir(&self, r: WatchDirRequest) -> Result<GuestItems<FsEvent>, SessionError> {
+        let mut c = self.files();
+        self.stream(async move { c.watch_dir(r).await }, check_fs_event)
+            .await
     }
 
     /// Starts a process; the stream's first event is `started` with its pid.

@@ -16,9 +16,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use base64::Engine;
 use neurovisor_proto::v1::{
-    process_event::Event, EntryInfo, FileType, ListDirRequest, ListProcessesRequest, MoveRequest,
-    PathRequest, ProcessEvent, ProcessSelector, PtySize, ResizePtyRequest, SendInputRequest,
-    SignalProcessRequest, StartProcessRequest,
+    process_event::Event, EntryInfo, FileType, FsEvent, FsEventType, ListDirRequest, ListProcessesRequest,
+    MoveRequest, PathRequest, ProcessEvent, ProcessSelector, PtySize, ResizePtyRequest, SendInputRequest,
+    SignalProcessRequest, StartProcessRequest, WatchDirRequest,
 };
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -26,7 +26,6 @@ use tokio_stream::StreamExt;
 use tonic::Code;
 
 use super::{check_sandbox, rfc3339, user_of, E2bState};
-use crate::server::session_io::EventStream;
 
 /// Streams send a keepalive at least this often (or as the client's
 /// `Keepalive-Ping-Interval` asks, if sooner).
@@ -291,8 +290,61 @@ fn event_json(ev: &ProcessEvent) -> Option<Value> {
     Some(json!({"event": e}))
 }
 
-/// A process's events as a Connect server stream, with keepalives.
-fn stream_response(events: Result<EventStream, ConnectError>, keepalive: Duration) -> Response {
+/// How one kind of stream's items become Connect messages.
+trait StreamItem: Send + 'static {
+    /// The message, and whether it is the last one.
+    fn message(&self) -> Option<(Value, bool)>;
+    fn keepalive() -> Value;
+    /// Why the stream ended without its last message.
+    const CUT_SHORT: &'static str;
+}
+
+impl StreamItem for ProcessEvent {
+    fn message(&self) -> Option<(Value, bool)> {
+        event_json(self).map(|v| (v, matches!(self.event, Some(Event::End(_)))))
+    }
+    fn keepalive() -> Value {
+        json!({"event": {"keepalive": {}}})
+    }
+    const CUT_SHORT: &'static str =
+        "the output stream ended before the process did (it was not read for too long); connect again by pid";
+}
+
+impl StreamItem for FsEvent {
+    fn message(&self) -> Option<(Value, bool)> {
+        Some((watch_json(self), false))
+    }
+    fn keepalive() -> Value {
+        json!({"keepalive": {}})
+    }
+    const CUT_SHORT: &'static str = "the watch ended";
+}
+
+/// envd's `WatchDirResponse` (and, without the wrapper, a watcher's event).
+fn fs_event_json(e: &FsEvent) -> Value {
+    let t = match e.r#type() {
+        FsEventType::Create => "EVENT_TYPE_CREATE",
+        FsEventType::Write => "EVENT_TYPE_WRITE",
+        FsEventType::Remove => "EVENT_TYPE_REMOVE",
+        FsEventType::Rename => "EVENT_TYPE_RENAME",
+        FsEventType::Chmod => "EVENT_TYPE_CHMOD",
+        FsEventType::Unspecified => "EVENT_TYPE_UNSPECIFIED",
+    };
+    json!({"name": e.name, "type": t})
+}
+
+fn watch_json(e: &FsEvent) -> Value {
+    if e.started {
+        json!({"start": {}})
+    } else {
+        json!({"filesystem": fs_event_json(e)})
+    }
+}
+
+type Items<T> = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<T, tonic::Status>> + Send>>;
+
+/// A stream of events as a Connect server stream, with keepalives.
+fn stream_response<T: StreamItem>(events: Result<Items<T>, ConnectError>, keepalive: Duration) -> Response {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(4);
     tokio::spawn(async move {
         let mut events = match events {
@@ -307,28 +359,26 @@ fn stream_response(events: Result<EventStream, ConnectError>, keepalive: Duratio
         let end = loop {
             let next = tokio::select! {
                 ev = events.next() => ev,
-                _ = tick.tick() => Some(Ok(ProcessEvent { event: Some(Event::Keepalive(true)) })),
+                _ = tick.tick() => {
+                    if tx.send(Ok(envelope(0, &T::keepalive()))).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
                 _ = tx.closed() => return,
             };
             match next {
                 Some(Ok(ev)) => {
-                    let last = matches!(ev.event, Some(Event::End(_)));
-                    if let Some(v) = event_json(&ev) {
-                        if tx.send(Ok(envelope(0, &v))).await.is_err() {
-                            return;
-                        }
+                    let Some((v, last)) = ev.message() else { continue };
+                    if tx.send(Ok(envelope(0, &v))).await.is_err() {
+                        return;
                     }
                     if last {
                         break json!({});
                     }
                 }
                 Some(Err(s)) => break json!({"error": ConnectError::from(s).json()}),
-                None => {
-                    break json!({"error": ConnectError(
-                        Code::Aborted,
-                        "the output stream ended before the process did (it was not read for too long); connect again by pid".into()
-                    ).json()})
-                }
+                None => break json!({"error": ConnectError(Code::Aborted, T::CUT_SHORT.into()).json()}),
             }
         };
         let _ = tx.send(Ok(envelope(2, &end))).await;
@@ -536,9 +586,40 @@ async fn filesystem(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    if method == "WatchDir" {
+        let keepalive = keepalive_of(&headers);
+        let events = async {
+            let id = check_sandbox(&st, &headers)?;
+            let b: WatchBody = message(&headers, &body, true)?;
+            let r = WatchDirRequest {
+                sandbox_id: id,
+                path: b.path,
+                user: user_of(&headers)?,
+                recursive: b.recursive,
+            };
+            Ok(st.table.watch_dir(r).await?)
+        }
+        .await;
+        return stream_response(events, keepalive);
+    }
     unary_fs(&st, &method, &headers, &body)
         .await
         .unwrap_or_else(IntoResponse::into_response)
+}
+
+#[derive(Deserialize, Default)]
+struct WatchBody {
+    #[serde(default)]
+    path: String,
+    #[serde(default)]
+    recursive: bool,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct WatcherBody {
+    #[serde(default)]
+    watcher_id: String,
 }
 
 async fn unary_fs(
@@ -596,8 +677,28 @@ async fn unary_fs(
                 .await?;
             Ok(ok_json(json!({"entry": entry_json(&e)})))
         }
-        "WatchDir" | "CreateWatcher" | "GetWatcherEvents" | "RemoveWatcher" => {
-            Err(unimplemented("watching a directory"))
+        "CreateWatcher" => {
+            let b: WatchBody = message(headers, body, false)?;
+            let r = WatchDirRequest {
+                sandbox_id: id.clone(),
+                path: b.path,
+                user: user.clone(),
+                recursive: b.recursive,
+            };
+            let events = st.table.watch_dir(r).await?;
+            let watcher = st.watchers.start(&id, events)?;
+            Ok(ok_json(json!({ "watcherId": watcher })))
+        }
+        "GetWatcherEvents" => {
+            let b: WatcherBody = message(headers, body, false)?;
+            let events = st.watchers.take(&id, &b.watcher_id)?;
+            let events: Vec<Value> = events.iter().map(fs_event_json).collect();
+            Ok(ok_json(json!({ "events": events })))
+        }
+        "RemoveWatcher" => {
+            let b: WatcherBody = message(headers, body, false)?;
+            st.watchers.remove(&id, &b.watcher_id)?;
+            Ok(ok_json(json!({})))
         }
         other => Err(ConnectError(
             Code::Unimplemented,

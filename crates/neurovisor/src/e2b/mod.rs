@@ -25,6 +25,7 @@ pub mod control;
 pub mod envd;
 pub mod files;
 pub mod interpreter;
+pub mod watchers;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -61,6 +62,7 @@ pub struct E2bState {
     pub size: (u32, u32, u32),
     pub image: String,
     pub metrics: Arc<crate::metrics::Metrics>,
+    pub watchers: watchers::Watchers,
     /// Host names a request may carry (DNS rebinding).
     hosts: Arc<Vec<String>>,
 }
@@ -89,6 +91,7 @@ impl E2bState {
             size: (size.vcpus(), size.memory_mib(), size.scratch_mib()),
             image,
             metrics,
+            watchers: Default::default(),
             hosts: Arc::new(hosts),
         }
     }

@@ -9,11 +9,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use neurovisor_proto::v1::{
-    CodeEvent, ContextAck, ContextInfo, ContextSelector, CreateContextRequest, EntryInfo, FileChunk,
+    CodeEvent, ContextAck, ContextInfo, ContextSelector, CreateContextRequest, EntryInfo, FileChunk, FsEvent,
     ListContextsRequest, ListContextsResponse, ListDirRequest, ListDirResponse, ListProcessesRequest,
     ListProcessesResponse, MoveRequest, PathRequest, ProcessAck, ProcessEvent, ProcessSelector, PtySize,
     ReadFileRequest, ResizePtyRequest, RunCodeRequest, SendInputRequest, SignalProcessRequest,
-    StartProcessRequest, WriteFileRequest,
+    StartProcessRequest, WatchDirRequest, WriteFileRequest,
 };
 use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt};
@@ -25,6 +25,7 @@ use crate::channel::{GuestItems, SessionError};
 
 pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<FileChunk, Status>> + Send>>;
 pub type CodeStream = Pin<Box<dyn Stream<Item = Result<CodeEvent, Status>> + Send>>;
+pub type WatchStream = Pin<Box<dyn Stream<Item = Result<FsEvent, Status>> + Send>>;
 pub type EventStream = Pin<Box<dyn Stream<Item = Result<ProcessEvent, Status>> + Send>>;
 
 const MAX_PATH: usize = 4096;
@@ -227,6 +228,14 @@ impl SandboxTable {
         check_user(&r.user)?;
         let s = self.live(&r.sandbox_id)?;
         s.guest.rename(r).await.map_err(status)
+    }
+
+    pub(crate) async fn watch_dir(&self, r: WatchDirRequest) -> Result<WatchStream, Status> {
+        check_path("path", &r.path)?;
+        check_user(&r.user)?;
+        let s = self.live(&r.sandbox_id)?;
+        let items = s.guest.watch_dir(r).await.map_err(status)?;
+        Ok(relay(items, &s))
     }
 
     pub(crate) async fn start_process(&self, mut r: StartProcessRequest) -> Result<EventStream, Status> {

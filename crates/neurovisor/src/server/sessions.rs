@@ -24,14 +24,14 @@ use neurovisor_proto::v1::{
     ListSandboxesRequest, ListSandboxesResponse, MoveRequest, PathRequest, ProcessAck, ProcessSelector,
     ReadFileRequest, RemoveResponse, ResizePtyRequest, RunCodeRequest, SandboxExecRequest, SandboxInfo,
     SandboxRef, SendInputRequest, SetSandboxTimeoutRequest, SignalProcessRequest, StartProcessRequest,
-    WriteFileRequest,
+    WatchDirRequest, WriteFileRequest,
 };
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::session_io::{ChunkStream, CodeStream, EventStream};
+use super::session_io::{ChunkStream, CodeStream, EventStream, WatchStream};
 use tracing::Instrument;
 
 use super::sandbox::{
@@ -497,6 +497,11 @@ impl SandboxesApi for SandboxesService {
     type StartProcessStream = EventStream;
     type ConnectProcessStream = EventStream;
     type RunCodeStream = CodeStream;
+    type WatchDirStream = WatchStream;
+
+    async fn watch_dir(&self, r: Request<WatchDirRequest>) -> Result<Response<WatchStream>, Status> {
+        self.table.watch_dir(r.into_inner()).await.map(Response::new)
+    }
 
     async fn create_context(
         &self,

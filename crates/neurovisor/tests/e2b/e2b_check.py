@@ -87,6 +87,20 @@ assert not sbx.files.exists("/home/user/dir/sub/b.txt")
 expect_raises(NotFoundException, sbx.files.read, "/home/user/nope.txt")
 step("files")
 
+# Watching a directory (polled, as the synchronous SDK does), recursively.
+sbx.files.make_dir("/home/user/w")
+w = sbx.files.watch_dir("/home/user/w", recursive=True)
+sbx.files.write("/home/user/w/new.txt", "x")
+sbx.commands.run("mkdir /home/user/w/sub && sleep 0.5 && echo y > /home/user/w/sub/deep.txt")
+seen = set()
+deadline = time.time() + 10
+while ("sub/deep.txt", "CREATE") not in seen and time.time() < deadline:
+    seen |= {(e.name, e.type.name) for e in w.get_new_events()}
+    time.sleep(0.2)
+assert {("new.txt", "CREATE"), ("new.txt", "WRITE"), ("sub", "CREATE"), ("sub/deep.txt", "CREATE")} <= seen, seen
+w.stop()
+step("watch")
+
 # Binary upload and download: multipart (bytes) and streamed octet-stream.
 blob = os.urandom(3 << 20)
 sbx.files.write("/tmp/blob.bin", blob)

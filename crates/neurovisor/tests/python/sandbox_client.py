@@ -18,7 +18,7 @@ from grpc_tools import protoc
 
 
 def generate(proto_dir, out_dir):
-    for name in ("sandbox.proto", "inference.proto"):
+    for name in ("session.proto", "sandbox.proto", "inference.proto"):
         rc = protoc.main(["protoc", f"-I{proto_dir}", f"--python_out={out_dir}",
                           f"--grpc_python_out={out_dir}", os.path.join(proto_dir, name)])
         if rc != 0:
