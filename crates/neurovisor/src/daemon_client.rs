@@ -433,6 +433,23 @@ impl DaemonClient {
         s.map(|_| ()).map_err(|s| self.status(s))
     }
 
+    pub async fn sandbox_pause(&mut self, id: &str) -> Result<SandboxInfo, DaemonError> {
+        let request = self.request(SandboxRef {
+            sandbox_id: id.into(),
+        });
+        let s = self.sandboxes.pause(request).await;
+        s.map(|r| r.into_inner()).map_err(|s| self.status(s))
+    }
+
+    pub async fn sandbox_resume(&mut self, id: &str, timeout_s: u32) -> Result<SandboxInfo, DaemonError> {
+        let request = self.request(neurovisor_proto::v1::ResumeSandboxRequest {
+            sandbox_id: id.into(),
+            timeout_s,
+        });
+        let s = self.sandboxes.resume(request).await;
+        s.map(|r| r.into_inner()).map_err(|s| self.status(s))
+    }
+
     pub async fn sandbox_set_timeout(
         &mut self,
         id: &str,

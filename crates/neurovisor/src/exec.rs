@@ -1027,6 +1027,24 @@ impl ReadyVm {
         crate::channel::GuestSession::new(self.channel.clone(), self.io.clone())
     }
 
+    /// Pauses the VM and writes its snapshot to `state` and `mem` (see
+    /// [`Vm::create_snapshot`]); if that fails, the VM runs on. The caller
+    /// destroys the VM afterwards; [`crate::snapshot::resume`] brings it back.
+    pub async fn save(&self, state: &std::path::Path, mem: &std::path::Path) -> Result<(), VmmError> {
+        let vm = self
+            .vm
+            .as_ref()
+            .ok_or_else(|| VmmError::Snapshot("the VM is already destroyed".into()))?;
+        vm.pause().await?;
+        let saved = vm.create_snapshot(state, mem).await;
+        if saved.is_err() {
+            if let Err(e) = vm.resume().await {
+                tracing::warn!(vm = vm.id(), "the VM stays paused after a failed snapshot: {e}");
+            }
+        }
+        saved
+    }
+
     /// The VM's state directory (console log, sockets), while it runs.
     pub fn dir(&self) -> Option<&std::path::Path> {
         self.vm.as_ref().map(|v| v.dir())

@@ -7,6 +7,7 @@
 //! pool into back-off (reported by [`Pool::status`]) instead of a boot loop.
 
 use std::collections::VecDeque;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tracing::Instrument;
@@ -442,6 +443,64 @@ impl Pool {
         }
     }
 
+    /// A lease on the VM saved in `state` and `mem` (a paused sandbox's,
+    /// see [`Lease::save`]), restored on the VM runtime. It takes a place
+    /// under `max` like any lease: a warm VM gives up its place if none is
+    /// free, else it waits up to the queue timeout.
+    pub async fn resume(&self, state: PathBuf, mem: PathBuf) -> Result<Lease, PoolError> {
+        let inner = &self.inner;
+        let started = Instant::now();
+        let deadline = started + inner.cfg.queue_timeout;
+        let slot = loop {
+            let notified = inner.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let evicted = {
+                let mut st = inner.lock();
+                if st.shutting_down {
+                    return Err(PoolError::ShuttingDown);
+                }
+                if st.total() < inner.cfg.max {
+                    st.active += 1;
+                    inner.publish(&st);
+                    break Slot::new(inner);
+                }
+                let vm = st.warm.pop_front();
+                if vm.is_some() {
+                    st.active += 1;
+                    inner.publish(&st);
+                }
+                vm
+            };
+            if let Some(vm) = evicted {
+                // Gone before its place is used, so `max` still bounds the VMs alive.
+                let _ = inner.vm_rt.spawn(vm.destroy()).await;
+                inner.changed.notify_waiters(); // the refiller sees the pool short
+                break Slot::new(inner);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || tokio::time::timeout(left, notified).await.is_err() {
+                inner.metrics.pool_exhausted.inc();
+                return Err(PoolError::Exhausted {
+                    max: inner.cfg.max,
+                    waited: started.elapsed(),
+                });
+            }
+        };
+        let task = {
+            let inner = inner.clone();
+            AbortOnDrop(inner.vm_rt.clone().spawn(
+                async move { crate::snapshot::resume(&inner.sandbox, &state, &mem, inner.cfg.size).await }
+                    .in_current_span(),
+            ))
+        };
+        match task.join().await {
+            Ok(Ok(vm)) => Ok(slot.into_lease(vm, false, started, Duration::ZERO)),
+            Ok(Err(e)) => Err(PoolError::Boot(e)),
+            Err(e) => Err(PoolError::Runtime(e.to_string())),
+        }
+    }
+
     /// Stops refilling, destroys the warm VMs and waits (up to `deadline`) until
     /// every leased and booting VM is gone too.
     pub async fn shutdown(&self, deadline: Duration) {
@@ -503,6 +562,33 @@ impl Lease {
     /// The VM was restored from a snapshot (false: it booted).
     pub fn restored(&self) -> bool {
         self.vm.as_ref().is_some_and(|v| v.restored)
+    }
+
+    /// Pauses the VM and writes its snapshot (see [`ReadyVm::save`]) on the
+    /// VM runtime; the VM runs on if that fails. Dropping the lease
+    /// afterwards destroys the VM and frees its place;
+    /// [`Pool::resume`] brings it back.
+    pub async fn save(&mut self, state: PathBuf, mem: PathBuf) -> Result<(), ExecError> {
+        let vm = self
+            .vm
+            .take()
+            .ok_or_else(|| ExecError::Protocol("lease already used".into()))?;
+        let task = self.inner.vm_rt.spawn(async move {
+            let r = vm.save(&state, &mem).await;
+            (vm, r)
+        });
+        let (vm, r) = match task.await {
+            Ok(done) => done,
+            Err(e) => {
+                // The task's VM was dropped with it (killed): its place is free.
+                self.inner.release_slot();
+                return Err(ExecError::Vmm(crate::vmm::VmmError::Snapshot(format!(
+                    "the snapshot task failed: {e}"
+                ))));
+            }
+        };
+        self.vm = Some(vm);
+        r.map_err(ExecError::Vmm)
     }
 
     pub async fn execute(

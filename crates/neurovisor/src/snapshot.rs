@@ -421,11 +421,28 @@ async fn build(
 /// Restores one VM from `t` and makes it unique; `Err` means the snapshot
 /// (not the caller's request) failed.
 pub async fn restore(sb: &Sandbox, t: &Template, size: VmSize) -> Result<ReadyVm, ExecError> {
+    restore_files(sb, &t.state, &t.mem, t.memory.clone(), size).await
+}
+
+/// Brings back a VM saved by [`ReadyVm::save`] (a paused sandbox): the same
+/// guest, processes and files, made current (clock, entropy) like any
+/// restored VM, under a new VM id.
+pub async fn resume(sb: &Sandbox, state: &Path, mem: &Path, size: VmSize) -> Result<ReadyVm, ExecError> {
+    restore_files(sb, state, mem, None, size).await
+}
+
+async fn restore_files(
+    sb: &Sandbox,
+    state: &Path,
+    mem: &Path,
+    memory: Option<Arc<GuestMemory>>,
+    size: VmSize,
+) -> Result<ReadyVm, ExecError> {
     let started = Instant::now();
     let mut cfg = sb.vm_config(size, Vec::new());
-    cfg.guest_memory = t.memory.clone();
+    cfg.guest_memory = memory;
     let vm_id = cfg.id.clone();
-    let mut vm = sb.backend().restore(&cfg, &t.state, &t.mem).await?;
+    let mut vm = sb.backend().restore(&cfg, state, mem).await?;
     let loaded = started.elapsed();
     let deadline = tokio::time::Instant::now() + RESTORE_READY;
     let connected = tokio::time::timeout_at(deadline, async {

@@ -36,6 +36,24 @@ fn the_official_e2b_sdk_drives_sandboxes_from_a_loopback_only_namespace() {
     assert_eq!(d.stop(), Some(0));
 }
 
+/// Pause and resume need a `--snapshot` daemon on QEMU (see
+/// `tests/sandboxes.rs`); the SDK's `pause()` and `connect()` drive them.
+#[test]
+fn the_official_e2b_sdk_pauses_and_resumes_a_sandbox() {
+    let d = start_daemon_offline(&[
+        "--warm",
+        "0",
+        "--max",
+        "2",
+        "--snapshot",
+        "--e2b-listen",
+        "127.0.0.1:3000",
+    ]);
+    let token = std::fs::read_to_string(d.dir.join("token")).expect("the daemon's token");
+    run_check(&d, token.trim(), "pause_check.py", "PAUSE-CHECK OK");
+    assert_eq!(d.stop(), Some(0));
+}
+
 /// Runs one SDK script in the daemon's network namespace.
 fn run_check(d: &common::daemon::Daemon, token: &str, script: &str, ok: &str) {
     let script = format!("{}/tests/e2b/{script}", env!("CARGO_MANIFEST_DIR"));

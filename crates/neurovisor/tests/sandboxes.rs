@@ -122,6 +122,15 @@ async fn sandboxes_keep_state_apart_expire_are_killed_and_capped() {
     assert_eq!(b.len(), 32, "an id on stdout: {out:?}");
     assert_ne!(a.sandbox_id, b);
 
+    // A cold-booted QEMU VM (vhost-user vsock) cannot be snapshotted: the
+    // pause is refused with the fix, and the sandbox runs on.
+    let (code, _, err) = cli(&d, &["pause", &b]);
+    assert_eq!(code, Some(125), "{err}");
+    assert!(
+        err.contains("cannot be paused") && err.contains("--snapshot"),
+        "{err}"
+    );
+
     // The cap: a third is refused while two live.
     let e = c
         .create(CreateSandboxRequest::default())
@@ -938,6 +947,175 @@ async fn processes_outlive_their_call_take_input_and_signals_and_a_stalled_reade
         }
     };
     assert_eq!(end.map(|s| s.code()), Some(tonic::Code::Aborted));
+    drop(c);
+    assert_eq!(d.stop(), Some(0));
+}
+
+/// Pause writes the sandbox's whole VM to the daemon's disk and stops it;
+/// resume brings the same guest back in a new VM process. On QEMU that needs
+/// a `--snapshot` daemon (its sandboxes run in restored VMs, whose guest
+/// channel is a virtio-serial port that migrates). A file, a running
+/// process's memory and stdin, and a code context's variables survive; the
+/// guest's clock is the host's again; nothing runs and nothing expires while
+/// paused; kill and daemon shutdown remove the snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_sandbox_resumes_with_its_files_processes_and_contexts() {
+    let d = start_daemon(&["--warm", "0", "--max", "2", "--snapshot"]);
+    let mut c = sandboxes(&d).await;
+    let s = c
+        .create(CreateSandboxRequest {
+            timeout_s: 60,
+            ..Default::default()
+        })
+        .await
+        .expect("create")
+        .into_inner();
+    let id = s.sandbox_id.clone();
+    assert!(
+        s.restored,
+        "a --snapshot daemon's sandbox runs in a restored VM: {s:?}"
+    );
+    let (_, _, r) = exec(&mut c, &id, "bash", "echo kept > /home/user/keep.txt").await;
+    assert_eq!(r.exit_code, Some(0));
+    // A process whose state is in its memory: a running sum of its input.
+    let mut sum = start_req(
+        &id,
+        "python3",
+        &[
+            "-u",
+            "-c",
+            "import sys\nt = 0\nprint('ready')\nfor l in sys.stdin:\n    t += int(l)\n    print('sum', t)",
+        ],
+    );
+    sum.stdin = true;
+    sum.tag = "sum".into();
+    let (pid, mut p) = started(&mut c, sum).await;
+    read_until(&mut p, "ready").await;
+    let input = |data: &str| SendInputRequest {
+        sandbox_id: id.clone(),
+        pid,
+        tag: String::new(),
+        data: data.as_bytes().to_vec().into(),
+    };
+    c.send_input(input("5\n")).await.expect("input");
+    read_until(&mut p, "sum 5").await;
+    drop(p);
+    let (_, results, error) = run_code(&mut c, &id, "", "python", "x = 41\nx").await;
+    assert_eq!((results, error), (vec!["41".to_string()], None));
+
+    let paused = c
+        .pause(SandboxRef {
+            sandbox_id: id.clone(),
+        })
+        .await
+        .expect("pause")
+        .into_inner();
+    assert!(paused.paused && paused.end_at_ms == 0, "{paused:?}");
+    let snapshot = d.dir.join("daemon/paused").join(&id);
+    assert!(
+        snapshot.join("state").is_file(),
+        "no snapshot at {}",
+        snapshot.display()
+    );
+    wait_until(
+        "the paused sandbox's VM to be gone",
+        Duration::from_secs(10),
+        || d.vm_processes().is_empty(),
+    );
+    // Refused clearly while paused.
+    let e = c
+        .exec(SandboxExecRequest {
+            sandbox_id: id.clone(),
+            request: Some(req("bash", "true")),
+        })
+        .await
+        .expect_err("exec while paused");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("paused"), "{e:?}");
+    let e = c
+        .stat(path_req(&id, "keep.txt", ""))
+        .await
+        .expect_err("stat while paused");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    let e = c
+        .pause(SandboxRef {
+            sandbox_id: id.clone(),
+        })
+        .await
+        .expect_err("pause twice");
+    assert!(e.message().contains("already paused"), "{e:?}");
+    // The guest's clock stops with it; resume sets it again.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let (code, out, err) = cli(&d, &["resume", &id, "--timeout", "120s"]);
+    assert_eq!(code, Some(0), "{err}");
+    let info: serde_json::Value = serde_json::from_str(out.trim()).expect("resume prints JSON");
+    assert_eq!(info["paused"], false, "{out}");
+    let end = info["end_at_ms"].as_u64().unwrap_or(0);
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    assert!(
+        end > now_ms + 100_000 && end <= now_ms + 121_000,
+        "end_at_ms {end}, now {now_ms}"
+    );
+    assert!(!snapshot.exists(), "the snapshot stays after the resume");
+
+    let (out, _, r) = exec(&mut c, &id, "bash", "cat /home/user/keep.txt; date +%s").await;
+    assert_eq!(r.exit_code, Some(0));
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some("kept"));
+    let guest_now: u64 = lines
+        .next()
+        .and_then(|l| l.trim().parse().ok())
+        .expect("date +%s");
+    let host_now = now_ms / 1000;
+    assert!(
+        guest_now.abs_diff(host_now) <= 2,
+        "guest clock {guest_now}, host {host_now}"
+    );
+    let mut p = c
+        .connect_process(ProcessSelector {
+            sandbox_id: id.clone(),
+            pid,
+            tag: String::new(),
+        })
+        .await
+        .expect("the process is still there")
+        .into_inner();
+    c.send_input(input("7\n")).await.expect("input after resume");
+    read_until(&mut p, "sum 12").await;
+    let (_, results, _) = run_code(&mut c, &id, "", "python", "x + 1").await;
+    assert_eq!(results, vec!["42".to_string()]);
+    drop(p);
+
+    // Paused again, then killed: the snapshot goes with it.
+    let (code, _, err) = cli(&d, &["pause", &id]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(snapshot.join("state").is_file());
+    let (code, _, err) = cli(&d, &["kill", &id]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(!snapshot.exists(), "the snapshot stays after kill");
+    let e = c
+        .get(SandboxRef {
+            sandbox_id: id.clone(),
+        })
+        .await
+        .expect_err("killed");
+    assert_eq!(e.code(), tonic::Code::NotFound);
+
+    // A sandbox paused when the daemon stops leaves nothing (`stop` checks).
+    let other = c
+        .create(CreateSandboxRequest::default())
+        .await
+        .expect("create")
+        .into_inner();
+    c.pause(SandboxRef {
+        sandbox_id: other.sandbox_id.clone(),
+    })
+    .await
+    .expect("pause");
     drop(c);
     assert_eq!(d.stop(), Some(0));
 }

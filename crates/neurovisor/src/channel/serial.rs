@@ -33,6 +33,19 @@ const MAX_STALE: usize = 1 << 20;
 /// saw (its HTTP/2 connection from before a snapshot took it) is not
 /// answered: the caller connects again, which ends that connection.
 pub const ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+/// The first connection to a VM resumed from a paused sandbox's snapshot
+/// usually loses its hello to the agent's connection from before the
+/// pause (the port's close and the new host's open reach the guest before
+/// that connection reads again): waits start this short and double up to
+/// [`ANSWER_WAIT`], so that a loaded guest still gets time to answer.
+pub const FIRST_ANSWER_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// The answer wait of connection attempt `n` (from 0) to a VM.
+pub fn answer_wait(attempt: u32) -> std::time::Duration {
+    FIRST_ANSWER_WAIT
+        .saturating_mul(1u32 << attempt.min(8))
+        .min(ANSWER_WAIT)
+}
 
 /// One VM's virtio-serial endpoint. Clones share the VM's rate limiter.
 #[derive(Debug, Clone)]
@@ -67,16 +80,27 @@ impl SerialPort {
     /// Connects and shakes hands (on the guest I/O runtime): the stream is
     /// the agent's, starting at a fresh HTTP/2 connection.
     pub async fn connect(&self) -> Result<GuestStream, VsockError> {
+        self.connect_waiting(ANSWER_WAIT).await
+    }
+
+    /// [`SerialPort::connect`], waiting up to `wait` for the answer.
+    pub async fn connect_waiting(&self, wait: std::time::Duration) -> Result<GuestStream, VsockError> {
         // Made here: the guest I/O threads may not ask for randomness.
         let nonce = uuid::Uuid::new_v4().simple().to_string();
         if !self.io.is_separate() {
-            return self.connect_here(nonce).await;
+            return self.connect_here(nonce, wait).await;
         }
         let this = self.clone();
-        self.io.run(async move { this.connect_here(nonce).await }).await?
+        self.io
+            .run(async move { this.connect_here(nonce, wait).await })
+            .await?
     }
 
-    async fn connect_here(&self, nonce: String) -> Result<GuestStream, VsockError> {
+    async fn connect_here(
+        &self,
+        nonce: String,
+        wait: std::time::Duration,
+    ) -> Result<GuestStream, VsockError> {
         let mut s = UnixStream::connect(&self.path)
             .await
             .map_err(|source| VsockError::Connect {
@@ -88,9 +112,9 @@ impl SerialPort {
             .await
             .map_err(hs)?;
         let want = format!("{OLLEH} {nonce}\n");
-        match tokio::time::timeout(ANSWER_WAIT, Self::await_answer(&mut s, &want)).await {
+        match tokio::time::timeout(wait, Self::await_answer(&mut s, &want)).await {
             Ok(r) => r?,
-            Err(_) => return Err(VsockError::Timeout(ANSWER_WAIT)),
+            Err(_) => return Err(VsockError::Timeout(wait)),
         }
         Ok(RateLimitedStream::new(s, self.limiter.clone()))
     }

@@ -31,6 +31,12 @@ pub enum SandboxCommand {
     Kill(IdArgs),
     /// Set a sandbox's timeout, counted from now.
     Timeout(TimeoutArgs),
+    /// Pause a sandbox: its whole VM (memory, processes, files) is saved to
+    /// the daemon's disk and stopped until `resume`; it does not expire
+    /// meanwhile. Needs a daemon started with `--snapshot` on QEMU.
+    Pause(IdArgs),
+    /// Resume a paused sandbox where it stopped.
+    Resume(ResumeArgs),
     /// Copy a file into or out of a sandbox: `cp LOCAL ID:PATH` or
     /// `cp ID:PATH LOCAL` (`-` for stdin/stdout). Streams; any size.
     Cp(CpArgs),
@@ -133,6 +139,16 @@ pub struct IdArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct ResumeArgs {
+    id: String,
+    /// Its timeout from now (default: what was left of it when paused).
+    #[arg(long, value_parser = parse_duration)]
+    timeout: Option<Duration>,
+    #[command(flatten)]
+    daemon: DaemonArgs,
+}
+
+#[derive(Debug, Args)]
 pub struct TimeoutArgs {
     id: String,
     /// The new timeout, from now (e.g. 300s, 10m).
@@ -192,6 +208,7 @@ fn info_json(s: &SandboxInfo) -> serde_json::Value {
         "image": s.image,
         "restored": s.restored,
         "executions": s.executions,
+        "paused": s.paused,
     })
 }
 
@@ -343,6 +360,25 @@ async fn run(cmd: SandboxCommand) -> Result<u8, u8> {
                     );
                 }
             }
+            Ok(0)
+        }
+        SandboxCommand::Pause(a) => {
+            let mut c = connect(&a.daemon).await?;
+            let s = c
+                .sandbox_pause(&a.id)
+                .await
+                .map_err(|e| fail(&e, exit_code(&e)))?;
+            println!("{}", info_json(&s));
+            Ok(0)
+        }
+        SandboxCommand::Resume(a) => {
+            let timeout_s = secs(a.timeout)?;
+            let mut c = connect(&a.daemon).await?;
+            let s = c
+                .sandbox_resume(&a.id, timeout_s)
+                .await
+                .map_err(|e| fail(&e, exit_code(&e)))?;
+            println!("{}", info_json(&s));
             Ok(0)
         }
         SandboxCommand::Timeout(a) => {

@@ -77,7 +77,7 @@ fn sandbox_json(st: &E2bState, s: &SandboxInfo, token: Option<String>) -> Value 
         "cpuCount": cpus.max(s.vcpus),
         "memoryMB": mem.max(s.memory_mib),
         "diskSizeMB": disk,
-        "state": "running",
+        "state": if s.paused { "paused" } else { "running" },
         "metadata": s.metadata,
         "alias": st.image,
     });
@@ -161,10 +161,12 @@ async fn list(
     Query(q): Query<ListQuery>,
 ) -> Result<Response, ApiError> {
     check_api_key(&st, &headers)?;
-    let wants_running = q
-        .state
-        .as_deref()
-        .is_none_or(|s| s.split(',').any(|s| s.trim() == "running"));
+    let wants = |state: &str| {
+        q.state
+            .as_deref()
+            .is_none_or(|s| s.split(',').any(|s| s.trim() == state))
+    };
+    let (wants_running, wants_paused) = (wants("running"), wants("paused"));
     let filter: Vec<(String, String)> = q
         .metadata
         .as_deref()
@@ -178,7 +180,7 @@ async fn list(
         .table
         .infos()
         .into_iter()
-        .filter(|_| wants_running)
+        .filter(|s| if s.paused { wants_paused } else { wants_running })
         .filter(|s| filter.iter().all(|(k, v)| s.metadata.get(k) == Some(v)))
         .collect();
     // Pages are runs of the list in start order; the token is the last id.
@@ -242,7 +244,7 @@ async fn timeout(
 }
 
 /// Connecting to a running sandbox sets its timeout (when given) and
-/// answers like create.
+/// answers like get (200); a paused one is resumed first (201).
 async fn connect(
     State(st): State<E2bState>,
     headers: HeaderMap,
@@ -251,37 +253,78 @@ async fn connect(
 ) -> Result<Response, ApiError> {
     check_api_key(&st, &headers)?;
     let t: TimeoutBody = parse(&body)?;
-    let info = match t.timeout {
-        Some(secs) => st.table.set_timeout(&id, timeout_s(Some(secs))?),
-        None => st.table.info_of(&id),
-    }
-    .map_err(not_found(&id))?;
+    let secs = t.timeout.map(|s| timeout_s(Some(s))).transpose()?;
+    let (code, info) = if st.table.is_paused(&id).map_err(not_found(&id))? {
+        let info = st
+            .table
+            .resume(&id, secs.unwrap_or(0))
+            .await
+            .map_err(not_found(&id))?;
+        (StatusCode::CREATED, info)
+    } else {
+        let info = match secs {
+            Some(secs) => st.table.set_timeout(&id, secs),
+            None => st.table.info_of(&id),
+        }
+        .map_err(not_found(&id))?;
+        (StatusCode::OK, info)
+    };
     let token = st.table.access_token(&id);
-    Ok(Json(sandbox_json(&st, &info, token)).into_response())
+    Ok((code, Json(sandbox_json(&st, &info, token))).into_response())
 }
 
+/// A full memory snapshot (E2B's default and `memory: true`); 409 if it is
+/// already paused. A filesystem-only pause (`memory: false`) is refused: the
+/// guest's files live in its memory here.
 async fn pause(
     State(st): State<E2bState>,
     headers: HeaderMap,
     Path(id): Path<String>,
+    body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     check_api_key(&st, &headers)?;
-    st.table.info_of(&id).map_err(not_found(&id))?;
-    Err(ApiError(
-        StatusCode::NOT_IMPLEMENTED,
-        format!("sandbox {id} cannot be paused: pause and resume are not supported by this daemon yet; it keeps running until killed or its timeout"),
-    ))
+    #[derive(Deserialize, Default)]
+    struct PauseBody {
+        memory: Option<bool>,
+    }
+    let b: PauseBody = parse(&body)?;
+    if b.memory == Some(false) {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "memory: false (a filesystem-only pause) is not supported: a sandbox's files live in its memory here; pause with the default full snapshot".into(),
+        ));
+    }
+    if st.table.is_paused(&id).map_err(not_found(&id))? {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!("sandbox {id} is already paused"),
+        ));
+    }
+    st.table.pause(&id).await.map_err(not_found(&id))?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+/// The older resume call: 201 with the sandbox; 409 if it is not paused.
 async fn resume(
     State(st): State<E2bState>,
     headers: HeaderMap,
     Path(id): Path<String>,
+    body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     check_api_key(&st, &headers)?;
-    st.table.info_of(&id).map_err(not_found(&id))?;
-    Err(ApiError(
-        StatusCode::CONFLICT,
-        format!("sandbox {id} is running, not paused"),
-    ))
+    let t: TimeoutBody = parse(&body)?;
+    let secs = t.timeout.map(|s| timeout_s(Some(s))).transpose()?;
+    if !st.table.is_paused(&id).map_err(not_found(&id))? {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!("sandbox {id} is running, not paused"),
+        ));
+    }
+    let info = st
+        .table
+        .resume(&id, secs.unwrap_or(0))
+        .await
+        .map_err(not_found(&id))?;
+    let token = st.table.access_token(&id);
+    Ok((StatusCode::CREATED, Json(sandbox_json(&st, &info, token))).into_response())
 }

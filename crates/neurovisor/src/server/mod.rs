@@ -276,6 +276,12 @@ pub fn daemon_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("daemon")
 }
 
+/// Where the daemon keeps paused sandboxes' snapshots (guest memory: inside
+/// the daemon's own directory, 0700).
+pub fn paused_dir(state_dir: &Path) -> PathBuf {
+    daemon_dir(state_dir).join("paused")
+}
+
 /// The exclusive lock of one state directory, held for the daemon's lifetime.
 pub struct StateLock {
     _lock: FileLock,
@@ -493,6 +499,12 @@ pub async fn run(
     // Also what killed `run`s left (their VMs' owners are gone).
     crate::supervisor::clean_stale_vms(&cfg.state_dir.join("vms"));
     clean_leftover_cgroups();
+    // Paused sandboxes' snapshots: no sandbox outlives its daemon.
+    match std::fs::remove_dir_all(paused_dir(&cfg.state_dir)) {
+        Ok(()) => tracing::warn!("removed the paused sandboxes a previous daemon left"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!("could not remove the paused sandboxes a previous daemon left: {e}"),
+    }
     if removed > 0 {
         tracing::warn!("removed {removed} VM(s) left by a previous daemon");
     }
@@ -692,8 +704,13 @@ pub async fn run(
     };
 
     let budget = sandbox::OutputBudget::new(cfg.output_budget);
-    let sessions =
-        sessions::SandboxTable::start(pool.clone(), cfg.sandboxes, metrics.clone(), budget.clone());
+    let sessions = sessions::SandboxTable::start(
+        pool.clone(),
+        cfg.sandboxes,
+        metrics.clone(),
+        budget.clone(),
+        paused_dir(&cfg.state_dir),
+    );
     // The E2B API: the same sandboxes, the same connection limit.
     let (stop_e2b_http, e2b_http_stopped) = tokio::sync::oneshot::channel::<()>();
     let e2b_task = match (e2b_tcp, &token, listening.e2b) {

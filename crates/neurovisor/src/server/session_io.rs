@@ -21,7 +21,7 @@ use tonic::Status;
 
 use super::sessions::{SandboxTable, Session};
 use crate::channel::session::FILE_CHUNK;
-use crate::channel::{GuestItems, SessionError};
+use crate::channel::{GuestItems, GuestSession, SessionError};
 
 pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<FileChunk, Status>> + Send>>;
 pub type CodeStream = Pin<Box<dyn Stream<Item = Result<CodeEvent, Status>> + Send>>;
@@ -130,15 +130,18 @@ fn relay<T: Unpin + Send + 'static>(
 }
 
 impl SandboxTable {
-    fn live(&self, id: &str) -> Result<Arc<Session>, Status> {
-        self.get(id)
+    /// The sandbox and its VM's services (FAILED_PRECONDITION while paused).
+    fn live(&self, id: &str) -> Result<(Arc<Session>, GuestSession), Status> {
+        let s = self.get(id)?;
+        let g = s.guest()?;
+        Ok((s, g))
     }
 
     pub(crate) async fn read_file(&self, r: ReadFileRequest) -> Result<ChunkStream, Status> {
         check_path("path", &r.path)?;
         check_user(&r.user)?;
-        let s = self.live(&r.sandbox_id)?;
-        let items = s.guest.read_file(r).await.map_err(status)?;
+        let (s, g) = self.live(&r.sandbox_id)?;
+        let items = g.read_file(r).await.map_err(status)?;
         Ok(relay(items, &s))
     }
 
@@ -153,7 +156,7 @@ impl SandboxTable {
         })?;
         check_path("path", &first.path)?;
         check_user(&first.user)?;
-        let s = self.live(&first.sandbox_id)?;
+        let (s, g) = self.live(&first.sandbox_id)?;
         let (tx, rx) = mpsc::channel(4);
         let check = |m: &WriteFileRequest| {
             if m.data.len() > FILE_CHUNK {
@@ -182,7 +185,7 @@ impl SandboxTable {
             }
             Ok::<(), Status>(())
         };
-        let write = s.guest.write_file(rx);
+        let write = g.write_file(rx);
         let (fed, written) = tokio::select! {
             r = async { tokio::join!(feed, write) } => r,
             _ = s.killed.cancelled() => return Err(Status::aborted("the sandbox was killed")),
@@ -196,45 +199,45 @@ impl SandboxTable {
     pub(crate) async fn list_dir(&self, r: ListDirRequest) -> Result<ListDirResponse, Status> {
         check_path("path", &r.path)?;
         check_user(&r.user)?;
-        let s = self.live(&r.sandbox_id)?;
-        let entries = s.guest.list_dir(r).await.map_err(status)?;
+        let (_, g) = self.live(&r.sandbox_id)?;
+        let entries = g.list_dir(r).await.map_err(status)?;
         Ok(ListDirResponse { entries })
     }
 
     pub(crate) async fn stat(&self, r: PathRequest) -> Result<EntryInfo, Status> {
         check_path("path", &r.path)?;
         check_user(&r.user)?;
-        let s = self.live(&r.sandbox_id)?;
-        s.guest.stat(r).await.map_err(status)
+        let (_, g) = self.live(&r.sandbox_id)?;
+        g.stat(r).await.map_err(status)
     }
 
     pub(crate) async fn make_dir(&self, r: PathRequest) -> Result<EntryInfo, Status> {
         check_path("path", &r.path)?;
         check_user(&r.user)?;
-        let s = self.live(&r.sandbox_id)?;
-        s.guest.make_dir(r).await.map_err(status)
+        let (_, g) = self.live(&r.sandbox_id)?;
+        g.make_dir(r).await.map_err(status)
     }
 
     pub(crate) async fn remove(&self, r: PathRequest) -> Result<(), Status> {
         check_path("path", &r.path)?;
         check_user(&r.user)?;
-        let s = self.live(&r.sandbox_id)?;
-        s.guest.remove(r).await.map_err(status)
+        let (_, g) = self.live(&r.sandbox_id)?;
+        g.remove(r).await.map_err(status)
     }
 
     pub(crate) async fn rename(&self, r: MoveRequest) -> Result<EntryInfo, Status> {
         check_path("source", &r.source)?;
         check_path("destination", &r.destination)?;
         check_user(&r.user)?;
-        let s = self.live(&r.sandbox_id)?;
-        s.guest.rename(r).await.map_err(status)
+        let (_, g) = self.live(&r.sandbox_id)?;
+        g.rename(r).await.map_err(status)
     }
 
     pub(crate) async fn watch_dir(&self, r: WatchDirRequest) -> Result<WatchStream, Status> {
         check_path("path", &r.path)?;
         check_user(&r.user)?;
-        let s = self.live(&r.sandbox_id)?;
-        let items = s.guest.watch_dir(r).await.map_err(status)?;
+        let (s, g) = self.live(&r.sandbox_id)?;
+        let items = g.watch_dir(r).await.map_err(status)?;
         Ok(relay(items, &s))
     }
 
@@ -251,7 +254,7 @@ impl SandboxTable {
         if r.pty.is_some() {
             check_pty(r.pty.as_ref())?;
         }
-        let s = self.live(&r.sandbox_id)?;
+        let (s, g) = self.live(&r.sandbox_id)?;
         // The same checks as a program's arguments and environment, with
         // the sandbox's environment under the request's own.
         let own = std::mem::take(&mut r.env);
@@ -261,14 +264,14 @@ impl SandboxTable {
         probe.args = r.args.clone();
         probe.env = r.env.clone().into_iter().collect();
         probe.validate(self.images()).map_err(super::sandbox::to_status)?;
-        let items = s.guest.start_process(r).await.map_err(status)?;
+        let items = g.start_process(r).await.map_err(status)?;
         Ok(relay(items, &s))
     }
 
     pub(crate) async fn connect_process(&self, r: ProcessSelector) -> Result<EventStream, Status> {
         check_selector(r.pid, &r.tag)?;
-        let s = self.live(&r.sandbox_id)?;
-        let items = s.guest.attach(r).await.map_err(status)?;
+        let (s, g) = self.live(&r.sandbox_id)?;
+        let items = g.attach(r).await.map_err(status)?;
         Ok(relay(items, &s))
     }
 
@@ -276,8 +279,8 @@ impl SandboxTable {
         &self,
         r: ListProcessesRequest,
     ) -> Result<ListProcessesResponse, Status> {
-        let s = self.live(&r.sandbox_id)?;
-        let processes = s.guest.list_processes().await.map_err(status)?;
+        let (_, g) = self.live(&r.sandbox_id)?;
+        let processes = g.list_processes().await.map_err(status)?;
         Ok(ListProcessesResponse { processes })
     }
 
@@ -289,23 +292,23 @@ impl SandboxTable {
                 r.data.len()
             )));
         }
-        let s = self.live(&r.sandbox_id)?;
-        s.guest.send_input(r).await.map_err(status)?;
+        let (_, g) = self.live(&r.sandbox_id)?;
+        g.send_input(r).await.map_err(status)?;
         Ok(ProcessAck {})
     }
 
     pub(crate) async fn resize_pty(&self, r: ResizePtyRequest) -> Result<ProcessAck, Status> {
         check_selector(r.pid, &r.tag)?;
         check_pty(r.size.as_ref())?;
-        let s = self.live(&r.sandbox_id)?;
-        s.guest.resize_pty(r).await.map_err(status)?;
+        let (_, g) = self.live(&r.sandbox_id)?;
+        g.resize_pty(r).await.map_err(status)?;
         Ok(ProcessAck {})
     }
 
     pub(crate) async fn close_stdin(&self, r: ProcessSelector) -> Result<ProcessAck, Status> {
         check_selector(r.pid, &r.tag)?;
-        let s = self.live(&r.sandbox_id)?;
-        s.guest.close_stdin(r).await.map_err(status)?;
+        let (_, g) = self.live(&r.sandbox_id)?;
+        g.close_stdin(r).await.map_err(status)?;
         Ok(ProcessAck {})
     }
 
@@ -315,26 +318,26 @@ impl SandboxTable {
         if !r.cwd.is_empty() {
             check_path("cwd", &r.cwd)?;
         }
-        let s = self.live(&r.sandbox_id)?;
-        s.guest.create_context(r).await.map_err(status)
+        let (_, g) = self.live(&r.sandbox_id)?;
+        g.create_context(r).await.map_err(status)
     }
 
     pub(crate) async fn list_contexts(&self, r: ListContextsRequest) -> Result<ListContextsResponse, Status> {
-        let s = self.live(&r.sandbox_id)?;
-        let contexts = s.guest.list_contexts().await.map_err(status)?;
+        let (_, g) = self.live(&r.sandbox_id)?;
+        let contexts = g.list_contexts().await.map_err(status)?;
         Ok(ListContextsResponse { contexts })
     }
 
     pub(crate) async fn restart_context(&self, r: ContextSelector) -> Result<ContextInfo, Status> {
         check_context_id(&r.context_id)?;
-        let s = self.live(&r.sandbox_id)?;
-        s.guest.restart_context(r).await.map_err(status)
+        let (_, g) = self.live(&r.sandbox_id)?;
+        g.restart_context(r).await.map_err(status)
     }
 
     pub(crate) async fn remove_context(&self, r: ContextSelector) -> Result<ContextAck, Status> {
         check_context_id(&r.context_id)?;
-        let s = self.live(&r.sandbox_id)?;
-        s.guest.remove_context(r).await.map_err(status)?;
+        let (_, g) = self.live(&r.sandbox_id)?;
+        g.remove_context(r).await.map_err(status)?;
         Ok(ContextAck {})
     }
 
@@ -344,7 +347,7 @@ impl SandboxTable {
         } else {
             check_context_id(&r.context_id)?;
         }
-        let s = self.live(&r.sandbox_id)?;
+        let (s, g) = self.live(&r.sandbox_id)?;
         // The code, the environment (the sandbox's under the run's own) and
         // the time limit get the checks of every program.
         let own = std::mem::take(&mut r.env);
@@ -358,7 +361,7 @@ impl SandboxTable {
                 "timeout_ms: at most {MAX_RUN_MS} (1 h); split the work into shorter runs"
             )));
         }
-        let items = s.guest.run_code(r).await.map_err(status)?;
+        let items = g.run_code(r).await.map_err(status)?;
         Ok(relay(items, &s))
     }
 
@@ -370,8 +373,8 @@ impl SandboxTable {
                 r.signal
             )));
         }
-        let s = self.live(&r.sandbox_id)?;
-        s.guest.signal(r).await.map_err(status)?;
+        let (_, g) = self.live(&r.sandbox_id)?;
+        g.signal(r).await.map_err(status)?;
         Ok(ProcessAck {})
     }
 }

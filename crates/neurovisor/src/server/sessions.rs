@@ -11,6 +11,8 @@
 //! on live sandboxes and their memory.
 
 use std::collections::{BTreeMap, HashMap};
+use std::os::unix::fs::DirBuilderExt;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -22,9 +24,9 @@ use neurovisor_proto::v1::{
     CreateSandboxRequest, EntryInfo, ExecuteResponse, KillSandboxResponse, ListContextsRequest,
     ListContextsResponse, ListDirRequest, ListDirResponse, ListProcessesRequest, ListProcessesResponse,
     ListSandboxesRequest, ListSandboxesResponse, MoveRequest, PathRequest, ProcessAck, ProcessSelector,
-    ReadFileRequest, RemoveResponse, ResizePtyRequest, RunCodeRequest, SandboxExecRequest, SandboxInfo,
-    SandboxRef, SendInputRequest, SetSandboxTimeoutRequest, SignalProcessRequest, StartProcessRequest,
-    WatchDirRequest, WriteFileRequest,
+    ReadFileRequest, RemoveResponse, ResizePtyRequest, ResumeSandboxRequest, RunCodeRequest,
+    SandboxExecRequest, SandboxInfo, SandboxRef, SendInputRequest, SetSandboxTimeoutRequest,
+    SignalProcessRequest, StartProcessRequest, WatchDirRequest, WriteFileRequest,
 };
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
@@ -38,9 +40,10 @@ use super::sandbox::{
     pool_status, result_of, to_status, wire_of, InFlight, Outbox, OutboxStream, OutputBudget, Queued,
 };
 use super::trace::{trace_id_of, with_trace_id};
-use crate::exec::{ExecRequest, Output, OutputSink};
+use crate::exec::{ExecError, ExecRequest, Output, OutputSink};
 use crate::metrics::Metrics;
 use crate::pool::{Lease, Pool};
+use crate::vmm::VmmError;
 
 /// A sandbox's life when the request names none.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -59,9 +62,19 @@ pub struct SandboxLimits {
     pub max_memory_mib: u64,
 }
 
+/// A paused sandbox's snapshot on disk.
+#[derive(Clone)]
+struct Paused {
+    /// `state` and `mem` (see [`Lease::save`]); removed with the sandbox.
+    dir: PathBuf,
+    /// What was left of its timeout.
+    left: Duration,
+}
+
 pub(super) struct Session {
     id: String,
-    vm_id: String,
+    /// Its current VM (a resumed sandbox has a new one).
+    vm_id: std::sync::Mutex<String>,
     started_at: SystemTime,
     /// (monotonic deadline, the same as wall time for clients).
     deadline: std::sync::Mutex<(Instant, SystemTime)>,
@@ -69,15 +82,35 @@ pub(super) struct Session {
     pub(super) env: BTreeMap<String, String>,
     restored: bool,
     executions: AtomicU64,
-    /// `None` once killed. Held by the one `Exec` running.
+    /// `None` once killed or while paused. Held by the one `Exec` running,
+    /// and by a pause or resume in progress.
     lease: tokio::sync::Mutex<Option<Lease>>,
+    /// `Some` while paused.
+    paused: std::sync::Mutex<Option<Paused>>,
     /// Cancelled when the sandbox ends: a running `Exec` lets go of the lease.
     pub(super) killed: CancellationToken,
     /// Its files and processes (on the VM's connection; calls fail once the
-    /// VM is gone).
-    pub(super) guest: crate::channel::GuestSession,
+    /// VM is gone). `None` while paused.
+    guest: std::sync::Mutex<Option<crate::channel::GuestSession>>,
     /// See [`SandboxTable::access_token`].
     access_token: String,
+}
+
+impl Session {
+    fn is_paused(&self) -> bool {
+        self.paused.lock().map(|p| p.is_some()).unwrap_or(false)
+    }
+
+    /// The agent's services of its VM; FAILED_PRECONDITION while paused.
+    pub(super) fn guest(&self) -> Result<crate::channel::GuestSession, Status> {
+        let g = self.guest.lock().ok().and_then(|g| g.clone());
+        g.ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "sandbox {} is paused; resume it first (Resume, `neurovisor sandbox resume`, or E2B's connect)",
+                self.id
+            ))
+        })
+    }
 }
 
 /// 32 random bytes as hex.
@@ -114,6 +147,8 @@ struct Table {
     changed: tokio::sync::Notify,
     /// The daemon is stopping: the reaper ends.
     stopped: CancellationToken,
+    /// Where paused sandboxes' snapshots are kept (one directory each).
+    paused_dir: PathBuf,
 }
 
 /// Every live sandbox of the daemon (a handle: clones share it).
@@ -136,7 +171,15 @@ impl Drop for Reservation<'_> {
 impl SandboxTable {
     /// The table and its reaper (a task on the current runtime that kills
     /// sandboxes whose deadline has passed).
-    pub fn start(pool: Pool, limits: SandboxLimits, metrics: Arc<Metrics>, budget: OutputBudget) -> Self {
+    /// `paused_dir` holds paused sandboxes' snapshots (the daemon empties it
+    /// when it starts: no sandbox outlives its daemon).
+    pub fn start(
+        pool: Pool,
+        limits: SandboxLimits,
+        metrics: Arc<Metrics>,
+        budget: OutputBudget,
+        paused_dir: PathBuf,
+    ) -> Self {
         let t = Self {
             inner: Arc::new(Table {
                 pool,
@@ -148,6 +191,7 @@ impl SandboxTable {
                 creating: std::sync::Mutex::new(0),
                 changed: tokio::sync::Notify::new(),
                 stopped: CancellationToken::new(),
+                paused_dir,
             }),
         };
         tokio::spawn(reap(t.inner.clone()));
@@ -170,11 +214,13 @@ impl SandboxTable {
     fn info(&self, s: &Session) -> SandboxInfo {
         let size = self.inner.pool.config().size;
         let end = s.deadline.lock().map(|d| d.1).unwrap_or(s.started_at);
+        let paused = s.is_paused();
         SandboxInfo {
             sandbox_id: s.id.clone(),
-            vm_id: s.vm_id.clone(),
+            vm_id: s.vm_id.lock().map(|v| v.clone()).unwrap_or_default(),
             started_at_ms: unix_ms(s.started_at),
-            end_at_ms: unix_ms(end),
+            end_at_ms: if paused { 0 } else { unix_ms(end) },
+            paused,
             metadata: s.metadata.clone(),
             memory_mib: size.memory_mib(),
             vcpus: size.vcpus(),
@@ -240,7 +286,7 @@ impl SandboxTable {
         let now = (Instant::now(), SystemTime::now());
         let session = Arc::new(Session {
             id: uuid::Uuid::now_v7().simple().to_string(),
-            vm_id: lease.vm_id().to_string(),
+            vm_id: std::sync::Mutex::new(lease.vm_id().to_string()),
             started_at: now.1,
             deadline: std::sync::Mutex::new((now.0 + timeout, now.1 + timeout)),
             metadata: r.metadata,
@@ -248,8 +294,9 @@ impl SandboxTable {
             restored: lease.restored(),
             executions: AtomicU64::new(0),
             lease: tokio::sync::Mutex::new(Some(lease)),
+            paused: std::sync::Mutex::new(None),
             killed: CancellationToken::new(),
-            guest,
+            guest: std::sync::Mutex::new(Some(guest)),
             access_token: random_token(),
         });
         let info = self.info(&session);
@@ -258,7 +305,7 @@ impl SandboxTable {
         }
         self.inner.metrics.sandboxes.inc();
         self.inner.changed.notify_waiters();
-        tracing::info!(sandbox = %session.id, vm = %session.vm_id, ?timeout, "sandbox created");
+        tracing::info!(sandbox = %session.id, vm = %lease_vm(&session), ?timeout, "sandbox created");
         Ok(info)
     }
 
@@ -314,9 +361,118 @@ impl SandboxTable {
         }
     }
 
+    /// Whether sandbox `id` is paused (NOT_FOUND if it is not live).
+    pub(crate) fn is_paused(&self, id: &str) -> Result<bool, Status> {
+        self.get(id).map(|s| s.is_paused())
+    }
+
+    /// Pauses sandbox `id`: its VM's snapshot goes to disk and the VM is
+    /// destroyed (see the `Pause` call in sandbox.proto).
+    pub(crate) async fn pause(&self, id: &str) -> Result<SandboxInfo, Status> {
+        let s = self.get(id)?;
+        let mut guard = s.lease.try_lock().map_err(|_| {
+            Status::failed_precondition(format!(
+                "sandbox {id} is running a program (Exec) or being paused or resumed; pause it once that is done"
+            ))
+        })?;
+        if s.is_paused() {
+            return Err(Status::failed_precondition(format!(
+                "sandbox {id} is already paused"
+            )));
+        }
+        let Some(lease) = guard.as_mut() else {
+            return Err(Status::not_found(format!("no sandbox '{id}' (it was killed)")));
+        };
+        let dir = self.inner.paused_dir.join(&s.id);
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| Status::internal(format!("create {}: {e}", dir.display())))?;
+        let started = Instant::now();
+        let saved = tokio::select! {
+            r = lease.save(dir.join("state"), dir.join("mem")) => r,
+            _ = s.killed.cancelled() => Err(ExecError::Protocol("killed".into())),
+        };
+        if let Err(e) = saved {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(match e {
+                ExecError::Vmm(VmmError::Unsupported(why)) => {
+                    Status::failed_precondition(format!("sandbox {id} cannot be paused: {why}"))
+                }
+                e => Status::unavailable(format!("sandbox {id} was not paused: {e}; it runs on")),
+            });
+        }
+        let left = s
+            .deadline
+            .lock()
+            .map(|d| d.0.saturating_duration_since(Instant::now()))
+            .unwrap_or(DEFAULT_TIMEOUT)
+            .max(Duration::from_secs(1));
+        if let Ok(mut g) = s.guest.lock() {
+            *g = None;
+        }
+        if let Ok(mut p) = s.paused.lock() {
+            *p = Some(Paused { dir, left });
+        }
+        // Destroys the VM and frees its place in the pool.
+        drop(guard.take());
+        self.inner.changed.notify_waiters();
+        tracing::info!(sandbox = %s.id, took_ms = started.elapsed().as_millis() as u64, "sandbox paused");
+        Ok(self.info(&s))
+    }
+
+    /// Resumes paused sandbox `id` in a VM restored from its snapshot; its
+    /// timeout is `timeout_s` from now, or what was left of it (0).
+    pub(crate) async fn resume(&self, id: &str, timeout_s: u32) -> Result<SandboxInfo, Status> {
+        let asked = (timeout_s > 0).then(|| timeout_of(timeout_s)).transpose()?;
+        let s = self.get(id)?;
+        // Waits for a pause in progress.
+        let mut guard = s.lease.lock().await;
+        let Some(p) = s.paused.lock().ok().and_then(|p| p.clone()) else {
+            return Err(Status::failed_precondition(format!(
+                "sandbox {id} is running, not paused"
+            )));
+        };
+        let started = Instant::now();
+        let lease = tokio::select! {
+            r = self.inner.pool.resume(p.dir.join("state"), p.dir.join("mem")) => r,
+            _ = s.killed.cancelled() => return Err(Status::aborted(format!("sandbox {id} was killed"))),
+        }
+        .map_err(|e| {
+            let st = pool_status(e);
+            Status::new(st.code(), format!("{}; sandbox {id} stays paused", st.message()))
+        })?;
+        if let Ok(mut v) = s.vm_id.lock() {
+            *v = lease.vm_id().to_string();
+        }
+        if let Ok(mut g) = s.guest.lock() {
+            *g = lease.session();
+        }
+        let timeout = asked.unwrap_or(p.left);
+        let now = (Instant::now(), SystemTime::now());
+        if let Ok(mut d) = s.deadline.lock() {
+            *d = (now.0 + timeout, now.1 + timeout);
+        }
+        *guard = Some(lease);
+        if let Ok(mut p) = s.paused.lock() {
+            *p = None;
+        }
+        drop(guard);
+        let _ = std::fs::remove_dir_all(&p.dir);
+        self.inner.changed.notify_waiters();
+        tracing::info!(sandbox = %s.id, vm = %lease_vm(&s), took_ms = started.elapsed().as_millis() as u64, "sandbox resumed");
+        Ok(self.info(&s))
+    }
+
     pub(crate) fn set_timeout(&self, id: &str, timeout_s: u32) -> Result<SandboxInfo, Status> {
         let timeout = timeout_of(timeout_s)?;
         let s = self.get(id)?;
+        if s.is_paused() {
+            return Err(Status::failed_precondition(format!(
+                "sandbox {id} is paused and does not expire; give the timeout when you resume it"
+            )));
+        }
         let now = (Instant::now(), SystemTime::now());
         if let Ok(mut d) = s.deadline.lock() {
             *d = (now.0 + timeout, now.1 + timeout);
@@ -346,13 +502,19 @@ impl Ending {
     }
 }
 
-/// Drops the session's lease (destroying its VM), after any running `Exec`
-/// has let go of it.
+fn lease_vm(s: &Session) -> String {
+    s.vm_id.lock().map(|v| v.clone()).unwrap_or_default()
+}
+
+/// Drops the session's lease (destroying its VM) after any running `Exec`,
+/// pause or resume has let go of it, or removes its snapshot if paused.
 async fn end(t: &Table, s: &Session, how: Ending, why: &str) {
     s.killed.cancel();
-    let lease = s.lease.lock().await.take();
-    if lease.is_some() {
-        tracing::info!(sandbox = %s.id, vm = %s.vm_id, reason = how.label(), "sandbox ended: {why}");
+    let mut guard = s.lease.lock().await;
+    let lease = guard.take();
+    let paused = s.paused.lock().ok().and_then(|mut p| p.take());
+    if lease.is_some() || paused.is_some() {
+        tracing::info!(sandbox = %s.id, vm = %lease_vm(s), paused = paused.is_some(), reason = how.label(), "sandbox ended: {why}");
         t.metrics.sandboxes.dec();
         t.metrics
             .sandboxes_ended
@@ -362,6 +524,12 @@ async fn end(t: &Table, s: &Session, how: Ending, why: &str) {
             .inc();
     }
     drop(lease);
+    if let Some(p) = paused {
+        if let Err(e) = std::fs::remove_dir_all(&p.dir) {
+            tracing::warn!(sandbox = %s.id, "could not remove the paused sandbox's snapshot {}: {e}", p.dir.display());
+        }
+    }
+    drop(guard);
 }
 
 /// Kills sandboxes whose deadline has passed, until the daemon stops.
@@ -376,12 +544,14 @@ async fn reap(t: Arc<Table>) {
             Ok(mut map) => {
                 let ids: Vec<String> = map
                     .iter()
+                    .filter(|(_, s)| !s.is_paused())
                     .filter(|(_, s)| s.deadline.lock().map(|d| d.0 <= now).unwrap_or(true))
                     .map(|(k, _)| k.clone())
                     .collect();
                 let expired = ids.iter().filter_map(|id| map.remove(id)).collect();
                 let next = map
                     .values()
+                    .filter(|s| !s.is_paused())
                     .filter_map(|s| s.deadline.lock().ok().map(|d| d.0))
                     .min();
                 (expired, next)
@@ -625,6 +795,21 @@ impl SandboxesApi for SandboxesService {
         }
     }
 
+    async fn pause(&self, request: Request<SandboxRef>) -> Result<Response<SandboxInfo>, Status> {
+        self.table
+            .pause(&request.into_inner().sandbox_id)
+            .await
+            .map(Response::new)
+    }
+
+    async fn resume(&self, request: Request<ResumeSandboxRequest>) -> Result<Response<SandboxInfo>, Status> {
+        let r = request.into_inner();
+        self.table
+            .resume(&r.sandbox_id, r.timeout_s)
+            .await
+            .map(Response::new)
+    }
+
     async fn set_timeout(
         &self,
         request: Request<SetSandboxTimeoutRequest>,
@@ -639,6 +824,7 @@ impl SandboxesApi for SandboxesService {
         let trace_id = trace_id_of(&request);
         let r = request.into_inner();
         let session = self.table.get(&r.sandbox_id)?;
+        session.guest()?;
         let mut e = r
             .request
             .ok_or_else(|| Status::invalid_argument("request: missing; say what to run (language, code)"))?;
@@ -675,7 +861,10 @@ impl SandboxesApi for SandboxesService {
                 };
                 let waited = started.elapsed();
                 let Some(lease) = guard.as_mut() else {
-                    task_outbox.abandon(Status::aborted("the sandbox was killed"));
+                    task_outbox.abandon(match session.guest() {
+                        Err(paused) if !session.killed.is_cancelled() => paused,
+                        _ => Status::aborted("the sandbox was killed"),
+                    });
                     return;
                 };
                 session.executions.fetch_add(1, Ordering::Relaxed);

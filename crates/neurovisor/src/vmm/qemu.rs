@@ -463,21 +463,31 @@ impl VmmBackend for QemuBackend {
     /// loaded from `mem`. With `x-ignore-shared` the RAM is not in the
     /// stream, so the restore costs the device state only.
     async fn restore(&self, cfg: &VmConfig, snapshot: &Path, mem: &Path) -> Result<Box<dyn Vm>, VmmError> {
+        let size = u64::from(cfg.size.memory_mib()) << 20;
+        let blank = std::fs::metadata(mem).is_ok_and(|m| m.len() == 0);
         let memory = match &cfg.guest_memory {
             Some(m) if m.is_sealed() => m.clone(),
+            // The snapshot of a restored VM: all of its RAM is in `snapshot`.
+            _ if blank => {
+                let m = GuestMemory::create(size)
+                    .and_then(|m| m.seal().map(|_| m))
+                    .map_err(|e| VmmError::Snapshot(e.to_string()))?;
+                std::sync::Arc::new(m)
+            }
             _ => std::sync::Arc::new(
-                GuestMemory::load(mem, u64::from(cfg.size.memory_mib()) << 20)
-                    .map_err(|e| VmmError::Snapshot(e.to_string()))?,
+                GuestMemory::load(mem, size).map_err(|e| VmmError::Snapshot(e.to_string()))?,
             ),
         };
-        let state = std::fs::read(snapshot).map_err(|source| VmmError::StateDir {
-            path: snapshot.to_path_buf(),
-            source,
-        })?;
+        let state = tokio::fs::File::open(snapshot)
+            .await
+            .map_err(|source| VmmError::StateDir {
+                path: snapshot.to_path_buf(),
+                source,
+            })?;
         let t = std::time::Instant::now();
         let mut vm = self.start(cfg, Some(memory), true).await?;
         let started = t.elapsed();
-        vm.migrate_in(&state).await?;
+        vm.migrate_in(state, size).await?;
         tracing::debug!(
             started_ms = started.as_secs_f64() * 1e3,
             migrated_ms = t.elapsed().as_secs_f64() * 1e3,
@@ -764,14 +774,18 @@ impl Vm for QemuVm {
         self.qmp().await?.execute("cont", None).await.map(drop)
     }
 
-    /// Device state only (`x-ignore-shared`: the RAM is the VM's
-    /// [`GuestMemory`]) to `snapshot_path`; the RAM image to `mem_path`.
-    /// Only a template (spawned with an unsealed `guest_memory`) can.
+    /// A template (spawned with an unsealed `guest_memory`): device state
+    /// only (`x-ignore-shared`: the RAM is the shared [`GuestMemory`]) to
+    /// `snapshot_path`, the RAM image to `mem_path`. A VM restored from a
+    /// template (a paused sandbox): its RAM is private (`share=off`), so it
+    /// travels in the stream with the device state, and `mem_path` is left
+    /// empty (its restore starts from blank RAM). A cold-booted VM cannot:
+    /// its vhost-user vsock device blocks migration.
     async fn create_snapshot(&self, snapshot_path: &Path, mem_path: &Path) -> Result<(), VmmError> {
-        use tokio::io::AsyncReadExt;
-        let Some(memory) = self.memory.as_ref().filter(|_| !self.restored) else {
+        let Some(memory) = self.memory.as_ref() else {
             return Err(VmmError::Unsupported(
-                "only a VM spawned as a snapshot template (with guest_memory) can be snapshotted on QEMU"
+                "this VM booted with a vhost-user vsock device, which QEMU cannot migrate; only VMs of a \
+                 snapshot pool (--snapshot) can be snapshotted on QEMU"
                     .into(),
             ));
         };
@@ -791,11 +805,26 @@ impl Vm for QemuVm {
             .await
             .map_err(|e| snap("QEMU did not connect to the migration socket", &e))?
             .map_err(|e| snap("accept the migration", &e))?;
-        let mut state = Vec::new();
-        tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut state))
+        let mut out = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(snapshot_path)
+            .await
+            .map_err(|source| VmmError::StateDir {
+                path: snapshot_path.to_path_buf(),
+                source,
+            })?;
+        // A restored VM's whole RAM may be in the stream.
+        let limit = Duration::from_secs(30 + memory.size() / (32 << 20));
+        tokio::time::timeout(limit, tokio::io::copy(&mut s, &mut out))
             .await
             .map_err(|e| snap("the migration did not end", &e))?
-            .map_err(|e| snap("read the migration", &e))?;
+            .map_err(|e| snap("write the migration", &e))?;
+        out.sync_all()
+            .await
+            .map_err(|e| snap("write the migration", &e))?;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
             let m = qmp.execute("query-migrate", None).await?;
@@ -812,10 +841,14 @@ impl Vm for QemuVm {
         }
         drop(listener);
         let _ = std::fs::remove_file(&self.paths.migrate);
-        std::fs::write(snapshot_path, &state).map_err(|source| VmmError::StateDir {
-            path: snapshot_path.to_path_buf(),
-            source,
-        })?;
+        if self.restored {
+            return std::fs::File::create(mem_path)
+                .map(drop)
+                .map_err(|source| VmmError::StateDir {
+                    path: mem_path.to_path_buf(),
+                    source,
+                });
+        }
         memory
             .save(mem_path)
             .map_err(|e| VmmError::Snapshot(e.to_string()))
@@ -850,8 +883,11 @@ impl QemuVm {
         };
         let connect = async {
             let started = tokio::time::Instant::now();
+            let mut attempt = 0;
             loop {
-                match port.connect().await {
+                let wait = serial::answer_wait(attempt);
+                attempt += 1;
+                match port.connect_waiting(wait).await {
                     Ok(s) => return Ok(s),
                     // QEMU has not bound the port yet, or the agent did
                     // not answer this connection (see `serial::ANSWER_WAIT`).
@@ -896,9 +932,9 @@ impl QemuVm {
         format!("unix:{}", inner.migrate.display())
     }
 
-    /// Feeds `state` (a template's device state) into a QEMU started with
-    /// `-incoming defer`, then runs the VM.
-    async fn migrate_in(&mut self, state: &[u8]) -> Result<(), VmmError> {
+    /// Feeds `state` (a snapshot's migration stream) into a QEMU started
+    /// with `-incoming defer`, then runs the VM.
+    async fn migrate_in(&mut self, mut state: tokio::fs::File, ram: u64) -> Result<(), VmmError> {
         use tokio::io::AsyncWriteExt;
         let snap = |what: &str, e: &dyn std::fmt::Display| VmmError::Snapshot(format!("{what}: {e}"));
         let qemu = self
@@ -949,10 +985,14 @@ impl QemuVm {
             .map_err(|e| snap("connect to the incoming migration", &e))?;
         // A corrupt state makes QEMU exit: its log says why.
         let fed = async {
-            s.write_all(state).await?;
+            tokio::io::copy(&mut state, &mut s).await?;
             s.shutdown().await
         };
-        if let Err(e) = fed.await {
+        let limit = Duration::from_secs(30 + ram / (32 << 20));
+        let fed = tokio::time::timeout(limit, fed)
+            .await
+            .unwrap_or_else(|_| Err(std::io::Error::other(format!("not taken within {limit:?}"))));
+        if let Err(e) = fed {
             return Err(self.restore_failed(&format!("send the device state: {e}")).await);
         }
         drop(s);

@@ -1,0 +1,73 @@
+"""Pause and resume through the official E2B Python SDK, unmodified, against
+`neurovisor serve --snapshot --e2b-listen` (tests/e2b.rs runs it in the
+daemon's loopback-only network namespace).
+
+A file, a background process's memory and stdin survive `pause()` and
+`Sandbox.connect()`; while paused the sandbox is listed as paused, a second
+pause answers "already paused" and its files cannot be reached. Prints
+`PAUSE-CHECK OK` at the end; any failure raises.
+"""
+
+import time
+
+import e2b
+from e2b import Sandbox, SandboxQuery, SandboxState
+
+
+def step(name):
+    print(f"step: {name}", flush=True)
+
+
+def wait_for(what, f, timeout=30):
+    until = time.monotonic() + timeout
+    while not f():
+        if time.monotonic() > until:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+sbx = Sandbox.create(timeout=120)
+sbx.files.write("/home/user/note.txt", "before the pause")
+# A running sum of its input, printed and kept in /tmp/sum (the sync SDK
+# reads a background command's output only in `wait()`).
+summer = (
+    "import sys\nt = 0\nfor l in sys.stdin:\n    t += int(l)\n"
+    "    print('sum', t, flush=True)\n    open('/tmp/sum', 'w').write(str(t))"
+)
+h = sbx.commands.run(f"python3 -u -c \"{summer}\"", background=True, stdin=True)
+sbx.commands.send_stdin(h.pid, "5\n")
+wait_for("sum 5", lambda: sbx.files.exists("/tmp/sum") and sbx.files.read("/tmp/sum") == "5")
+step("a file and a process with state")
+
+assert sbx.pause() is True
+info = Sandbox.get_info(sbx.sandbox_id)
+assert info.state == SandboxState.PAUSED, info.state
+assert Sandbox.pause(sbx.sandbox_id) is False  # already paused (409)
+paused = Sandbox.list(query=SandboxQuery(state=[SandboxState.PAUSED])).next_items()
+assert [s.sandbox_id for s in paused] == [sbx.sandbox_id], paused
+running = Sandbox.list(query=SandboxQuery(state=[SandboxState.RUNNING])).next_items()
+assert running == [], running
+try:
+    sbx.files.read("/home/user/note.txt")
+    raise AssertionError("a paused sandbox's files were reachable")
+except e2b.SandboxException as e:
+    step(f"refused while paused: {type(e).__name__}: {e}")
+step("paused")
+
+same = Sandbox.connect(sbx.sandbox_id, timeout=120)
+assert Sandbox.get_info(sbx.sandbox_id).state == SandboxState.RUNNING
+assert same.files.read("/home/user/note.txt") == "before the pause"
+again = same.commands.connect(h.pid)
+same.commands.send_stdin(h.pid, "7\n")
+same.commands.close_stdin(h.pid)
+r = again.wait()
+assert (r.exit_code, r.stdout) == (0, "sum 12\n"), r
+assert same.commands.run("echo after").stdout == "after\n"
+step("resumed with its file and process")
+
+# Paused, then killed while paused.
+assert same.pause() is True
+assert Sandbox.kill(sbx.sandbox_id) is True
+assert Sandbox.list(query=SandboxQuery(state=[SandboxState.PAUSED, SandboxState.RUNNING])).next_items() == []
+step("killed while paused")
+print("PAUSE-CHECK OK", flush=True)
