@@ -473,6 +473,24 @@ impl Sandbox {
         }
     }
 
+    /// The same backend, state, limits, hooks, boot statistics, warm
+    /// languages and snapshots, with other images (a sandbox created with
+    /// its own image).
+    pub fn sibling(&self, images: ImageSet) -> Self {
+        Self {
+            backend: self.backend.clone(),
+            images,
+            state_dir: self.state_dir.clone(),
+            boot_stats: self.boot_stats.clone(),
+            rate_limit: self.rate_limit,
+            fault: BootFault::default(),
+            guest_io: self.guest_io.clone(),
+            hooks: self.hooks.clone(),
+            warm_languages: self.warm_languages.clone(),
+            snapshots: self.snapshots.clone(),
+        }
+    }
+
     /// Reads guest bytes (vsock handshake, READY, the agent's HTTP/2
     /// connection, Health and the Execute stream) on `io`'s runtime.
     pub fn with_guest_io(mut self, io: GuestIo) -> Self {

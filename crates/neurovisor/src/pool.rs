@@ -36,6 +36,10 @@ pub struct PoolConfig {
     /// Requests that may wait for a VM at once; one more is refused at once
     /// (RESOURCE_EXHAUSTED) instead of piling up.
     pub max_queued: usize,
+    /// Whether its counts are the `neurovisor_pool_*` gauges (the daemon's
+    /// main pool; not the on-demand pools of sandboxes with their own image
+    /// or size).
+    pub report: bool,
 }
 
 impl Default for PoolConfig {
@@ -48,6 +52,7 @@ impl Default for PoolConfig {
             parallel_boots: 2,
             health_timeout: Duration::from_secs(5),
             max_queued: 64,
+            report: true,
         }
     }
 }
@@ -146,6 +151,9 @@ impl Inner {
     }
 
     fn publish(&self, st: &State) {
+        if !self.cfg.report {
+            return;
+        }
         self.metrics.pool_warm_vms.set(st.warm.len() as i64);
         self.metrics.pool_active_vms.set(st.active as i64);
         self.metrics.pool_booting_vms.set(st.booting as i64);
@@ -258,6 +266,25 @@ impl Pool {
 
     pub fn sandbox(&self) -> &Sandbox {
         &self.inner.sandbox
+    }
+
+    /// An on-demand pool beside this one (no warm VMs, up to `max`, not in
+    /// the pool gauges) for VMs of other `images` or `size`, on the same VM
+    /// runtime, backend and metrics.
+    pub fn sibling(&self, images: crate::images::ImageSet, size: VmSize, max: usize) -> Result<Self, String> {
+        let cfg = PoolConfig {
+            warm: 0,
+            max,
+            size,
+            report: false,
+            ..self.inner.cfg.clone()
+        };
+        Self::start_on(
+            self.inner.sandbox.sibling(images),
+            cfg,
+            self.inner.metrics.clone(),
+            self.inner.vm_rt.clone(),
+        )
     }
 
     pub fn config(&self) -> &PoolConfig {

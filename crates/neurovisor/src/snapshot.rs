@@ -53,6 +53,8 @@ pub const DEFAULT_MEM_FILE: &str = "./mem_file";
 const SETTLE: Duration = Duration::from_secs(30);
 /// How long a restored VM may take to answer.
 const RESTORE_READY: Duration = Duration::from_secs(10);
+/// The same for a paused sandbox, which has no cold boot to fall back on.
+const RESUME_READY: Duration = Duration::from_secs(30);
 /// Host entropy handed to each restored VM.
 const ENTROPY_BYTES: usize = 64;
 
@@ -88,9 +90,16 @@ enum Slot {
 }
 
 /// The templates of one sandbox, per VM size and warm languages.
+type SlotKey = (PathBuf, &'static str, Vec<String>);
+
+fn slot_key(sb: &Sandbox, size: VmSize, warm: &[String]) -> SlotKey {
+    (sb.images().rootfs.clone(), size.name(), warm.to_vec())
+}
+
 pub struct Snapshots {
     source: SnapshotSource,
-    slots: tokio::sync::Mutex<HashMap<(&'static str, Vec<String>), Slot>>,
+    /// By (rootfs, size, warm languages): one template per image too.
+    slots: tokio::sync::Mutex<HashMap<SlotKey, Slot>>,
 }
 
 impl Snapshots {
@@ -106,8 +115,8 @@ impl Snapshots {
     }
 
     /// Why VMs of `size` boot cold, if they do.
-    pub async fn failure(&self, size: VmSize, warm: &[String]) -> Option<String> {
-        match self.slots.lock().await.get(&(size.name(), warm.to_vec())) {
+    pub async fn failure(&self, sb: &Sandbox, size: VmSize, warm: &[String]) -> Option<String> {
+        match self.slots.lock().await.get(&slot_key(sb, size, warm)) {
             Some(Slot::Failed(why)) => Some(why.clone()),
             _ => None,
         }
@@ -117,7 +126,7 @@ impl Snapshots {
     /// there is none (logged once), so the caller boots cold.
     pub async fn template(&self, sb: &Sandbox, size: VmSize, warm: &[String]) -> Option<Arc<Template>> {
         let mut slots = self.slots.lock().await;
-        let key = (size.name(), warm.to_vec());
+        let key = slot_key(sb, size, warm);
         if let Some(slot) = slots.get(&key) {
             return match slot {
                 Slot::Ready(t) => Some(t.clone()),
@@ -421,14 +430,14 @@ async fn build(
 /// Restores one VM from `t` and makes it unique; `Err` means the snapshot
 /// (not the caller's request) failed.
 pub async fn restore(sb: &Sandbox, t: &Template, size: VmSize) -> Result<ReadyVm, ExecError> {
-    restore_files(sb, &t.state, &t.mem, t.memory.clone(), size).await
+    restore_files(sb, &t.state, &t.mem, t.memory.clone(), size, RESTORE_READY).await
 }
 
 /// Brings back a VM saved by [`ReadyVm::save`] (a paused sandbox): the same
 /// guest, processes and files, made current (clock, entropy) like any
 /// restored VM, under a new VM id.
 pub async fn resume(sb: &Sandbox, state: &Path, mem: &Path, size: VmSize) -> Result<ReadyVm, ExecError> {
-    restore_files(sb, state, mem, None, size).await
+    restore_files(sb, state, mem, None, size, RESUME_READY).await
 }
 
 async fn restore_files(
@@ -437,6 +446,7 @@ async fn restore_files(
     mem: &Path,
     memory: Option<Arc<GuestMemory>>,
     size: VmSize,
+    ready: Duration,
 ) -> Result<ReadyVm, ExecError> {
     let started = Instant::now();
     let mut cfg = sb.vm_config(size, Vec::new());
@@ -444,9 +454,9 @@ async fn restore_files(
     let vm_id = cfg.id.clone();
     let mut vm = sb.backend().restore(&cfg, state, mem).await?;
     let loaded = started.elapsed();
-    let deadline = tokio::time::Instant::now() + RESTORE_READY;
+    let deadline = tokio::time::Instant::now() + ready;
     let connected = tokio::time::timeout_at(deadline, async {
-        vm.wait_ready(RESTORE_READY).await?;
+        vm.wait_ready(ready).await?;
         let answered = started.elapsed();
         let stream = vm.connect(GUEST_AGENT_PORT).await?;
         let mut entropy = vec![0u8; ENTROPY_BYTES];
@@ -485,7 +495,7 @@ async fn restore_files(
     .await
     .unwrap_or_else(|_| {
         Err(ExecError::Vmm(VmmError::Snapshot(format!(
-            "the restored VM did not answer within {RESTORE_READY:?}"
+            "the restored VM did not answer within {ready:?}"
         ))))
     });
     match connected {

@@ -1203,8 +1203,12 @@ async fn a_run_task_client_that_never_reads_loses_its_session() {
         })
         .await
         .expect("RunTask");
-    // Read nothing while the model streams everything.
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Read nothing while the model streams: until the daemon gives up on
+    // this client (a fixed wait was too short on a loaded host).
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    while !d.log_text().contains("session cancelled") && std::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let mut stream = resp.into_inner();
     let mut bytes = 0usize;
     let err = loop {

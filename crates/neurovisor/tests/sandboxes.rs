@@ -112,6 +112,7 @@ async fn sandboxes_keep_state_apart_expire_are_killed_and_capped() {
             timeout_s: 600,
             metadata: HashMap::from([("task".to_string(), "t1".to_string())]),
             env: HashMap::from([("GREETING".to_string(), "hello".to_string())]),
+            ..Default::default()
         })
         .await
         .expect("create A")
@@ -1116,6 +1117,86 @@ async fn a_paused_sandbox_resumes_with_its_files_processes_and_contexts() {
     })
     .await
     .expect("pause");
+    drop(c);
+    assert_eq!(d.stop(), Some(0));
+}
+
+/// A sandbox may ask for another image or size than the daemon's pool: it
+/// gets a VM of that kind (booted on demand), its programs are checked
+/// against that image's languages, and the memory cap counts each sandbox's
+/// own size. Bad names are refused before a VM is taken; the on-demand pool
+/// goes with the daemon.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandboxes_get_the_image_and_size_they_ask_for() {
+    let d = start_daemon(&["--warm", "1", "--max", "3", "--max-sandbox-memory", "1024"]);
+    let mut c = sandboxes(&d).await;
+    let create = |image: &str, size: &str| CreateSandboxRequest {
+        image: image.into(),
+        size: size.into(),
+        ..Default::default()
+    };
+    for (image, size, want) in [
+        ("", "huge", "size"),
+        ("../etc", "", "image"),
+        ("never-built", "", "images build --image never-built"),
+    ] {
+        let e = c.create(create(image, size)).await.expect_err("bad input");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains(want), "{want}: {}", e.message());
+    }
+
+    let full = c
+        .create(create("full", "medium"))
+        .await
+        .expect("a full, medium sandbox")
+        .into_inner();
+    assert_eq!(
+        (full.image.as_str(), full.memory_mib, full.vcpus),
+        ("full", 512, 2),
+        "{full:?}"
+    );
+    let (out, err, r) = exec(
+        &mut c,
+        &full.sandbox_id,
+        "bash",
+        "nproc; awk '/MemTotal/ {print ($2 > 400000)}' /proc/meminfo; command -v go",
+    )
+    .await;
+    assert_eq!(r.exit_code, Some(0), "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(&lines[..2], ["2", "1"], "{out}");
+    assert!(lines.get(2).is_some_and(|l| l.ends_with("/go")), "{out}");
+
+    let small = c
+        .create(CreateSandboxRequest::default())
+        .await
+        .expect("a sandbox of the daemon's kind")
+        .into_inner();
+    assert_eq!(
+        (small.image.as_str(), small.memory_mib),
+        ("default", 256),
+        "{small:?}"
+    );
+    let e = c
+        .exec(SandboxExecRequest {
+            sandbox_id: small.sandbox_id.clone(),
+            request: Some(req("go", "package main\nfunc main() {}")),
+        })
+        .await
+        .expect_err("go is not in the default image");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+
+    // 512 + 256 MiB live: another 512 would pass 1024, another 256 fits.
+    let e = c
+        .create(create("", "medium"))
+        .await
+        .expect_err("past the memory cap");
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("768 MiB"), "{}", e.message());
+    let (code, out, err) = cli(&d, &["create", "--size", "small", "--json"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("\"memory_mib\":256"), "{out}");
+
     drop(c);
     assert_eq!(d.stop(), Some(0));
 }

@@ -34,7 +34,7 @@ async fn an_unusable_snapshot_file_is_named_and_executions_boot_cold() {
     let ran = env.run_req(&print_one()).await;
     assert_eq!(ran.out(), "42\n");
     let why = snaps
-        .failure(VmSize::Small, &warm())
+        .failure(&env.sandbox, VmSize::Small, &warm())
         .await
         .expect("the snapshot must be reported unusable");
     assert!(
@@ -48,7 +48,10 @@ async fn an_unusable_snapshot_file_is_named_and_executions_boot_cold() {
         .template(&env.sandbox, VmSize::Medium, &warm())
         .await
         .is_none());
-    let why = only_mem.failure(VmSize::Medium, &warm()).await.expect("failure");
+    let why = only_mem
+        .failure(&env.sandbox, VmSize::Medium, &warm())
+        .await
+        .expect("failure");
     assert!(why.contains("must both exist"), "{why}");
     env.assert_clean();
 }
@@ -317,7 +320,7 @@ async fn a_corrupt_snapshot_is_given_up_while_every_execution_boots() {
         );
     }
     let why = snaps
-        .failure(VmSize::Small, &warm())
+        .failure(&env.sandbox, VmSize::Small, &warm())
         .await
         .expect("the snapshot must be given up after failing three times");
     assert!(why.contains("QEMU refused the snapshot"), "{why}");

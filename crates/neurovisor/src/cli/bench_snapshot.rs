@@ -156,7 +156,7 @@ async fn run(a: SnapshotArgs) -> Result<serde_json::Value, String> {
 
     let t = Instant::now();
     if snapshots.template(&snap, a.size, &warm).await.is_none() {
-        let why = snapshots.failure(a.size, &warm).await.unwrap_or_default();
+        let why = snapshots.failure(&snap, a.size, &warm).await.unwrap_or_default();
         return Err(format!("no snapshot template: {why}"));
     }
     let template_ms = ms(t.elapsed());

@@ -106,6 +106,12 @@ pub struct CreateArgs {
     /// Environment of every program run in it (repeatable).
     #[arg(short, long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
     env: Vec<(String, String)>,
+    /// A built guest image (e.g. full) [default: the daemon's].
+    #[arg(long)]
+    image: Option<String>,
+    /// small, medium or large [default: the daemon's].
+    #[arg(long)]
+    size: Option<String>,
     /// Print the sandbox as JSON instead of its id.
     #[arg(long)]
     json: bool,
@@ -228,6 +234,8 @@ async fn run(cmd: SandboxCommand) -> Result<u8, u8> {
                     timeout_s,
                     metadata: a.metadata.into_iter().collect::<HashMap<_, _>>(),
                     env: a.env.into_iter().collect::<HashMap<_, _>>(),
+                    image: a.image.unwrap_or_default(),
+                    size: a.size.unwrap_or_default(),
                 })
                 .await
                 .map_err(|e| fail(&e, exit_code(&e)))?;

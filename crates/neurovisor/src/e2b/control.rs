@@ -68,7 +68,7 @@ fn timeout_s(t: Option<i64>) -> Result<u32, ApiError> {
 fn sandbox_json(st: &E2bState, s: &SandboxInfo, token: Option<String>) -> Value {
     let (cpus, mem, disk) = st.size;
     let mut v = json!({
-        "templateID": "base",
+        "templateID": if s.image == st.image { "base" } else { s.image.as_str() },
         "sandboxID": s.sandbox_id,
         "clientID": "neurovisor",
         "envdVersion": ENVD_VERSION,
@@ -79,7 +79,7 @@ fn sandbox_json(st: &E2bState, s: &SandboxInfo, token: Option<String>) -> Value 
         "diskSizeMB": disk,
         "state": if s.paused { "paused" } else { "running" },
         "metadata": s.metadata,
-        "alias": st.image,
+        "alias": s.image,
     });
     if let Some(t) = token {
         // One secret per sandbox: envd calls send it as the access token,
@@ -97,17 +97,25 @@ async fn create(
 ) -> Result<Response, ApiError> {
     check_api_key(&st, &headers)?;
     let r: NewSandbox = parse(&body)?;
-    if let Some(t) = r.template_id.as_deref() {
-        if !TEMPLATES.contains(&t) && t != st.image {
-            return Err(ApiError(
-                StatusCode::NOT_FOUND,
-                format!(
-                    "template '{t}' not found; this daemon serves the image '{}' as 'base' (omit the template)",
-                    st.image
-                ),
-            ));
+    // E2B's own template names are the daemon's image; any other names a
+    // built image.
+    let image = match r.template_id.as_deref() {
+        None => String::new(),
+        Some(t) if TEMPLATES.contains(&t) || t == st.image => String::new(),
+        Some(t) => {
+            let built = !t.contains(['/', '.']) && crate::images::image_dir(t).join("rootfs.ext4").is_file();
+            if !built {
+                return Err(ApiError(
+                    StatusCode::NOT_FOUND,
+                    format!(
+                        "template '{t}' not found; this daemon serves the image '{}' as 'base' (omit the template), or a built image by its name (`neurovisor images build --image NAME`)",
+                        st.image
+                    ),
+                ));
+            }
+            t.to_string()
         }
-    }
+    };
     if r.allow_internet_access == Some(true) {
         return Err(ApiError(
             StatusCode::BAD_REQUEST,
@@ -120,6 +128,8 @@ async fn create(
             timeout_s: timeout_s(r.timeout)?,
             metadata: r.metadata.unwrap_or_default(),
             env: r.env_vars.unwrap_or_default(),
+            image,
+            size: String::new(),
         })
         .await?;
     let token = st.table.access_token(&info.sandbox_id);

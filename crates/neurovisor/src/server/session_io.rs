@@ -263,7 +263,7 @@ impl SandboxTable {
         let mut probe = crate::exec::ExecRequest::new("bash", "true");
         probe.args = r.args.clone();
         probe.env = r.env.clone().into_iter().collect();
-        probe.validate(self.images()).map_err(super::sandbox::to_status)?;
+        probe.validate(s.images()).map_err(super::sandbox::to_status)?;
         let items = g.start_process(r).await.map_err(status)?;
         Ok(relay(items, &s))
     }
@@ -355,7 +355,7 @@ impl SandboxTable {
         r.env.extend(own);
         let mut probe = crate::exec::ExecRequest::new("python", r.code.clone());
         probe.env = r.env.clone().into_iter().collect();
-        probe.validate(self.images()).map_err(super::sandbox::to_status)?;
+        probe.validate(s.images()).map_err(super::sandbox::to_status)?;
         if r.timeout_ms > MAX_RUN_MS {
             return Err(Status::invalid_argument(format!(
                 "timeout_ms: at most {MAX_RUN_MS} (1 h); split the work into shorter runs"

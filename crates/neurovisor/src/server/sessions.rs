@@ -40,6 +40,7 @@ use super::sandbox::{
     pool_status, result_of, to_status, wire_of, InFlight, Outbox, OutboxStream, OutputBudget, Queued,
 };
 use super::trace::{trace_id_of, with_trace_id};
+use crate::config::VmSize;
 use crate::exec::{ExecError, ExecRequest, Output, OutputSink};
 use crate::metrics::Metrics;
 use crate::pool::{Lease, Pool};
@@ -73,6 +74,9 @@ struct Paused {
 
 pub(super) struct Session {
     id: String,
+    /// The pool its VMs come from: the daemon's, or the on-demand one of its
+    /// own image and size.
+    pool: Pool,
     /// Its current VM (a resumed sandbox has a new one).
     vm_id: std::sync::Mutex<String>,
     started_at: SystemTime,
@@ -97,6 +101,15 @@ pub(super) struct Session {
 }
 
 impl Session {
+    /// Its image (what its programs are checked against).
+    pub(super) fn images(&self) -> &crate::images::ImageSet {
+        self.pool.sandbox().images()
+    }
+
+    fn size(&self) -> VmSize {
+        self.pool.config().size
+    }
+
     fn is_paused(&self) -> bool {
         self.paused.lock().map(|p| p.is_some()).unwrap_or(false)
     }
@@ -136,13 +149,17 @@ fn unix_ms(t: SystemTime) -> u64 {
 
 struct Table {
     pool: Pool,
+    /// On-demand pools of sandboxes created with another image or size,
+    /// made at their first sandbox, shut down with the daemon.
+    others: std::sync::Mutex<HashMap<(String, &'static str), Pool>>,
     limits: SandboxLimits,
     metrics: Arc<Metrics>,
     budget: OutputBudget,
     stall_timeout: Duration,
     sessions: std::sync::Mutex<HashMap<String, Arc<Session>>>,
-    /// Sandboxes being created (counted against the caps).
-    creating: std::sync::Mutex<usize>,
+    /// Sandboxes being created and their guest memory, MiB (counted
+    /// against the caps).
+    creating: std::sync::Mutex<(usize, u64)>,
     /// A deadline changed or a sandbox came or went: the reaper looks again.
     changed: tokio::sync::Notify,
     /// The daemon is stopping: the reaper ends.
@@ -157,13 +174,15 @@ pub struct SandboxTable {
     inner: Arc<Table>,
 }
 
-/// A place counted against the caps while a sandbox is created.
-struct Reservation<'a>(&'a Table);
+/// A place counted against the caps while a sandbox is created: (table,
+/// its memory in MiB).
+struct Reservation<'a>(&'a Table, u64);
 
 impl Drop for Reservation<'_> {
     fn drop(&mut self) {
         if let Ok(mut n) = self.0.creating.lock() {
-            *n = n.saturating_sub(1);
+            n.0 = n.0.saturating_sub(1);
+            n.1 = n.1.saturating_sub(self.1);
         }
     }
 }
@@ -183,12 +202,13 @@ impl SandboxTable {
         let t = Self {
             inner: Arc::new(Table {
                 pool,
+                others: std::sync::Mutex::new(HashMap::new()),
                 limits,
                 metrics,
                 budget,
                 stall_timeout: super::sandbox::DEFAULT_STALL_TIMEOUT,
                 sessions: std::sync::Mutex::new(HashMap::new()),
-                creating: std::sync::Mutex::new(0),
+                creating: std::sync::Mutex::new((0, 0)),
                 changed: tokio::sync::Notify::new(),
                 stopped: CancellationToken::new(),
                 paused_dir,
@@ -212,7 +232,7 @@ impl SandboxTable {
     }
 
     fn info(&self, s: &Session) -> SandboxInfo {
-        let size = self.inner.pool.config().size;
+        let size = s.size();
         let end = s.deadline.lock().map(|d| d.1).unwrap_or(s.started_at);
         let paused = s.is_paused();
         SandboxInfo {
@@ -224,14 +244,10 @@ impl SandboxTable {
             metadata: s.metadata.clone(),
             memory_mib: size.memory_mib(),
             vcpus: size.vcpus(),
-            image: self.inner.pool.sandbox().images().name.clone(),
+            image: s.images().name.clone(),
             restored: s.restored,
             executions: s.executions.load(Ordering::Relaxed),
         }
-    }
-
-    pub(super) fn images(&self) -> &crate::images::ImageSet {
-        self.inner.pool.sandbox().images()
     }
 
     /// Live sandboxes.
@@ -243,49 +259,122 @@ impl SandboxTable {
         self.len() == 0
     }
 
-    fn reserve(&self) -> Result<Reservation<'_>, Status> {
+    fn reserve(&self, size: VmSize) -> Result<Reservation<'_>, Status> {
         let t = &*self.inner;
-        let live = self.len();
+        let (live, live_mib) = t
+            .sessions
+            .lock()
+            .map(|s| {
+                let mib: u64 = s.values().map(|s| u64::from(s.size().memory_mib())).sum();
+                (s.len(), mib)
+            })
+            .unwrap_or((0, 0));
         let mut creating = t
             .creating
             .lock()
             .map_err(|_| Status::internal("sandbox table poisoned"))?;
-        let n = live + *creating;
-        let per_vm = u64::from(t.pool.config().size.memory_mib());
+        let n = live + creating.0;
+        let used = live_mib + creating.1;
+        let per_vm = u64::from(size.memory_mib());
         if n >= t.limits.max_sandboxes {
             return Err(Status::resource_exhausted(format!(
                 "{n} sandboxes are live, the most this daemon allows (--max-sandboxes {}); kill one first",
                 t.limits.max_sandboxes
             )));
         }
-        if (n as u64 + 1) * per_vm > t.limits.max_memory_mib {
+        if used + per_vm > t.limits.max_memory_mib {
             return Err(Status::resource_exhausted(format!(
-                "another sandbox of {per_vm} MiB would take live sandboxes past {} MiB (--max-sandbox-memory); kill one first",
+                "another sandbox of {per_vm} MiB would take live sandboxes ({used} MiB) past {} MiB (--max-sandbox-memory); kill one first",
                 t.limits.max_memory_mib
             )));
         }
-        *creating += 1;
-        Ok(Reservation(t))
+        creating.0 += 1;
+        creating.1 += per_vm;
+        Ok(Reservation(t, per_vm))
+    }
+
+    /// The pool of sandboxes of `image` and `size` (empty: the daemon's):
+    /// the daemon's own, or an on-demand one made now. An image that is not
+    /// built is INVALID_ARGUMENT with the command that builds it.
+    fn pool_for(&self, image: &str, size: &str) -> Result<Pool, Status> {
+        let t = &*self.inner;
+        let main = &t.pool;
+        let size = match size {
+            "" => main.config().size,
+            "small" => VmSize::Small,
+            "medium" => VmSize::Medium,
+            "large" => VmSize::Large,
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "size: '{}' is not a size; use small (1 vCPU, 256 MiB), medium (2, 512 MiB) or large (4, 1024 MiB)",
+                    other.chars().take(40).collect::<String>()
+                )))
+            }
+        };
+        let main_image = &main.sandbox().images().name;
+        let image = if image.is_empty() {
+            main_image.as_str()
+        } else {
+            image
+        };
+        if image == main_image && size == main.config().size {
+            return Ok(main.clone());
+        }
+        let valid = !image.is_empty()
+            && image.len() <= 64
+            && image
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+            && !image.starts_with(['-', '_']);
+        if !valid {
+            return Err(Status::invalid_argument(format!(
+                "image: '{}' is not an image name (lower-case letters, digits, - and _); `neurovisor images list` shows the built ones",
+                image.chars().take(40).collect::<String>()
+            )));
+        }
+        let mut others = t
+            .others
+            .lock()
+            .map_err(|_| Status::internal("sandbox table poisoned"))?;
+        if let Some(p) = others.get(&(image.to_string(), size.name())) {
+            return Ok(p.clone());
+        }
+        let images = crate::images::ImageSet::resolve(&crate::images::ImageSelection {
+            image: Some(image.to_string()),
+            kernel: Some(main.sandbox().images().kernel.clone()),
+            rootfs: None,
+        })
+        .map_err(|e| Status::invalid_argument(format!("image: {e}")))?;
+        let pool = main
+            .sibling(images, size, t.limits.max_sandboxes.max(1))
+            .map_err(Status::internal)?;
+        tracing::info!(
+            image,
+            size = size.name(),
+            "a pool for sandboxes of this image and size"
+        );
+        others.insert((image.to_string(), size.name()), pool.clone());
+        Ok(pool)
     }
 
     pub(crate) async fn create(&self, r: CreateSandboxRequest) -> Result<SandboxInfo, Status> {
         let timeout = timeout_of(r.timeout_s)?;
         check_metadata(&r.metadata)?;
         let env: BTreeMap<String, String> = r.env.into_iter().collect();
+        let pool = self.pool_for(&r.image, &r.size)?;
         // The same checks as every request's environment, before a VM is taken.
         let mut probe = ExecRequest::new("bash", "true");
         probe.env = env.clone();
-        probe
-            .validate(self.inner.pool.sandbox().images())
-            .map_err(to_status)?;
-        let _place = self.reserve()?;
-        let lease = self.inner.pool.acquire().await.map_err(pool_status)?;
+        probe.validate(pool.sandbox().images()).map_err(to_status)?;
+        let _place = self.reserve(pool.config().size)?;
+        let lease = pool.acquire().await.map_err(pool_status)?;
         let guest = lease
             .session()
             .ok_or_else(|| Status::internal("the pool handed out a lease without a VM"))?;
         let now = (Instant::now(), SystemTime::now());
         let session = Arc::new(Session {
             id: uuid::Uuid::now_v7().simple().to_string(),
+            pool,
             vm_id: std::sync::Mutex::new(lease.vm_id().to_string()),
             started_at: now.1,
             deadline: std::sync::Mutex::new((now.0 + timeout, now.1 + timeout)),
@@ -358,6 +447,15 @@ impl SandboxTable {
             .unwrap_or_default();
         for s in all {
             end(&self.inner, &s, Ending::Shutdown, "the daemon is stopping").await;
+        }
+        let others: Vec<Pool> = self
+            .inner
+            .others
+            .lock()
+            .map(|mut o| o.drain().map(|(_, p)| p).collect())
+            .unwrap_or_default();
+        for p in others {
+            p.shutdown(Duration::from_secs(10)).await;
         }
     }
 
@@ -436,7 +534,7 @@ impl SandboxTable {
         };
         let started = Instant::now();
         let lease = tokio::select! {
-            r = self.inner.pool.resume(p.dir.join("state"), p.dir.join("mem")) => r,
+            r = s.pool.resume(p.dir.join("state"), p.dir.join("mem")) => r,
             _ = s.killed.cancelled() => return Err(Status::aborted(format!("sandbox {id} was killed"))),
         }
         .map_err(|e| {
@@ -833,8 +931,8 @@ impl SandboxesApi for SandboxesService {
         e.env = session.env.clone().into_iter().collect();
         e.env.extend(own);
         let t = &self.table.inner;
-        let req = ExecRequest::from_wire(wire_of(e, trace_id.clone()), t.pool.sandbox().images())
-            .map_err(to_status)?;
+        let req =
+            ExecRequest::from_wire(wire_of(e, trace_id.clone()), session.images()).map_err(to_status)?;
         let in_flight = InFlight::new(&t.metrics);
         let (tx, rx) = mpsc::channel::<Queued>(super::sandbox::STREAM_QUEUE);
         let outbox = Outbox::new(rx);

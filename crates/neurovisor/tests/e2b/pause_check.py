@@ -5,7 +5,8 @@ daemon's loopback-only network namespace).
 A file, a background process's memory and stdin survive `pause()` and
 `Sandbox.connect()`; while paused the sandbox is listed as paused, a second
 pause answers "already paused" and its files cannot be reached. Prints
-`PAUSE-CHECK OK` at the end; any failure raises.
+`PAUSE-CHECK OK` at the end; any failure raises. Also: a template naming a
+built image (`full`), and an unknown template.
 """
 
 import time
@@ -64,6 +65,19 @@ r = again.wait()
 assert (r.exit_code, r.stdout) == (0, "sum 12\n"), r
 assert same.commands.run("echo after").stdout == "after\n"
 step("resumed with its file and process")
+
+# A template that names a built image gets a VM of that image; an unknown
+# one is not found.
+full = Sandbox.create(template="full", timeout=60)
+assert full.commands.run("command -v go").stdout.strip().endswith("/go")
+assert Sandbox.get_info(full.sandbox_id).template_id == "full"
+full.kill()
+try:
+    Sandbox.create(template="no-such-template")
+    raise AssertionError("an unknown template was accepted")
+except e2b.SandboxException as e:
+    assert "no-such-template" in str(e), e
+step("templates: a built image, an unknown one")
 
 # Paused, then killed while paused.
 assert same.pause() is True
