@@ -249,6 +249,85 @@ fn list(root: &Path, depth: u32) -> std::io::Result<Vec<EntryInfo>> {
     Ok(out)
 }
 
+const UPLOAD_PART: &str = ".nv-upload-";
+
+/// A write's file until it is complete (see [`open_upload`]).
+fn is_upload_part(name: &std::ffi::OsStr) -> bool {
+    let n = name.as_encoded_bytes();
+    n.starts_with(b".") && n.windows(UPLOAD_PART.len()).any(|w| w == UPLOAD_PART.as_bytes())
+}
+
+/// A file removed when this goes.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Where a write's bytes go until the last one came: a new file beside the
+/// target (`.NAME.nv-upload-N`) that replaces it at the end, so a write that
+/// breaks off leaves the old file (or none), never a part. It gets an
+/// existing file's mode (and, for root, owner). A target that is not a
+/// regular file (a device, a FIFO, a symlink) is written in place.
+fn open_upload(path: &Path, account: Account) -> std::io::Result<(std::fs::File, Option<PathBuf>)> {
+    create_parents(path)?;
+    let in_place = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o644)
+            .open(path)
+    };
+    let existing = match std::fs::symlink_metadata(path) {
+        Ok(m) if !m.file_type().is_file() => return Ok((in_place()?, None)),
+        Ok(m) => {
+            // The same permission check as writing it in place would make
+            // (as the file-system uid; opening it would be seen by watchers).
+            nix::unistd::faccessat(
+                nix::fcntl::AT_FDCWD,
+                path,
+                nix::unistd::AccessFlags::W_OK,
+                nix::fcntl::AtFlags::AT_EACCESS,
+            )
+            .map_err(std::io::Error::from)?;
+            Some(m)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e),
+    };
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let name = path
+        .file_name()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file name"))?;
+    let temp = path.with_file_name(format!(
+        ".{}{UPLOAD_PART}{}-{}",
+        name.to_string_lossy(),
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(&temp)?;
+    if let Some(m) = existing {
+        let kept = file
+            .set_permissions(m.permissions())
+            .and_then(|()| match account {
+                Account::Root => std::os::unix::fs::fchown(&file, Some(m.uid()), Some(m.gid())),
+                Account::User => Ok(()),
+            });
+        if let Err(e) = kept {
+            let _ = std::fs::remove_file(&temp);
+            return Err(e);
+        }
+    }
+    Ok((file, Some(temp)))
+}
+
 fn create_parents(path: &Path) -> std::io::Result<()> {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => std::fs::create_dir_all(p),
@@ -404,6 +483,8 @@ async fn follow(mut w: Watch, account: Account, tx: mpsc::Sender<Result<FsEvent,
     let Ok(fd) = registered else {
         return;
     };
+    // The cookie of an upload part's rename into place.
+    let mut part_moved: Option<u32> = None;
     loop {
         let mut guard = tokio::select! {
             g = fd.readable() => match g { Ok(g) => g, Err(_) => return },
@@ -434,7 +515,24 @@ async fn follow(mut w: Watch, account: Account, tx: mpsc::Sender<Result<FsEvent,
                     let _ = w.add(dir.join(name));
                 }
             }
-            if let Some(e) = fs_event(&ev, &dir) {
+            // An upload's part is ours, not the user's: its events are
+            // left out, and its rename into place is the file's creation
+            // and write.
+            use nix::sys::inotify::AddWatchFlags as F;
+            if ev.name.as_deref().is_some_and(is_upload_part) {
+                if ev.mask.contains(F::IN_MOVED_FROM) {
+                    part_moved = Some(ev.cookie);
+                }
+                continue;
+            }
+            let mut out: Vec<FsEvent> = fs_event(&ev, &dir).into_iter().collect();
+            if ev.mask.contains(F::IN_MOVED_TO) && part_moved.take() == Some(ev.cookie) {
+                out.extend(out.first().map(|e| FsEvent {
+                    r#type: FsEventType::Write as i32,
+                    ..e.clone()
+                }));
+            }
+            for e in out {
                 if tx.send(Ok(e)).await.is_err() {
                     return;
                 }
@@ -523,21 +621,15 @@ impl Files for FilesService {
         let account = Account::parse(&first.user)?;
         let path = account.resolve(&first.path)?;
         let p = path.clone();
-        let file = as_account(account, move || {
-            create_parents(&p)?;
-            std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o644)
-                .open(&p)
-        })
-        .await
-        .map_err(|e| status_of("write", &path, e))?;
+        let (file, temp) = as_account(account, move || open_upload(&p, account))
+            .await
+            .map_err(|e| status_of("write", &path, e))?;
+        // Removes the part if this call is dropped (its client reset it);
+        // after the rename there is nothing left to remove.
+        let _part = temp.clone().map(RemoveOnDrop);
         // Writes happen on one blocking thread fed by a small queue, so a
         // slow disk holds the sender back instead of filling memory.
         let (tx, mut rx) = mpsc::channel::<Bytes>(4);
-        let p = path.clone();
         let writer = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
             let mut file = file;
             while let Some(data) = rx.blocking_recv() {
@@ -565,9 +657,23 @@ impl Files for FilesService {
         }
         .await;
         drop(tx);
-        let written = writer.await.map_err(|e| Status::internal(e.to_string()))?;
+        let written = writer.await.unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        // Complete: the file takes its place; broken off (the caller's
+        // stream failed or a write did): the part goes.
+        let ok = fed.is_ok() && written.is_ok();
+        let p = path.clone();
+        let placed = as_account(account, move || match temp {
+            Some(t) if ok => std::fs::rename(&t, &p).inspect_err(|_| {
+                let _ = std::fs::remove_file(&t);
+            }),
+            Some(t) => std::fs::remove_file(&t),
+            None => Ok(()),
+        })
+        .await;
         fed?;
-        written.map_err(|e| status_of("write", &p, e))?;
+        written.map_err(|e| status_of("write", &path, e))?;
+        placed.map_err(|e| status_of("write", &path, e))?;
+        let p = path.clone();
         let info = as_account(account, move || entry_info(&p))
             .await
             .map_err(|e| status_of("stat", &path, e))?;
@@ -736,6 +842,69 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(e.code(), tonic::Code::NotFound);
+    }
+
+    /// An upload goes to a part beside the file and takes the file's place
+    /// (with its mode) when complete: a watcher sees the file created and
+    /// written, never the part.
+    #[tokio::test]
+    async fn an_upload_replaces_its_file_at_the_end_and_watchers_see_only_the_file() {
+        use std::os::unix::fs::PermissionsExt;
+        use tokio_stream::StreamExt;
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root (as the guest agent is)");
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let target = d.path().join("f.txt");
+        std::fs::write(&target, b"old").unwrap();
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let mut s = FilesService
+            .watch_dir(Request::new(WatchDirRequest {
+                path: d.path().to_string_lossy().into_owned(),
+                user: "root".into(),
+                ..Default::default()
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(s.next().await.unwrap().unwrap().started);
+        let (mut f, part) = open_upload(&target, Account::Root).unwrap();
+        let part = part.expect("a regular file is replaced, not written in place");
+        assert!(is_upload_part(part.file_name().unwrap()), "{}", part.display());
+        f.write_all(b"new").unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), b"old", "written in place");
+        std::fs::rename(&part, &target).unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), b"new");
+        let mode = std::fs::metadata(&target).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let mut seen = Vec::new();
+        while seen.len() < 2 {
+            let e = tokio::time::timeout(std::time::Duration::from_secs(5), s.next())
+                .await
+                .expect("an event")
+                .unwrap()
+                .unwrap();
+            seen.push((e.name.clone(), e.r#type()));
+        }
+        assert_eq!(
+            seen,
+            [
+                ("f.txt".to_string(), FsEventType::Create),
+                ("f.txt".to_string(), FsEventType::Write)
+            ]
+        );
+        // A FIFO is written in place.
+        let fifo = d.path().join("p");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let reader = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NONBLOCK)
+            .open(&fifo)
+            .unwrap();
+        let (_, part) = open_upload(&fifo, Account::Root).unwrap();
+        assert!(part.is_none());
+        drop(reader);
     }
 
     #[test]

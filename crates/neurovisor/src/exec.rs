@@ -536,6 +536,13 @@ impl Sandbox {
         (self.backend, self.images)
     }
 
+    /// Whether its VMs can be paused to disk (a sandbox's `Pause`): every
+    /// VM of a snapshot pool, or any VM where the backend snapshots booted
+    /// ones.
+    pub fn can_pause(&self) -> bool {
+        self.snapshots.is_some() || self.backend.snapshots_booted_vms()
+    }
+
     pub fn backend(&self) -> &dyn VmmBackend {
         self.backend.as_ref()
     }

@@ -131,6 +131,13 @@ async fn sandboxes_keep_state_apart_expire_are_killed_and_capped() {
         err.contains("cannot be paused") && err.contains("--snapshot"),
         "{err}"
     );
+    // So is a timeout that would pause, before a VM is taken.
+    let (code, _, err) = cli(&d, &["create", "--on-timeout", "pause"]);
+    assert_eq!(code, Some(125), "{err}");
+    assert!(
+        err.contains("cannot pause") && err.contains("--snapshot"),
+        "{err}"
+    );
 
     // The cap: a third is refused while two live.
     let e = c
@@ -595,6 +602,70 @@ async fn files_of_a_sandbox_round_trip_byte_exact_and_act_as_its_user() {
             .any(|l| l.ends_with(" /tmp/up.bin") && l.contains(" user ")),
         "{out}"
     );
+    // `cp` SIGKILLed while it uploads over that file: the file keeps its
+    // old bytes (no part of the new one in its place), the part goes.
+    let big = tmp.path().join("big.bin");
+    std::fs::write(&big, noise(64 << 20, 7)).expect("write local");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_neurovisor"))
+        .args([
+            "sandbox",
+            "cp",
+            big.to_str().expect("utf-8"),
+            &remote,
+            "--addr",
+            &d.addr(),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start cp");
+    let parts = |c: &mut SandboxesClient<Channel>| {
+        let mut c = c.clone();
+        let id = id.to_string();
+        async move {
+            let r = c
+                .list_dir(ListDirRequest {
+                    sandbox_id: id,
+                    path: "/tmp".into(),
+                    depth: 1,
+                    user: String::new(),
+                })
+                .await
+                .expect("list /tmp")
+                .into_inner();
+            r.entries
+                .into_iter()
+                .filter(|e| e.name.contains(".nv-upload-"))
+                .map(|e| e.size)
+                .collect::<Vec<_>>()
+        }
+    };
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        if parts(&mut c).await.iter().any(|size| *size > 0) {
+            break;
+        }
+        assert!(
+            child.try_wait().expect("cp").is_none(),
+            "cp ended before it was seen uploading"
+        );
+        assert!(Instant::now() < until, "no upload in progress seen");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    child.kill().expect("SIGKILL cp");
+    child.wait().expect("reap cp");
+    let until = Instant::now() + Duration::from_secs(10);
+    while !parts(&mut c).await.is_empty() {
+        assert!(Instant::now() < until, "the broken upload's part stays in /tmp");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (code, _, err) = cli(&d, &["cp", &remote, down.to_str().expect("utf-8")]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        std::fs::read(&down).expect("downloaded") == data,
+        "a broken upload changed the file"
+    );
+
     let (code, _, err) = cli(&d, &["cp", &format!("{id}:/nope"), down.to_str().expect("utf-8")]);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("/nope"), "{err}");
@@ -1199,4 +1270,150 @@ async fn sandboxes_get_the_image_and_size_they_ask_for() {
 
     drop(c);
     assert_eq!(d.stop(), Some(0));
+}
+
+/// Busy loops on the host, one per core asked for; killed and reaped when
+/// dropped.
+struct Load(Vec<std::process::Child>);
+
+impl Load {
+    fn start(n: usize) -> Self {
+        Self(
+            (0..n)
+                .map(|_| {
+                    Command::new("sh")
+                        .args(["-c", "while :; do :; done"])
+                        .spawn()
+                        .expect("start a busy loop")
+                })
+                .collect(),
+        )
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+async fn info(c: &mut SandboxesClient<Channel>, id: &str) -> neurovisor_proto::v1::SandboxInfo {
+    c.get(SandboxRef {
+        sandbox_id: id.to_string(),
+    })
+    .await
+    .expect("get")
+    .into_inner()
+}
+
+/// `on_timeout: pause`: the timeout pauses the sandbox instead of killing
+/// it; with `auto_resume` the next call that needs it resumes it (its file
+/// is there), without it the call is refused. A daemon SIGKILLed with a
+/// paused sandbox leaves its VMs to their keepers and its snapshot to the
+/// next start, which removes it. The pauses and the resume run while both
+/// host cores are busy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timeout_pauses_a_sandbox_a_call_resumes_it_and_a_sigkilled_daemon_leaves_no_snapshot() {
+    let state = Arc::new(tempfile::Builder::new().prefix("nvd-").tempdir().expect("state"));
+    let d = start_daemon_in(state.clone(), &["--warm", "0", "--max", "2", "--snapshot"]);
+    let mut c = sandboxes(&d).await;
+    let create = |auto_resume: bool| CreateSandboxRequest {
+        timeout_s: 3,
+        on_timeout: "pause".into(),
+        auto_resume,
+        ..Default::default()
+    };
+    let woken = c.create(create(true)).await.expect("create").into_inner();
+    assert_eq!((woken.on_timeout.as_str(), woken.auto_resume), ("pause", true));
+    let asleep = c.create(create(false)).await.expect("create").into_inner();
+    let e = c
+        .create(CreateSandboxRequest {
+            on_timeout: "hibernate".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("an unknown action");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("\"kill\" or \"pause\""), "{e:?}");
+    let (_, _, r) = exec(
+        &mut c,
+        &woken.sandbox_id,
+        "bash",
+        "echo kept > /home/user/keep.txt",
+    )
+    .await;
+    assert_eq!(r.exit_code, Some(0));
+
+    // The pauses and the resume run with both cores busy.
+    let load = Load::start(2);
+
+    for id in [&woken.sandbox_id, &asleep.sandbox_id] {
+        let until = Instant::now() + Duration::from_secs(60);
+        while !info(&mut c, id).await.paused {
+            assert!(
+                Instant::now() < until,
+                "sandbox {id} was not paused at its timeout"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    wait_until(
+        "the paused sandboxes' VMs to be gone",
+        Duration::from_secs(10),
+        || d.vm_processes().is_empty(),
+    );
+    let e = c
+        .stat(path_req(&asleep.sandbox_id, "/", ""))
+        .await
+        .expect_err("a paused sandbox without auto_resume");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+
+    // The call resumes it and is answered; its timeout starts again.
+    let st = c
+        .stat(path_req(&woken.sandbox_id, "keep.txt", ""))
+        .await
+        .expect("stat resumes the sandbox")
+        .into_inner();
+    assert_eq!(st.size, 5);
+    let now = info(&mut c, &woken.sandbox_id).await;
+    assert!(!now.paused && now.end_at_ms > 0, "{now:?}");
+    let (out, _, r) = exec(&mut c, &woken.sandbox_id, "bash", "cat /home/user/keep.txt").await;
+    assert_eq!((out.as_str(), r.exit_code), ("kept\n", Some(0)));
+    drop(load);
+
+    // SIGKILL with a paused sandbox: its snapshot outlives the daemon until
+    // the next start on the same state directory.
+    let snapshot = state.path().join("daemon/paused").join(&asleep.sandbox_id);
+    assert!(
+        snapshot.join("state").is_file(),
+        "no snapshot at {}",
+        snapshot.display()
+    );
+    drop(c);
+    d.signal(nix::sys::signal::Signal::SIGKILL);
+    let needle = state.path().display().to_string();
+    drop(d);
+    wait_until(
+        "the VMs to die with their daemon",
+        Duration::from_secs(10),
+        || common::processes_mentioning(&needle).is_empty(),
+    );
+    wait_until("the VM cgroups to be removed", Duration::from_secs(10), || {
+        common::unowned_vm_cgroups().is_empty()
+    });
+    let d2 = start_daemon_in(state, &["--warm", "0", "--max", "1"]);
+    assert!(!snapshot.exists(), "the next daemon left {}", snapshot.display());
+    let mut c = sandboxes(&d2).await;
+    let e = c
+        .get(SandboxRef {
+            sandbox_id: asleep.sandbox_id.clone(),
+        })
+        .await
+        .expect_err("no sandbox outlives its daemon");
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    drop(c);
+    assert_eq!(d2.stop(), Some(0));
 }

@@ -112,11 +112,24 @@ pub struct CreateArgs {
     /// small, medium or large [default: the daemon's].
     #[arg(long)]
     size: Option<String>,
+    /// What its timeout does: kill it, or pause it to disk (needs a daemon
+    /// that can pause: `serve --snapshot` on QEMU).
+    #[arg(long, value_enum, default_value_t = OnTimeout::Kill)]
+    on_timeout: OnTimeout,
+    /// A paused sandbox resumes when a call uses it (exec, cp, ...).
+    #[arg(long)]
+    auto_resume: bool,
     /// Print the sandbox as JSON instead of its id.
     #[arg(long)]
     json: bool,
     #[command(flatten)]
     daemon: DaemonArgs,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum OnTimeout {
+    Kill,
+    Pause,
 }
 
 #[derive(Debug, Args)]
@@ -215,6 +228,8 @@ fn info_json(s: &SandboxInfo) -> serde_json::Value {
         "restored": s.restored,
         "executions": s.executions,
         "paused": s.paused,
+        "on_timeout": s.on_timeout,
+        "auto_resume": s.auto_resume,
     })
 }
 
@@ -236,6 +251,12 @@ async fn run(cmd: SandboxCommand) -> Result<u8, u8> {
                     env: a.env.into_iter().collect::<HashMap<_, _>>(),
                     image: a.image.unwrap_or_default(),
                     size: a.size.unwrap_or_default(),
+                    on_timeout: match a.on_timeout {
+                        OnTimeout::Kill => "kill",
+                        OnTimeout::Pause => "pause",
+                    }
+                    .into(),
+                    auto_resume: a.auto_resume,
                 })
                 .await
                 .map_err(|e| fail(&e, exit_code(&e)))?;

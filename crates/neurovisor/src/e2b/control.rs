@@ -48,6 +48,17 @@ struct NewSandbox {
     #[serde(default)]
     env_vars: Option<HashMap<String, String>>,
     allow_internet_access: Option<bool>,
+    /// `lifecycle.on_timeout` "pause".
+    auto_pause: Option<bool>,
+    /// `false`: E2B's `mode: "filesystem"`.
+    auto_pause_memory: Option<bool>,
+    auto_resume: Option<AutoResume>,
+}
+
+#[derive(Deserialize, Default)]
+struct AutoResume {
+    #[serde(default)]
+    enabled: bool,
 }
 
 /// Seconds as the table takes them (0 = its default).
@@ -80,6 +91,7 @@ fn sandbox_json(st: &E2bState, s: &SandboxInfo, token: Option<String>) -> Value 
         "state": if s.paused { "paused" } else { "running" },
         "metadata": s.metadata,
         "alias": s.image,
+        "lifecycle": {"onTimeout": s.on_timeout, "autoResume": s.auto_resume},
     });
     if let Some(t) = token {
         // One secret per sandbox: envd calls send it as the access token,
@@ -98,8 +110,21 @@ async fn create(
     check_api_key(&st, &headers)?;
     let r: NewSandbox = parse(&body)?;
     // E2B's own template names are the daemon's image; any other names a
-    // built image.
-    let image = match r.template_id.as_deref() {
+    // built image. A tag is a size: `base:large`, `full:small`.
+    let (template, size) = match r.template_id.as_deref().map(|t| t.split_once(':')) {
+        None => (None, ""),
+        Some(None) => (r.template_id.as_deref(), ""),
+        Some(Some((t, size))) => {
+            if !["small", "medium", "large"].contains(&size) {
+                return Err(ApiError(
+                    StatusCode::BAD_REQUEST,
+                    format!("template '{t}:{size}': the tag is a size here; use small, medium or large"),
+                ));
+            }
+            (Some(t), size)
+        }
+    };
+    let image = match template {
         None => String::new(),
         Some(t) if TEMPLATES.contains(&t) || t == st.image => String::new(),
         Some(t) => {
@@ -122,6 +147,12 @@ async fn create(
             "allowInternetAccess: sandboxes have no network here; leave it unset or false".into(),
         ));
     }
+    if r.auto_pause == Some(true) && r.auto_pause_memory == Some(false) {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "lifecycle on_timeout mode \"filesystem\" is not supported: a sandbox's files live in its memory here; omit mode (a full snapshot)".into(),
+        ));
+    }
     let info = st
         .table
         .create(CreateSandboxRequest {
@@ -129,7 +160,14 @@ async fn create(
             metadata: r.metadata.unwrap_or_default(),
             env: r.env_vars.unwrap_or_default(),
             image,
-            size: String::new(),
+            size: size.to_string(),
+            on_timeout: if r.auto_pause == Some(true) {
+                "pause"
+            } else {
+                "kill"
+            }
+            .into(),
+            auto_resume: r.auto_resume.is_some_and(|a| a.enabled),
         })
         .await?;
     let token = st.table.access_token(&info.sandbox_id);

@@ -131,8 +131,10 @@ fn relay<T: Unpin + Send + 'static>(
 
 impl SandboxTable {
     /// The sandbox and its VM's services (FAILED_PRECONDITION while paused).
-    fn live(&self, id: &str) -> Result<(Arc<Session>, GuestSession), Status> {
-        let s = self.get(id)?;
+    /// Sandbox `id` and its VM's services (resumed first if it was paused
+    /// with `auto_resume`).
+    async fn live(&self, id: &str) -> Result<(Arc<Session>, GuestSession), Status> {
+        let s = self.awake(id).await?;
         let g = s.guest()?;
         Ok((s, g))
     }
@@ -140,7 +142,7 @@ impl SandboxTable {
     pub(crate) async fn read_file(&self, r: ReadFileRequest) -> Result<ChunkStream, Status> {
         check_path("path", &r.path)?;
         check_user(&r.user)?;
-        let (s, g) = self.live(&r.sandbox_id)?;
+        let (s, g) = self.live(&r.sandbox_id).await?;
         let items = g.read_file(r).await.map_err(status)?;
         Ok(relay(items, &s))
     }
@@ -156,7 +158,7 @@ impl SandboxTable {
         })?;
         check_path("path", &first.path)?;
         check_user(&first.user)?;
-        let (s, g) = self.live(&first.sandbox_id)?;
+        let (s, g) = self.live(&first.sandbox_id).await?;
         let (tx, rx) = mpsc::channel(4);
         let check = |m: &WriteFileRequest| {
             if m.data.len() > FILE_CHUNK {
@@ -186,20 +188,32 @@ impl SandboxTable {
             Ok::<(), Status>(())
         };
         let write = g.write_file(rx);
-        let (fed, written) = tokio::select! {
-            r = async { tokio::join!(feed, write) } => r,
-            _ = s.killed.cancelled() => return Err(Status::aborted("the sandbox was killed")),
+        // A client's stream that breaks ends the guest's call by dropping
+        // it (a reset, not an end of stream): the guest then drops the part
+        // it wrote instead of putting it in the file's place.
+        let both = async {
+            tokio::pin!(feed, write);
+            let mut fed = false;
+            loop {
+                tokio::select! {
+                    f = &mut feed, if !fed => {
+                        f?;
+                        fed = true;
+                    }
+                    w = &mut write => return w.map_err(status),
+                }
+            }
         };
-        // A client's broken stream is the first thing to report: the guest
-        // saw only its end.
-        fed?;
-        written.map_err(status)
+        tokio::select! {
+            r = both => r,
+            _ = s.killed.cancelled() => Err(Status::aborted("the sandbox was killed")),
+        }
     }
 
     pub(crate) async fn list_dir(&self, r: ListDirRequest) -> Result<ListDirResponse, Status> {
         check_path("path", &r.path)?;
         check_user(&r.user)?;
-        let (_, g) = self.live(&r.sandbox_id)?;
+        let (_, g) = self.live(&r.sandbox_id).await?;
         let entries = g.list_dir(r).await.map_err(status)?;
         Ok(ListDirResponse { entries })
     }
@@ -207,21 +221,21 @@ impl SandboxTable {
     pub(crate) async fn stat(&self, r: PathRequest) -> Result<EntryInfo, Status> {
         check_path("path", &r.path)?;
         check_user(&r.user)?;
-        let (_, g) = self.live(&r.sandbox_id)?;
+        let (_, g) = self.live(&r.sandbox_id).await?;
         g.stat(r).await.map_err(status)
     }
 
     pub(crate) async fn make_dir(&self, r: PathRequest) -> Result<EntryInfo, Status> {
         check_path("path", &r.path)?;
         check_user(&r.user)?;
-        let (_, g) = self.live(&r.sandbox_id)?;
+        let (_, g) = self.live(&r.sandbox_id).await?;
         g.make_dir(r).await.map_err(status)
     }
 
     pub(crate) async fn remove(&self, r: PathRequest) -> Result<(), Status> {
         check_path("path", &r.path)?;
         check_user(&r.user)?;
-        let (_, g) = self.live(&r.sandbox_id)?;
+        let (_, g) = self.live(&r.sandbox_id).await?;
         g.remove(r).await.map_err(status)
     }
 
@@ -229,14 +243,14 @@ impl SandboxTable {
         check_path("source", &r.source)?;
         check_path("destination", &r.destination)?;
         check_user(&r.user)?;
-        let (_, g) = self.live(&r.sandbox_id)?;
+        let (_, g) = self.live(&r.sandbox_id).await?;
         g.rename(r).await.map_err(status)
     }
 
     pub(crate) async fn watch_dir(&self, r: WatchDirRequest) -> Result<WatchStream, Status> {
         check_path("path", &r.path)?;
         check_user(&r.user)?;
-        let (s, g) = self.live(&r.sandbox_id)?;
+        let (s, g) = self.live(&r.sandbox_id).await?;
         let items = g.watch_dir(r).await.map_err(status)?;
         Ok(relay(items, &s))
     }
@@ -254,7 +268,7 @@ impl SandboxTable {
         if r.pty.is_some() {
             check_pty(r.pty.as_ref())?;
         }
-        let (s, g) = self.live(&r.sandbox_id)?;
+        let (s, g) = self.live(&r.sandbox_id).await?;
         // The same checks as a program's arguments and environment, with
         // the sandbox's environment under the request's own.
         let own = std::mem::take(&mut r.env);
@@ -270,7 +284,7 @@ impl SandboxTable {
 
     pub(crate) async fn connect_process(&self, r: ProcessSelector) -> Result<EventStream, Status> {
         check_selector(r.pid, &r.tag)?;
-        let (s, g) = self.live(&r.sandbox_id)?;
+        let (s, g) = self.live(&r.sandbox_id).await?;
         let items = g.attach(r).await.map_err(status)?;
         Ok(relay(items, &s))
     }
@@ -279,7 +293,7 @@ impl SandboxTable {
         &self,
         r: ListProcessesRequest,
     ) -> Result<ListProcessesResponse, Status> {
-        let (_, g) = self.live(&r.sandbox_id)?;
+        let (_, g) = self.live(&r.sandbox_id).await?;
         let processes = g.list_processes().await.map_err(status)?;
         Ok(ListProcessesResponse { processes })
     }
@@ -292,7 +306,7 @@ impl SandboxTable {
                 r.data.len()
             )));
         }
-        let (_, g) = self.live(&r.sandbox_id)?;
+        let (_, g) = self.live(&r.sandbox_id).await?;
         g.send_input(r).await.map_err(status)?;
         Ok(ProcessAck {})
     }
@@ -300,14 +314,14 @@ impl SandboxTable {
     pub(crate) async fn resize_pty(&self, r: ResizePtyRequest) -> Result<ProcessAck, Status> {
         check_selector(r.pid, &r.tag)?;
         check_pty(r.size.as_ref())?;
-        let (_, g) = self.live(&r.sandbox_id)?;
+        let (_, g) = self.live(&r.sandbox_id).await?;
         g.resize_pty(r).await.map_err(status)?;
         Ok(ProcessAck {})
     }
 
     pub(crate) async fn close_stdin(&self, r: ProcessSelector) -> Result<ProcessAck, Status> {
         check_selector(r.pid, &r.tag)?;
-        let (_, g) = self.live(&r.sandbox_id)?;
+        let (_, g) = self.live(&r.sandbox_id).await?;
         g.close_stdin(r).await.map_err(status)?;
         Ok(ProcessAck {})
     }
@@ -318,25 +332,25 @@ impl SandboxTable {
         if !r.cwd.is_empty() {
             check_path("cwd", &r.cwd)?;
         }
-        let (_, g) = self.live(&r.sandbox_id)?;
+        let (_, g) = self.live(&r.sandbox_id).await?;
         g.create_context(r).await.map_err(status)
     }
 
     pub(crate) async fn list_contexts(&self, r: ListContextsRequest) -> Result<ListContextsResponse, Status> {
-        let (_, g) = self.live(&r.sandbox_id)?;
+        let (_, g) = self.live(&r.sandbox_id).await?;
         let contexts = g.list_contexts().await.map_err(status)?;
         Ok(ListContextsResponse { contexts })
     }
 
     pub(crate) async fn restart_context(&self, r: ContextSelector) -> Result<ContextInfo, Status> {
         check_context_id(&r.context_id)?;
-        let (_, g) = self.live(&r.sandbox_id)?;
+        let (_, g) = self.live(&r.sandbox_id).await?;
         g.restart_context(r).await.map_err(status)
     }
 
     pub(crate) async fn remove_context(&self, r: ContextSelector) -> Result<ContextAck, Status> {
         check_context_id(&r.context_id)?;
-        let (_, g) = self.live(&r.sandbox_id)?;
+        let (_, g) = self.live(&r.sandbox_id).await?;
         g.remove_context(r).await.map_err(status)?;
         Ok(ContextAck {})
     }
@@ -347,7 +361,7 @@ impl SandboxTable {
         } else {
             check_context_id(&r.context_id)?;
         }
-        let (s, g) = self.live(&r.sandbox_id)?;
+        let (s, g) = self.live(&r.sandbox_id).await?;
         // The code, the environment (the sandbox's under the run's own) and
         // the time limit get the checks of every program.
         let own = std::mem::take(&mut r.env);
@@ -373,7 +387,7 @@ impl SandboxTable {
                 r.signal
             )));
         }
-        let (_, g) = self.live(&r.sandbox_id)?;
+        let (_, g) = self.live(&r.sandbox_id).await?;
         g.signal(r).await.map_err(status)?;
         Ok(ProcessAck {})
     }

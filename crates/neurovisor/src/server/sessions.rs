@@ -80,8 +80,13 @@ pub(super) struct Session {
     /// Its current VM (a resumed sandbox has a new one).
     vm_id: std::sync::Mutex<String>,
     started_at: SystemTime,
-    /// (monotonic deadline, the same as wall time for clients).
-    deadline: std::sync::Mutex<(Instant, SystemTime)>,
+    /// (monotonic deadline, the same as wall time for clients, the timeout
+    /// it was set from).
+    deadline: std::sync::Mutex<(Instant, SystemTime, Duration)>,
+    /// Its timeout pauses it instead of killing it.
+    pause_at_timeout: bool,
+    /// A call that needs its VM resumes it while it is paused.
+    auto_resume: bool,
     metadata: HashMap<String, String>,
     pub(super) env: BTreeMap<String, String>,
     restored: bool,
@@ -112,6 +117,14 @@ impl Session {
 
     fn is_paused(&self) -> bool {
         self.paused.lock().map(|p| p.is_some()).unwrap_or(false)
+    }
+
+    /// Its deadline is `timeout` from now.
+    fn set_deadline(&self, timeout: Duration) {
+        let now = (Instant::now(), SystemTime::now());
+        if let Ok(mut d) = self.deadline.lock() {
+            *d = (now.0 + timeout, now.1 + timeout, timeout);
+        }
     }
 
     /// The agent's services of its VM; FAILED_PRECONDITION while paused.
@@ -241,6 +254,8 @@ impl SandboxTable {
             started_at_ms: unix_ms(s.started_at),
             end_at_ms: if paused { 0 } else { unix_ms(end) },
             paused,
+            on_timeout: if s.pause_at_timeout { "pause" } else { "kill" }.into(),
+            auto_resume: s.auto_resume,
             metadata: s.metadata.clone(),
             memory_mib: size.memory_mib(),
             vcpus: size.vcpus(),
@@ -362,6 +377,19 @@ impl SandboxTable {
         check_metadata(&r.metadata)?;
         let env: BTreeMap<String, String> = r.env.into_iter().collect();
         let pool = self.pool_for(&r.image, &r.size)?;
+        let pause_at_timeout = match r.on_timeout.as_str() {
+            "" | "kill" => false,
+            "pause" if pool.sandbox().can_pause() => true,
+            "pause" => return Err(Status::failed_precondition(
+                "on_timeout \"pause\": this daemon cannot pause sandboxes (QEMU pauses only VMs restored \
+                     from a snapshot: start it with --snapshot); use on_timeout \"kill\"",
+            )),
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "on_timeout: \"{other}\" is not an action; use \"kill\" or \"pause\""
+                )))
+            }
+        };
         // The same checks as every request's environment, before a VM is taken.
         let mut probe = ExecRequest::new("bash", "true");
         probe.env = env.clone();
@@ -377,7 +405,9 @@ impl SandboxTable {
             pool,
             vm_id: std::sync::Mutex::new(lease.vm_id().to_string()),
             started_at: now.1,
-            deadline: std::sync::Mutex::new((now.0 + timeout, now.1 + timeout)),
+            deadline: std::sync::Mutex::new((now.0 + timeout, now.1 + timeout, timeout)),
+            pause_at_timeout,
+            auto_resume: r.auto_resume,
             metadata: r.metadata,
             env,
             restored: lease.restored(),
@@ -468,55 +498,7 @@ impl SandboxTable {
     /// destroyed (see the `Pause` call in sandbox.proto).
     pub(crate) async fn pause(&self, id: &str) -> Result<SandboxInfo, Status> {
         let s = self.get(id)?;
-        let mut guard = s.lease.try_lock().map_err(|_| {
-            Status::failed_precondition(format!(
-                "sandbox {id} is running a program (Exec) or being paused or resumed; pause it once that is done"
-            ))
-        })?;
-        if s.is_paused() {
-            return Err(Status::failed_precondition(format!(
-                "sandbox {id} is already paused"
-            )));
-        }
-        let Some(lease) = guard.as_mut() else {
-            return Err(Status::not_found(format!("no sandbox '{id}' (it was killed)")));
-        };
-        let dir = self.inner.paused_dir.join(&s.id);
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .map_err(|e| Status::internal(format!("create {}: {e}", dir.display())))?;
-        let started = Instant::now();
-        let saved = tokio::select! {
-            r = lease.save(dir.join("state"), dir.join("mem")) => r,
-            _ = s.killed.cancelled() => Err(ExecError::Protocol("killed".into())),
-        };
-        if let Err(e) = saved {
-            let _ = std::fs::remove_dir_all(&dir);
-            return Err(match e {
-                ExecError::Vmm(VmmError::Unsupported(why)) => {
-                    Status::failed_precondition(format!("sandbox {id} cannot be paused: {why}"))
-                }
-                e => Status::unavailable(format!("sandbox {id} was not paused: {e}; it runs on")),
-            });
-        }
-        let left = s
-            .deadline
-            .lock()
-            .map(|d| d.0.saturating_duration_since(Instant::now()))
-            .unwrap_or(DEFAULT_TIMEOUT)
-            .max(Duration::from_secs(1));
-        if let Ok(mut g) = s.guest.lock() {
-            *g = None;
-        }
-        if let Ok(mut p) = s.paused.lock() {
-            *p = Some(Paused { dir, left });
-        }
-        // Destroys the VM and frees its place in the pool.
-        drop(guard.take());
-        self.inner.changed.notify_waiters();
-        tracing::info!(sandbox = %s.id, took_ms = started.elapsed().as_millis() as u64, "sandbox paused");
+        pause_session(&self.inner, &s, None).await?;
         Ok(self.info(&s))
     }
 
@@ -525,42 +507,19 @@ impl SandboxTable {
     pub(crate) async fn resume(&self, id: &str, timeout_s: u32) -> Result<SandboxInfo, Status> {
         let asked = (timeout_s > 0).then(|| timeout_of(timeout_s)).transpose()?;
         let s = self.get(id)?;
-        // Waits for a pause in progress.
-        let mut guard = s.lease.lock().await;
-        let Some(p) = s.paused.lock().ok().and_then(|p| p.clone()) else {
-            return Err(Status::failed_precondition(format!(
-                "sandbox {id} is running, not paused"
-            )));
-        };
-        let started = Instant::now();
-        let lease = tokio::select! {
-            r = s.pool.resume(p.dir.join("state"), p.dir.join("mem")) => r,
-            _ = s.killed.cancelled() => return Err(Status::aborted(format!("sandbox {id} was killed"))),
-        }
-        .map_err(|e| {
-            let st = pool_status(e);
-            Status::new(st.code(), format!("{}; sandbox {id} stays paused", st.message()))
-        })?;
-        if let Ok(mut v) = s.vm_id.lock() {
-            *v = lease.vm_id().to_string();
-        }
-        if let Ok(mut g) = s.guest.lock() {
-            *g = lease.session();
-        }
-        let timeout = asked.unwrap_or(p.left);
-        let now = (Instant::now(), SystemTime::now());
-        if let Ok(mut d) = s.deadline.lock() {
-            *d = (now.0 + timeout, now.1 + timeout);
-        }
-        *guard = Some(lease);
-        if let Ok(mut p) = s.paused.lock() {
-            *p = None;
-        }
-        drop(guard);
-        let _ = std::fs::remove_dir_all(&p.dir);
-        self.inner.changed.notify_waiters();
-        tracing::info!(sandbox = %s.id, vm = %lease_vm(&s), took_ms = started.elapsed().as_millis() as u64, "sandbox resumed");
+        resume_session(&self.inner, &s, asked, false).await?;
         Ok(self.info(&s))
+    }
+
+    /// Sandbox `id` for a call that needs its VM: a paused sandbox created
+    /// with `auto_resume` is resumed first (the others are refused by
+    /// [`Session::guest`]).
+    pub(super) async fn awake(&self, id: &str) -> Result<Arc<Session>, Status> {
+        let s = self.get(id)?;
+        if s.auto_resume && s.is_paused() {
+            resume_session(&self.inner, &s, None, true).await?;
+        }
+        Ok(s)
     }
 
     pub(crate) fn set_timeout(&self, id: &str, timeout_s: u32) -> Result<SandboxInfo, Status> {
@@ -571,10 +530,7 @@ impl SandboxTable {
                 "sandbox {id} is paused and does not expire; give the timeout when you resume it"
             )));
         }
-        let now = (Instant::now(), SystemTime::now());
-        if let Ok(mut d) = s.deadline.lock() {
-            *d = (now.0 + timeout, now.1 + timeout);
-        }
+        s.set_deadline(timeout);
         self.inner.changed.notify_waiters();
         Ok(self.info(&s))
     }
@@ -602,6 +558,119 @@ impl Ending {
 
 fn lease_vm(s: &Session) -> String {
     s.vm_id.lock().map(|v| v.clone()).unwrap_or_default()
+}
+
+/// Pauses `s` (see `SandboxTable::pause`). A client's pause is refused
+/// while an `Exec` holds the VM; the timeout's (`at_timeout`: the timeout it
+/// resumes with) waits for it.
+async fn pause_session(t: &Table, s: &Session, at_timeout: Option<Duration>) -> Result<(), Status> {
+    let id = &s.id;
+    let mut guard = match at_timeout {
+        Some(_) => tokio::select! {
+            g = s.lease.lock() => g,
+            _ = s.killed.cancelled() => return Err(Status::aborted(format!("sandbox {id} was killed"))),
+        },
+        None => s.lease.try_lock().map_err(|_| {
+            Status::failed_precondition(format!(
+                "sandbox {id} is running a program (Exec) or being paused or resumed; pause it once that is done"
+            ))
+        })?,
+    };
+    if s.is_paused() {
+        return Err(Status::failed_precondition(format!(
+            "sandbox {id} is already paused"
+        )));
+    }
+    let Some(lease) = guard.as_mut() else {
+        return Err(Status::not_found(format!("no sandbox '{id}' (it was killed)")));
+    };
+    let dir = t.paused_dir.join(id);
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|e| Status::internal(format!("create {}: {e}", dir.display())))?;
+    let started = Instant::now();
+    let saved = tokio::select! {
+        r = lease.save(dir.join("state"), dir.join("mem")) => r,
+        _ = s.killed.cancelled() => Err(ExecError::Protocol("killed".into())),
+    };
+    if let Err(e) = saved {
+        let _ = std::fs::remove_dir_all(&dir);
+        return Err(match e {
+            ExecError::Vmm(VmmError::Unsupported(why)) => {
+                Status::failed_precondition(format!("sandbox {id} cannot be paused: {why}"))
+            }
+            e => Status::unavailable(format!("sandbox {id} was not paused: {e}; it runs on")),
+        });
+    }
+    let left = match at_timeout {
+        Some(t) => t,
+        None => s
+            .deadline
+            .lock()
+            .map(|d| d.0.saturating_duration_since(Instant::now()))
+            .unwrap_or(DEFAULT_TIMEOUT)
+            .max(Duration::from_secs(1)),
+    };
+    if let Ok(mut g) = s.guest.lock() {
+        *g = None;
+    }
+    if let Ok(mut p) = s.paused.lock() {
+        *p = Some(Paused { dir, left });
+    }
+    // Destroys the VM and frees its place in the pool.
+    drop(guard.take());
+    t.changed.notify_waiters();
+    tracing::info!(sandbox = %id, took_ms = started.elapsed().as_millis() as u64, at_timeout = at_timeout.is_some(), "sandbox paused");
+    Ok(())
+}
+
+/// Resumes paused `s` with timeout `asked` (`None`: what it had left).
+/// `if_paused`: a sandbox that is running already (another call resumed
+/// it) is not an error.
+async fn resume_session(
+    t: &Table,
+    s: &Session,
+    asked: Option<Duration>,
+    if_paused: bool,
+) -> Result<(), Status> {
+    let id = &s.id;
+    // Waits for a pause in progress.
+    let mut guard = s.lease.lock().await;
+    let Some(p) = s.paused.lock().ok().and_then(|p| p.clone()) else {
+        if if_paused {
+            return Ok(());
+        }
+        return Err(Status::failed_precondition(format!(
+            "sandbox {id} is running, not paused"
+        )));
+    };
+    let started = Instant::now();
+    let lease = tokio::select! {
+        r = s.pool.resume(p.dir.join("state"), p.dir.join("mem")) => r,
+        _ = s.killed.cancelled() => return Err(Status::aborted(format!("sandbox {id} was killed"))),
+    }
+    .map_err(|e| {
+        let st = pool_status(e);
+        Status::new(st.code(), format!("{}; sandbox {id} stays paused", st.message()))
+    })?;
+    if let Ok(mut v) = s.vm_id.lock() {
+        *v = lease.vm_id().to_string();
+    }
+    if let Ok(mut g) = s.guest.lock() {
+        *g = lease.session();
+    }
+    s.set_deadline(asked.unwrap_or(p.left));
+    *guard = Some(lease);
+    if let Ok(mut p) = s.paused.lock() {
+        *p = None;
+    }
+    drop(guard);
+    let _ = std::fs::remove_dir_all(&p.dir);
+    t.changed.notify_waiters();
+    tracing::info!(sandbox = %id, vm = %lease_vm(s), took_ms = started.elapsed().as_millis() as u64, "sandbox resumed");
+    Ok(())
 }
 
 /// Drops the session's lease (destroying its VM) after any running `Exec`,
@@ -638,26 +707,57 @@ async fn reap(t: Arc<Table>) {
         tokio::pin!(changed);
         changed.as_mut().enable();
         let now = Instant::now();
-        let (expired, next): (Vec<Arc<Session>>, Option<Instant>) = match t.sessions.lock() {
+        let (expired, to_pause, next) = match t.sessions.lock() {
             Ok(mut map) => {
+                let due =
+                    |s: &Session| !s.is_paused() && s.deadline.lock().map(|d| d.0 <= now).unwrap_or(true);
                 let ids: Vec<String> = map
                     .iter()
-                    .filter(|(_, s)| !s.is_paused())
-                    .filter(|(_, s)| s.deadline.lock().map(|d| d.0 <= now).unwrap_or(true))
+                    .filter(|(_, s)| due(s) && !s.pause_at_timeout)
                     .map(|(k, _)| k.clone())
                     .collect();
-                let expired = ids.iter().filter_map(|id| map.remove(id)).collect();
+                let expired: Vec<Arc<Session>> = ids.iter().filter_map(|id| map.remove(id)).collect();
+                let to_pause: Vec<Arc<Session>> = map.values().filter(|s| due(s)).cloned().collect();
+                for s in &to_pause {
+                    // Not due again while its pause runs; a pause that fails
+                    // ends it.
+                    if let Ok(mut d) = s.deadline.lock() {
+                        d.0 = now + MAX_TIMEOUT;
+                    }
+                }
                 let next = map
                     .values()
                     .filter(|s| !s.is_paused())
                     .filter_map(|s| s.deadline.lock().ok().map(|d| d.0))
                     .min();
-                (expired, next)
+                (expired, to_pause, next)
             }
             Err(_) => return,
         };
         for s in expired {
             end(&t, &s, Ending::Expired, "its timeout passed").await;
+        }
+        for s in to_pause {
+            let t = t.clone();
+            tokio::spawn(async move {
+                let timeout = s.deadline.lock().map(|d| d.2).unwrap_or(DEFAULT_TIMEOUT);
+                if let Err(e) = pause_session(&t, &s, Some(timeout)).await {
+                    if s.killed.is_cancelled() {
+                        return;
+                    }
+                    let gone = t.sessions.lock().ok().and_then(|mut m| m.remove(&s.id));
+                    if gone.is_some() {
+                        t.changed.notify_waiters();
+                        end(
+                            &t,
+                            &s,
+                            Ending::Expired,
+                            &format!("its timeout passed and it could not be paused: {}", e.message()),
+                        )
+                        .await;
+                    }
+                }
+            });
         }
         let wait = next
             .map(|n| n.saturating_duration_since(Instant::now()))
@@ -921,7 +1021,7 @@ impl SandboxesApi for SandboxesService {
     async fn exec(&self, request: Request<SandboxExecRequest>) -> Result<Response<Self::ExecStream>, Status> {
         let trace_id = trace_id_of(&request);
         let r = request.into_inner();
-        let session = self.table.get(&r.sandbox_id)?;
+        let session = self.table.awake(&r.sandbox_id).await?;
         session.guest()?;
         let mut e = r
             .request

@@ -391,6 +391,10 @@ impl VmmBackend for FirecrackerBackend {
         "firecracker"
     }
 
+    fn snapshots_booted_vms(&self) -> bool {
+        true
+    }
+
     fn live_vms(&self) -> crate::supervisor::LiveVms {
         self.supervisor.live().clone()
     }

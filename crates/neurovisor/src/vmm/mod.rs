@@ -162,6 +162,11 @@ pub trait VmmBackend: Send + Sync {
     fn identity(&self) -> String {
         self.name().to_string()
     }
+    /// Whether [`Vm::create_snapshot`] works on a VM that booted (not only
+    /// on one restored from a snapshot).
+    fn snapshots_booted_vms(&self) -> bool {
+        false
+    }
     /// The live VMs' cgroups, for `/metrics` (none without a supervisor).
     fn live_vms(&self) -> crate::supervisor::LiveVms {
         crate::supervisor::LiveVms::default()

@@ -6,7 +6,9 @@ A file, a background process's memory and stdin survive `pause()` and
 `Sandbox.connect()`; while paused the sandbox is listed as paused, a second
 pause answers "already paused" and its files cannot be reached. Prints
 `PAUSE-CHECK OK` at the end; any failure raises. Also: a template naming a
-built image (`full`), and an unknown template.
+built image and a size (`full:medium`), an unknown template and size, and
+the lifecycle options (a timeout that pauses, traffic that resumes; a
+filesystem-only pause refused).
 """
 
 import time
@@ -68,16 +70,45 @@ step("resumed with its file and process")
 
 # A template that names a built image gets a VM of that image; an unknown
 # one is not found.
-full = Sandbox.create(template="full", timeout=60)
+# A tag is a size.
+full = Sandbox.create(template="full:medium", timeout=60)
 assert full.commands.run("command -v go").stdout.strip().endswith("/go")
-assert Sandbox.get_info(full.sandbox_id).template_id == "full"
+assert full.commands.run("nproc").stdout.strip() == "2"
+info = Sandbox.get_info(full.sandbox_id)
+assert (info.template_id, info.memory_mb, info.cpu_count) == ("full", 512, 2), info
 full.kill()
+try:
+    Sandbox.create(template="full:huge")
+    raise AssertionError("an unknown size was accepted")
+except e2b.SandboxException as e:
+    assert "small, medium or large" in str(e), e
 try:
     Sandbox.create(template="no-such-template")
     raise AssertionError("an unknown template was accepted")
 except e2b.SandboxException as e:
     assert "no-such-template" in str(e), e
 step("templates: a built image, an unknown one")
+
+# A timeout that pauses (lifecycle on_timeout "pause"), and traffic that
+# resumes (auto_resume): a file read wakes it with its memory.
+auto = Sandbox.create(timeout=3, lifecycle={"on_timeout": "pause", "auto_resume": True})
+auto.files.write("/home/user/a.txt", "auto")
+lc = Sandbox.get_info(auto.sandbox_id).lifecycle
+assert (lc["on_timeout"], lc["auto_resume"]) == ("pause", True), lc
+wait_for(
+    "the timeout to pause it",
+    lambda: Sandbox.get_info(auto.sandbox_id).state == SandboxState.PAUSED,
+    timeout=60,
+)
+assert auto.files.read("/home/user/a.txt") == "auto"
+assert Sandbox.get_info(auto.sandbox_id).state == SandboxState.RUNNING
+auto.kill()
+try:
+    Sandbox.create(lifecycle={"on_timeout": {"action": "pause", "mode": "filesystem"}})
+    raise AssertionError("a filesystem-only auto-pause was accepted")
+except e2b.SandboxException as e:
+    assert "filesystem" in str(e), e
+step("auto-pause at the timeout, auto-resume by traffic")
 
 # Paused, then killed while paused.
 assert same.pause() is True
