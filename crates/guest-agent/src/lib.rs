@@ -5,6 +5,7 @@
 //! The binaries (`src/main.rs`, and the test-only `neurovisor-agent-misbehave`
 //! with the `misbehave` feature) only call [`main`].
 
+mod bridge;
 mod contexts;
 mod exec;
 mod files;

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use neurovisor_proto::guest::bridge_server::BridgeServer;
 use neurovisor_proto::guest::contexts_server::ContextsServer;
 use neurovisor_proto::guest::execution_service_server::{ExecutionService, ExecutionServiceServer};
 use neurovisor_proto::guest::files_server::FilesServer;
@@ -219,6 +220,10 @@ pub async fn serve(warm_languages: Vec<String>) -> Result<(), Box<dyn std::error
         .add_service(
             ProcessesServer::new(crate::procs::ProcessesService::default())
                 .max_decoding_message_size(neurovisor_proto::limits::MAX_REQUEST_BYTES),
+        )
+        .add_service(
+            BridgeServer::new(crate::bridge::BridgeService::default())
+                .max_decoding_message_size(crate::bridge::MAX_MESSAGE),
         )
         .serve_with_incoming(incoming(listener)?);
     tokio::spawn(async move {

@@ -283,6 +283,7 @@ fn wire_request(req: &ExecRequest) -> ExecuteRequest {
         env: req.env.clone().into_iter().collect(),
         timeout_ms: u32::try_from(req.timeout.as_millis()).unwrap_or(u32::MAX),
         max_output_bytes: req.max_output_bytes,
+        llm_bridge: req.llm_bridge,
     }
 }
 

@@ -168,6 +168,7 @@ pub struct WireRequest {
     pub timeout_ms: u32,
     pub max_output_bytes: u64,
     pub trace_id: String,
+    pub llm_bridge: bool,
 }
 
 /// A POSIX-portable environment variable name.
@@ -190,6 +191,9 @@ pub struct ExecRequest {
     pub timeout: Duration,
     pub max_output_bytes: u64,
     pub trace_id: String,
+    /// The program reaches the LLM server through the inference bridge
+    /// ([`crate::llm::bridge`]); checked by [`Sandbox::check_bridge`].
+    pub llm_bridge: bool,
 }
 
 impl ExecRequest {
@@ -203,6 +207,7 @@ impl ExecRequest {
             timeout: DEFAULT_TIMEOUT,
             max_output_bytes: DEFAULT_MAX_OUTPUT,
             trace_id: uuid::Uuid::now_v7().to_string(),
+            llm_bridge: false,
         }
     }
 
@@ -228,6 +233,7 @@ impl ExecRequest {
                 w.max_output_bytes
             },
             trace_id: w.trace_id,
+            llm_bridge: w.llm_bridge,
         };
         req.validate(image)?;
         Ok(req)
@@ -451,6 +457,8 @@ pub struct Sandbox {
     pub warm_languages: Vec<String>,
     /// `--snapshot`: VMs are restored from a template instead of booted.
     pub snapshots: Option<Arc<crate::snapshot::Snapshots>>,
+    /// The inference bridge, when this sandbox's programs may ask for it.
+    pub llm_bridge: Option<Arc<crate::llm::bridge::LlmBridge>>,
 }
 
 /// What the daemon's VMs start ahead by default: the interpreter whose
@@ -470,6 +478,7 @@ impl Sandbox {
             hooks: Default::default(),
             warm_languages: DEFAULT_WARM_LANGUAGES.iter().map(|l| l.to_string()).collect(),
             snapshots: None,
+            llm_bridge: None,
         }
     }
 
@@ -488,6 +497,7 @@ impl Sandbox {
             hooks: self.hooks.clone(),
             warm_languages: self.warm_languages.clone(),
             snapshots: self.snapshots.clone(),
+            llm_bridge: self.llm_bridge.clone(),
         }
     }
 
@@ -534,6 +544,17 @@ impl Sandbox {
     /// The backend and images, e.g. to rebuild a sandbox on another state dir.
     pub fn into_parts(self) -> (Arc<dyn VmmBackend>, ImageSet) {
         (self.backend, self.images)
+    }
+
+    /// A request for the inference bridge where there is none is refused
+    /// (before a VM is taken).
+    pub fn check_bridge(&self, req: &ExecRequest) -> Result<(), ExecError> {
+        if req.llm_bridge && self.llm_bridge.is_none() {
+            return Err(ExecError::InvalidRequest(
+                "llm_bridge: this daemon has no inference bridge; start it with --llm-bridge (the LLM server: --llm-bridge-url or --ollama-host)".into(),
+            ));
+        }
+        Ok(())
     }
 
     /// Whether its VMs can be paused to disk (a sandbox's `Pause`): every
@@ -723,6 +744,7 @@ impl Sandbox {
                     restored: false,
                     counters: self.hooks.counters.clone(),
                     ready_at: Instant::now(),
+                    bridge: self.llm_bridge.clone(),
                 })
             }
             Err(e) => {
@@ -1018,6 +1040,8 @@ pub struct ReadyVm {
     /// Where its lifetime is counted when it is destroyed.
     counters: crate::metrics::VmCounters,
     ready_at: Instant,
+    /// The inference bridge its programs may ask for (`llm_bridge`).
+    pub(crate) bridge: Option<Arc<crate::llm::bridge::LlmBridge>>,
 }
 
 impl ReadyVm {
@@ -1039,6 +1063,7 @@ impl ReadyVm {
             restored: false,
             counters,
             ready_at: Instant::now(),
+            bridge: None,
         }
     }
 
@@ -1151,6 +1176,20 @@ impl ReadyVm {
         let started = Instant::now();
         let sent = std::time::SystemTime::now();
         let deadline = req.timeout + HOST_DEADLINE_SLACK;
+        // Listening before the program starts; gone when this call ends.
+        let _bridge = match (&self.bridge, req.llm_bridge) {
+            (Some(b), true) => Some(
+                b.start(self.session(), req.trace_id.clone())
+                    .await
+                    .map_err(|e| ExecError::Protocol(format!("the inference bridge did not start: {e}")))?,
+            ),
+            (None, true) => {
+                return Err(ExecError::InvalidRequest(
+                    "llm_bridge: this VM has no inference bridge".into(),
+                ))
+            }
+            _ => None,
+        };
         let mut meter = OutputMeter::new(req.max_output_bytes);
         // The guest's frames are decoded by a task on the guest I/O runtime;
         // decoded events come through a small bounded queue. The task is

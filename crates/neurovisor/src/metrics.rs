@@ -302,6 +302,8 @@ pub struct Metrics {
     pub sandboxes: Gauge,
     /// Sandboxes ended, by reason (killed, expired, failed, shutdown).
     pub sandboxes_ended: Family<ReasonLabel, Counter>,
+    /// Inference bridge requests, by reason (forwarded, rate_limited, upstream_error).
+    pub llm_bridge_requests: Family<ReasonLabel, Counter>,
     pub vm_boot_seconds: Histogram,
     /// By reason ([`boot_failure_reason`]).
     pub vm_boot_failures: Family<ReasonLabel, Counter>,
@@ -369,6 +371,7 @@ impl Metrics {
             pool_queue_wait_seconds: buckets(WAIT_BUCKETS),
             sandboxes: Gauge::default(),
             sandboxes_ended: Family::default(),
+            llm_bridge_requests: Family::default(),
             vm_boot_seconds: buckets(BOOT_BUCKETS),
             vm_boot_failures: Family::default(),
             vm_boot_stalls: Counter::default(),
@@ -414,6 +417,7 @@ impl Metrics {
             "pool_queue_wait_seconds", "Time requests waited in the queue of a full pool", m.pool_queue_wait_seconds;
             "sandboxes", "Sandboxes (neurovisor sandbox create) alive", m.sandboxes;
             "sandboxes_ended", "Sandboxes ended, by reason (killed, expired, failed, shutdown)", m.sandboxes_ended;
+            "llm_bridge_requests", "Requests from programs in VMs through the inference bridge, by reason (forwarded, rate_limited, upstream_error)", m.llm_bridge_requests;
             "vm_boot_seconds", "VM boot latency until the agent answers", m.vm_boot_seconds;
             "vm_boot_failures", "VM boots that failed, by reason (stall, exited, refused, error)", m.vm_boot_failures;
             "vm_boot_stalls", "VM boots that exceeded their stall budget (derived from measured boot times)", m.vm_boot_stalls;

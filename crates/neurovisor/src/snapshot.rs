@@ -509,6 +509,7 @@ async fn restore_files(
                 sb.hooks.counters.clone(),
             );
             ready.restored = true;
+            ready.bridge = sb.llm_bridge.clone();
             Ok(ready)
         }
         Err(e) => {

@@ -11,9 +11,11 @@
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use neurovisor_proto::guest::bridge_client::BridgeClient;
 use neurovisor_proto::guest::contexts_client::ContextsClient;
 use neurovisor_proto::guest::files_client::FilesClient;
 use neurovisor_proto::guest::processes_client::ProcessesClient;
+use neurovisor_proto::guest::{BridgeAccepted, BridgeData, BridgeListenRequest};
 use neurovisor_proto::v1::{
     CodeEvent, ContextInfo, ContextSelector, CreateContextRequest, EntryInfo, FileChunk, FsEvent,
     ListContextsRequest, ListDirRequest, ListProcessesRequest, MoveRequest, PathRequest, ProcessEvent,
@@ -33,6 +35,8 @@ pub const FILE_CHUNK: usize = 1 << 20;
 const MAX_LISTING: usize = 16 << 20;
 /// The largest event (or file chunk) the host decodes.
 const MAX_EVENT: usize = FILE_CHUNK + (64 << 10);
+/// The most a bridge message carries either way.
+pub const BRIDGE_CHUNK: usize = 64 << 10;
 /// Events or chunks decoded ahead of the caller.
 const QUEUE: usize = 4;
 
@@ -93,6 +97,16 @@ impl<T: Unpin> Stream for GuestItems<T> {
 pub struct GuestSession {
     channel: Channel,
     io: GuestIo,
+}
+
+fn check_bridge_data(d: &BridgeData) -> Result<(), SessionError> {
+    if d.data.len() > BRIDGE_CHUNK {
+        return Err(SessionError::Protocol(format!(
+            "a bridge message of {} bytes (the limit is {BRIDGE_CHUNK})",
+            d.data.len()
+        )));
+    }
+    Ok(())
 }
 
 fn check_chunk(c: &FileChunk) -> Result<(), SessionError> {
@@ -180,6 +194,12 @@ impl GuestSession {
             .max_encoding_message_size(crate::exec::MAX_REQUEST_BYTES)
     }
 
+    fn bridge(&self) -> BridgeClient<Channel> {
+        BridgeClient::new(self.channel.clone())
+            .max_decoding_message_size(BRIDGE_CHUNK + (4 << 10))
+            .max_encoding_message_size(BRIDGE_CHUNK + (4 << 10))
+    }
+
     /// Runs a unary call on the guest I/O runtime.
     async fn unary<T, F>(&self, call: F) -> Result<T, SessionError>
     where
@@ -235,6 +255,36 @@ impl GuestSession {
             rx,
             _task: task,
         })
+    }
+
+    /// The guest listens on `127.0.0.1:port` (the inference bridge) until
+    /// the items are dropped; each item is a connection a program made (see
+    /// [`GuestSession::bridge_pipe`]).
+    pub async fn bridge_listen(&self, port: u16) -> Result<GuestItems<BridgeAccepted>, SessionError> {
+        let mut c = self.bridge();
+        let r = BridgeListenRequest {
+            port: u32::from(port),
+        };
+        let mut items = self.stream(async move { c.listen(r).await }, |_| Ok(())).await?;
+        // The first says it listens.
+        match tokio_stream::StreamExt::next(&mut items).await {
+            Some(Ok(a)) if a.conn_id == 0 => Ok(items),
+            Some(Err(e)) => Err(e),
+            _ => Err(SessionError::Protocol("the bridge did not say it listens".into())),
+        }
+    }
+
+    /// The bytes of connection `conn_id`: `input` to the program (its first
+    /// message must name the connection), the items from it. Dropping the
+    /// items ends the call (the guest closes the connection).
+    pub async fn bridge_pipe(
+        &self,
+        input: mpsc::Receiver<BridgeData>,
+    ) -> Result<GuestItems<BridgeData>, SessionError> {
+        let mut c = self.bridge();
+        let input = tokio_stream::wrappers::ReceiverStream::new(input);
+        self.stream(async move { c.pipe(input).await }, check_bridge_data)
+            .await
     }
 
     pub async fn read_file(&self, r: ReadFileRequest) -> Result<GuestItems<FileChunk>, SessionError> {

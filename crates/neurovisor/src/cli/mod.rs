@@ -16,6 +16,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 use neurovisor::daemon_client::DaemonEndpoint;
 use neurovisor::images::{ImageSelection, ImageSet};
+use neurovisor::llm::bridge::BridgeConfig;
 use neurovisor::security::rate_limit::RateLimitConfig;
 use neurovisor::vmm::fc_api::RateLimiter;
 use neurovisor::vmm::jailer::IdRange;
@@ -194,6 +195,26 @@ pub struct VmArgs {
     #[arg(long, value_name = "PATH", num_args = 0..=1,
           default_missing_value = neurovisor::snapshot::DEFAULT_MEM_FILE)]
     mem_file: Option<PathBuf>,
+    /// The inference bridge: programs reach the LLM server at
+    /// http://127.0.0.1:11434 inside their VM, carried over the agent's
+    /// channel (no network), rate-limited per VM. `run`: this program;
+    /// `serve`: requests that ask for it (`llm_bridge`).
+    #[arg(long, env = "NEUROVISOR_LLM_BRIDGE")]
+    llm_bridge: bool,
+    /// The LLM server behind the bridge, Ollama or OpenAI-compatible
+    /// [default: serve's --ollama-host, else $OLLAMA_HOST, else http://localhost:11434].
+    #[arg(long, env = "NEUROVISOR_LLM_BRIDGE_URL", value_name = "URL")]
+    llm_bridge_url: Option<String>,
+    /// Environment variable holding an API key the bridge sends to the
+    /// server (programs never see it).
+    #[arg(long, value_name = "VAR")]
+    llm_bridge_key_env: Option<String>,
+    /// Requests per second each VM may send through the bridge (0 = no limit).
+    #[arg(long, value_name = "PER_SEC", default_value_t = neurovisor::llm::bridge::DEFAULT_REQUESTS_PER_SEC)]
+    llm_bridge_rate: u64,
+    /// Bytes per second each VM's bridge traffic may carry, both ways (0 = no limit).
+    #[arg(long, value_name = "BYTES_PER_SEC", default_value_t = neurovisor::llm::bridge::DEFAULT_BYTES_PER_SEC)]
+    llm_bridge_bandwidth: u64,
 }
 
 fn parse_warm_language(s: &str) -> Result<String, String> {
@@ -253,6 +274,41 @@ impl VmArgs {
         }
     }
 
+    /// Whether `--llm-bridge` was given.
+    pub fn llm_bridge(&self) -> bool {
+        self.llm_bridge
+    }
+
+    /// The inference bridge's settings (checked), with `--llm-bridge`.
+    /// `ollama_host`: serve's `--ollama-host`, the default server.
+    pub fn bridge_config(&self, ollama_host: Option<&str>) -> Result<Option<BridgeConfig>, String> {
+        if !self.llm_bridge {
+            return Ok(None);
+        }
+        let upstream = self
+            .llm_bridge_url
+            .clone()
+            .or_else(|| ollama_host.map(str::to_string))
+            .or_else(|| std::env::var("OLLAMA_HOST").ok().filter(|h| !h.is_empty()))
+            .unwrap_or_else(|| neurovisor::llm::ollama::DEFAULT_OLLAMA_HOST.to_string());
+        let api_key = match &self.llm_bridge_key_env {
+            None => None,
+            Some(var) => Some(std::env::var(var).map_err(|_| {
+                format!("--llm-bridge-key-env {var}: that variable is not set; export the API key in it")
+            })?),
+        };
+        let cfg = BridgeConfig {
+            upstream,
+            api_key,
+            requests_per_sec: self.llm_bridge_rate,
+            bytes_per_sec: self.llm_bridge_bandwidth,
+        };
+        // Checked here, once, for every command that boots VMs.
+        neurovisor::llm::bridge::LlmBridge::new(cfg.clone(), Default::default())
+            .map_err(|e| e.to_string())?;
+        Ok(Some(cfg))
+    }
+
     /// The state directory given with --state-dir (or its variable), if any.
     pub fn state_dir(&self) -> Option<&std::path::Path> {
         self.state_dir.as_deref()
@@ -276,6 +332,11 @@ impl VmArgs {
             .cloned()
             .collect();
         sandbox.snapshots = snapshots;
+        sandbox.llm_bridge = self
+            .bridge_config(None)?
+            .map(|c| neurovisor::llm::bridge::LlmBridge::new(c, Default::default()).map(std::sync::Arc::new))
+            .transpose()
+            .map_err(|e| e.to_string())?;
         Ok(sandbox)
     }
 

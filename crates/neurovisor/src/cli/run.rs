@@ -170,7 +170,10 @@ fn notes(o: &ExecOutcome, req: &ExecRequest, size: VmSize) -> Vec<String> {
 
 pub async fn run(a: RunArgs, pushgateway: Option<String>) -> u8 {
     let req = match a.program.request() {
-        Ok(r) => r,
+        Ok(mut r) => {
+            r.llm_bridge = a.vm.llm_bridge();
+            r
+        }
         Err(m) => return fail(a.json, "invalid_request", &m, EXIT_BAD_INPUT),
     };
     let metrics = match super::one_shot_metrics(pushgateway.as_deref()) {
@@ -206,7 +209,7 @@ async fn run_counted(a: &RunArgs, req: ExecRequest, metrics: Option<Arc<Metrics>
         m.allow_languages([req.language.as_str()]);
     }
     if let Some(sb) = &sandbox {
-        if let Err(e) = req.validate(sb.images()) {
+        if let Err(e) = req.validate(sb.images()).and_then(|()| sb.check_bridge(&req)) {
             return fail(a.json, "invalid_request", &e.to_string(), EXIT_BAD_INPUT);
         }
     }

@@ -195,6 +195,7 @@ impl ServeArgs {
         }
         let max_vms = pool.max;
         Ok(DaemonConfig {
+            llm_bridge: None,
             listen,
             mcp_listen: self.mcp_listen.or(f.mcp_listen),
             e2b_listen: self.e2b_listen.or(f.e2b_listen),
@@ -283,6 +284,13 @@ pub async fn serve(a: ServeArgs) -> u8 {
             // `<state>/snapshots`, shared with `run`: the daemon removes
             // `<state>/daemon` when it stops, and a template outlives that.
             cfg.snapshot = a.vm.snapshot_source(&cfg.state_dir);
+            cfg.llm_bridge = match a.vm.bridge_config(Some(&cfg.ollama_host)) {
+                Ok(b) => b,
+                Err(e) => {
+                    eprintln!("neurovisor: {e}");
+                    return EXIT_BAD_INPUT;
+                }
+            };
             s.into_parts()
         }
         Err(e) => {

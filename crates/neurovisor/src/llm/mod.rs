@@ -9,6 +9,7 @@
 //! Errors ([`LlmError`]) say what to do: start the server, pull the model, or
 //! what the server answered.
 
+pub mod bridge;
 pub mod ollama;
 pub mod openai;
 

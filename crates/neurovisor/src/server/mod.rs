@@ -90,6 +90,8 @@ pub struct DaemonConfig {
     pub stall_timeout: Duration,
     /// Caps on sandboxes that live across calls (`neurovisor.v1.Sandboxes`).
     pub sandboxes: sessions::SandboxLimits,
+    /// The inference bridge requests may ask for (`--llm-bridge`).
+    pub llm_bridge: Option<crate::llm::bridge::BridgeConfig>,
 }
 
 /// PEM files for the TCP listener's TLS.
@@ -258,6 +260,8 @@ pub enum DaemonError {
     },
     #[error("TLS: {0}")]
     Tls(String),
+    #[error(transparent)]
+    Bridge(#[from] crate::llm::bridge::BridgeError),
     #[error("cannot listen on {addr} for {what}: {source} (choose another address with {flag})")]
     Bind {
         addr: SocketAddr,
@@ -620,6 +624,11 @@ pub async fn run(
         counters: metrics.vm_counters(),
         guard,
     };
+    sandbox.llm_bridge = cfg
+        .llm_bridge
+        .clone()
+        .map(|c| crate::llm::bridge::LlmBridge::new(c, metrics.llm_bridge_requests.clone()).map(Arc::new))
+        .transpose()?;
     let pool = Pool::start_on(sandbox, cfg.pool.clone(), metrics.clone(), vm_rt.handle())
         .map_err(DaemonError::Pool)?;
 

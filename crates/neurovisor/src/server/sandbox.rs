@@ -219,7 +219,10 @@ impl SandboxService {
     }
 
     fn to_exec_request(&self, r: ExecuteRequest, trace_id: String) -> Result<ExecRequest, Status> {
-        ExecRequest::from_wire(wire_of(r, trace_id), self.pool.sandbox().images()).map_err(to_status)
+        let req =
+            ExecRequest::from_wire(wire_of(r, trace_id), self.pool.sandbox().images()).map_err(to_status)?;
+        self.pool.sandbox().check_bridge(&req).map_err(to_status)?;
+        Ok(req)
     }
 
     fn record(&self, req: &ExecRequest, result: &Result<ExecOutcome, ExecError>) {
@@ -240,6 +243,7 @@ pub(super) fn wire_of(r: ExecuteRequest, trace_id: String) -> WireRequest {
         timeout_ms: r.timeout_ms,
         max_output_bytes: r.max_output_bytes,
         trace_id,
+        llm_bridge: r.llm_bridge,
     }
 }
 

@@ -1033,6 +1033,7 @@ impl SandboxesApi for SandboxesService {
         let t = &self.table.inner;
         let req =
             ExecRequest::from_wire(wire_of(e, trace_id.clone()), session.images()).map_err(to_status)?;
+        session.pool.sandbox().check_bridge(&req).map_err(to_status)?;
         let in_flight = InFlight::new(&t.metrics);
         let (tx, rx) = mpsc::channel::<Queued>(super::sandbox::STREAM_QUEUE);
         let outbox = Outbox::new(rx);
