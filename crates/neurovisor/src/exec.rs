@@ -1178,11 +1178,11 @@ impl ReadyVm {
         let deadline = req.timeout + HOST_DEADLINE_SLACK;
         // Listening before the program starts; gone when this call ends.
         let _bridge = match (&self.bridge, req.llm_bridge) {
-            (Some(b), true) => Some(
-                b.start(self.session(), req.trace_id.clone())
-                    .await
-                    .map_err(|e| ExecError::Protocol(format!("the inference bridge did not start: {e}")))?,
-            ),
+            (Some(b), true) => Some(b.start(self.session(), req.trace_id.clone()).await.map_err(|e| {
+                ExecError::InvalidRequest(format!(
+                    "llm_bridge: the inference bridge did not start in the VM: {e}"
+                ))
+            })?),
             (None, true) => {
                 return Err(ExecError::InvalidRequest(
                     "llm_bridge: this VM has no inference bridge".into(),

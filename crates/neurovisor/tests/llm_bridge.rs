@@ -12,7 +12,11 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 
 use common::daemon::{req, start_daemon};
-use neurovisor_proto::v1::{execute_response::Event, ExecuteResult};
+use neurovisor_proto::v1::sandboxes_client::SandboxesClient;
+use neurovisor_proto::v1::{
+    execute_response::Event, process_event::Event as PEvent, CreateSandboxRequest, ExecuteResult,
+    SandboxExecRequest, SandboxRef, StartProcessRequest,
+};
 
 /// What the test server saw of one request: (path, x-trace-id,
 /// traceparent, authorization).
@@ -108,6 +112,8 @@ async fn a_guest_program_reaches_the_llm_server_through_the_bridge_within_its_li
         &llm,
         "--llm-bridge-rate",
         "1",
+        // Restored VMs (their agent on a virtio-serial port), which pause.
+        "--snapshot",
     ]);
     let mut c = d.client().await;
 
@@ -161,6 +167,8 @@ async fn a_guest_program_reaches_the_llm_server_through_the_bridge_within_its_li
         "429s never reach the server"
     );
     assert!(d.metric_sum("neurovisor_llm_bridge_requests_total") >= 10.0);
+
+    sandboxes_use_the_bridge(&d).await;
 
     // Without asking for it, nothing listens in the VM.
     let (out, _) = execute(&mut c, req("python", &caller(1, "/api/generate")))
@@ -228,4 +236,134 @@ async fn run_with_the_bridge_sends_the_hosts_key() {
     assert_ne!(o.status.code(), Some(0));
     assert!(err.contains("--llm-bridge-url localhost:11434"), "{err}");
     common::assert_no_leftovers(state.path());
+}
+
+/// Runs `code` in sandbox `id` with `Exec`: (stdout, result) or the error.
+async fn sandbox_exec(
+    c: &mut SandboxesClient<tonic::transport::Channel>,
+    id: &str,
+    code: &str,
+    llm_bridge: bool,
+) -> Result<(String, ExecuteResult), tonic::Status> {
+    let mut r = req("python", code);
+    r.llm_bridge = llm_bridge;
+    let mut s = c
+        .exec(SandboxExecRequest {
+            sandbox_id: id.into(),
+            request: Some(r),
+        })
+        .await?
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(m) = s.message().await? {
+        match m.event {
+            Some(Event::Stdout(b)) => out.extend_from_slice(&b),
+            Some(Event::Result(r)) => return Ok((String::from_utf8_lossy(&out).into_owned(), r)),
+            _ => {}
+        }
+    }
+    Err(tonic::Status::internal("no result"))
+}
+
+/// A sandbox created with `llm_bridge` has the bridge for its life (its
+/// background processes use it, also after a pause and resume); another gets it per `Exec`, and when a
+/// program of its own holds the port, that `Exec` is refused and the sandbox
+/// lives on.
+async fn sandboxes_use_the_bridge(d: &common::daemon::Daemon) {
+    let mut c = SandboxesClient::new(d.channel().await);
+    let with = c
+        .create(CreateSandboxRequest {
+            llm_bridge: true,
+            ..Default::default()
+        })
+        .await
+        .expect("create")
+        .into_inner();
+    assert!(with.llm_bridge);
+    let mut p = c
+        .start_process(StartProcessRequest {
+            sandbox_id: with.sandbox_id.clone(),
+            cmd: "python3".into(),
+            args: vec!["-c".into(), caller(1, "/api/generate")],
+            ..Default::default()
+        })
+        .await
+        .expect("start")
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(e) = p.message().await.expect("events") {
+        match e.event {
+            Some(PEvent::Stdout(b)) => out.extend_from_slice(&b),
+            Some(PEvent::End(_)) => break,
+            _ => {}
+        }
+    }
+    assert_eq!(String::from_utf8_lossy(&out), "200 echo: hello 0\n");
+    // Paused and resumed: the resumed VM has the bridge again.
+    let id = || SandboxRef {
+        sandbox_id: with.sandbox_id.clone(),
+    };
+    c.pause(id()).await.expect("pause");
+    c.resume(neurovisor_proto::v1::ResumeSandboxRequest {
+        sandbox_id: with.sandbox_id.clone(),
+        timeout_s: 0,
+    })
+    .await
+    .expect("resume");
+    // An Exec that asks for it too uses the sandbox's.
+    let (out, _) = sandbox_exec(&mut c, &with.sandbox_id, &caller(1, "/api/generate"), true)
+        .await
+        .expect("exec");
+    assert_eq!(out, "200 echo: hello 0\n");
+
+    let without = c
+        .create(CreateSandboxRequest::default())
+        .await
+        .expect("create")
+        .into_inner();
+    let (out, _) = sandbox_exec(&mut c, &without.sandbox_id, &caller(1, "/api/generate"), true)
+        .await
+        .expect("exec");
+    assert_eq!(out, "200 echo: hello 0\n");
+    let (out, _) = sandbox_exec(&mut c, &without.sandbox_id, &caller(1, "/api/generate"), false)
+        .await
+        .expect("exec");
+    assert!(
+        out.starts_with("error URLError"),
+        "the bridge outlived its Exec: {out}"
+    );
+    // A program of the sandbox's own on the port.
+    let mut holder = c
+        .start_process(StartProcessRequest {
+            sandbox_id: without.sandbox_id.clone(),
+            cmd: "python3".into(),
+            args: vec![
+                "-c".into(),
+                "import socket, time\ns = socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\ns.bind(('127.0.0.1', 11434))\ns.listen()\nprint('bound', flush=True)\ntime.sleep(600)".into(),
+            ],
+            ..Default::default()
+        })
+        .await
+        .expect("start")
+        .into_inner();
+    loop {
+        match holder.message().await.expect("events").expect("bound").event {
+            Some(PEvent::Stdout(b)) if b.starts_with(b"bound") => break,
+            Some(PEvent::End(e)) => panic!("the port holder ended: {e:?}"),
+            _ => {}
+        }
+    }
+    let e = sandbox_exec(&mut c, &without.sandbox_id, "print(1)", true)
+        .await
+        .expect_err("the port is taken");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("llm_bridge"), "{e:?}");
+    let (out, _) = sandbox_exec(&mut c, &without.sandbox_id, "print('alive')", false)
+        .await
+        .expect("the sandbox lives on");
+    assert_eq!(out, "alive\n");
+    drop(holder);
+    for id in [with.sandbox_id, without.sandbox_id] {
+        c.kill(SandboxRef { sandbox_id: id }).await.expect("kill");
+    }
 }

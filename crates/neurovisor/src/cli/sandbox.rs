@@ -119,6 +119,10 @@ pub struct CreateArgs {
     /// A paused sandbox resumes when a call uses it (exec, cp, ...).
     #[arg(long)]
     auto_resume: bool,
+    /// Its programs reach the daemon's LLM server at
+    /// http://127.0.0.1:11434 (the daemon needs --llm-bridge).
+    #[arg(long)]
+    llm_bridge: bool,
     /// Print the sandbox as JSON instead of its id.
     #[arg(long)]
     json: bool,
@@ -230,6 +234,7 @@ fn info_json(s: &SandboxInfo) -> serde_json::Value {
         "paused": s.paused,
         "on_timeout": s.on_timeout,
         "auto_resume": s.auto_resume,
+        "llm_bridge": s.llm_bridge,
     })
 }
 
@@ -257,6 +262,7 @@ async fn run(cmd: SandboxCommand) -> Result<u8, u8> {
                     }
                     .into(),
                     auto_resume: a.auto_resume,
+                    llm_bridge: a.llm_bridge,
                 })
                 .await
                 .map_err(|e| fail(&e, exit_code(&e)))?;

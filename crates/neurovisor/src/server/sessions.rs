@@ -103,6 +103,9 @@ pub(super) struct Session {
     guest: std::sync::Mutex<Option<crate::channel::GuestSession>>,
     /// See [`SandboxTable::access_token`].
     access_token: String,
+    /// Its inference bridge (`llm_bridge`): its trace id, and the task
+    /// serving its current VM (none while paused).
+    bridge: Option<(String, std::sync::Mutex<Option<crate::llm::bridge::BridgeTask>>)>,
 }
 
 impl Session {
@@ -117,6 +120,31 @@ impl Session {
 
     fn is_paused(&self) -> bool {
         self.paused.lock().map(|p| p.is_some()).unwrap_or(false)
+    }
+
+    /// Starts its bridge on its current VM, if it has one.
+    async fn start_bridge(&self) -> Result<(), Status> {
+        let (Some((trace_id, task)), Some(b)) = (&self.bridge, self.pool.sandbox().llm_bridge.as_ref())
+        else {
+            return Ok(());
+        };
+        let guest = self.guest()?;
+        let started = b
+            .start(guest, trace_id.clone())
+            .await
+            .map_err(|e| Status::unavailable(format!("the inference bridge did not start: {e}")))?;
+        if let Ok(mut t) = task.lock() {
+            *t = Some(started);
+        }
+        Ok(())
+    }
+
+    fn stop_bridge(&self) {
+        if let Some((_, task)) = &self.bridge {
+            if let Ok(mut t) = task.lock() {
+                t.take();
+            }
+        }
     }
 
     /// Its deadline is `timeout` from now.
@@ -256,6 +284,7 @@ impl SandboxTable {
             paused,
             on_timeout: if s.pause_at_timeout { "pause" } else { "kill" }.into(),
             auto_resume: s.auto_resume,
+            llm_bridge: s.bridge.is_some(),
             metadata: s.metadata.clone(),
             memory_mib: size.memory_mib(),
             vcpus: size.vcpus(),
@@ -377,6 +406,11 @@ impl SandboxTable {
         check_metadata(&r.metadata)?;
         let env: BTreeMap<String, String> = r.env.into_iter().collect();
         let pool = self.pool_for(&r.image, &r.size)?;
+        if r.llm_bridge && pool.sandbox().llm_bridge.is_none() {
+            return Err(Status::invalid_argument(
+                "llm_bridge: this daemon has no inference bridge; start it with --llm-bridge (the LLM server: --llm-bridge-url or --ollama-host)",
+            ));
+        }
         let pause_at_timeout = match r.on_timeout.as_str() {
             "" | "kill" => false,
             "pause" if pool.sandbox().can_pause() => true,
@@ -400,8 +434,12 @@ impl SandboxTable {
             .session()
             .ok_or_else(|| Status::internal("the pool handed out a lease without a VM"))?;
         let now = (Instant::now(), SystemTime::now());
+        let id = uuid::Uuid::now_v7();
         let session = Arc::new(Session {
-            id: uuid::Uuid::now_v7().simple().to_string(),
+            id: id.simple().to_string(),
+            bridge: r
+                .llm_bridge
+                .then(|| (id.to_string(), std::sync::Mutex::new(None))),
             pool,
             vm_id: std::sync::Mutex::new(lease.vm_id().to_string()),
             started_at: now.1,
@@ -418,6 +456,8 @@ impl SandboxTable {
             guest: std::sync::Mutex::new(Some(guest)),
             access_token: random_token(),
         });
+        // Its VM is dropped with the session if the bridge does not start.
+        session.start_bridge().await?;
         let info = self.info(&session);
         if let Ok(mut s) = self.inner.sessions.lock() {
             s.insert(session.id.clone(), session.clone());
@@ -613,6 +653,7 @@ async fn pause_session(t: &Table, s: &Session, at_timeout: Option<Duration>) -> 
             .unwrap_or(DEFAULT_TIMEOUT)
             .max(Duration::from_secs(1)),
     };
+    s.stop_bridge();
     if let Ok(mut g) = s.guest.lock() {
         *g = None;
     }
@@ -667,6 +708,9 @@ async fn resume_session(
         *p = None;
     }
     drop(guard);
+    if let Err(e) = s.start_bridge().await {
+        tracing::warn!(sandbox = %id, "{}", e.message());
+    }
     let _ = std::fs::remove_dir_all(&p.dir);
     t.changed.notify_waiters();
     tracing::info!(sandbox = %id, vm = %lease_vm(s), took_ms = started.elapsed().as_millis() as u64, "sandbox resumed");
@@ -677,6 +721,7 @@ async fn resume_session(
 /// pause or resume has let go of it, or removes its snapshot if paused.
 async fn end(t: &Table, s: &Session, how: Ending, why: &str) {
     s.killed.cancel();
+    s.stop_bridge();
     let mut guard = s.lease.lock().await;
     let lease = guard.take();
     let paused = s.paused.lock().ok().and_then(|mut p| p.take());
@@ -1031,9 +1076,11 @@ impl SandboxesApi for SandboxesService {
         e.env = session.env.clone().into_iter().collect();
         e.env.extend(own);
         let t = &self.table.inner;
-        let req =
+        let mut req =
             ExecRequest::from_wire(wire_of(e, trace_id.clone()), session.images()).map_err(to_status)?;
         session.pool.sandbox().check_bridge(&req).map_err(to_status)?;
+        // A sandbox with a bridge of its own serves it already.
+        req.llm_bridge &= session.bridge.is_none();
         let in_flight = InFlight::new(&t.metrics);
         let (tx, rx) = mpsc::channel::<Queued>(super::sandbox::STREAM_QUEUE);
         let outbox = Outbox::new(rx);
@@ -1079,6 +1126,9 @@ impl SandboxesApi for SandboxesService {
                     Ok(o) => Ok(ExecuteResponse {
                         event: Some(Event::Result(result_of(&o, true, waited))),
                     }),
+                    // Refused before the program ran (the bridge's port
+                    // is taken in the VM): the sandbox is as it was.
+                    Err(ExecError::InvalidRequest(m)) => Err(Status::failed_precondition(m)),
                     Err(e) => {
                         // The VM's state is unknown after a failed execution:
                         // the sandbox ends rather than serve from it.
