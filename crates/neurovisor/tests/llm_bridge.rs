@@ -87,7 +87,13 @@ async fn execute(
     c: &mut neurovisor_proto::v1::sandbox_client::SandboxClient<tonic::transport::Channel>,
     r: impl tonic::IntoRequest<neurovisor_proto::v1::ExecuteRequest>,
 ) -> Result<(String, ExecuteResult), tonic::Status> {
-    let mut s = c.execute(r).await?.into_inner();
+    collect(c.execute(r).await?.into_inner()).await
+}
+
+/// An execution's stdout and result.
+async fn collect(
+    mut s: tonic::Streaming<neurovisor_proto::v1::ExecuteResponse>,
+) -> Result<(String, ExecuteResult), tonic::Status> {
     let mut out = Vec::new();
     while let Some(m) = s.message().await? {
         match m.event {
@@ -247,22 +253,14 @@ async fn sandbox_exec(
 ) -> Result<(String, ExecuteResult), tonic::Status> {
     let mut r = req("python", code);
     r.llm_bridge = llm_bridge;
-    let mut s = c
+    let s = c
         .exec(SandboxExecRequest {
             sandbox_id: id.into(),
             request: Some(r),
         })
         .await?
         .into_inner();
-    let mut out = Vec::new();
-    while let Some(m) = s.message().await? {
-        match m.event {
-            Some(Event::Stdout(b)) => out.extend_from_slice(&b),
-            Some(Event::Result(r)) => return Ok((String::from_utf8_lossy(&out).into_owned(), r)),
-            _ => {}
-        }
-    }
-    Err(tonic::Status::internal("no result"))
+    collect(s).await
 }
 
 /// A sandbox created with `llm_bridge` has the bridge for its life (its

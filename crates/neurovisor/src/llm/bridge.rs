@@ -299,20 +299,8 @@ impl LlmBridge {
         if let Some(tp) = traceparent(trace_id) {
             out = out.header("traceparent", tp);
         }
-        let limiter_in = limiter.clone();
-        let body = req
-            .into_body()
-            .into_data_stream()
-            .then(move |chunk| {
-                let limiter = limiter_in.clone();
-                async move {
-                    if let Ok(c) = &chunk {
-                        limiter.acquire(TokenKind::Bytes, c.len() as u64).await;
-                    }
-                    chunk
-                }
-            })
-            .scan(0usize, |seen, chunk| {
+        let body =
+            throttled(req.into_body().into_data_stream(), limiter.clone()).scan(0usize, |seen, chunk| {
                 let r = chunk.map_err(std::io::Error::other).and_then(|c| {
                     *seen += c.len();
                     if *seen > MAX_REQUEST_BODY {
@@ -341,23 +329,28 @@ impl LlmBridge {
                 r = r.header(k.as_str(), v.as_bytes());
             }
         }
-        let limiter_out = limiter.clone();
-        let stream = answer
-            .bytes_stream()
-            .then(move |chunk| {
-                let limiter = limiter_out.clone();
-                async move {
-                    if let Ok(c) = &chunk {
-                        limiter.acquire(TokenKind::Bytes, c.len() as u64).await;
-                    }
-                    chunk
-                }
-            })
+        let stream = throttled(answer.bytes_stream(), limiter.clone())
             .map_ok(Frame::data)
             .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>);
         r.body(BodyExt::boxed(StreamBody::new(stream)))
             .unwrap_or_else(|e| full(StatusCode::BAD_GATEWAY, format!("the server's answer: {e}")))
     }
+}
+
+/// `chunks` paced by the VM's byte bucket (each waits for its tokens).
+fn throttled<E>(
+    chunks: impl futures_util::Stream<Item = Result<Bytes, E>>,
+    limiter: Arc<RateLimiter>,
+) -> impl futures_util::Stream<Item = Result<Bytes, E>> {
+    chunks.then(move |chunk| {
+        let limiter = limiter.clone();
+        async move {
+            if let Ok(c) = &chunk {
+                limiter.acquire(TokenKind::Bytes, c.len() as u64).await;
+            }
+            chunk
+        }
+    })
 }
 
 /// A W3C `traceparent` for a UUID trace id (its 32 hex digits are the trace
