@@ -217,34 +217,42 @@ impl AgentApi for AgentService {
         let task = r.task;
         let session_trace = trace_id.clone();
         let (q, over) = (queued.clone(), overflow.clone());
+        // Set with the first event dropped: however the task ends after it,
+        // the client is told instead of seeing a stream that looks complete.
+        let overflowed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let dropped = overflowed.clone();
         tokio::spawn(async move {
             metrics.requests_in_flight.inc();
             let events = tx.clone();
             let mut sink = |ev: &AgentEvent| {
                 let pb = to_proto(ev);
                 let n = pb.encoded_len();
-                if q.fetch_add(n, Ordering::SeqCst) + n > MAX_QUEUED_EVENT_BYTES {
+                if dropped.load(Ordering::SeqCst) || q.fetch_add(n, Ordering::SeqCst) + n > MAX_QUEUED_EVENT_BYTES {
+                    dropped.store(true, Ordering::SeqCst);
                     over.notify_one();
                     return;
                 }
                 let _ = events.send((Ok(pb), n));
             };
             let report = tokio::select! {
-                r = controller.run(&task, Some(session_trace), &mut sink) => Some(r),
+                biased;
+                _ = over.notified() => None,
                 // The client went away: dropping the session destroys its VM.
                 _ = tx.closed() => None,
-                _ = over.notified() => {
-                    tracing::warn!("agent client reads nothing; session cancelled");
-                    let _ = tx.send((
-                        Err(Status::resource_exhausted(format!(
-                            "the client took none of {} MiB of events: session cancelled; read the stream as it arrives",
-                            MAX_QUEUED_EVENT_BYTES >> 20
-                        ))),
-                        0,
-                    ));
-                    None
-                }
+                r = controller.run(&task, Some(session_trace), &mut sink) => Some(r),
             };
+            // The task may have ended in the same step that overflowed.
+            let report = report.filter(|_| !overflowed.load(Ordering::SeqCst));
+            if overflowed.load(Ordering::SeqCst) {
+                tracing::warn!("agent client reads nothing; session cancelled");
+                let _ = tx.send((
+                    Err(Status::resource_exhausted(format!(
+                        "the client took none of {} MiB of events: session cancelled; read the stream as it arrives",
+                        MAX_QUEUED_EVENT_BYTES >> 20
+                    ))),
+                    0,
+                ));
+            }
             metrics.requests_in_flight.dec();
             match report {
                 Some(report) => {
