@@ -106,6 +106,8 @@ impl Bridge for BridgeService {
             .ok()
             .and_then(|mut w| w.remove(&id))
             .ok_or_else(|| Status::not_found(format!("no waiting connection {id}")))?;
+        // Answers go out as they come (no Nagle wait on small writes).
+        let _ = stream.set_nodelay(true);
         let (mut rd, mut wr) = stream.into_split();
         // Host to program: written as it comes; the host's end closes the
         // write side, a broken stream the whole connection.
@@ -137,6 +139,7 @@ impl Bridge for BridgeService {
         tokio::spawn(async move {
             let mut buf = vec![0u8; CHUNK];
             loop {
+                quick_ack(rd.as_ref());
                 let n = tokio::select! {
                     r = rd.read(&mut buf) => match r {
                         Ok(0) | Err(_) => return,
@@ -154,6 +157,26 @@ impl Bridge for BridgeService {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Acknowledges what arrives at once. A client that writes a request in
+/// two pieces (headers, then body: Python's `http.client`) waits for the
+/// first one's ACK before sending the second (Nagle); once a kept-alive
+/// connection looks interactive the kernel may delay that ACK by 40 ms. The
+/// option is one-shot, so it is set before every read.
+fn quick_ack(s: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket descriptor and a c_int option of its size.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_QUICKACK,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
     }
 }
 

@@ -603,22 +603,28 @@ async fn files_of_a_sandbox_round_trip_byte_exact_and_act_as_its_user() {
         "{out}"
     );
     // `cp` SIGKILLed while it uploads over that file: the file keeps its
-    // old bytes (no part of the new one in its place), the part goes.
-    let big = tmp.path().join("big.bin");
-    std::fs::write(&big, noise(64 << 20, 7)).expect("write local");
+    // old bytes (no part of the new one in its place), the part goes. It
+    // uploads from its stdin, which stays open, so its stream cannot have
+    // ended when it is killed.
     let mut child = Command::new(env!("CARGO_BIN_EXE_neurovisor"))
-        .args([
-            "sandbox",
-            "cp",
-            big.to_str().expect("utf-8"),
-            &remote,
-            "--addr",
-            &d.addr(),
-        ])
+        .args(["sandbox", "cp", "-", &remote, "--addr", &d.addr()])
+        .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("start cp");
+    let mut stdin = child.stdin.take().expect("cp's stdin");
+    let feeder = std::thread::spawn(move || {
+        use std::io::Write;
+        // Until the child dies (a broken pipe); `stdin` is never closed first.
+        let chunk = noise(1 << 20, 7);
+        for _ in 0..256 {
+            if stdin.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+        stdin
+    });
     let parts = |c: &mut SandboxesClient<Channel>| {
         let mut c = c.clone();
         let id = id.to_string();
@@ -654,6 +660,7 @@ async fn files_of_a_sandbox_round_trip_byte_exact_and_act_as_its_user() {
     }
     child.kill().expect("SIGKILL cp");
     child.wait().expect("reap cp");
+    drop(feeder.join().expect("feeder"));
     let until = Instant::now() + Duration::from_secs(10);
     while !parts(&mut c).await.is_empty() {
         assert!(Instant::now() < until, "the broken upload's part stays in /tmp");
