@@ -637,12 +637,16 @@ impl Files for FilesService {
             }
             file.flush()
         });
+        // The host's last message says the upload is complete; a stream
+        // that ends without it broke off.
+        let mut complete = first.complete;
         let fed: Result<(), Status> = async {
             if !first.data.is_empty() && tx.send(first.data).await.is_err() {
                 return Ok(());
             }
             while let Some(msg) = stream.next().await {
                 let msg = msg?;
+                complete |= msg.complete;
                 if msg.data.len() > CHUNK {
                     return Err(Status::invalid_argument(format!(
                         "a write chunk of {} bytes is over the {CHUNK}-byte limit",
@@ -660,6 +664,15 @@ impl Files for FilesService {
         let written = writer.await.unwrap_or_else(|e| Err(std::io::Error::other(e)));
         // Complete: the file takes its place; broken off (the caller's
         // stream failed or a write did): the part goes.
+        let fed = fed.and_then(|()| {
+            if complete {
+                Ok(())
+            } else {
+                Err(Status::aborted(
+                    "the upload broke off before its end; the file was not changed",
+                ))
+            }
+        });
         let ok = fed.is_ok() && written.is_ok();
         let p = path.clone();
         let placed = as_account(account, move || match temp {

@@ -483,6 +483,7 @@ impl DaemonClient {
             path: remote.into(),
             user: user.into(),
             data: Default::default(),
+            complete: false,
         };
         let _ = tx.send(first).await;
         let path = local.to_path_buf();

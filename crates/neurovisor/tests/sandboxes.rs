@@ -398,7 +398,7 @@ async fn write_file(
         sandbox_id: id.into(),
         path: path.into(),
         user: user.into(),
-        data: Default::default(),
+        ..Default::default()
     }];
     msgs.extend(data.chunks(1 << 20).map(|c| WriteFileRequest {
         data: c.to_vec().into(),

@@ -154,6 +154,7 @@ async fn upload(
         path,
         user: user.clone(),
         data: Default::default(),
+        complete: false,
     };
     if ct.starts_with("multipart/form-data") {
         let mut form = axum::extract::Multipart::from_request(req, &())

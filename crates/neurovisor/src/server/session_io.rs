@@ -170,6 +170,11 @@ impl SandboxTable {
             Ok(())
         };
         check(&first)?;
+        // Only the daemon says an upload is complete.
+        let first = WriteFileRequest {
+            complete: false,
+            ..first
+        };
         let feed = async move {
             if tx.send(first).await.is_err() {
                 return Ok(());
@@ -182,9 +187,17 @@ impl SandboxTable {
                     ..Default::default()
                 };
                 if tx.send(m).await.is_err() {
-                    break;
+                    return Ok(());
                 }
             }
+            // The client's stream ended cleanly: the guest may put the file
+            // in place.
+            let _ = tx
+                .send(WriteFileRequest {
+                    complete: true,
+                    ..Default::default()
+                })
+                .await;
             Ok::<(), Status>(())
         };
         let write = g.write_file(rx);
