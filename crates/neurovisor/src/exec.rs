@@ -1162,6 +1162,15 @@ impl ReadyVm {
                     span.record("exit_code", c);
                 }
             }
+            Err(e @ ExecError::Unresponsive(_)) => {
+                let tail = self.vm.as_ref().map(|v| v.console_tail()).unwrap_or_default();
+                span.in_scope(|| {
+                    tracing::warn!(
+                        restored = self.restored,
+                        "execution failed: {e}; console log tail:\n{tail}"
+                    )
+                })
+            }
             Err(e) => span.in_scope(|| tracing::warn!("execution failed: {e}")),
         }
         result

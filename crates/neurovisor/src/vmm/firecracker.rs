@@ -530,17 +530,6 @@ impl FirecrackerVm {
             .await
     }
 
-    /// Serial console (Firecracker's stdout) and the tail of Firecracker's log.
-    fn console_tail(&self) -> String {
-        let mut tail = log_tail(&self.vmm_log, CONSOLE_TAIL_LINES);
-        let fc = log_tail(&self.layout.host(LOG), LOG_TAIL_LINES);
-        if !fc.trim().is_empty() {
-            tail.push_str("\n--- Firecracker log ---\n");
-            tail.push_str(&fc);
-        }
-        tail
-    }
-
     async fn release(&mut self, grace: Duration) {
         if let Some(p) = self.process.take() {
             p.stop(grace).await;
@@ -628,6 +617,16 @@ impl Vm for FirecrackerVm {
 
     fn dir(&self) -> &Path {
         &self.dir
+    }
+    /// Serial console (Firecracker's stdout) and the tail of Firecracker's log.
+    fn console_tail(&self) -> String {
+        let mut tail = log_tail(&self.vmm_log, CONSOLE_TAIL_LINES);
+        let fc = log_tail(&self.layout.host(LOG), LOG_TAIL_LINES);
+        if !fc.trim().is_empty() {
+            tail.push_str("\n--- Firecracker log ---\n");
+            tail.push_str(&fc);
+        }
+        tail
     }
 
     async fn shutdown(mut self: Box<Self>, grace: Duration) {

@@ -203,6 +203,11 @@ pub trait Vm: Send + Sync {
     fn pids(&self) -> Vec<u32>;
     /// The VM's state directory.
     fn dir(&self) -> &Path;
+    /// The last lines of the guest console and the VMM's log (sanitized guest
+    /// text), for diagnosing a guest that stopped answering.
+    fn console_tail(&self) -> String {
+        String::new()
+    }
     /// Asks the VMM to stop, kills it after `grace`, and releases everything.
     async fn shutdown(self: Box<Self>, grace: Duration);
     /// Kills the VM at once and releases everything.

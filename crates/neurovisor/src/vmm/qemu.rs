@@ -646,16 +646,6 @@ pub struct QemuVm {
 }
 
 impl QemuVm {
-    fn console_tail(&self) -> String {
-        let mut tail = log_tail(&self.paths.console, CONSOLE_TAIL_LINES);
-        let vmm = log_tail(&self.paths.vmm_log, 10);
-        if !vmm.trim().is_empty() {
-            tail.push_str("\n--- VMM log ---\n");
-            tail.push_str(&vmm);
-        }
-        tail
-    }
-
     async fn release(&mut self, grace: Duration) {
         if let Some(q) = self.qemu.take() {
             q.stop(grace).await;
@@ -753,6 +743,15 @@ impl Vm for QemuVm {
 
     fn dir(&self) -> &Path {
         &self.paths.dir
+    }
+    fn console_tail(&self) -> String {
+        let mut tail = log_tail(&self.paths.console, CONSOLE_TAIL_LINES);
+        let vmm = log_tail(&self.paths.vmm_log, 10);
+        if !vmm.trim().is_empty() {
+            tail.push_str("\n--- VMM log ---\n");
+            tail.push_str(&vmm);
+        }
+        tail
     }
 
     async fn shutdown(mut self: Box<Self>, grace: Duration) {
