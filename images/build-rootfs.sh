@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Build a NeuroVisor guest root filesystem image (read-only ext4) with the guest agent as init.
 #
-#   build-rootfs.sh [--image default|full] --agent PATH_TO_AGENT_BINARY
+#   build-rootfs.sh [--image default|full] [--packages P1,P2 --name IMAGE+HASH] --agent PATH_TO_AGENT_BINARY
+#
+# --packages adds Debian packages to the image's own (a sandbox profile's capabilities); the result is
+# published under --name, which `neurovisor` derives from the base image and the package list.
 #
 # Base (debootstrap, cached):  $CACHE/rootfs-base/<basekey>/root/   (+ .complete marker, written last)
 # Final image (cached):        $CACHE/rootfs/<key>/rootfs.ext4, languages.json
-# Published symlink:           $CACHE/images/<image> -> $CACHE/rootfs/<key>
-# basekey = sha256(image name + package list + this script); key = sha256(basekey + sha256(agent)).
+# Published symlink:           $CACHE/images/<name> -> $CACHE/rootfs/<key>
+# basekey = sha256(name + package list + this script); key = sha256(basekey + sha256(agent)).
 set -euo pipefail
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -17,16 +20,20 @@ SUITE=bookworm
 
 die() { echo "build-rootfs: error: $*" >&2; exit 1; }
 log() { echo "build-rootfs: $*"; }
-usage() { echo "usage: $0 [--image default|full] --agent PATH_TO_AGENT_BINARY" >&2; exit 2; }
+usage() { echo "usage: $0 [--image default|full] [--packages P1,P2 --name IMAGE+HASH] --agent PATH_TO_AGENT_BINARY" >&2; exit 2; }
 
 image=default
 agent=""
+extra=""
+name=""
 while (($#)); do
     case "$1" in
         --image) [[ $# -ge 2 ]] || usage; image="$2"; shift 2 ;;
         --image=*) image="${1#*=}"; shift ;;
         --agent) [[ $# -ge 2 ]] || usage; agent="$2"; shift 2 ;;
         --agent=*) agent="${1#*=}"; shift ;;
+        --packages) [[ $# -ge 2 ]] || usage; extra="$2"; shift 2 ;;
+        --name) [[ $# -ge 2 ]] || usage; name="$2"; shift 2 ;;
         -h|--help) usage ;;
         *) echo "build-rootfs: unknown argument: $1" >&2; usage ;;
     esac
@@ -40,6 +47,13 @@ case "$image" in
     full) packages="python3,bash,nodejs,golang-go,rustc,gcc,libc6-dev" ;;
     *) die "unknown image '$image' (expected default or full)" ;;
 esac
+if [[ -n "$extra" || -n "$name" ]]; then
+    [[ "$extra" =~ ^[a-z0-9][a-z0-9.+-]+(,[a-z0-9][a-z0-9.+-]+)*$ ]] || die "--packages: '$extra' is not a comma-separated list of Debian package names"
+    [[ "$name" =~ ^$image\+[0-9a-f]{12}$ ]] || die "--name: '$name' is not $image+HASH"
+    packages="$packages,$extra"
+else
+    name="$image"
+fi
 
 [[ $EUID -eq 0 ]] || die "must run as root (debootstrap, chroot, file ownership)"
 for tool in debootstrap chroot unshare mkfs.ext4 sha256sum flock; do
@@ -47,13 +61,13 @@ for tool in debootstrap chroot unshare mkfs.ext4 sha256sum flock; do
 done
 
 sha() { sha256sum | cut -c1-16; }
-basekey="$(cat <(printf '%s\n%s\n%s\n' "$image" "$packages" "$SUITE") "$SCRIPT_PATH" | sha)"
+basekey="$(cat <(printf '%s\n%s\n%s\n' "$name" "$packages" "$SUITE") "$SCRIPT_PATH" | sha)"
 agent_sha="$(sha256sum "$agent" | cut -d' ' -f1)"
 key="$(printf '%s\n%s\n' "$basekey" "$agent_sha" | sha)"
 
 base="$CACHE/rootfs-base/$basekey"
 out="$CACHE/rootfs/$key"
-link="$CACHE/images/$image"
+link="$CACHE/images/$name"
 
 # Atomically point $CACHE/images/<image> at the final image directory.
 publish() {
@@ -69,7 +83,7 @@ if [[ -f "$out/rootfs.ext4" ]]; then
 fi
 
 mkdir -p "$CACHE/rootfs" "$CACHE/rootfs-base"
-exec 9>"$CACHE/rootfs/.lock-$image"
+exec 9>"$CACHE/rootfs/.lock-$name"
 flock 9
 start=$SECONDS
 
@@ -130,7 +144,7 @@ build_base() {
         "$r"/usr/share/locale/* "$r"/var/log/* "$r"/debootstrap
     find "$r/var/cache" "$r/tmp" -mindepth 1 -delete 2>/dev/null || true
 
-    printf '%s\n' "$image" >"$tmp/image"
+    printf '%s\n' "$name" >"$tmp/image"
     touch "$tmp/.complete"
     mv -T "$tmp" "$base"
 
@@ -138,7 +152,7 @@ build_base() {
     local old
     for old in "$CACHE"/rootfs-base/*/; do
         old="${old%/}"
-        [[ "$old" != "$base" && -f "$old/image" && "$(cat "$old/image")" == "$image" ]] || continue
+        [[ "$old" != "$base" && -f "$old/image" && "$(cat "$old/image")" == "$name" ]] || continue
         log "base: pruning superseded $old"
         rm -rf "$old"
     done
@@ -178,7 +192,7 @@ truncate -s "${size_mib}M" "$tmp_out/rootfs.ext4"
 mkfs.ext4 -q -F -d "$staging" -L neurovisor-root -N "$inodes" -m 0 -O ^has_journal \
     "$tmp_out/rootfs.ext4"
 cp "$staging/etc/neurovisor/languages.json" "$tmp_out/languages.json"
-printf '%s\n' "$image" >"$tmp_out/image"
+printf '%s\n' "$name" >"$tmp_out/image"
 printf '%s\n' "$agent_sha" >"$tmp_out/agent.sha256"
 rm -rf "$out"
 mv -T "$tmp_out" "$out"
@@ -189,7 +203,7 @@ publish
 # Prune older final images of this image name that no published symlink points to.
 for dir in "$CACHE"/rootfs/*/; do
     dir="${dir%/}"
-    [[ -f "$dir/image" && "$(cat "$dir/image")" == "$image" ]] || continue
+    [[ -f "$dir/image" && "$(cat "$dir/image")" == "$name" ]] || continue
     referenced=false
     for l in "$CACHE"/images/*; do
         [[ -L "$l" && "$(readlink -f "$l")" == "$(readlink -f "$dir")" ]] && referenced=true

@@ -31,6 +31,7 @@ pub mod llm;
 pub mod mcp;
 pub mod metrics;
 pub mod pool;
+pub mod profile;
 pub mod security;
 pub mod server;
 pub mod snapshot;

@@ -27,6 +27,8 @@ impl Cli {
         let mut c = Command::new(env!("CARGO_BIN_EXE_neurovisor"));
         c.args(args)
             .env("NEUROVISOR_STATE_DIR", self.state.path())
+            // No profiles of the user's: only the built-in ones.
+            .env("NEUROVISOR_CONFIG_DIR", self.state.path())
             .env_remove("NEUROVISOR_LOG")
             .stdin(Stdio::null());
         c
@@ -279,4 +281,198 @@ fn doctor_reports_the_host() {
         "{}",
         text(&o.stdout)
     );
+}
+
+/// A profile file in its own directory (also the user configuration
+/// directory of the command, so only built-in profiles and presets count).
+fn profile_file(dir: &tempfile::TempDir, name: &str, yaml: &str) -> String {
+    let p = dir.path().join(name);
+    std::fs::write(&p, yaml).expect("write profile");
+    p.display().to_string()
+}
+
+#[test]
+fn profiles_are_listed_shown_and_validated_with_file_and_line() {
+    let cli = Cli::new();
+    let cfg = tempfile::tempdir().expect("config dir");
+    let run = |args: &[&str]| {
+        cli.cmd(args)
+            .env("NEUROVISOR_CONFIG_DIR", cfg.path())
+            .output()
+            .expect("run neurovisor")
+    };
+    let o = run(&["profile", "list-presets", "--kind", "egress"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let out = text(&o.stdout);
+    assert!(out.starts_with("KIND "), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.split_whitespace().take(3).eq(["egress", "pypi", "built-in"])),
+        "{out}"
+    );
+    assert!(!out.contains("capabilities"), "{out}");
+
+    let o = run(&["profile", "show", "python-dev"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let out = text(&o.stdout);
+    for want in [
+        "name: python-dev\n",
+        "- files.pythonhosted.org\n",
+        "- github.com\n",
+        "- python3-pytest\n",
+        "image: default+",
+    ] {
+        assert!(out.contains(want), "{want:?} in {out}");
+    }
+
+    let good = profile_file(&cfg, "good.yaml", "size: small\nenv:\n  A: b\n");
+    let bad = profile_file(
+        &cfg,
+        "bad.yaml",
+        "image: default\negress:\n  presets: [github, pipy]\n",
+    );
+    let o = run(&["profile", "validate", &good, &bad]);
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(
+        text(&o.stdout),
+        format!("{good}: valid (profile good, image default)\n")
+    );
+    assert_eq!(
+        text(&o.stderr),
+        format!(
+            "{bad}:3:21: egress.presets: unknown egress preset 'pipy' (did you mean 'pypi'?); available: \
+             crates, debian, github, huggingface, npm, pypi, python-dev (`neurovisor profile list-presets`)\n"
+        )
+    );
+
+    // The user's profiles are found by name.
+    std::fs::create_dir_all(cfg.path().join("profiles")).expect("mkdir");
+    std::fs::write(
+        cfg.path().join("profiles/mine.yaml"),
+        "description: my own\nsize: large\n",
+    )
+    .expect("write");
+    let o = run(&["profile", "list"]);
+    let out = text(&o.stdout);
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("mine ") && l.ends_with("my own")),
+        "{out}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("data-analyst ") && l.contains("built-in")),
+        "{out}"
+    );
+    let o = run(&["profile", "show", "mine", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(
+        (v["size"].as_str(), v["image"].as_str()),
+        (Some("large"), Some("default"))
+    );
+}
+
+#[test]
+fn a_profile_sets_size_env_and_limits_and_flags_win() {
+    let cli = Cli::new();
+    let cfg = tempfile::tempdir().expect("config dir");
+    let file = profile_file(
+        &cfg,
+        "small.yaml",
+        "size: small\nenv:\n  GREETING: from-profile\nlimits:\n  timeout: 3s\n",
+    );
+    let run = |args: &[&str]| {
+        let mut all = vec!["run", "--profile", file.as_str()];
+        all.extend_from_slice(args);
+        cli.cmd(&all)
+            .env("NEUROVISOR_CONFIG_DIR", cfg.path())
+            .output()
+            .expect("run neurovisor")
+    };
+    let o = run(&["--lang", "bash", "-c", "echo $GREETING $(nproc)"]);
+    assert_eq!(text(&o.stdout), "from-profile 1\n", "{}", text(&o.stderr));
+    let o = run(&[
+        "--size",
+        "medium",
+        "-e",
+        "GREETING=flag",
+        "--lang",
+        "bash",
+        "-c",
+        "echo $GREETING $(nproc)",
+    ]);
+    assert_eq!(text(&o.stdout), "flag 2\n", "{}", text(&o.stderr));
+    let o = run(&["--lang", "bash", "-c", "sleep 60"]);
+    assert_eq!(o.status.code(), Some(124));
+    assert!(
+        text(&o.stderr).contains("time limit of 3s"),
+        "{}",
+        text(&o.stderr)
+    );
+
+    let o = cli.run(&["run", "--profile", "nope", "--lang", "bash", "-c", "true"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(
+        text(&o.stderr),
+        "neurovisor: no profile named 'nope'; available: data-analyst, python-dev (or give a file: --profile ./NAME.yaml)\n"
+    );
+    let o = run(&["--addr", "unix:/nonexistent.sock", "--lang", "bash", "-c", "true"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        text(&o.stderr).contains("drop one of them"),
+        "{}",
+        text(&o.stderr)
+    );
+}
+
+#[test]
+fn a_profile_s_capabilities_are_installed_into_a_derived_image() {
+    let cli = Cli::new();
+    let cfg = tempfile::tempdir().expect("config dir");
+    // A package list no image was ever built with.
+    let unbuilt = profile_file(
+        &cfg,
+        "unbuilt.yaml",
+        &format!(
+            "capabilities:\n  packages: [jq, nv-never-{}]\n",
+            std::process::id()
+        ),
+    );
+    let o = cli.run(&["run", "--profile", &unbuilt, "--lang", "bash", "-c", "true"]);
+    assert_eq!(o.status.code(), Some(125));
+    let err = text(&o.stderr);
+    assert!(
+        err.starts_with("neurovisor: profile 'unbuilt' installs jq, nv-never-")
+            && err.ends_with(&format!(
+                ", which is not built; build it with `neurovisor images build --profile {unbuilt}`\n"
+            )),
+        "{err}"
+    );
+    // Built once (cached by the package list, like every image), then booted.
+    let caps = profile_file(&cfg, "caps.yaml", "capabilities:\n  packages: [jq]\n");
+    let o = cli.run(&["images", "build", "--profile", &caps]);
+    assert_eq!(o.status.code(), Some(0), "{}{}", text(&o.stdout), text(&o.stderr));
+    let o = cli.run(&[
+        "run",
+        "--profile",
+        &caps,
+        "--size",
+        "small",
+        "--lang",
+        "bash",
+        "-c",
+        "jq -n '1 + 1'",
+    ]);
+    assert_eq!(text(&o.stdout), "2\n", "{}", text(&o.stderr));
+    // The base image has no jq.
+    let o = cli.run(&[
+        "run",
+        "--size",
+        "small",
+        "--lang",
+        "bash",
+        "-c",
+        "command -v jq || echo none",
+    ]);
+    assert_eq!(text(&o.stdout), "none\n", "{}", text(&o.stderr));
 }

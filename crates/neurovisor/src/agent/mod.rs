@@ -57,6 +57,11 @@ pub struct AgentConfig {
     pub max_tool_calls_per_turn: u32,
     /// Tool calls run per task; the task stops after the turn that reaches it.
     pub max_tool_calls: u32,
+    /// Environment of every program the model runs (a profile's `env`).
+    pub env: std::collections::BTreeMap<String, String>,
+    /// What the system prompt adds after its own rules: a profile's role and
+    /// prompt presets.
+    pub instructions: Option<String>,
 }
 
 pub const DEFAULT_MAX_TOOL_CALLS_PER_TURN: u32 = 8;
@@ -71,6 +76,8 @@ impl Default for AgentConfig {
             result_chars: 8000,
             max_tool_calls_per_turn: DEFAULT_MAX_TOOL_CALLS_PER_TURN,
             max_tool_calls: DEFAULT_MAX_TOOL_CALLS,
+            env: Default::default(),
+            instructions: None,
         }
     }
 }
@@ -460,6 +467,14 @@ impl AgentController {
     }
 
     fn system_prompt(&self, languages: &[Language]) -> String {
+        let base = self.base_system_prompt(languages);
+        match &self.cfg.instructions {
+            Some(extra) => format!("{base}\n\n{extra}"),
+            None => base,
+        }
+    }
+
+    fn base_system_prompt(&self, languages: &[Language]) -> String {
         let langs = if languages.is_empty() {
             "call list_languages to see them".to_string()
         } else {
@@ -806,6 +821,7 @@ impl AgentController {
                 req.trace_id = s.trace_id.clone();
                 req.timeout = self.cfg.exec_timeout;
                 req.max_output_bytes = self.cfg.max_output_bytes;
+                req.env = self.cfg.env.clone();
                 s.stats.executions += 1;
                 let done = self
                     .executor
@@ -1028,6 +1044,93 @@ mod tests {
                 warm: None,
             })
         }
+    }
+
+    /// Records the system prompt and the executed requests' environment.
+    #[derive(Default)]
+    struct Recording {
+        system: std::sync::Mutex<Vec<String>>,
+        env: std::sync::Mutex<Vec<std::collections::BTreeMap<String, String>>>,
+    }
+
+    #[async_trait::async_trait]
+    impl LlmClient for Recording {
+        fn provider(&self) -> Provider {
+            Provider::Ollama
+        }
+        fn model(&self) -> &str {
+            "recording"
+        }
+        fn base_url(&self) -> &str {
+            "http://test"
+        }
+        async fn chat(
+            &self,
+            req: ChatRequest<'_>,
+            _on_text: &mut (dyn for<'s> FnMut(&'s str) + Send),
+        ) -> Result<crate::llm::ChatTurn, LlmError> {
+            let mut seen = self.system.lock().unwrap();
+            seen.push(req.messages[0].content.clone());
+            if seen.len() > 1 {
+                return Ok(crate::llm::ChatTurn {
+                    content: "done".into(),
+                    ..Default::default()
+                });
+            }
+            Ok(crate::llm::ChatTurn {
+                tool_calls: vec![ToolCall {
+                    id: "c0".into(),
+                    name: TOOL_EXECUTE_CODE.into(),
+                    arguments: r#"{"language":"python","code":"print(1)"}"#.into(),
+                }],
+                ..Default::default()
+            })
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl CodeExecutor for Recording {
+        async fn languages(&self) -> Result<Vec<Language>, executor::ExecutorError> {
+            Ok(langs())
+        }
+        async fn execute(
+            &self,
+            req: &ExecRequest,
+            _progress: &executor::OutputProgress,
+        ) -> Result<executor::Execution, executor::ExecutorError> {
+            self.env.lock().unwrap().push(req.env.clone());
+            Ok(executor::Execution {
+                outcome: crate::exec::ExecOutcome {
+                    exit_code: Some(0),
+                    ..Default::default()
+                },
+                stdout: Vec::new(),
+                stderr: Vec::new(),
+                wait_ms: None,
+                warm: None,
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_profile_s_instructions_and_environment_reach_the_model_and_the_programs() {
+        let rec = Arc::new(Recording::default());
+        let cfg = AgentConfig {
+            env: [("GREETING".to_string(), "hi".to_string())].into(),
+            instructions: Some("You are a careful data analyst.".into()),
+            ..AgentConfig::default()
+        };
+        let controller = AgentController::new(rec.clone(), rec.clone(), cfg);
+        let report = controller.run("task", None, &mut |_: &AgentEvent| {}).await;
+        assert_eq!(report.stop_reason(), StopReason::Answer);
+        let system = rec.system.lock().unwrap();
+        assert!(system[0].starts_with("You are a coding agent."), "{}", system[0]);
+        assert!(
+            system[0].ends_with("</tool_call>\n\nYou are a careful data analyst."),
+            "{}",
+            system[0]
+        );
+        assert_eq!(rec.env.lock().unwrap()[0]["GREETING"], "hi");
     }
 
     #[tokio::test]

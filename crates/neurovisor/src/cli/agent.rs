@@ -63,12 +63,14 @@ pub struct AgentArgs {
     /// Tool calls run per model turn; further calls in that turn get an error result.
     #[arg(long, default_value_t = DEFAULT_MAX_TOOL_CALLS_PER_TURN, value_parser = clap::value_parser!(u32).range(1..=100))]
     max_tool_calls_per_turn: u32,
-    /// Wall-clock limit of each program the model runs (e.g. 30s, 2m).
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
-    timeout: Duration,
-    /// VM size for direct runs: small, medium, large (the daemon uses its own).
-    #[arg(long, value_enum, default_value_t = VmSize::Medium)]
-    size: VmSize,
+    /// Wall-clock limit of each program the model runs (e.g. 30s, 2m)
+    /// [default: the profile's, else 30s].
+    #[arg(long, value_parser = parse_duration)]
+    timeout: Option<Duration>,
+    /// VM size for direct runs: small, medium, large (the daemon uses its
+    /// own) [default: the profile's, else medium].
+    #[arg(long, value_enum)]
+    size: Option<VmSize>,
     /// Print the whole transcript and stats as one JSON document at the end.
     #[arg(long)]
     json: bool,
@@ -123,8 +125,8 @@ pub async fn run_seed(
             max_iterations: seed.max_iterations.unwrap_or(DEFAULT_MAX_ITERATIONS),
             max_tool_calls: DEFAULT_MAX_TOOL_CALLS,
             max_tool_calls_per_turn: DEFAULT_MAX_TOOL_CALLS_PER_TURN,
-            timeout: AgentConfig::default().exec_timeout,
-            size: serve.size.unwrap_or_default(),
+            timeout: None,
+            size: serve.size,
             json: seed.json,
             target: super::DaemonTarget {
                 addr: env_nonempty("NEUROVISOR_ADDR"),
@@ -341,7 +343,19 @@ pub async fn run(a: AgentArgs, pushgateway: Option<String>) -> u8 {
     code
 }
 
-async fn run_counted(a: AgentArgs, metrics: Option<Arc<neurovisor::metrics::Metrics>>) -> u8 {
+async fn run_counted(mut a: AgentArgs, metrics: Option<Arc<neurovisor::metrics::Metrics>>) -> u8 {
+    let profile = match a.target.for_profile(&a.vm) {
+        Ok(p) => p,
+        Err(m) => return fail(a.json, "invalid_request", &m, EXIT_BAD_INPUT),
+    };
+    let size = a
+        .size
+        .or(profile.as_ref().and_then(|p| p.size))
+        .unwrap_or_default();
+    let timeout = a
+        .timeout
+        .or(profile.as_ref().and_then(|p| p.timeout))
+        .unwrap_or(AgentConfig::default().exec_timeout);
     if a.task.trim().is_empty() {
         return fail(
             a.json,
@@ -350,13 +364,13 @@ async fn run_counted(a: AgentArgs, metrics: Option<Arc<neurovisor::metrics::Metr
             EXIT_BAD_INPUT,
         );
     }
-    if a.timeout.is_zero() || a.timeout > MAX_TIMEOUT {
+    if timeout.is_zero() || timeout > MAX_TIMEOUT {
         return fail(
             a.json,
             "invalid_request",
             &format!(
                 "--timeout {:?} is out of range; it must be between 1 ms and {} s",
-                a.timeout,
+                timeout,
                 MAX_TIMEOUT.as_secs()
             ),
             EXIT_BAD_INPUT,
@@ -378,16 +392,22 @@ async fn run_counted(a: AgentArgs, metrics: Option<Arc<neurovisor::metrics::Metr
                     sb.hooks.counters = m.vm_counters();
                     m.allow_languages(sb.images().languages.iter().map(|l| l.name.as_str()));
                 }
-                Arc::new(SandboxExecutor::new(sb, a.size))
+                Arc::new(SandboxExecutor::new(sb, size))
             }
             Err(m) => return fail(a.json, "sandbox", &m, EXIT_SANDBOX_ERROR),
         },
     };
     let cfg = AgentConfig {
         max_iterations: a.max_iterations,
-        exec_timeout: a.timeout,
+        exec_timeout: timeout,
         max_tool_calls: a.max_tool_calls,
         max_tool_calls_per_turn: a.max_tool_calls_per_turn,
+        max_output_bytes: profile
+            .as_ref()
+            .and_then(|p| p.max_output_bytes)
+            .unwrap_or(AgentConfig::default().max_output_bytes),
+        env: profile.as_ref().map(|p| p.env.clone()).unwrap_or_default(),
+        instructions: profile.as_ref().and_then(|p| p.prompt.clone()),
         ..AgentConfig::default()
     };
     let mut controller = AgentController::new(Arc::from(llm::client(&llm_cfg)), executor, cfg);

@@ -15,6 +15,11 @@ pub struct DoctorArgs {
 }
 
 pub fn doctor(a: DoctorArgs) -> u8 {
+    // With --profile, the image checked is the profile's.
+    if let Err(e) = a.vm.load_profile() {
+        eprintln!("neurovisor: {e}");
+        return super::EXIT_BAD_INPUT;
+    }
     let checks = run_checks_with(&a.vm.backend_options(), &a.vm.image_selection());
     let failed = checks.iter().any(|c| c.level == Level::Fail);
     if a.json {

@@ -31,8 +31,12 @@ pub enum ImagesCommand {
     /// Build (or find cached) the guest kernel and a root filesystem image.
     Build {
         /// Which image: `default` (python, bash, javascript) or `full` (adds go, rust).
-        #[arg(long, default_value = "default")]
+        #[arg(long, default_value = "default", conflicts_with = "profile")]
         image: String,
+        /// The image a sandbox profile's VMs boot: its base image with the
+        /// packages of its capabilities installed (cached by the package list).
+        #[arg(long, value_name = "NAME|FILE")]
+        profile: Option<String>,
         /// Guest agent binary to install as the VM's init
         /// (default: `neurovisor-agent` next to this executable).
         #[arg(long, env = "NEUROVISOR_AGENT_BIN")]
@@ -75,7 +79,30 @@ async fn run_script(dir: &std::path::Path, script: &str, args: &[String]) -> Res
     }
 }
 
-async fn build(image: String, agent: Option<PathBuf>) -> Result<(), String> {
+async fn build(image: String, profile: Option<String>, agent: Option<PathBuf>) -> Result<(), String> {
+    let mut extra = Vec::new();
+    let image = match profile {
+        None => image,
+        Some(name) => {
+            let p = super::profile::store().load(&name).map_err(|e| e.to_string())?;
+            if p.needs_derived_image() {
+                println!(
+                    "neurovisor: profile {}: image {} = {} + {}",
+                    p.name,
+                    p.image,
+                    p.base_image,
+                    p.capabilities.packages.join(", ")
+                );
+                extra = vec![
+                    "--packages".to_string(),
+                    p.capabilities.packages.join(","),
+                    "--name".to_string(),
+                    p.image.clone(),
+                ];
+            }
+            p.base_image
+        }
+    };
     if !image
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
@@ -97,18 +124,26 @@ async fn build(image: String, agent: Option<PathBuf>) -> Result<(), String> {
         dir.path(),
         "build-rootfs.sh",
         &[
-            "--image".into(),
-            image,
-            "--agent".into(),
-            agent.display().to_string(),
-        ],
+            vec![
+                "--image".into(),
+                image,
+                "--agent".into(),
+                agent.display().to_string(),
+            ],
+            extra,
+        ]
+        .concat(),
     )
     .await
 }
 
 pub async fn images(cmd: ImagesCommand) -> u8 {
     match cmd {
-        ImagesCommand::Build { image, agent } => match build(image, agent).await {
+        ImagesCommand::Build {
+            image,
+            profile,
+            agent,
+        } => match build(image, profile, agent).await {
             Ok(()) => 0,
             Err(e) => {
                 eprintln!("neurovisor: image build failed: {e}");

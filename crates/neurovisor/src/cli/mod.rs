@@ -7,6 +7,7 @@ mod bench_snapshot;
 mod doctor;
 mod images;
 mod mcp;
+mod profile;
 mod run;
 mod sandbox;
 mod serve;
@@ -102,6 +103,9 @@ enum Command {
     /// Build the guest kernel and root filesystem images (cached).
     #[command(subcommand)]
     Images(images::ImagesCommand),
+    /// Sandbox profiles: list them and their presets, validate, show compiled.
+    #[command(subcommand)]
+    Profile(profile::ProfileCommand),
     /// Benchmarks (printed, not asserted).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -110,9 +114,18 @@ enum Command {
 /// Options shared by every command that boots VMs.
 #[derive(Debug, Clone, Args)]
 pub struct VmArgs {
-    /// Guest image: `default` (python, bash, javascript) or `full` (adds go, rust).
-    #[arg(long, env = "NEUROVISOR_IMAGE", default_value = "default")]
-    image: String,
+    /// A sandbox profile (`neurovisor profile list`) or a profile file: its
+    /// image, size, limits, environment and agent prompt apply; flags given
+    /// here win over it.
+    #[arg(long, env = "NEUROVISOR_PROFILE", value_name = "NAME|FILE")]
+    profile: Option<String>,
+    /// The profile, once loaded (`VmArgs::load_profile`).
+    #[arg(skip)]
+    loaded: std::sync::OnceLock<neurovisor::profile::Profile>,
+    /// Guest image: `default` (python, bash, javascript) or `full` (adds go,
+    /// rust) [default: the profile's, else default].
+    #[arg(long, env = "NEUROVISOR_IMAGE")]
+    image: Option<String>,
     /// Guest kernel (default: the cached build, ~/.cache/neurovisor/vmlinux).
     #[arg(long, env = "NEUROVISOR_KERNEL")]
     kernel: Option<PathBuf>,
@@ -266,9 +279,38 @@ impl VmArgs {
         }
     }
 
+    /// Loads and checks `--profile` (once, before any VM), and returns it.
+    /// Its image is used unless `--image` was given.
+    pub fn load_profile(&self) -> Result<Option<&neurovisor::profile::Profile>, String> {
+        let Some(name) = &self.profile else {
+            return Ok(None);
+        };
+        if self.loaded.get().is_none() {
+            let p = profile::store().load(name).map_err(|e| e.to_string())?;
+            if !p.egress.is_empty() {
+                tracing::warn!(
+                    profile = %p.name,
+                    "the profile allows egress to {} names and {} address ranges, but VMs have no network device yet: nothing is reachable",
+                    p.egress.domains.len(),
+                    p.egress.cidrs.len()
+                );
+            }
+            let _ = self.loaded.set(p);
+        }
+        Ok(self.loaded.get())
+    }
+
+    /// The image VMs boot: `--image`, else the profile's, else `default`.
+    fn image_name(&self) -> String {
+        self.image
+            .clone()
+            .or_else(|| self.loaded.get().map(|p| p.image.clone()))
+            .unwrap_or_else(|| "default".into())
+    }
+
     pub fn image_selection(&self) -> ImageSelection {
         ImageSelection {
-            image: Some(self.image.clone()),
+            image: Some(self.image_name()),
             kernel: self.kernel.clone(),
             rootfs: self.rootfs.clone(),
         }
@@ -315,6 +357,23 @@ impl VmArgs {
     }
 
     pub fn sandbox(&self) -> Result<Sandbox, String> {
+        if let Some(p) = self.load_profile()? {
+            let image = self.image_name();
+            if self.rootfs.is_none()
+                && image == p.image
+                && p.needs_derived_image()
+                && !neurovisor::images::image_dir(&image)
+                    .join("rootfs.ext4")
+                    .is_file()
+            {
+                return Err(format!(
+                    "profile '{}' installs {} into image {image}, which is not built; build it with `neurovisor images build --profile {}`",
+                    p.name,
+                    p.capabilities.packages.join(", "),
+                    self.profile.as_deref().unwrap_or(&p.name)
+                ));
+            }
+        }
         let images = ImageSet::resolve(&self.image_selection()).map_err(|e| e.to_string())?;
         let (backend, _why) = select_backend(&self.backend_options()).map_err(|e| e.to_string())?;
         let state = self.state_dir.clone().unwrap_or_else(config::default_state_dir);
@@ -384,6 +443,23 @@ pub struct DaemonTarget {
 }
 
 impl DaemonTarget {
+    /// `vm`'s profile, if one was named; a profile's VMs boot here (a daemon
+    /// boots its own image and size), so no daemon is looked for, and one
+    /// named with `--addr` is an error.
+    pub fn for_profile(&mut self, vm: &VmArgs) -> Result<Option<neurovisor::profile::Profile>, String> {
+        let Some(p) = vm.load_profile()? else {
+            return Ok(None);
+        };
+        if self.addr.is_some() {
+            return Err(format!(
+                "--profile {} boots its VMs here, but --addr (or NEUROVISOR_ADDR) names a daemon, which boots its own; drop one of them",
+                p.name
+            ));
+        }
+        self.local = true;
+        Ok(Some(p.clone()))
+    }
+
     /// The daemon to use, or `None` for direct boots. `state_dir`: the one
     /// chosen with --state-dir, if any (where the socket and token are looked for).
     pub async fn resolve(
@@ -453,6 +529,7 @@ pub async fn dispatch(mut cli: Cli) -> u8 {
         Some(Command::Sandbox(c)) => sandbox::sandbox(c).await,
         Some(Command::Doctor(a)) => doctor::doctor(a),
         Some(Command::Images(c)) => images::images(c).await,
+        Some(Command::Profile(c)) => profile::profile(c),
         Some(Command::Bench(c)) => bench::bench(c).await,
     }
 }

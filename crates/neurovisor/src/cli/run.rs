@@ -8,6 +8,7 @@ use clap::Args;
 use neurovisor::daemon_client::{DaemonClient, DaemonEndpoint, DaemonError};
 use neurovisor::exec::DEFAULT_MAX_OUTPUT;
 use neurovisor::metrics::Metrics;
+use neurovisor::profile::Profile;
 use neurovisor::{ExecOutcome, ExecRequest, Output, VmSize};
 use serde_json::json;
 use std::sync::Arc;
@@ -19,9 +20,10 @@ use super::{parse_duration, VmArgs, EXIT_BAD_INPUT, EXIT_SANDBOX_ERROR, EXIT_TIM
 pub struct RunArgs {
     #[command(flatten)]
     program: ProgramArgs,
-    /// VM size: small (1 vCPU, 256 MiB), medium (2, 512), large (4, 1024).
-    #[arg(long, value_enum, default_value_t = VmSize::Medium)]
-    size: VmSize,
+    /// VM size: small (1 vCPU, 256 MiB), medium (2, 512), large (4, 1024)
+    /// [default: the profile's, else medium].
+    #[arg(long, value_enum)]
+    size: Option<VmSize>,
     /// Print one JSON object with the output and the result instead of streaming.
     #[arg(long)]
     json: bool,
@@ -46,18 +48,20 @@ pub struct ProgramArgs {
     /// Arguments for the program (after `--`).
     #[arg(last = true)]
     args: Vec<String>,
-    /// Wall-clock limit for the program (e.g. 30, 30s, 500ms, 2m).
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
-    timeout: Duration,
+    /// Wall-clock limit for the program (e.g. 30, 30s, 500ms, 2m) [default:
+    /// the profile's, else 30s].
+    #[arg(long, value_parser = parse_duration)]
+    timeout: Option<Duration>,
     /// Environment variable for the program (repeatable).
     #[arg(short, long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
     env: Vec<(String, String)>,
     /// Feed this file (or `-` for this process's stdin) to the program's stdin.
     #[arg(long, value_name = "FILE")]
     stdin: Option<PathBuf>,
-    /// Cap on each output stream in bytes; the rest is dropped and flagged.
-    #[arg(long, default_value_t = DEFAULT_MAX_OUTPUT)]
-    max_output: u64,
+    /// Cap on each output stream in bytes; the rest is dropped and flagged
+    /// [default: the profile's, else 1048576].
+    #[arg(long)]
+    max_output: Option<u64>,
     /// Trace id passed to the program as NEUROVISOR_TRACE_ID (default: a new UUIDv7).
     #[arg(long)]
     trace_id: Option<String>,
@@ -96,6 +100,11 @@ fn read_all(path: &Path, what: &str) -> Result<Vec<u8>, String> {
 impl ProgramArgs {
     /// The request these options describe (validated against an image later).
     pub(super) fn request(&self) -> Result<ExecRequest, String> {
+        self.request_with(None)
+    }
+
+    /// The same, with a profile's environment and limits under the flags.
+    pub(super) fn request_with(&self, profile: Option<&Profile>) -> Result<ExecRequest, String> {
         let code = match (&self.code, &self.file) {
             (Some(c), _) => c.clone(),
             (None, Some(f)) => String::from_utf8(read_all(f, "the code")?)
@@ -118,9 +127,16 @@ impl ProgramArgs {
         };
         let mut req = ExecRequest::new(lang, code);
         req.args = self.args.clone();
-        req.env = self.env.iter().cloned().collect();
-        req.timeout = self.timeout;
-        req.max_output_bytes = self.max_output;
+        req.env = profile.map(|p| p.env.clone()).unwrap_or_default();
+        req.env.extend(self.env.iter().cloned());
+        req.timeout = self
+            .timeout
+            .or(profile.and_then(|p| p.timeout))
+            .unwrap_or(DEFAULT_TIMEOUT);
+        req.max_output_bytes = self
+            .max_output
+            .or(profile.and_then(|p| p.max_output_bytes))
+            .unwrap_or(DEFAULT_MAX_OUTPUT);
         if let Some(t) = &self.trace_id {
             req.trace_id = t.clone();
         }
@@ -139,6 +155,9 @@ fn fail(json: bool, kind: &str, msg: &str, code: u8) -> u8 {
     }
     code
 }
+
+/// The time limit of a program when neither a flag nor a profile sets one.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn notes(o: &ExecOutcome, req: &ExecRequest, size: VmSize) -> Vec<String> {
     let mut n = Vec::new();
@@ -168,8 +187,15 @@ fn notes(o: &ExecOutcome, req: &ExecRequest, size: VmSize) -> Vec<String> {
     n
 }
 
-pub async fn run(a: RunArgs, pushgateway: Option<String>) -> u8 {
-    let req = match a.program.request() {
+pub async fn run(mut a: RunArgs, pushgateway: Option<String>) -> u8 {
+    let profile = match a.target.for_profile(&a.vm) {
+        Ok(p) => p,
+        Err(m) => return fail(a.json, "invalid_request", &m, EXIT_BAD_INPUT),
+    };
+    if a.size.is_none() {
+        a.size = profile.as_ref().and_then(|p| p.size);
+    }
+    let req = match a.program.request_with(profile.as_ref()) {
         Ok(mut r) => {
             r.llm_bridge = a.vm.llm_bridge();
             r
@@ -245,7 +271,7 @@ async fn run_counted(a: &RunArgs, req: ExecRequest, metrics: Option<Arc<Metrics>
     let mut execution = Box::pin(
         async {
             match (&sandbox, &daemon) {
-                (Some(sb), _) => sb.run(&req, a.size, &mut sink).await.map_err(|e| {
+                (Some(sb), _) => sb.run(&req, a.size(), &mut sink).await.map_err(|e| {
                     let kind = if e.is_invalid_request() {
                         Kind::Invalid
                     } else {
@@ -304,6 +330,12 @@ async fn run_counted(a: &RunArgs, req: ExecRequest, metrics: Option<Arc<Metrics>
     finish(a, &req, daemon.as_ref(), result, &out_buf, &err_buf)
 }
 
+impl RunArgs {
+    fn size(&self) -> VmSize {
+        self.size.unwrap_or_default()
+    }
+}
+
 enum Kind {
     Invalid,
     Sandbox,
@@ -319,12 +351,12 @@ fn finish(
 ) -> u8 {
     match result {
         Ok(o) => {
-            let notes = notes(&o, req, a.size);
+            let notes = notes(&o, req, a.size());
             if a.json {
                 let mut v = serde_json::to_value(&o).unwrap_or_default();
                 v["ok"] = json!(true);
                 v["language"] = json!(req.language);
-                v["size"] = json!(a.size);
+                v["size"] = json!(a.size());
                 v["stdout"] = json!(String::from_utf8_lossy(out_buf));
                 v["stderr"] = json!(String::from_utf8_lossy(err_buf));
                 v["notes"] = json!(notes);

@@ -24,7 +24,7 @@ pub struct ServeArgs {
     /// Most VMs alive at once, warm + busy [default: 10].
     #[arg(long, env = "NEUROVISOR_MAX_VMS")]
     pub max: Option<usize>,
-    /// VM size of the pool [default: medium].
+    /// VM size of the pool [default: the profile's, else medium].
     #[arg(long, value_enum, env = "NEUROVISOR_SIZE")]
     pub size: Option<VmSize>,
     /// Also serve gRPC on this TCP address; every request over it needs
@@ -157,7 +157,11 @@ impl ServeArgs {
         let pool = PoolConfig {
             warm: self.warm.or(f.warm).unwrap_or(3),
             max: self.max.or(f.max).unwrap_or(10),
-            size: self.size.or(f.size).unwrap_or_default(),
+            size: self
+                .size
+                .or(f.size)
+                .or(self.vm.load_profile()?.and_then(|p| p.size))
+                .unwrap_or_default(),
             queue_timeout: dur(self.queue_timeout, &f.queue_timeout, 30)?,
             max_queued: self
                 .max_queued
