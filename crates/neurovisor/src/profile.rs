@@ -281,10 +281,31 @@ impl Source<'_> {
             let (line, column) = e.location().map(|l| (l.line(), l.column())).unwrap_or((1, 1));
             // The position is ours; the message without its own copy of it.
             let message = e.to_string();
-            let message = match message.rfind(" at line ") {
+            let mut message = match message.rfind(" at line ") {
                 Some(i) => message[..i].to_string(),
                 None => message,
             };
+            // Our type names mean nothing to the file's author.
+            for (ours, theirs) in [
+                (
+                    "struct ProfileFile",
+                    "a mapping of image, size, limits, env, egress, capabilities, prompt",
+                ),
+                ("struct LimitsFile", "a mapping of timeout, max_output_bytes"),
+                ("struct EgressFile", "a mapping of presets, domains, cidrs"),
+                ("struct CapabilitiesFile", "a mapping of presets, packages"),
+                ("struct PromptFile", "a mapping of role, presets"),
+                (
+                    "struct PresetFile",
+                    "a mapping of description and the preset's fields",
+                ),
+                (
+                    "data did not match any variant of untagged enum Seconds",
+                    "expected a duration such as 90s or 2m",
+                ),
+            ] {
+                message = message.replace(ours, theirs);
+            }
             self.invalid_at(line, column, message)
         })
     }
@@ -1053,6 +1074,10 @@ mod tests {
         assert_eq!(
             err("size: huge\n"),
             "t.yaml:1:7: size: unknown variant `huge`, expected one of `small`, `medium`, `large`"
+        );
+        assert_eq!(
+            err("egress: 5\n"),
+            "t.yaml:1:9: egress: invalid type: integer `5`, expected a mapping of presets, domains, cidrs"
         );
         let e = err("image: default\nlimit:\n  timeout: 5s\n");
         assert!(
