@@ -354,6 +354,24 @@ mod tests {
     }
 
     #[test]
+    fn a_profile_sets_the_pool_s_size_and_image_and_flags_win() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let file = dir.path().join("p.yaml");
+        std::fs::write(&file, "size: small\ncapabilities:\n  packages: [jq]\n").expect("write");
+        let path = file.to_str().expect("utf8");
+        let t = T::parse_from(["x", "--profile", path]);
+        assert_eq!(t.s.resolve().expect("valid").pool.size, VmSize::Small);
+        let image = t.s.vm.image_selection().image.expect("an image");
+        assert!(image.starts_with("default+"), "{image}");
+        let t = T::parse_from(["x", "--profile", path, "--size", "large", "--image", "full"]);
+        assert_eq!(t.s.resolve().expect("valid").pool.size, VmSize::Large);
+        assert_eq!(t.s.vm.image_selection().image.as_deref(), Some("full"));
+        let t = T::parse_from(["x", "--profile", "./missing.yaml"]);
+        let e = t.s.resolve().expect_err("no such file");
+        assert!(e.starts_with("cannot read ./missing.yaml: "), "{e}");
+    }
+
+    #[test]
     fn flags_win_over_the_file_which_wins_over_defaults() {
         let dir = tempfile::tempdir().expect("tmp");
         let file = dir.path().join("nv.toml");
