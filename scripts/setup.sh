@@ -19,11 +19,11 @@ done
 
 say() { printf '\n== %s\n' "$*"; }
 
-# Runtime: qemu, e2fsprogs; the E2B test: iproute2, util-linux (unshare, nsenter). Image builds: linux-source + kernel build deps, debootstrap.
+# Runtime: qemu, e2fsprogs; --network: iproute2, nftables; the E2B test: util-linux (unshare, nsenter). Image builds: linux-source + kernel build deps, debootstrap.
 # eBPF programs (cargo feature `ebpf`): clang, bpftool, libbpf headers.
 packages=(qemu-system-x86 e2fsprogs linux-source-6.1 build-essential flex bison bc
           libelf-dev libssl-dev debootstrap xz-utils cpio python3 python3-venv ca-certificates curl
-          clang bpftool libbpf-dev iproute2 util-linux)
+          clang bpftool libbpf-dev iproute2 nftables util-linux)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

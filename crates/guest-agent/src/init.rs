@@ -236,11 +236,37 @@ pub fn setup_root(params: &BootParams) -> Result<(), InitError> {
     if let Err(e) = loopback_up() {
         tracing::warn!("loopback not available: {e}");
     }
+    if let Err(e) = resolver_from_pnp() {
+        tracing::warn!("cannot write /etc/resolv.conf: {e}");
+    }
     Ok(())
 }
 
-/// Brings `lo` up so programs can talk to themselves over 127.0.0.1; the VM has
-/// no other network device.
+/// A VM started with `--network` has its address from the kernel (`ip=` on
+/// the command line), which lists the gateway's resolver in `/proc/net/pnp`:
+/// that becomes the VM's only resolver. Without a NIC the file is absent and
+/// `/etc/resolv.conf` names nothing.
+fn resolver_from_pnp() -> io::Result<()> {
+    let pnp = match fs::read_to_string("/proc/net/pnp") {
+        Ok(s) => s,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return fs::write("/etc/resolv.conf", ""),
+        Err(e) => return Err(e),
+    };
+    let servers: String = pnp
+        .lines()
+        .filter(|l| l.starts_with("nameserver ") && !l.ends_with(" 0.0.0.0"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    // A symlink in the image would otherwise send the write elsewhere.
+    let _ = fs::remove_file("/etc/resolv.conf");
+    fs::write(
+        "/etc/resolv.conf",
+        format!("{servers}options timeout:2 attempts:2\n"),
+    )
+}
+
+/// Brings `lo` up so programs can talk to themselves over 127.0.0.1 (the
+/// kernel brings up a VM's NIC itself, from `ip=`).
 fn loopback_up() -> io::Result<()> {
     // SAFETY: plain socket/ioctl calls on a zeroed `ifreq` with a NUL-terminated name;
     // the descriptor is closed on every path.

@@ -459,6 +459,9 @@ pub struct Sandbox {
     pub snapshots: Option<Arc<crate::snapshot::Snapshots>>,
     /// The inference bridge, when this sandbox's programs may ask for it.
     pub llm_bridge: Option<Arc<crate::llm::bridge::LlmBridge>>,
+    /// `--network`: every VM gets a NIC behind its own gateway with this
+    /// policy (and is booted, never restored: its link is made at boot).
+    pub network: Option<Arc<crate::net::NetSettings>>,
 }
 
 /// What the daemon's VMs start ahead by default: the interpreter whose
@@ -479,6 +482,7 @@ impl Sandbox {
             warm_languages: DEFAULT_WARM_LANGUAGES.iter().map(|l| l.to_string()).collect(),
             snapshots: None,
             llm_bridge: None,
+            network: None,
         }
     }
 
@@ -498,6 +502,7 @@ impl Sandbox {
             warm_languages: self.warm_languages.clone(),
             snapshots: self.snapshots.clone(),
             llm_bridge: self.llm_bridge.clone(),
+            network: self.network.clone(),
         }
     }
 
@@ -580,6 +585,7 @@ impl Sandbox {
             guest_io: self.guest_io.clone(),
             hooks: self.hooks.clone(),
             guest_memory: None,
+            network: self.network.clone(),
         }
     }
 
@@ -637,6 +643,9 @@ impl Sandbox {
     /// against its template ([`crate::snapshot::Snapshots::failed`]); the
     /// caller boots instead, so the request never sees the failure.
     pub async fn try_restore(&self, size: VmSize, warm: &[String]) -> Option<ReadyVm> {
+        if self.network.is_some() {
+            return None;
+        }
         let snaps = self.snapshots.as_ref()?;
         let t = snaps.template(self, size, warm).await?;
         let span = tracing::info_span!("vm.restore", size = size.name(), vm_id = tracing::field::Empty);

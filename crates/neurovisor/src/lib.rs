@@ -30,6 +30,7 @@ pub mod images;
 pub mod llm;
 pub mod mcp;
 pub mod metrics;
+pub mod net;
 pub mod pool;
 pub mod profile;
 pub mod security;

@@ -9,6 +9,21 @@ use neurovisor::security::seccomp::{self, Role};
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
+    // A VM's gateway switches network namespaces, which only works while the
+    // process has a single thread: before any runtime exists.
+    if let Some(gw) = args.net_gateway() {
+        return match gw.map(neurovisor::net::gateway::main) {
+            Ok(Ok(())) => ExitCode::SUCCESS,
+            Ok(Err(e)) => {
+                eprintln!("net-gateway: {e}");
+                ExitCode::from(cli::EXIT_SANDBOX_ERROR)
+            }
+            Err(m) => {
+                eprintln!("{m}");
+                ExitCode::from(cli::EXIT_BAD_INPUT)
+            }
+        };
+    }
     // The hooks confine API threads once the daemon arms its seccomp filters
     // (`neurovisor serve`); for other commands they do nothing.
     let rt = match tokio::runtime::Builder::new_multi_thread()

@@ -188,6 +188,16 @@ impl TraceLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EgressLabel {
+    /// dns | tcp
+    pub kind: Label,
+    /// allowed | refused
+    pub decision: Label,
+    /// Why (a fixed set chosen by the gateway, e.g. name_not_allowed, metadata).
+    pub reason: Label,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabel {
     /// What ran out: bytes | ops
     pub kind: Label,
@@ -214,6 +224,8 @@ pub struct VmCounters {
     pub snapshot_restore_seconds: Histogram,
     /// Ready until destroyed, for every VM that became ready.
     pub vm_lifetime_seconds: Histogram,
+    /// Decisions of the VMs' egress gateways (`--network`).
+    pub egress_decisions: Family<EgressLabel, Counter>,
 }
 
 impl Default for VmCounters {
@@ -225,6 +237,7 @@ impl Default for VmCounters {
             snapshot_restores: Default::default(),
             snapshot_restore_seconds: Histogram::new(BOOT_BUCKETS.iter().copied()),
             vm_lifetime_seconds: Histogram::new(LIFETIME_BUCKETS.iter().copied()),
+            egress_decisions: Default::default(),
         }
     }
 }
@@ -452,6 +465,7 @@ impl Metrics {
             "model_load_duration_seconds", "Model load time reported by Ollama (cold starts)", m.model_load_duration_seconds;
             "vsock_throttled", "Guest vsock reads, operations or connections held back by the rate limiter, by bucket (bytes, ops)", m.vm.vsock_throttled;
             "vsock_rejected_connections", "Guest vsock connections closed because the ops rate limit was exhausted", m.vm.vsock_rejected_connections;
+            "egress_decisions", "Decisions of the VMs' egress gateways (--network) by kind (dns, tcp), decision and reason", m.vm.egress_decisions;
             "vmm_syscalls", "Syscalls made by the VMM processes of finished VMs (eBPF guard, feature ebpf)", m.vm.vmm_syscalls;
             "cgroup_memory_usage_bytes", "Memory charged to a live VM's cgroup (guest RAM in use + VMM)", m.cgroup_memory_usage_bytes;
             "cgroup_cpu_throttled", "CFS periods in which a live VM's cgroup hit its CPU quota", m.cgroup_cpu_throttled;

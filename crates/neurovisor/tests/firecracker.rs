@@ -694,6 +694,7 @@ impl Env {
             guest_io: Default::default(),
             hooks: Default::default(),
             guest_memory: None,
+            network: None,
         }
     }
 
@@ -1409,6 +1410,7 @@ impl Real {
             guest_io: Default::default(),
             hooks: Default::default(),
             guest_memory: None,
+            network: None,
         }
     }
 

@@ -109,6 +109,43 @@ enum Command {
     /// Benchmarks (printed, not asserted).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Internal: the egress gateway of one VM (started by neurovisor itself).
+    #[command(hide = true)]
+    NetGateway(NetGatewayArgs),
+}
+
+/// Internal arguments of `net-gateway` (see `neurovisor::net::gateway`).
+#[derive(Debug, Clone, Args)]
+pub struct NetGatewayArgs {
+    #[arg(long)]
+    control_fd: i32,
+    #[arg(long)]
+    uid: u32,
+    #[arg(long)]
+    gid: u32,
+    /// The VM's `NetSettings` as JSON.
+    #[arg(long)]
+    settings: String,
+}
+
+impl Cli {
+    /// `net-gateway`'s arguments, when that is the command: it must run
+    /// before any runtime thread exists.
+    pub fn net_gateway(&self) -> Option<Result<neurovisor::net::gateway::GatewayArgs, String>> {
+        let Some(Command::NetGateway(a)) = &self.command else {
+            return None;
+        };
+        Some(
+            serde_json::from_str(&a.settings)
+                .map_err(|e| format!("net-gateway: bad settings: {e}"))
+                .map(|settings| neurovisor::net::gateway::GatewayArgs {
+                    control_fd: a.control_fd,
+                    settings,
+                    uid: a.uid,
+                    gid: a.gid,
+                }),
+        )
+    }
 }
 
 /// Options shared by every command that boots VMs.
@@ -228,6 +265,31 @@ pub struct VmArgs {
     /// Bytes per second each VM's bridge traffic may carry, both ways (0 = no limit).
     #[arg(long, value_name = "BYTES_PER_SEC", default_value_t = neurovisor::llm::bridge::DEFAULT_BYTES_PER_SEC)]
     llm_bridge_bandwidth: u64,
+    /// Give each VM a network device behind its own gateway, default deny:
+    /// only names from --allow-host (and the profile's egress) resolve, and
+    /// only to those addresses, on 80/443, with a matching TLS SNI or HTTP Host.
+    #[arg(long, env = "NEUROVISOR_NETWORK")]
+    network: bool,
+    /// A name the VM may reach (repeatable): api.example.com, or
+    /// *.example.com for its subdomains. Needs --network.
+    #[arg(long, value_name = "NAME")]
+    allow_host: Vec<String>,
+    /// An address range the VM may reach on any TCP port without a name
+    /// (repeatable; private ranges are refused unless named). Needs --network.
+    #[arg(long, value_name = "CIDR")]
+    allow_cidr: Vec<String>,
+    /// Bytes per second each VM may send through its gateway (default: unlimited).
+    #[arg(long, value_name = "BYTES_PER_SEC")]
+    egress_bandwidth: Option<u64>,
+    /// The network namespace gateways connect from (a file such as
+    /// /run/netns/NAME; default: the host's).
+    #[arg(long, env = "NEUROVISOR_NET_UPSTREAM_NETNS", value_name = "PATH")]
+    net_upstream_netns: Option<PathBuf>,
+    /// Resolvers the gateways ask (IP or IP:PORT, comma-separated; default:
+    /// the host's /etc/resolv.conf).
+    #[arg(long, env = "NEUROVISOR_NET_DNS", value_name = "ADDR", value_delimiter = ',',
+          value_parser = neurovisor::net::parse_dns_server)]
+    net_dns: Vec<std::net::SocketAddr>,
 }
 
 fn parse_warm_language(s: &str) -> Result<String, String> {
@@ -287,14 +349,6 @@ impl VmArgs {
         };
         if self.loaded.get().is_none() {
             let p = profile::store().load(name).map_err(|e| e.to_string())?;
-            if !p.egress.is_empty() {
-                tracing::warn!(
-                    profile = %p.name,
-                    "the profile allows egress to {} names and {} address ranges, but VMs have no network device yet: nothing is reachable",
-                    p.egress.domains.len(),
-                    p.egress.cidrs.len()
-                );
-            }
             let _ = self.loaded.set(p);
         }
         Ok(self.loaded.get())
@@ -351,6 +405,49 @@ impl VmArgs {
         Ok(Some(cfg))
     }
 
+    /// The VMs' network, checked once: `--network` with `--allow-host` and
+    /// `--allow-cidr`, plus the profile's egress (a profile that names egress
+    /// turns the network on). `None`: no network device.
+    pub fn net_settings(&self) -> Result<Option<neurovisor::net::NetSettings>, String> {
+        let profile = self.load_profile()?;
+        let from_profile = profile.is_some_and(|p| !p.egress.is_empty());
+        if !self.network && !from_profile {
+            if !self.allow_host.is_empty() || !self.allow_cidr.is_empty() {
+                return Err(neurovisor::net::PolicyError::NoNetwork.to_string());
+            }
+            return Ok(None);
+        }
+        let mut hosts = self.allow_host.clone();
+        let mut cidrs = self.allow_cidr.clone();
+        if let Some(p) = profile {
+            hosts.extend(p.egress.domains.iter().cloned());
+            cidrs.extend(p.egress.cidrs.iter().cloned());
+        }
+        let policy = neurovisor::net::EgressPolicy::new(&hosts, &cidrs, self.egress_bandwidth)
+            .map_err(|e| e.to_string())?;
+        if let Some(ns) = &self.net_upstream_netns {
+            if !ns.exists() {
+                return Err(format!(
+                    "--net-upstream-netns {}: no such namespace file; create it with `ip netns add NAME` (then /run/netns/NAME)",
+                    ns.display()
+                ));
+            }
+        }
+        if self.snapshot || self.snapshot_file.is_some() || self.mem_file.is_some() {
+            return Err(
+                "--network VMs are booted, never restored (their link is made at boot); drop --snapshot"
+                    .into(),
+            );
+        }
+        Ok(Some(neurovisor::net::NetSettings {
+            policy,
+            upstream: neurovisor::net::Upstream {
+                netns: self.net_upstream_netns.clone(),
+                dns: self.net_dns.clone(),
+            },
+        }))
+    }
+
     /// The state directory given with --state-dir (or its variable), if any.
     pub fn state_dir(&self) -> Option<&std::path::Path> {
         self.state_dir.as_deref()
@@ -396,6 +493,7 @@ impl VmArgs {
             .map(|c| neurovisor::llm::bridge::LlmBridge::new(c, Default::default()).map(std::sync::Arc::new))
             .transpose()
             .map_err(|e| e.to_string())?;
+        sandbox.network = self.net_settings()?.map(std::sync::Arc::new);
         Ok(sandbox)
     }
 
@@ -447,6 +545,14 @@ impl DaemonTarget {
     /// boots its own image and size), so no daemon is looked for, and one
     /// named with `--addr` is an error.
     pub fn for_profile(&mut self, vm: &VmArgs) -> Result<Option<neurovisor::profile::Profile>, String> {
+        // Checked before a daemon is chosen, so bad egress never takes a VM.
+        let net = vm.net_settings()?;
+        if net.is_some() {
+            if self.addr.is_some() {
+                return Err("--network boots its VMs here (each with its own gateway), but --addr (or NEUROVISOR_ADDR) names a daemon; drop one of them".into());
+            }
+            self.local = true;
+        }
         let Some(p) = vm.load_profile()? else {
             return Ok(None);
         };
@@ -531,6 +637,8 @@ pub async fn dispatch(mut cli: Cli) -> u8 {
         Some(Command::Images(c)) => images::images(c).await,
         Some(Command::Profile(c)) => profile::profile(c),
         Some(Command::Bench(c)) => bench::bench(c).await,
+        // Run by `main` before the runtime starts.
+        Some(Command::NetGateway(_)) => EXIT_SANDBOX_ERROR,
     }
 }
 

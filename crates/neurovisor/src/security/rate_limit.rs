@@ -495,7 +495,7 @@ impl RateLimiter {
         }
     }
 
-    fn consumed_bytes(&self, n: usize) {
+    pub(crate) fn consumed_bytes(&self, n: usize) {
         let n = u64::try_from(n).unwrap_or(u64::MAX);
         if let Some(bucket) = &self.bandwidth {
             // Usually within the allowance; concurrent readers of the same VM

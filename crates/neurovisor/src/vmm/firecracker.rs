@@ -400,6 +400,11 @@ impl VmmBackend for FirecrackerBackend {
     }
 
     async fn spawn(&self, cfg: &VmConfig) -> Result<Box<dyn Vm>, VmmError> {
+        if cfg.network.is_some() {
+            return Err(VmmError::Unsupported(
+                "--network on the Firecracker backend (not built yet); use --backend qemu".into(),
+            ));
+        }
         let vm = self.start(cfg, true).await?;
         self.configure_boot(&vm, cfg).await?;
         Ok(Box::new(vm))
@@ -746,6 +751,7 @@ mod tests {
             guest_io: Default::default(),
             hooks: Default::default(),
             guest_memory: None,
+            network: None,
         };
         let a = FirecrackerBackend::boot_args(&cfg);
         for want in [

@@ -119,6 +119,9 @@ pub struct VmConfig {
     /// RAM starts as this image, copy-on-write. Firecracker keeps RAM in its
     /// own snapshot memory file and ignores it.
     pub guest_memory: Option<std::sync::Arc<GuestMemory>>,
+    /// `--network`: the VM gets a NIC behind its own gateway (see
+    /// [`crate::net`]); `None`: no network device at all.
+    pub network: Option<std::sync::Arc<crate::net::NetSettings>>,
 }
 
 impl VmConfig {
@@ -144,6 +147,9 @@ pub fn base_cmdline(cfg: &VmConfig) -> Vec<String> {
     .map(|s| s.to_string())
     .collect();
     args.push(format!("nv.scratch_mb={}", cfg.size.scratch_mib()));
+    if cfg.network.is_some() {
+        args.push(crate::net::guest_cmdline());
+    }
     args.extend(cfg.extra_cmdline.iter().cloned());
     args
 }
@@ -278,6 +284,7 @@ mod tests {
             guest_io: GuestIo::inline(),
             hooks: Default::default(),
             guest_memory: None,
+            network: None,
         };
         let c = base_cmdline(&cfg).join(" ");
         assert!(
@@ -352,6 +359,7 @@ mod tests {
             guest_io: GuestIo::inline(),
             hooks: Default::default(),
             guest_memory: None,
+            network: None,
         };
         let vm = Minimal.spawn(&cfg).await.expect("spawn");
         let p = Path::new("/tmp/x");

@@ -463,6 +463,11 @@ impl VmmBackend for QemuBackend {
     /// loaded from `mem`. With `x-ignore-shared` the RAM is not in the
     /// stream, so the restore costs the device state only.
     async fn restore(&self, cfg: &VmConfig, snapshot: &Path, mem: &Path) -> Result<Box<dyn Vm>, VmmError> {
+        if cfg.network.is_some() {
+            return Err(VmmError::Unsupported(
+                "restoring a VM with --network (its link is made at boot)".into(),
+            ));
+        }
         let size = u64::from(cfg.size.memory_mib()) << 20;
         let blank = std::fs::metadata(mem).is_ok_and(|m| m.len() == 0);
         let memory = match &cfg.guest_memory {
@@ -538,6 +543,7 @@ impl QemuBackend {
             memory: memory.clone(),
             vhost: None,
             qemu: None,
+            gateway: None,
             paths: paths.clone(),
             conf,
         };
@@ -602,9 +608,29 @@ impl QemuBackend {
             }
         };
         qemu_cmd.args(self.qemu_args(cfg, &inner, &kernel, &rootfs, &ram));
+        // Kept until QEMU has its own copy (fork), closed right after.
+        let mut tap = None;
+        if let Some(net) = &cfg.network {
+            let (gateway, fd) = crate::net::host::Gateway::spawn(
+                &cfg.id,
+                net,
+                &vm.conf,
+                &paths.dir,
+                &vmm_log,
+                &paths.vmm_log,
+                &cfg.hooks.counters,
+            )
+            .await?;
+            vm.gateway = Some(gateway);
+            let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+            qemu_spec.inherit_fds.push(raw);
+            qemu_cmd.args(net_args(raw));
+            tap = Some(fd);
+        }
         let qemu = vm
             .qemu
             .insert(Helper::spawn("qemu", qemu_cmd, &console, &vmm_log, qemu_spec)?);
+        drop(tap);
         if let Some(gid) = jail_gid {
             // QMP likewise (the daemon's `quit` at shutdown), and the
             // agent's port, which QEMU listens on.
@@ -618,6 +644,17 @@ impl QemuBackend {
         tracing::debug!(vm = %cfg.id, pid = ?vm.pids(), restored = incoming, "VM started");
         Ok(vm)
     }
+}
+
+/// The VM's NIC: virtio-net on the TAP its gateway made (an inherited
+/// descriptor, so QEMU needs no rights in the gateway's namespace).
+fn net_args(tap_fd: i32) -> [String; 4] {
+    [
+        "-netdev".into(),
+        format!("tap,id=net0,fd={tap_fd},vhost=off"),
+        "-device".into(),
+        "virtio-net-device,netdev=net0,mac=52:54:00:00:00:02".into(),
+    ]
 }
 
 /// How the host reaches the agent of one VM.
@@ -640,6 +677,8 @@ pub struct QemuVm {
     memory: Option<std::sync::Arc<GuestMemory>>,
     vhost: Option<Helper>,
     qemu: Option<Helper>,
+    /// `--network`: the VM's gateway (its namespace, TAP and rules).
+    gateway: Option<crate::net::host::Gateway>,
     paths: VmPaths,
     /// Directory, cgroup, uid lease: released once the processes are stopped.
     conf: Confinement,
@@ -652,6 +691,9 @@ impl QemuVm {
         }
         if let Some(v) = self.vhost.take() {
             v.stop(Duration::ZERO).await;
+        }
+        if let Some(g) = self.gateway.take() {
+            g.stop().await;
         }
         self.ready = None;
         self.conf.release().await;
@@ -700,6 +742,9 @@ impl Vm for QemuVm {
     fn check_exited(&mut self) -> Option<String> {
         // A VM on a virtio-serial port has no vsock helper.
         let has_vhost = matches!(self.channel, Channel::Vsock(_));
+        if let Some(status) = self.gateway.as_mut().and_then(|g| g.check_exited()) {
+            return Some(format!("net-gateway: {status}"));
+        }
         for (name, helper) in [("qemu", &mut self.qemu), ("vhost-device-vsock", &mut self.vhost)] {
             if name == "vhost-device-vsock" && !has_vhost {
                 continue;
@@ -738,6 +783,7 @@ impl Vm for QemuVm {
         [&self.qemu, &self.vhost]
             .iter()
             .filter_map(|h| h.as_ref().and_then(Helper::vm_pid))
+            .chain(self.gateway.as_ref().and_then(|g| g.pid()))
             .collect()
     }
 
@@ -1063,6 +1109,7 @@ mod tests {
             guest_io: Default::default(),
             hooks: Default::default(),
             guest_memory: None,
+            network: None,
         };
         let a = backend
             .qemu_args(

@@ -1,0 +1,497 @@
+//! `--network`: real VMs behind their gateways, against a hermetic
+//! "internet": two network namespaces this test creates, joined by a veth
+//! pair and nothing else (no route off the machine). The gateway connects
+//! from the first (`up`, standing in for the host: 192.0.2.1); the second
+//! (`net`) holds the test's servers on 203.0.113.10-12, 169.254.169.254,
+//! 10.77.0.20 and its resolver on 192.0.2.2 (hickory's wire format).
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{assert_no_leftovers, processes_mentioning};
+
+const ESCAPE: &str = include_str!("net/escape.py");
+
+fn sh(args: &[&str]) {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .expect("run a tool");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The test's internet; removed on drop.
+struct Internet {
+    up: String,
+    net: String,
+    servers: Child,
+    stop: Arc<AtomicBool>,
+    dns: Option<std::thread::JoinHandle<()>>,
+    ca: String,
+    _certs: tempfile::TempDir,
+}
+
+const NAMES: &[(&str, [u8; 4])] = &[
+    ("allowed.test", [203, 0, 113, 10]),
+    ("other.test", [203, 0, 113, 11]),
+    ("second.test", [203, 0, 113, 12]),
+    ("rebind.test", [10, 77, 0, 20]),
+    ("meta.test", [169, 254, 169, 254]),
+];
+
+impl Internet {
+    fn start() -> Self {
+        let tag = format!("{}-{}", std::process::id(), rand_tag());
+        let (up, net) = (format!("nvt-up-{tag}"), format!("nvt-net-{tag}"));
+        sh(&["ip", "netns", "add", &up]);
+        sh(&["ip", "netns", "add", &net]);
+        sh(&[
+            "ip", "-n", &up, "link", "add", "va", "type", "veth", "peer", "name", "vb", "netns", &net,
+        ]);
+        for (ns, dev, addr) in [(&up, "va", "192.0.2.1/24"), (&net, "vb", "192.0.2.2/24")] {
+            sh(&["ip", "-n", ns, "addr", "add", addr, "dev", dev]);
+            sh(&["ip", "-n", ns, "link", "set", dev, "up"]);
+            sh(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+        }
+        sh(&["ip", "-n", &up, "route", "add", "default", "via", "192.0.2.2"]);
+        for a in [
+            "203.0.113.10",
+            "203.0.113.11",
+            "203.0.113.12",
+            "169.254.169.254",
+            "10.77.0.20",
+        ] {
+            sh(&["ip", "-n", &net, "addr", "add", &format!("{a}/32"), "dev", "lo"]);
+        }
+        let certs = tempfile::tempdir().expect("cert dir");
+        let ca = make_certs(certs.path());
+        let servers_py = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/net/servers.py");
+        let mut servers = Command::new("ip")
+            .args(["netns", "exec", &net, "python3"])
+            .arg(&servers_py)
+            .arg(certs.path().join("leaf.pem"))
+            .arg(certs.path().join("leaf.key"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .expect("start the test servers");
+        let mut line = String::new();
+        BufReader::new(servers.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("servers ready");
+        assert_eq!(line.trim(), "ready");
+        let stop = Arc::new(AtomicBool::new(false));
+        let dns = {
+            let (stop, ns) = (stop.clone(), format!("/run/netns/{net}"));
+            std::thread::spawn(move || dns_server(&ns, &stop))
+        };
+        // The resolver binds in its own thread: wait until it answers.
+        std::thread::sleep(Duration::from_millis(200));
+        Self {
+            up,
+            net,
+            servers,
+            stop,
+            dns: Some(dns),
+            ca,
+            _certs: certs,
+        }
+    }
+
+    fn upstream(&self) -> String {
+        format!("/run/netns/{}", self.up)
+    }
+}
+
+impl Drop for Internet {
+    fn drop(&mut self) {
+        drop(self.servers.stdin.take());
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(self.servers.id() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let _ = self.servers.wait();
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.dns.take() {
+            let _ = t.join();
+        }
+        for ns in [&self.up, &self.net] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+fn rand_tag() -> String {
+    let mut b = [0u8; 3];
+    getrandom::getrandom(&mut b).expect("random");
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// A CA and a leaf for allowed.test and second.test; returns the CA's PEM.
+fn make_certs(dir: &Path) -> String {
+    let p = |f: &str| dir.join(f).display().to_string();
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec!["openssl", "req", "-x509"];
+    ca.extend(ec);
+    let (ca_key, ca_pem) = (p("ca.key"), p("ca.pem"));
+    ca.extend([
+        "-keyout",
+        &ca_key,
+        "-out",
+        &ca_pem,
+        "-days",
+        "1",
+        "-subj",
+        "/CN=nv-test-ca",
+    ]);
+    sh(&ca);
+    let mut leaf = vec!["openssl", "req"];
+    leaf.extend(ec);
+    let (leaf_key, leaf_csr, leaf_pem, ext) = (p("leaf.key"), p("leaf.csr"), p("leaf.pem"), p("ext"));
+    leaf.extend([
+        "-keyout",
+        &leaf_key,
+        "-out",
+        &leaf_csr,
+        "-subj",
+        "/CN=allowed.test",
+    ]);
+    sh(&leaf);
+    std::fs::write(&ext, "subjectAltName=DNS:allowed.test,DNS:second.test\n").expect("ext");
+    sh(&[
+        "openssl",
+        "x509",
+        "-req",
+        "-in",
+        &leaf_csr,
+        "-CA",
+        &ca_pem,
+        "-CAkey",
+        &ca_key,
+        "-CAcreateserial",
+        "-out",
+        &leaf_pem,
+        "-days",
+        "1",
+        "-extfile",
+        &ext,
+    ]);
+    std::fs::read_to_string(&ca_pem).expect("ca")
+}
+
+/// The internet's resolver: A records from [`NAMES`], NXDOMAIN otherwise.
+fn dns_server(ns: &str, stop: &AtomicBool) {
+    use hickory_proto::op::{Message, MessageType, ResponseCode};
+    use hickory_proto::rr::{rdata::A, RData, Record, RecordType};
+    let f = std::fs::File::open(ns).expect("netns");
+    nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).expect("enter the internet");
+    let sock = std::net::UdpSocket::bind("192.0.2.2:53").expect("bind the test resolver");
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    let mut buf = [0u8; 2048];
+    while !stop.load(Ordering::Relaxed) {
+        let Ok((n, from)) = sock.recv_from(&mut buf) else {
+            continue;
+        };
+        let Ok(q) = Message::from_vec(&buf[..n]) else {
+            continue;
+        };
+        let mut r = Message::new();
+        r.set_id(q.id())
+            .set_message_type(MessageType::Response)
+            .set_recursion_available(true);
+        for query in q.queries() {
+            r.add_query(query.clone());
+            let name = query.name().to_ascii().trim_end_matches('.').to_ascii_lowercase();
+            match NAMES.iter().find(|(n, _)| *n == name) {
+                Some((_, ip)) if query.query_type() == RecordType::A => {
+                    r.add_answer(Record::from_rdata(
+                        query.name().clone(),
+                        60,
+                        RData::A(A(std::net::Ipv4Addr::from(*ip))),
+                    ));
+                }
+                Some(_) => {}
+                None => {
+                    r.set_response_code(ResponseCode::NXDomain);
+                }
+            }
+        }
+        if let Ok(bytes) = r.to_vec() {
+            let _ = sock.send_to(&bytes, from);
+        }
+    }
+}
+
+struct Cli {
+    state: tempfile::TempDir,
+}
+
+impl Cli {
+    fn new() -> Self {
+        Self {
+            state: tempfile::Builder::new()
+                .prefix("nvnet-")
+                .tempdir()
+                .expect("state dir"),
+        }
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_neurovisor"));
+        c.args(args)
+            .env("NEUROVISOR_STATE_DIR", self.state.path())
+            .env("NEUROVISOR_CONFIG_DIR", self.state.path())
+            .env("NEUROVISOR_LOG", "neurovisor=info")
+            .env_remove("NEUROVISOR_NET_UPSTREAM_NETNS")
+            .env_remove("NEUROVISOR_NET_DNS")
+            .stdin(Stdio::null());
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().expect("run neurovisor")
+    }
+}
+
+impl Drop for Cli {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            assert_no_leftovers(self.state.path());
+        }
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn every_way_out_is_refused_but_the_allowed_host() {
+    let internet = Internet::start();
+    let cli = Cli::new();
+    let code = ESCAPE.replace("@CA@", &internet.ca);
+    let out = cli.run(&[
+        "run",
+        "--network",
+        "--allow-host",
+        "allowed.test",
+        "--allow-host",
+        "second.test",
+        "--allow-host",
+        "rebind.test",
+        "--net-upstream-netns",
+        &internet.upstream(),
+        "--net-dns",
+        "192.0.2.2",
+        "--timeout",
+        "120s",
+        "--lang",
+        "python",
+        "-c",
+        &code,
+    ]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "stdout: {stdout}\nstderr: {stderr}");
+    let r: serde_json::Value =
+        serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    eprintln!("what the VM got: {r:#}");
+    let get = |k: &str| r[k].as_str().unwrap_or_default().to_string();
+    assert_eq!(get("interfaces"), "ok:eth0,lo", "{r:#}");
+    assert_eq!(get("resolve_allowed"), "ok:203.0.113.10", "{r:#}");
+    assert!(
+        get("http_allowed").starts_with("ok:hello from 203.0.113.10:80 host=allowed.test"),
+        "{r:#}"
+    );
+    assert!(
+        get("https_allowed").starts_with("ok:hello from 203.0.113.10:443 host=allowed.test"),
+        "{r:#}"
+    );
+    assert_eq!(get("resolve_second"), "ok:203.0.113.12", "{r:#}");
+    for k in [
+        "direct_ip",
+        "other_port",
+        "metadata_v4",
+        "metadata_v6",
+        "private",
+        "upstream_host",
+        "gateway_ssh",
+        "gateway_filter_port",
+        "resolve_other",
+        "dns_txt",
+        "dns_tunnel",
+        "dns_upstream_direct",
+        "host_mismatch",
+        "sni_mismatch",
+        "fronting_host",
+        "fronting_sni",
+        "rebinding",
+        "ipv6",
+        "icmp",
+        "udp",
+    ] {
+        assert!(get(k).starts_with("refused:"), "{k} was not refused: {r:#}");
+    }
+    // The host heard the gateway's reasons (and counts them on /metrics).
+    for reason in [
+        "metadata",
+        "private_address",
+        "address_not_resolved",
+        "port",
+        "host_address",
+        "name_not_allowed",
+        "name_address_mismatch",
+        "resolves_to_private_address",
+        "query_type",
+    ] {
+        assert!(
+            stderr.contains(&format!("reason={reason}")),
+            "no refusal for {reason} was logged:\n{stderr}"
+        );
+    }
+}
+
+#[test]
+fn no_network_means_no_interface_and_egress_flags_are_checked_first() {
+    let cli = Cli::new();
+    let out = cli.run(&[
+        "run",
+        "--lang",
+        "python",
+        "-c",
+        "import os; print(','.join(sorted(os.listdir('/sys/class/net'))))",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "lo");
+
+    for (args, want) in [
+        (vec!["--allow-host", "a.test"], "need --network"),
+        (
+            vec!["--network", "--allow-host", "10.0.0.1"],
+            "list names here and address ranges under cidrs",
+        ),
+        (
+            vec!["--network", "--allow-cidr", "10.0.0/8"],
+            "is not an address range",
+        ),
+        (
+            vec!["--network", "--net-upstream-netns", "/run/netns/nv-no-such"],
+            "no such namespace file",
+        ),
+        (vec!["--network", "--snapshot"], "drop --snapshot"),
+    ] {
+        let mut all = vec!["run", "--lang", "python"];
+        all.extend(args.iter().copied());
+        all.extend(["-c", "print(1)"]);
+        let out = cli.run(&all);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn a_profile_s_egress_is_what_the_vm_may_reach() {
+    let internet = Internet::start();
+    let cli = Cli::new();
+    let profile = cli.state.path().join("egress.yaml");
+    std::fs::write(
+        &profile,
+        "description: reaches one test host\nimage: default\negress:\n  domains: [allowed.test]\n",
+    )
+    .expect("profile");
+    let code = "import urllib.request, socket\n\
+                print(urllib.request.urlopen('http://allowed.test/', timeout=5).read().decode().strip())\n\
+                try:\n    socket.gethostbyname('other.test'); print('other: resolved')\n\
+                except OSError: print('other: refused')\n";
+    let out = cli.run(&[
+        "run",
+        "--profile",
+        &profile.display().to_string(),
+        "--net-upstream-netns",
+        &internet.upstream(),
+        "--net-dns",
+        "192.0.2.2",
+        "--timeout",
+        "60s",
+        "--lang",
+        "python",
+        "-c",
+        code,
+    ]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{}", text(&out.stderr));
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        ["hello from 203.0.113.10:80 host=allowed.test", "other: refused"]
+    );
+}
+
+#[test]
+fn a_sigkilled_run_leaves_no_gateway_namespace_or_process() {
+    let internet = Internet::start();
+    let cli = Cli::new();
+    let mut child = cli
+        .cmd(&[
+            "run",
+            "--network",
+            "--allow-host",
+            "allowed.test",
+            "--net-upstream-netns",
+            &internet.upstream(),
+            "--net-dns",
+            "192.0.2.2",
+            "--lang",
+            "python",
+            "-c",
+            "import socket, time; print(socket.gethostbyname('allowed.test'), flush=True); time.sleep(60)",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("first line");
+    assert_eq!(line.trim(), "203.0.113.10");
+    let state = cli.state.path().display().to_string();
+    assert!(
+        processes_mentioning(&format!("nv-gateway:{state}")).len() == 1,
+        "the gateway runs: {:?}",
+        processes_mentioning(&state)
+    );
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reap");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !processes_mentioning(&state).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        processes_mentioning(&state).is_empty(),
+        "{:?}",
+        processes_mentioning(&state)
+    );
+    // The next run removes what the killed one left on disk.
+    let out = cli.run(&["run", "--lang", "bash", "-c", "true"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+}
