@@ -30,7 +30,7 @@ fn in_guest_role(filters: &seccomp::RoleFilters, call: fn() -> i32) -> WaitStatu
 }
 
 fn guest_role() -> bool {
-    let filters = seccomp::RoleFilters::new(caps::vm_role_caps(false, false), "vm").expect("filters");
+    let filters = seccomp::RoleFilters::new(caps::vm_role_caps(false, false, false), "vm").expect("filters");
     let allowed = seccomp::allowed("guest").expect("guest filter");
     println!("guest filter: {} syscalls allowed", allowed.len());
     let mut ok = true;

@@ -276,7 +276,7 @@ async fn every_daemon_thread_and_vmm_process_is_confined() {
     let d = start_daemon(&["--warm", "1", "--max", "2"]);
     d.wait_warm(1);
     let pid = d.pid();
-    let vm_mask = format!("{:016x}", mask(&vm_role_caps(false, false)));
+    let vm_mask = format!("{:016x}", mask(&vm_role_caps(false, false, false)));
     let mut roles = std::collections::BTreeMap::new();
     for t in std::fs::read_dir(format!("/proc/{pid}/task"))
         .expect("tasks")

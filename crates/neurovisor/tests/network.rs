@@ -495,3 +495,67 @@ fn a_sigkilled_run_leaves_no_gateway_namespace_or_process() {
     let out = cli.run(&["run", "--lang", "bash", "-c", "true"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
 }
+
+#[test]
+fn a_confined_daemon_s_pool_vms_have_the_policy_and_count_its_decisions() {
+    let internet = Internet::start();
+    let daemon = common::daemon::start_daemon(&[
+        "--warm",
+        "1",
+        "--max",
+        "2",
+        "--network",
+        "--allow-host",
+        "allowed.test",
+        "--net-upstream-netns",
+        &internet.upstream(),
+        "--net-dns",
+        "192.0.2.2",
+    ]);
+    daemon.wait_warm(1);
+    let code = "import urllib.request\n\
+                print(urllib.request.urlopen('http://allowed.test/', timeout=5).read().decode().strip())\n\
+                try:\n    urllib.request.urlopen('http://169.254.169.254/', timeout=5); print('metadata: reached')\n\
+                except OSError: print('metadata: refused')\n";
+    let out = Command::new(env!("CARGO_BIN_EXE_neurovisor"))
+        .args(["run", "--addr", &daemon.addr(), "--lang", "python", "-c", code])
+        .env_remove("NEUROVISOR_LOG")
+        .output()
+        .expect("run through the daemon");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout).lines().collect::<Vec<_>>(),
+        [
+            "hello from 203.0.113.10:80 host=allowed.test",
+            "metadata: refused"
+        ]
+    );
+    let (_, metrics) = common::daemon::http_get(&daemon.metrics, "/metrics");
+    for series in [
+        r#"neurovisor_egress_decisions_total{kind="dns",decision="allowed",reason="allowed"}"#,
+        r#"neurovisor_egress_decisions_total{kind="tcp",decision="allowed",reason="allowed"}"#,
+        r#"neurovisor_egress_decisions_total{kind="tcp",decision="refused",reason="metadata"}"#,
+    ] {
+        assert!(metrics.contains(series), "{series} missing:\n{metrics}");
+    }
+    // The refill's gateway runs; SIGKILL of the daemon ends it too.
+    daemon.wait_warm(1);
+    let state = daemon.dir.display().to_string();
+    let gateways = || processes_mentioning(&format!("nv-gateway:{state}")).len();
+    // The used VM's gateway goes with it (its teardown runs after the answer).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gateways() != 1 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(gateways(), 1, "{:?}", processes_mentioning(&state));
+    daemon.signal(nix::sys::signal::Signal::SIGKILL);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !processes_mentioning(&state).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        processes_mentioning(&state).is_empty(),
+        "{:?}",
+        processes_mentioning(&state)
+    );
+}

@@ -200,6 +200,7 @@ impl ServeArgs {
         let max_vms = pool.max;
         Ok(DaemonConfig {
             llm_bridge: None,
+            network: None,
             listen,
             mcp_listen: self.mcp_listen.or(f.mcp_listen),
             e2b_listen: self.e2b_listen.or(f.e2b_listen),
@@ -285,6 +286,7 @@ pub async fn serve(a: ServeArgs) -> u8 {
         Ok(s) => {
             cfg.rate_limit = s.rate_limit;
             cfg.warm_languages = s.warm_languages.clone();
+            cfg.network = s.network.clone();
             // `<state>/snapshots`, shared with `run`: the daemon removes
             // `<state>/daemon` when it stops, and a template outlives that.
             cfg.snapshot = a.vm.snapshot_source(&cfg.state_dir);

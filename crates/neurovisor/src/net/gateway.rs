@@ -25,7 +25,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::dns::Resolver;
 use super::proxy::Filter;
-use super::{Decision, NetSettings, GATEWAY_IP, GUEST_IP, PROXY_PORT};
+use super::{Decision, NetSettings, DNS_PORT, GATEWAY_IP, GUEST_IP, PROXY_PORT};
 use crate::security::rate_limit::{RateLimitConfig, RateLimiter, TokenBucketConfig, BANDWIDTH_WINDOW};
 
 /// The TAP's name inside the VM's namespace.
@@ -90,9 +90,9 @@ pub fn main(args: GatewayArgs) -> Result<(), GatewayError> {
     ip(&["addr", "add", &format!("{GATEWAY_IP}/30"), "dev", TAP])?;
     ip(&["link", "set", TAP, "up"])?;
     nft(&ruleset())?;
-    let udp = std::net::UdpSocket::bind(SocketAddr::from((GATEWAY_IP, 53)))
+    let udp = std::net::UdpSocket::bind(SocketAddr::from((GATEWAY_IP, DNS_PORT)))
         .map_err(sys("bind the resolver (udp)"))?;
-    let dns_tcp = std::net::TcpListener::bind(SocketAddr::from((GATEWAY_IP, 53)))
+    let dns_tcp = std::net::TcpListener::bind(SocketAddr::from((GATEWAY_IP, DNS_PORT)))
         .map_err(sys("bind the resolver (tcp)"))?;
     let proxy = std::net::TcpListener::bind(SocketAddr::from((GATEWAY_IP, PROXY_PORT)))
         .map_err(sys("bind the filter"))?;
@@ -215,14 +215,15 @@ pub fn ruleset() -> String {
         r#"table inet neurovisor {{
   chain prerouting {{
     type nat hook prerouting priority dstnat; policy accept;
-    iifname "{TAP}" ip daddr {GATEWAY_IP} tcp dport 53 accept
+    iifname "{TAP}" ip daddr {GATEWAY_IP} udp dport 53 redirect to :{DNS_PORT}
+    iifname "{TAP}" ip daddr {GATEWAY_IP} tcp dport 53 redirect to :{DNS_PORT}
     iifname "{TAP}" meta nfproto ipv4 meta l4proto tcp redirect to :{PROXY_PORT}
   }}
   chain input {{
     type filter hook input priority filter; policy drop;
     iifname "lo" accept
-    iifname "{TAP}" ip saddr {GUEST_IP} ip daddr {GATEWAY_IP} udp dport 53 accept
-    iifname "{TAP}" ip saddr {GUEST_IP} ip daddr {GATEWAY_IP} tcp dport {{ 53, {PROXY_PORT} }} accept
+    iifname "{TAP}" ip saddr {GUEST_IP} ip daddr {GATEWAY_IP} udp dport {DNS_PORT} accept
+    iifname "{TAP}" ip saddr {GUEST_IP} ip daddr {GATEWAY_IP} tcp dport {{ {DNS_PORT}, {PROXY_PORT} }} accept
   }}
   chain forward {{
     type filter hook forward priority filter; policy drop;

@@ -35,6 +35,9 @@ pub const GATEWAY_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 1);
 pub const GUEST_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 2);
 /// Where nftables redirects the VM's TCP connections, on the gateway.
 pub const PROXY_PORT: u16 = 15001;
+/// Where nftables redirects the VM's DNS (port 53): an unprivileged port, so
+/// the gateway needs no `CAP_NET_BIND_SERVICE`.
+pub const DNS_PORT: u16 = 5353;
 /// Ports a connection to an allowlisted name may use.
 pub const NAMED_PORTS: [u16; 2] = [80, 443];
 /// The cloud metadata service: refused even when a CIDR would cover it.

@@ -56,12 +56,18 @@ pub const FIRECRACKER_JAILER_CAPS: &[Capability] = &[
     Capability::CAP_NET_ADMIN,
 ];
 pub const EBPF_CAPS: &[Capability] = &[Capability::CAP_BPF, Capability::CAP_PERFMON];
+/// For `--network`: each VM's gateway creates its TAP, address and nftables
+/// rules inside the VM's own network namespace (then drops every capability).
+pub const NETWORK_CAPS: &[Capability] = &[Capability::CAP_NET_ADMIN];
 
 /// The capability set of VM management threads.
-pub fn vm_role_caps(firecracker_jailer: bool, ebpf: bool) -> Vec<Capability> {
+pub fn vm_role_caps(firecracker_jailer: bool, ebpf: bool, network: bool) -> Vec<Capability> {
     let mut v: Vec<Capability> = VM_ROLE_CAPS.iter().map(|(c, _)| *c).collect();
     if firecracker_jailer {
         v.extend_from_slice(FIRECRACKER_JAILER_CAPS);
+    }
+    if network && !v.contains(&Capability::CAP_NET_ADMIN) {
+        v.extend_from_slice(NETWORK_CAPS);
     }
     if ebpf {
         v.extend_from_slice(EBPF_CAPS);
@@ -119,7 +125,7 @@ mod tests {
     fn masks_match_the_kernel_numbering() {
         assert_eq!(mask(&[Capability::CAP_CHOWN]), 1);
         assert_eq!(mask(&[Capability::CAP_SYS_ADMIN]), 1 << 21);
-        let vm = vm_role_caps(false, false);
+        let vm = vm_role_caps(false, false, false);
         assert!(!vm.contains(&Capability::CAP_SYS_PTRACE));
         assert!(!vm.contains(&Capability::CAP_NET_RAW));
         assert!(!vm.contains(&Capability::CAP_SYS_MODULE));

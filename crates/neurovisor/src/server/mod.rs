@@ -92,6 +92,8 @@ pub struct DaemonConfig {
     pub sandboxes: sessions::SandboxLimits,
     /// The inference bridge requests may ask for (`--llm-bridge`).
     pub llm_bridge: Option<crate::llm::bridge::BridgeConfig>,
+    /// `--network`: every pool VM gets a NIC behind its own gateway.
+    pub network: Option<Arc<crate::net::NetSettings>>,
 }
 
 /// PEM files for the TCP listener's TLS.
@@ -585,7 +587,7 @@ pub async fn run(
         let firecracker = backend.name() == "firecracker";
         let ebpf = guard.loaded();
         let filters = seccomp::RoleFilters::new(
-            caps::vm_role_caps(firecracker, ebpf),
+            caps::vm_role_caps(firecracker, ebpf, cfg.network.is_some()),
             if ebpf { "vm-ebpf" } else { "vm" },
         )
         .map_err(|e| DaemonError::Confine(e.to_string()))?;
@@ -629,6 +631,7 @@ pub async fn run(
         .clone()
         .map(|c| crate::llm::bridge::LlmBridge::new(c, metrics.llm_bridge_requests.clone()).map(Arc::new))
         .transpose()?;
+    sandbox.network = cfg.network.clone();
     let pool = Pool::start_on(sandbox, cfg.pool.clone(), metrics.clone(), vm_rt.handle())
         .map_err(DaemonError::Pool)?;
 
