@@ -42,9 +42,11 @@ done
 [[ -f "$agent" ]] || die "agent binary not found: $agent"
 
 case "$image" in
-    default) packages="python3,bash,nodejs" ;;
+    # pip and git (with CA certificates) for `neurovisor install` and `repo`, which reach a package index
+    # and a repository through the VM's gateway (--network).
+    default) packages="python3,bash,nodejs,python3-pip,git,ca-certificates" ;;
     # rustc needs a linker (`cc`) and libc headers/crt files to link binaries.
-    full) packages="python3,bash,nodejs,golang-go,rustc,gcc,libc6-dev" ;;
+    full) packages="python3,bash,nodejs,python3-pip,git,ca-certificates,golang-go,rustc,gcc,libc6-dev" ;;
     *) die "unknown image '$image' (expected default or full)" ;;
 esac
 if [[ -n "$extra" || -n "$name" ]]; then

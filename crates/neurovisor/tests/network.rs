@@ -48,6 +48,8 @@ const NAMES: &[(&str, [u8; 4])] = &[
     ("second.test", [203, 0, 113, 12]),
     ("rebind.test", [10, 77, 0, 20]),
     ("meta.test", [169, 254, 169, 254]),
+    ("pypi.test", [203, 0, 113, 20]),
+    ("git.test", [203, 0, 113, 21]),
 ];
 
 impl Internet {
@@ -69,6 +71,8 @@ impl Internet {
             "203.0.113.10",
             "203.0.113.11",
             "203.0.113.12",
+            "203.0.113.20",
+            "203.0.113.21",
             "169.254.169.254",
             "10.77.0.20",
         ] {
@@ -76,12 +80,16 @@ impl Internet {
         }
         let certs = tempfile::tempdir().expect("cert dir");
         let ca = make_certs(certs.path());
+        let files = certs.path().join("files");
+        make_index(&files.join("pypi.test"));
+        make_repo(&files.join("git.test"));
         let servers_py = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/net/servers.py");
         let mut servers = Command::new("ip")
             .args(["netns", "exec", &net, "python3"])
             .arg(&servers_py)
             .arg(certs.path().join("leaf.pem"))
             .arg(certs.path().join("leaf.key"))
+            .arg(&files)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .process_group(0)
@@ -195,6 +203,56 @@ fn make_certs(dir: &Path) -> String {
         &ext,
     ]);
     std::fs::read_to_string(&ca_pem).expect("ca")
+}
+
+/// A package index with the wheel `nvtestpkg` (its `answer()` is 42).
+fn make_index(root: &Path) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/net/make_index.py");
+    sh(&[
+        "python3",
+        &script.display().to_string(),
+        &root.display().to_string(),
+    ]);
+}
+
+/// A git repository served over dumb HTTP (`repo.git`): a test that needs
+/// `nvtestpkg` (its requirements.txt) and a file only its branch `v2` has.
+fn make_repo(root: &Path) {
+    let work = root.join("work");
+    std::fs::create_dir_all(&work).expect("repo dir");
+    std::fs::write(work.join("requirements.txt"), "nvtestpkg==1.0\n").expect("requirements");
+    std::fs::write(
+        work.join("test_answer.py"),
+        "import nvtestpkg\nassert nvtestpkg.answer() == 42\nprint('repo test passed')\n",
+    )
+    .expect("test file");
+    let w = work.display().to_string();
+    let git = |args: &[&str]| {
+        let mut all = vec![
+            "git",
+            "-C",
+            &w,
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@t",
+            "-c",
+            "init.defaultBranch=main",
+        ];
+        all.extend(args);
+        sh(&all);
+    };
+    git(&["init", "-q"]);
+    git(&["add", "."]);
+    git(&["commit", "-qm", "first"]);
+    git(&["checkout", "-qb", "v2"]);
+    std::fs::write(work.join("V2"), "v2\n").expect("v2");
+    git(&["add", "."]);
+    git(&["commit", "-qm", "second"]);
+    git(&["checkout", "-q", "main"]);
+    let bare = root.join("repo.git").display().to_string();
+    sh(&["git", "clone", "-q", "--bare", &w, &bare]);
+    sh(&["git", "-C", &bare, "update-server-info"]);
 }
 
 /// The internet's resolver: A records from [`NAMES`], NXDOMAIN otherwise.
@@ -558,4 +616,117 @@ fn a_confined_daemon_s_pool_vms_have_the_policy_and_count_its_decisions() {
         "{:?}",
         processes_mentioning(&state)
     );
+}
+
+#[test]
+fn install_reaches_only_the_package_index_then_runs_the_command() {
+    let internet = Internet::start();
+    let cli = Cli::new();
+    let script = cli.state.path().join("analysis.py");
+    std::fs::write(
+        &script,
+        "import nvtestpkg, urllib.request\n\
+         print('answer', nvtestpkg.answer())\n\
+         try:\n    urllib.request.urlopen('http://allowed.test/', timeout=5); print('allowed.test: reached')\n\
+         except OSError: print('allowed.test: refused')\n",
+    )
+    .expect("script");
+    let out = cli.run(&[
+        "install",
+        "--lang",
+        "python",
+        "--packages",
+        "nvtestpkg==1.0",
+        "--index-url",
+        "http://pypi.test/simple/",
+        "--file",
+        &script.display().to_string(),
+        "--command",
+        "python3 analysis.py",
+        "--net-upstream-netns",
+        &internet.upstream(),
+        "--net-dns",
+        "192.0.2.2",
+    ]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        ["answer 42", "allowed.test: refused"],
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("installing nvtestpkg==1.0 from http://pypi.test/simple/"),
+        "{stderr}"
+    );
+
+    // A package the index lacks fails the job with pip's own words.
+    let out = cli.run(&[
+        "install",
+        "--packages",
+        "nosuchpkg",
+        "--index-url",
+        "http://pypi.test/simple/",
+        "--command",
+        "echo never",
+        "--net-upstream-netns",
+        &internet.upstream(),
+        "--net-dns",
+        "192.0.2.2",
+    ]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(!text(&out.stdout).contains("never"));
+    assert!(
+        text(&out.stderr).contains("No matching distribution"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // Bad input is refused before a VM is taken.
+    for (args, want) in [
+        (
+            vec!["--packages=--index-url=http://evil.test/"],
+            "is not a package name",
+        ),
+        (
+            vec!["--packages", "x", "--index-url", "http://10.0.0.1/simple"],
+            "name the host",
+        ),
+        (vec!["--packages", "x", "--lang", "ruby"], "support python"),
+    ] {
+        let mut all = vec!["install", "--command", "true"];
+        all.extend(args.iter().copied());
+        let out = cli.run(&all);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn repo_clones_installs_its_requirements_and_runs_the_command() {
+    let internet = Internet::start();
+    let cli = Cli::new();
+    let out = cli.run(&[
+        "repo",
+        "http://git.test/repo.git",
+        "--ref",
+        "v2",
+        "--index-url",
+        "http://pypi.test/simple/",
+        "--command",
+        "python3 test_answer.py && cat V2",
+        "--net-upstream-netns",
+        &internet.upstream(),
+        "--net-dns",
+        "192.0.2.2",
+    ]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        ["repo test passed", "v2"],
+        "{stderr}"
+    );
+    assert!(stderr.contains("cloning http://git.test/repo.git"), "{stderr}");
 }

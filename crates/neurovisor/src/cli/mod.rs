@@ -6,6 +6,7 @@ mod bench_daemon;
 mod bench_snapshot;
 mod doctor;
 mod images;
+mod install;
 mod mcp;
 mod profile;
 mod run;
@@ -78,6 +79,12 @@ enum Command {
     /// Exit status: the program's own; 128+N if it was killed by signal N;
     /// 124 if it hit the time limit; 2 for bad input; 125 if the sandbox failed.
     Run(run::RunArgs),
+    /// Install packages in a fresh microVM whose network reaches only the
+    /// package index, then run a command there (Fission's `install`).
+    Install(install::InstallArgs),
+    /// Clone a repository into a fresh microVM (network: its host and the
+    /// package index), install its requirements.txt, run a command there.
+    Repo(install::RepoArgs),
     /// Let an LLM solve a task by writing code that runs in fresh microVMs.
     ///
     /// Exit status: 0 with a final answer; 1 if --max-iterations was reached;
@@ -631,6 +638,8 @@ pub async fn dispatch(mut cli: Cli) -> u8 {
         Some(Command::Agent(a)) => agent::run(a, cli.pushgateway).await,
         Some(Command::Serve(a)) => serve::serve(a).await,
         Some(Command::Run(a)) => run::run(a, cli.pushgateway).await,
+        Some(Command::Install(a)) => install::install(a, cli.pushgateway).await,
+        Some(Command::Repo(a)) => install::repo(a, cli.pushgateway).await,
         Some(Command::Mcp(a)) => mcp::run(a).await,
         Some(Command::Sandbox(c)) => sandbox::sandbox(c).await,
         Some(Command::Doctor(a)) => doctor::doctor(a),

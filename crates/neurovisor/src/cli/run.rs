@@ -33,6 +33,41 @@ pub struct RunArgs {
     vm: VmArgs,
 }
 
+impl RunArgs {
+    /// A program the CLI wrote itself (`install`, `repo`), run exactly as
+    /// `run` runs one: validated, booted here or by a daemon, streamed.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn scripted(
+        language: &str,
+        code: String,
+        args: Vec<String>,
+        env: Vec<(String, String)>,
+        timeout: Option<Duration>,
+        size: Option<VmSize>,
+        json: bool,
+        target: super::DaemonTarget,
+        vm: VmArgs,
+    ) -> Self {
+        Self {
+            program: ProgramArgs {
+                lang: Some(language.to_string()),
+                code: Some(code),
+                file: None,
+                args,
+                timeout,
+                env,
+                stdin: None,
+                max_output: None,
+                trace_id: None,
+            },
+            size,
+            json,
+            target,
+            vm,
+        }
+    }
+}
+
 /// What to run: shared by `run` and `sandbox exec`.
 #[derive(Debug, Args)]
 pub struct ProgramArgs {

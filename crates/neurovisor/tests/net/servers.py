@@ -1,8 +1,12 @@
 """The test's "internet": HTTP on 80 and 8080, HTTPS (test CA) on 443 and a UDP
 echo on 9999, on every address of the network namespace it is started in
-(a namespace the test created, with no route off the machine). Prints
+(a namespace the test created, with no route off the machine). A request
+whose Host has a directory under the files root (argv[3]) gets that
+directory's files (a package index, a git repository over dumb HTTP); any
+other gets a hello naming the address and Host it arrived with. Prints
 "ready" once listening; exits when its stdin closes."""
 import http.server
+import os
 import socket
 import socketserver
 import ssl
@@ -10,8 +14,21 @@ import sys
 import threading
 
 
-class Hello(http.server.BaseHTTPRequestHandler):
+ROOT = sys.argv[3]
+
+
+class Hello(http.server.SimpleHTTPRequestHandler):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, directory=ROOT, **kwargs)
+
+    def translate_path(self, path):
+        host = (self.headers.get("Host") or "").split(":")[0]
+        return os.path.join(ROOT, host, super().translate_path(path)[len(ROOT):].lstrip("/"))
+
     def do_GET(self):
+        host = (self.headers.get("Host") or "").split(":")[0]
+        if host and os.path.isdir(os.path.join(ROOT, host)):
+            return super().do_GET()
         here = self.connection.getsockname()
         body = f"hello from {here[0]}:{here[1]} host={self.headers.get('Host')}\n".encode()
         self.send_response(200)
