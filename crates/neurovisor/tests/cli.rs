@@ -4,52 +4,10 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Output, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
-use common::{assert_no_leftovers, processes_mentioning};
-
-struct Cli {
-    state: tempfile::TempDir,
-}
-
-impl Cli {
-    fn new() -> Self {
-        Self {
-            state: tempfile::Builder::new()
-                .prefix("nvcli-")
-                .tempdir()
-                .expect("state dir"),
-        }
-    }
-
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_neurovisor"));
-        c.args(args)
-            .env("NEUROVISOR_STATE_DIR", self.state.path())
-            // No profiles of the user's: only the built-in ones.
-            .env("NEUROVISOR_CONFIG_DIR", self.state.path())
-            .env_remove("NEUROVISOR_LOG")
-            .stdin(Stdio::null());
-        c
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.cmd(args).output().expect("run neurovisor")
-    }
-}
-
-impl Drop for Cli {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            assert_no_leftovers(self.state.path());
-        }
-    }
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
+use common::{processes_mentioning, text, Cli};
 
 #[test]
 fn run_prints_the_result_and_mirrors_the_exit_code() {

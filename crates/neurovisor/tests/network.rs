@@ -10,12 +10,12 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{assert_no_leftovers, processes_mentioning};
+use common::{processes_mentioning, text, Cli};
 
 const ESCAPE: &str = include_str!("net/escape.py");
 
@@ -299,53 +299,10 @@ fn dns_server(ns: &str, stop: &AtomicBool) {
     }
 }
 
-struct Cli {
-    state: tempfile::TempDir,
-}
-
-impl Cli {
-    fn new() -> Self {
-        Self {
-            state: tempfile::Builder::new()
-                .prefix("nvnet-")
-                .tempdir()
-                .expect("state dir"),
-        }
-    }
-
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_neurovisor"));
-        c.args(args)
-            .env("NEUROVISOR_STATE_DIR", self.state.path())
-            .env("NEUROVISOR_CONFIG_DIR", self.state.path())
-            .env("NEUROVISOR_LOG", "neurovisor=info")
-            .env_remove("NEUROVISOR_NET_UPSTREAM_NETNS")
-            .env_remove("NEUROVISOR_NET_DNS")
-            .stdin(Stdio::null());
-        c
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.cmd(args).output().expect("run neurovisor")
-    }
-}
-
-impl Drop for Cli {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            assert_no_leftovers(self.state.path());
-        }
-    }
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
 #[test]
 fn every_way_out_is_refused_but_the_allowed_host() {
     let internet = Internet::start();
-    let cli = Cli::new();
+    let cli = Cli::logging("neurovisor=info");
     let code = ESCAPE.replace("@CA@", &internet.ca);
     let out = cli.run(&[
         "run",
@@ -429,7 +386,7 @@ fn every_way_out_is_refused_but_the_allowed_host() {
 
 #[test]
 fn no_network_means_no_interface_and_egress_flags_are_checked_first() {
-    let cli = Cli::new();
+    let cli = Cli::logging("neurovisor=info");
     let out = cli.run(&[
         "run",
         "--lang",
@@ -470,7 +427,7 @@ fn no_network_means_no_interface_and_egress_flags_are_checked_first() {
 #[test]
 fn a_profile_s_egress_is_what_the_vm_may_reach() {
     let internet = Internet::start();
-    let cli = Cli::new();
+    let cli = Cli::logging("neurovisor=info");
     let profile = cli.state.path().join("egress.yaml");
     std::fs::write(
         &profile,
@@ -507,7 +464,7 @@ fn a_profile_s_egress_is_what_the_vm_may_reach() {
 #[test]
 fn a_sigkilled_run_leaves_no_gateway_namespace_or_process() {
     let internet = Internet::start();
-    let cli = Cli::new();
+    let cli = Cli::logging("neurovisor=info");
     let mut child = cli
         .cmd(&[
             "run",
@@ -621,7 +578,7 @@ fn a_confined_daemon_s_pool_vms_have_the_policy_and_count_its_decisions() {
 #[test]
 fn install_reaches_only_the_package_index_then_runs_the_command() {
     let internet = Internet::start();
-    let cli = Cli::new();
+    let cli = Cli::logging("neurovisor=info");
     let script = cli.state.path().join("analysis.py");
     std::fs::write(
         &script,
@@ -706,7 +663,7 @@ fn install_reaches_only_the_package_index_then_runs_the_command() {
 #[test]
 fn repo_clones_installs_its_requirements_and_runs_the_command() {
     let internet = Internet::start();
-    let cli = Cli::new();
+    let cli = Cli::logging("neurovisor=info");
     let out = cli.run(&[
         "repo",
         "http://git.test/repo.git",

@@ -171,3 +171,64 @@ pub fn unowned_vm_cgroups() -> Vec<PathBuf> {
         .filter(|p| second.contains(p) && p.exists())
         .collect()
 }
+
+/// The `neurovisor` binary as a user runs it, with a state directory of its
+/// own (and no profiles of the user's); dropping it checks that nothing of
+/// its VMs is left.
+pub struct Cli {
+    pub state: tempfile::TempDir,
+    /// `NEUROVISOR_LOG` for its commands (none: the binary's default).
+    log: Option<&'static str>,
+}
+
+impl Cli {
+    pub fn new() -> Self {
+        Self {
+            state: tempfile::Builder::new()
+                .prefix("nvcli-")
+                .tempdir()
+                .expect("state dir"),
+            log: None,
+        }
+    }
+
+    /// Commands log at `filter` (e.g. `neurovisor=info`) on stderr.
+    pub fn logging(filter: &'static str) -> Self {
+        let mut cli = Self::new();
+        cli.log = Some(filter);
+        cli
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> std::process::Command {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_neurovisor"));
+        c.args(args)
+            .env("NEUROVISOR_STATE_DIR", self.state.path())
+            // No profiles of the user's: only the built-in ones.
+            .env("NEUROVISOR_CONFIG_DIR", self.state.path())
+            .env_remove("NEUROVISOR_NET_UPSTREAM_NETNS")
+            .env_remove("NEUROVISOR_NET_DNS")
+            .stdin(std::process::Stdio::null());
+        match self.log {
+            Some(f) => c.env("NEUROVISOR_LOG", f),
+            None => c.env_remove("NEUROVISOR_LOG"),
+        };
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> std::process::Output {
+        self.cmd(args).output().expect("run neurovisor")
+    }
+}
+
+impl Drop for Cli {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            assert_no_leftovers(self.state.path());
+        }
+    }
+}
+
+/// Output bytes as text.
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
