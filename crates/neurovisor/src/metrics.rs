@@ -188,6 +188,13 @@ impl TraceLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VmDecisionLabel {
+    pub vm_id: Label,
+    /// allowed | refused
+    pub decision: Label,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EgressLabel {
     /// dns | tcp
     pub kind: Label,
@@ -226,6 +233,44 @@ pub struct VmCounters {
     pub vm_lifetime_seconds: Histogram,
     /// Decisions of the VMs' egress gateways (`--network`).
     pub egress_decisions: Family<EgressLabel, Counter>,
+    /// The same, per live VM (series of ended VMs disappear).
+    pub live_egress: LiveEgress,
+}
+
+/// Egress decisions of each live VM, allowed and refused (a handle: clones
+/// share the table). A VM's gateway adds to its row and removes it at its end.
+#[derive(Debug, Clone, Default)]
+pub struct LiveEgress(std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, [u64; 2]>>>);
+
+impl LiveEgress {
+    fn table(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<String, [u64; 2]>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A row for `vm`, counted from zero.
+    pub fn open(&self, vm: &str) {
+        self.table().insert(vm.to_string(), [0, 0]);
+    }
+
+    /// Counts on `vm`'s row; nothing once it was removed (a decision that
+    /// arrives after its VM ended must not bring the row back).
+    pub fn record(&self, vm: &str, allowed: bool) {
+        if let Some(row) = self.table().get_mut(vm) {
+            row[usize::from(!allowed)] += 1;
+        }
+    }
+
+    pub fn remove(&self, vm: &str) {
+        self.table().remove(vm);
+    }
+
+    /// VM id, allowed, refused.
+    pub fn snapshot(&self) -> Vec<(String, u64, u64)> {
+        self.table()
+            .iter()
+            .map(|(k, v)| (k.clone(), v[0], v[1]))
+            .collect()
+    }
 }
 
 impl Default for VmCounters {
@@ -238,6 +283,7 @@ impl Default for VmCounters {
             snapshot_restore_seconds: Histogram::new(BOOT_BUCKETS.iter().copied()),
             vm_lifetime_seconds: Histogram::new(LIFETIME_BUCKETS.iter().copied()),
             egress_decisions: Default::default(),
+            live_egress: Default::default(),
         }
     }
 }
@@ -358,6 +404,8 @@ pub struct Metrics {
     pub cgroup_memory_usage_bytes: Family<VmLabel, Gauge>,
     pub cgroup_cpu_throttled: Family<VmLabel, Counter>,
     pub cgroup_tasks: Family<VmLabel, Gauge>,
+    /// Egress decisions of each live VM's gateway (`--network`).
+    pub vm_egress_decisions: Family<VmDecisionLabel, Counter>,
     /// Where the per-VM series come from (the backend's supervisor).
     live_vms: std::sync::Mutex<crate::supervisor::LiveVms>,
     models: LabelSet,
@@ -418,6 +466,7 @@ impl Metrics {
             cgroup_memory_usage_bytes: Family::default(),
             cgroup_cpu_throttled: Family::default(),
             cgroup_tasks: Family::default(),
+            vm_egress_decisions: Family::default(),
             registry: Registry::default(),
         };
         // name (after the `neurovisor_` prefix), help, metric.
@@ -470,6 +519,7 @@ impl Metrics {
             "cgroup_memory_usage_bytes", "Memory charged to a live VM's cgroup (guest RAM in use + VMM)", m.cgroup_memory_usage_bytes;
             "cgroup_cpu_throttled", "CFS periods in which a live VM's cgroup hit its CPU quota", m.cgroup_cpu_throttled;
             "cgroup_tasks", "Processes and threads in a live VM's cgroup", m.cgroup_tasks;
+            "vm_egress_decisions", "Egress decisions of a live VM's gateway (--network), allowed or refused", m.vm_egress_decisions;
         );
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -650,6 +700,17 @@ impl Metrics {
         self.cgroup_memory_usage_bytes.clear();
         self.cgroup_cpu_throttled.clear();
         self.cgroup_tasks.clear();
+        self.vm_egress_decisions.clear();
+        for (vm_id, allowed, refused) in self.vm.live_egress.snapshot() {
+            for (decision, n) in [("allowed", allowed), ("refused", refused)] {
+                self.vm_egress_decisions
+                    .get_or_create(&VmDecisionLabel {
+                        vm_id: Label::fixed(vm_id.clone()),
+                        decision: Label::fixed(decision),
+                    })
+                    .inc_by(n);
+            }
+        }
         for (vm_id, st) in live {
             let l = VmLabel {
                 vm_id: Label::fixed(vm_id),

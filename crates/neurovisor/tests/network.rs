@@ -553,6 +553,57 @@ fn a_confined_daemon_s_pool_vms_have_the_policy_and_count_its_decisions() {
     ] {
         assert!(metrics.contains(series), "{series} missing:\n{metrics}");
     }
+    // Per live VM: a sandbox's VM has its own series, gone with it.
+    let sandbox = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_neurovisor"))
+            .arg("sandbox")
+            .args(args)
+            .args(["--addr", &daemon.addr()])
+            .env_remove("NEUROVISOR_LOG")
+            .output()
+            .expect("neurovisor sandbox");
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {}", text(&out.stderr));
+        text(&out.stdout).trim().to_string()
+    };
+    let id = sandbox(&["create"]);
+    let got = sandbox(&[
+        "exec",
+        &id,
+        "--lang",
+        "python",
+        "-c",
+        "import urllib.request\nfor u in ['http://allowed.test/', 'http://10.77.0.20/']:\n    try: urllib.request.urlopen(u, timeout=5); print('reached')\n    except OSError: print('refused')",
+    ]);
+    assert_eq!(got, "reached\nrefused");
+    let per_vm = || {
+        let (_, m) = common::daemon::http_get(&daemon.metrics, "/metrics");
+        m.lines()
+            .filter(|l| l.starts_with("neurovisor_vm_egress_decisions_total{"))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let series = per_vm();
+    let value = |decision: &str| -> f64 {
+        series
+            .iter()
+            .filter(|l| l.contains(&format!("decision=\"{decision}\"")))
+            .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+            .sum()
+    };
+    // allowed: the DNS answer and the connection; refused: 10.77.0.20.
+    assert!(value("allowed") >= 2.0 && value("refused") >= 1.0, "{series:#?}");
+    sandbox(&["kill", &id]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // Pool VMs that made no decision have series at 0; the sandbox's goes.
+    while !per_vm().iter().all(|l| l.ends_with(" 0")) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        per_vm().iter().all(|l| l.ends_with(" 0")),
+        "the killed sandbox's series stayed: {:#?}",
+        per_vm()
+    );
+
     // The refill's gateway runs; SIGKILL of the daemon ends it too.
     daemon.wait_warm(1);
     let state = daemon.dir.display().to_string();

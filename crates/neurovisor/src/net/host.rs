@@ -61,11 +61,14 @@ const REASONS: &[&str] = &[
 pub struct Gateway {
     helper: Option<Helper>,
     events: tokio::task::JoinHandle<()>,
+    vm_id: String,
+    counters: VmCounters,
 }
 
 impl Drop for Gateway {
     fn drop(&mut self) {
         self.events.abort();
+        self.counters.live_egress.remove(&self.vm_id);
     }
 }
 
@@ -135,11 +138,14 @@ impl Gateway {
                 })
             }
         };
+        counters.live_egress.open(vm_id);
         let events = tokio::spawn(count_decisions(stream, vm_id.to_string(), counters.clone()));
         Ok((
             Self {
                 helper: Some(helper),
                 events,
+                vm_id: vm_id.to_string(),
+                counters: counters.clone(),
             },
             tap,
         ))
@@ -231,6 +237,7 @@ async fn count_decisions(stream: tokio::net::UnixStream, vm: String, counters: V
                 reason: Label::fixed(reason.clone()),
             })
             .inc();
+        counters.live_egress.record(&vm, d.allowed);
         let name = crate::channel::text::sanitize_capped(&d.name, 120);
         let addr = crate::channel::text::sanitize_capped(&d.addr, 120);
         if d.allowed {
