@@ -271,7 +271,13 @@ impl Pool {
     /// An on-demand pool beside this one (no warm VMs, up to `max`, not in
     /// the pool gauges) for VMs of other `images` or `size`, on the same VM
     /// runtime, backend and metrics.
-    pub fn sibling(&self, images: crate::images::ImageSet, size: VmSize, max: usize) -> Result<Self, String> {
+    pub fn sibling(
+        &self,
+        images: crate::images::ImageSet,
+        size: VmSize,
+        max: usize,
+        network: Option<Arc<crate::net::NetSettings>>,
+    ) -> Result<Self, String> {
         let cfg = PoolConfig {
             warm: 0,
             max,
@@ -279,12 +285,9 @@ impl Pool {
             report: false,
             ..self.inner.cfg.clone()
         };
-        Self::start_on(
-            self.inner.sandbox.sibling(images),
-            cfg,
-            self.inner.metrics.clone(),
-            self.inner.vm_rt.clone(),
-        )
+        let mut sandbox = self.inner.sandbox.sibling(images);
+        sandbox.network = network;
+        Self::start_on(sandbox, cfg, self.inner.metrics.clone(), self.inner.vm_rt.clone())
     }
 
     pub fn config(&self) -> &PoolConfig {

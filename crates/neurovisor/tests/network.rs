@@ -738,3 +738,66 @@ fn repo_clones_installs_its_requirements_and_runs_the_command() {
     );
     assert!(stderr.contains("cloning http://git.test/repo.git"), "{stderr}");
 }
+
+#[test]
+fn a_sandbox_of_a_profile_reaches_what_its_profile_allows() {
+    let internet = Internet::start();
+    let config = tempfile::tempdir().expect("config dir");
+    std::fs::create_dir_all(config.path().join("profiles")).expect("profiles dir");
+    std::fs::write(
+        config.path().join("profiles/reach.yaml"),
+        "description: reaches allowed.test\nimage: default\nsize: small\nenv: { WHO: reach }\negress:\n  domains: [allowed.test]\n",
+    )
+    .expect("profile");
+    let config_dir = config.path().display().to_string();
+    // The daemon's own VMs get a network that reaches nothing.
+    let daemon = common::daemon::start_daemon_with_env(
+        &[
+            "--warm",
+            "0",
+            "--max",
+            "2",
+            "--network",
+            "--net-upstream-netns",
+            &internet.upstream(),
+            "--net-dns",
+            "192.0.2.2",
+        ],
+        &[("NEUROVISOR_CONFIG_DIR", &config_dir)],
+    );
+    let sandbox = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_neurovisor"))
+            .arg("sandbox")
+            .args(args)
+            .args(["--addr", &daemon.addr()])
+            .env_remove("NEUROVISOR_LOG")
+            .output()
+            .expect("neurovisor sandbox");
+        (
+            out.status.code(),
+            text(&out.stdout).trim().to_string(),
+            text(&out.stderr),
+        )
+    };
+    let probe = "import os, urllib.request\n\
+                 try: urllib.request.urlopen('http://allowed.test/', timeout=5); print(os.environ.get('WHO'), 'reached')\n\
+                 except OSError: print(os.environ.get('WHO'), 'refused')";
+    let (code, with, err) = sandbox(&["create", "--profile", "reach"]);
+    assert_eq!(code, Some(0), "{err}");
+    let (code, plain, err) = sandbox(&["create"]);
+    assert_eq!(code, Some(0), "{err}");
+    let (_, got, err) = sandbox(&["exec", &with, "--lang", "python", "-c", probe]);
+    assert_eq!(got, "reach reached", "{err}");
+    let (_, got, err) = sandbox(&["exec", &plain, "--lang", "python", "-c", probe]);
+    assert_eq!(got, "None refused", "{err}");
+    let (code, _, err) = sandbox(&["create", "--profile", "nope"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("profile") && err.contains("nope"), "{err}");
+    let (code, _, err) = sandbox(&["create", "--profile", "../etc/x"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("not a profile name"), "{err}");
+    for id in [&with, &plain] {
+        assert_eq!(sandbox(&["kill", id]).0, Some(0));
+    }
+    daemon.stop();
+}

@@ -112,6 +112,10 @@ pub struct CreateArgs {
     /// small, medium or large [default: the daemon's].
     #[arg(long)]
     size: Option<String>,
+    /// A sandbox profile known to the daemon: its image, size, environment
+    /// and egress (the daemon needs --network for egress).
+    #[arg(long, value_name = "NAME")]
+    profile: Option<String>,
     /// What its timeout does: kill it, or pause it to disk (needs a daemon
     /// that can pause: `serve --snapshot` on QEMU).
     #[arg(long, value_enum, default_value_t = OnTimeout::Kill)]
@@ -263,6 +267,7 @@ async fn run(cmd: SandboxCommand) -> Result<u8, u8> {
                     .into(),
                     auto_resume: a.auto_resume,
                     llm_bridge: a.llm_bridge,
+                    profile: a.profile.unwrap_or_default(),
                 })
                 .await
                 .map_err(|e| fail(&e, exit_code(&e)))?;

@@ -169,6 +169,7 @@ async fn create(
             .into(),
             auto_resume: r.auto_resume.is_some_and(|a| a.enabled),
             llm_bridge: false,
+            profile: String::new(),
         })
         .await?;
     let token = st.table.access_token(&info.sandbox_id);

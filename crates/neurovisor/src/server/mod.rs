@@ -722,6 +722,7 @@ pub async fn run(
         metrics.clone(),
         budget.clone(),
         paused_dir(&cfg.state_dir),
+        crate::profile::ProfileStore::new(crate::profile::ProfileStore::default_user_dir()),
     );
     // The E2B API: the same sandboxes, the same connection limit.
     let (stop_e2b_http, e2b_http_stopped) = tokio::sync::oneshot::channel::<()>();

@@ -190,9 +190,12 @@ fn unix_ms(t: SystemTime) -> u64 {
 
 struct Table {
     pool: Pool,
-    /// On-demand pools of sandboxes created with another image or size,
-    /// made at their first sandbox, shut down with the daemon.
-    others: std::sync::Mutex<HashMap<(String, &'static str), Pool>>,
+    /// On-demand pools of sandboxes created with another image, size or
+    /// profile (key: image, size, profile name or ""), made at their first
+    /// sandbox, shut down with the daemon.
+    others: std::sync::Mutex<HashMap<(String, &'static str, String), Pool>>,
+    /// Sandbox profiles a Create may name (the daemon's built-in and user's).
+    profiles: crate::profile::ProfileStore,
     limits: SandboxLimits,
     metrics: Arc<Metrics>,
     budget: OutputBudget,
@@ -239,11 +242,13 @@ impl SandboxTable {
         metrics: Arc<Metrics>,
         budget: OutputBudget,
         paused_dir: PathBuf,
+        profiles: crate::profile::ProfileStore,
     ) -> Self {
         let t = Self {
             inner: Arc::new(Table {
                 pool,
                 others: std::sync::Mutex::new(HashMap::new()),
+                profiles,
                 limits,
                 metrics,
                 budget,
@@ -337,10 +342,40 @@ impl SandboxTable {
         Ok(Reservation(t, per_vm))
     }
 
-    /// The pool of sandboxes of `image` and `size` (empty: the daemon's):
-    /// the daemon's own, or an on-demand one made now. An image that is not
-    /// built is INVALID_ARGUMENT with the command that builds it.
-    fn pool_for(&self, image: &str, size: &str) -> Result<Pool, Status> {
+    /// A profile named by a Create, compiled (a name: the daemon's profiles,
+    /// never a client's file).
+    fn profile(&self, name: &str) -> Result<Option<crate::profile::Profile>, Status> {
+        if name.is_empty() {
+            return Ok(None);
+        }
+        let ok = name.len() <= 64
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            && !name.starts_with('-');
+        if !ok {
+            return Err(Status::invalid_argument(format!(
+                "profile: '{}' is not a profile name (letters, digits, - and _); `neurovisor profile list` on the daemon's host shows them",
+                name.chars().take(40).collect::<String>()
+            )));
+        }
+        self.inner
+            .profiles
+            .load(name)
+            .map(Some)
+            .map_err(|e| Status::invalid_argument(format!("profile: {e}")))
+    }
+
+    /// The pool of sandboxes of `image` and `size` (empty: the daemon's) and
+    /// `profile` (its egress, when it names any): the daemon's own, or an
+    /// on-demand one made now. An image that is not built is
+    /// INVALID_ARGUMENT with the command that builds it.
+    fn pool_of(
+        &self,
+        image: &str,
+        size: &str,
+        profile: Option<&crate::profile::Profile>,
+    ) -> Result<Pool, Status> {
         let t = &*self.inner;
         let main = &t.pool;
         let size = match size {
@@ -361,7 +396,26 @@ impl SandboxTable {
         } else {
             image
         };
-        if image == main_image && size == main.config().size {
+        let network = match profile {
+            Some(p) if !p.egress.is_empty() => {
+                let Some(net) = main.sandbox().network.as_ref() else {
+                    return Err(Status::failed_precondition(format!(
+                        "profile {}: it allows egress, but this daemon gives VMs no network; start it with --network",
+                        p.name
+                    )));
+                };
+                let policy =
+                    crate::net::EgressPolicy::new(&p.egress.domains, &p.egress.cidrs, net.policy.bandwidth)
+                        .map_err(|e| Status::invalid_argument(format!("profile {}: {e}", p.name)))?;
+                Some(Arc::new(crate::net::NetSettings {
+                    policy,
+                    upstream: net.upstream.clone(),
+                }))
+            }
+            _ => None,
+        };
+        let profile_key = profile.map(|p| p.name.clone()).unwrap_or_default();
+        if image == main_image && size == main.config().size && profile.is_none() {
             return Ok(main.clone());
         }
         let valid = !image.is_empty()
@@ -380,7 +434,8 @@ impl SandboxTable {
             .others
             .lock()
             .map_err(|_| Status::internal("sandbox table poisoned"))?;
-        if let Some(p) = others.get(&(image.to_string(), size.name())) {
+        let key = (image.to_string(), size.name(), profile_key);
+        if let Some(p) = others.get(&key) {
             return Ok(p.clone());
         }
         let images = crate::images::ImageSet::resolve(&crate::images::ImageSelection {
@@ -390,22 +445,44 @@ impl SandboxTable {
         })
         .map_err(|e| Status::invalid_argument(format!("image: {e}")))?;
         let pool = main
-            .sibling(images, size, t.limits.max_sandboxes.max(1))
+            .sibling(images, size, t.limits.max_sandboxes.max(1), network)
             .map_err(Status::internal)?;
         tracing::info!(
             image,
             size = size.name(),
-            "a pool for sandboxes of this image and size"
+            profile = %key.2,
+            "a pool for sandboxes of this image, size and profile"
         );
-        others.insert((image.to_string(), size.name()), pool.clone());
+        others.insert(key, pool.clone());
         Ok(pool)
     }
 
     pub(crate) async fn create(&self, r: CreateSandboxRequest) -> Result<SandboxInfo, Status> {
         let timeout = timeout_of(r.timeout_s)?;
         check_metadata(&r.metadata)?;
-        let env: BTreeMap<String, String> = r.env.into_iter().collect();
-        let pool = self.pool_for(&r.image, &r.size)?;
+        let profile = self.profile(&r.profile)?;
+        // The profile's environment under the request's own.
+        let mut env: BTreeMap<String, String> = profile
+            .as_ref()
+            .map(|p| p.env.clone().into_iter().collect())
+            .unwrap_or_default();
+        env.extend(r.env);
+        let (image, size) = match &profile {
+            Some(p) => (
+                if r.image.is_empty() {
+                    p.image.clone()
+                } else {
+                    r.image.clone()
+                },
+                match (&r.size, p.size) {
+                    (s, _) if !s.is_empty() => s.clone(),
+                    (_, Some(s)) => s.name().to_string(),
+                    _ => String::new(),
+                },
+            ),
+            None => (r.image.clone(), r.size.clone()),
+        };
+        let pool = self.pool_of(&image, &size, profile.as_ref())?;
         if r.llm_bridge && pool.sandbox().llm_bridge.is_none() {
             return Err(Status::invalid_argument(
                 "llm_bridge: this daemon has no inference bridge; start it with --llm-bridge (the LLM server: --llm-bridge-url or --ollama-host)",

@@ -135,6 +135,15 @@ fn spawn_daemon_with(
     }
 }
 
+/// A daemon whose process also has `env` (e.g. `NEUROVISOR_CONFIG_DIR`).
+pub fn start_daemon_with_env(extra: &[&str], env: &[(&str, &str)]) -> Daemon {
+    let state = Arc::new(tempfile::Builder::new().prefix("nvd-").tempdir().expect("state"));
+    let dir = state.path().to_path_buf();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_neurovisor"));
+    cmd.envs(env.iter().copied());
+    spawn_daemon_with(cmd, state, dir, "small", extra)
+}
+
 pub fn start_daemon(extra: &[&str]) -> Daemon {
     let state = Arc::new(tempfile::Builder::new().prefix("nvd-").tempdir().expect("state"));
     start_daemon_in(state, extra)
