@@ -144,7 +144,7 @@ async fn create(
     if r.allow_internet_access == Some(true) {
         return Err(ApiError(
             StatusCode::BAD_REQUEST,
-            "allowInternetAccess: sandboxes have no network here; leave it unset or false".into(),
+            "allowInternetAccess: unrestricted internet access is not offered; leave it unset or false (egress by allowlist: `neurovisor sandbox create --profile NAME` with a daemon started with --network)".into(),
         ));
     }
     if r.auto_pause == Some(true) && r.auto_pause_memory == Some(false) {
