@@ -121,6 +121,14 @@ impl Internet {
     fn upstream(&self) -> String {
         format!("/run/netns/{}", self.up)
     }
+
+    /// `neurovisor ARGS` with this internet as its gateways' upstream.
+    fn run(&self, cli: &Cli, args: &[&str]) -> std::process::Output {
+        let up = self.upstream();
+        let mut all = args.to_vec();
+        all.extend(["--net-upstream-netns", &up, "--net-dns", "192.0.2.2"]);
+        cli.run(&all)
+    }
 }
 
 impl Drop for Internet {
@@ -304,26 +312,25 @@ fn every_way_out_is_refused_but_the_allowed_host() {
     let internet = Internet::start();
     let cli = Cli::logging("neurovisor=info");
     let code = ESCAPE.replace("@CA@", &internet.ca);
-    let out = cli.run(&[
-        "run",
-        "--network",
-        "--allow-host",
-        "allowed.test",
-        "--allow-host",
-        "second.test",
-        "--allow-host",
-        "rebind.test",
-        "--net-upstream-netns",
-        &internet.upstream(),
-        "--net-dns",
-        "192.0.2.2",
-        "--timeout",
-        "120s",
-        "--lang",
-        "python",
-        "-c",
-        &code,
-    ]);
+    let out = internet.run(
+        &cli,
+        &[
+            "run",
+            "--network",
+            "--allow-host",
+            "allowed.test",
+            "--allow-host",
+            "second.test",
+            "--allow-host",
+            "rebind.test",
+            "--timeout",
+            "120s",
+            "--lang",
+            "python",
+            "-c",
+            &code,
+        ],
+    );
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     assert_eq!(out.status.code(), Some(0), "stdout: {stdout}\nstderr: {stderr}");
     let r: serde_json::Value =
@@ -438,21 +445,20 @@ fn a_profile_s_egress_is_what_the_vm_may_reach() {
                 print(urllib.request.urlopen('http://allowed.test/', timeout=5).read().decode().strip())\n\
                 try:\n    socket.gethostbyname('other.test'); print('other: resolved')\n\
                 except OSError: print('other: refused')\n";
-    let out = cli.run(&[
-        "run",
-        "--profile",
-        &profile.display().to_string(),
-        "--net-upstream-netns",
-        &internet.upstream(),
-        "--net-dns",
-        "192.0.2.2",
-        "--timeout",
-        "60s",
-        "--lang",
-        "python",
-        "-c",
-        code,
-    ]);
+    let out = internet.run(
+        &cli,
+        &[
+            "run",
+            "--profile",
+            &profile.display().to_string(),
+            "--timeout",
+            "60s",
+            "--lang",
+            "python",
+            "-c",
+            code,
+        ],
+    );
     let stdout = text(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}\n{}", text(&out.stderr));
     assert_eq!(
@@ -639,23 +645,22 @@ fn install_reaches_only_the_package_index_then_runs_the_command() {
          except OSError: print('allowed.test: refused')\n",
     )
     .expect("script");
-    let out = cli.run(&[
-        "install",
-        "--lang",
-        "python",
-        "--packages",
-        "nvtestpkg==1.0",
-        "--index-url",
-        "http://pypi.test/simple/",
-        "--file",
-        &script.display().to_string(),
-        "--command",
-        "python3 analysis.py",
-        "--net-upstream-netns",
-        &internet.upstream(),
-        "--net-dns",
-        "192.0.2.2",
-    ]);
+    let out = internet.run(
+        &cli,
+        &[
+            "install",
+            "--lang",
+            "python",
+            "--packages",
+            "nvtestpkg==1.0",
+            "--index-url",
+            "http://pypi.test/simple/",
+            "--file",
+            &script.display().to_string(),
+            "--command",
+            "python3 analysis.py",
+        ],
+    );
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
     assert_eq!(
@@ -669,19 +674,18 @@ fn install_reaches_only_the_package_index_then_runs_the_command() {
     );
 
     // A package the index lacks fails the job with pip's own words.
-    let out = cli.run(&[
-        "install",
-        "--packages",
-        "nosuchpkg",
-        "--index-url",
-        "http://pypi.test/simple/",
-        "--command",
-        "echo never",
-        "--net-upstream-netns",
-        &internet.upstream(),
-        "--net-dns",
-        "192.0.2.2",
-    ]);
+    let out = internet.run(
+        &cli,
+        &[
+            "install",
+            "--packages",
+            "nosuchpkg",
+            "--index-url",
+            "http://pypi.test/simple/",
+            "--command",
+            "echo never",
+        ],
+    );
     assert_ne!(out.status.code(), Some(0));
     assert!(!text(&out.stdout).contains("never"));
     assert!(
@@ -715,20 +719,19 @@ fn install_reaches_only_the_package_index_then_runs_the_command() {
 fn repo_clones_installs_its_requirements_and_runs_the_command() {
     let internet = Internet::start();
     let cli = Cli::logging("neurovisor=info");
-    let out = cli.run(&[
-        "repo",
-        "http://git.test/repo.git",
-        "--ref",
-        "v2",
-        "--index-url",
-        "http://pypi.test/simple/",
-        "--command",
-        "python3 test_answer.py && cat V2",
-        "--net-upstream-netns",
-        &internet.upstream(),
-        "--net-dns",
-        "192.0.2.2",
-    ]);
+    let out = internet.run(
+        &cli,
+        &[
+            "repo",
+            "http://git.test/repo.git",
+            "--ref",
+            "v2",
+            "--index-url",
+            "http://pypi.test/simple/",
+            "--command",
+            "python3 test_answer.py && cat V2",
+        ],
+    );
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
     assert_eq!(
