@@ -247,3 +247,36 @@ async fn count_decisions(stream: tokio::net::UnixStream, vm: String, counters: V
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::REASONS;
+    use crate::net::Refusal;
+
+    #[test]
+    fn every_reason_the_gateway_gives_has_its_own_series() {
+        for r in [
+            Refusal::Metadata,
+            Refusal::Reserved,
+            Refusal::LinkLocal,
+            Refusal::Private,
+            Refusal::Ipv6,
+        ] {
+            assert!(REASONS.contains(&r.label()), "{}", r.label());
+            let dns = format!("resolves_to_{}", r.label());
+            assert!(REASONS.contains(&dns.as_str()), "{dns}");
+        }
+        // The literals of dns.rs and proxy.rs.
+        let sources = [include_str!("dns.rs"), include_str!("proxy.rs")];
+        for src in sources {
+            for part in src.split("decision(").skip(1) {
+                let Some(reason) = part.split('"').nth(1) else {
+                    continue;
+                };
+                if part.starts_with("true, \"") || part.starts_with("false, \"") {
+                    assert!(REASONS.contains(&reason), "{reason} is not in REASONS");
+                }
+            }
+        }
+    }
+}
