@@ -1918,3 +1918,154 @@ async fn real_cli_terminated_while_jailed_firecracker_runs_leaves_no_jail() {
     let procs = processes_mentioning(&state.path().display().to_string());
     assert!(procs.is_empty(), "{procs:?}");
 }
+
+/// `--network` under the real jailer: the VM's gateway leaves a persistent
+/// TAP owned by the jail's uid in the namespace the jailer puts Firecracker
+/// in, Firecracker (unprivileged, seccomp-filtered) opens it by name at
+/// `PUT /network-interfaces`, and teardown removes gateway, TAP and namespace.
+/// The gateway's upstream is an empty namespace this test makes (no route
+/// anywhere); the guest cannot run here, so no packet is sent.
+#[tokio::test]
+async fn real_jailed_firecracker_gets_its_network_from_the_gateway() {
+    let name = "real_jailed_firecracker_gets_its_network_from_the_gateway";
+    let bins = skip_unless!(name, real_bins());
+    skip_unless!(name, can_jail());
+    let real = Real::new(bins, true, "3100000060+10");
+    let upstream = format!("nvtest-fcup-{}", std::process::id());
+    let ip = |args: &[&str]| {
+        let out = std::process::Command::new("ip")
+            .args(args)
+            .output()
+            .expect("run ip");
+        assert!(
+            out.status.success(),
+            "ip {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    ip(&["netns", "add", &upstream]);
+    struct DeleteNs(String);
+    impl Drop for DeleteNs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "delete", &self.0])
+                .status();
+        }
+    }
+    let _up = DeleteNs(upstream.clone());
+
+    let mut cfg = real.cfg();
+    cfg.network = Some(Arc::new(neurovisor::net::NetSettings {
+        policy: neurovisor::net::EgressPolicy::new(&["allowed.test".into()], &[], Some(1 << 20))
+            .expect("policy"),
+        upstream: neurovisor::net::Upstream {
+            netns: Some(PathBuf::from("/run/netns").join(&upstream)),
+            dns: vec!["192.0.2.2:53".parse().expect("addr")],
+        },
+        program: Some(PathBuf::from(env!("CARGO_BIN_EXE_neurovisor"))),
+    }));
+    let started = Instant::now();
+    let vm = match real.backend.spawn(&cfg).await {
+        Ok(vm) => vm,
+        Err(e) => panic!("the real jailed Firecracker refused the network: {e}"),
+    };
+    let spawn = started.elapsed();
+    let pids = vm.pids();
+    assert_eq!(pids.len(), 2, "Firecracker and its gateway: {pids:?}");
+    let (fc, gw) = (pids[0], pids[1]);
+    assert_eq!(
+        std::fs::read_to_string(format!("/proc/{fc}/comm"))
+            .expect("comm")
+            .trim(),
+        "firecracker"
+    );
+    let info = real.api(&cfg.id).instance_info().await.expect("GET /");
+    assert_eq!(info.state, "Running", "{info:?}");
+    eprintln!(
+        "real jailed Firecracker with --network: gateway + jail + configuration + InstanceStart in {:.1} ms",
+        spawn.as_secs_f64() * 1e3
+    );
+
+    // Firecracker accepted the interface, with the egress rate as its tx limiter.
+    let root = real.jail_root(&cfg.id);
+    let log = std::fs::read_to_string(root.join("firecracker.log")).expect("log");
+    assert!(log.contains("/network-interfaces/eth0"), "{log}");
+    assert!(log.contains(r#"\"host_dev_name\":\"tap0\""#), "{log}");
+    assert!(log.contains(r#"\"tx_rate_limiter\""#), "{log}");
+    assert!(
+        !log.contains("Status code: 4") && !log.contains("Status code: 5"),
+        "{log}"
+    );
+    // Firecracker holds the TAP: a tun descriptor attached to tap0.
+    let holds_tap = std::fs::read_dir(format!("/proc/{fc}/fdinfo"))
+        .expect("fdinfo")
+        .flatten()
+        .any(|e| std::fs::read_to_string(e.path()).is_ok_and(|s| s.contains("iff:\ttap0")));
+    assert!(holds_tap, "Firecracker has no descriptor of tap0");
+
+    // In the VM's namespace (the jail's): the TAP, owned by the jail's uid,
+    // and the gateway's rules; Firecracker is in it, the gateway is not.
+    let ns = format!("nv-{}", cfg.id);
+    let link = ip(&["-netns", &ns, "-d", "link", "show", "tap0"]);
+    let uid = status_field(fc, "Uid")[0];
+    assert!((3_100_000_060..3_100_000_070).contains(&uid), "uid {uid}");
+    assert!(link.contains("tun type tap"), "{link}");
+    assert!(link.contains(&format!("user {uid}")), "{link}");
+    let addr = ip(&["-netns", &ns, "addr", "show", "tap0"]);
+    assert!(addr.contains("10.200.0.1/30"), "{addr}");
+    let rules = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns, "nft", "list", "ruleset"])
+        .output()
+        .expect("nft");
+    let rules = String::from_utf8_lossy(&rules.stdout);
+    assert!(rules.contains("table inet neurovisor"), "{rules}");
+    let netns_of = |p: u32| std::fs::read_link(format!("/proc/{p}/ns/net")).expect("ns link");
+    let ino = std::fs::metadata(PathBuf::from("/run/netns").join(&ns))
+        .expect("named netns")
+        .ino();
+    assert_eq!(netns_of(fc).display().to_string(), format!("net:[{ino}]"));
+    let up_ino = std::fs::metadata(PathBuf::from("/run/netns").join(&upstream))
+        .expect("upstream netns")
+        .ino();
+    assert_eq!(
+        netns_of(gw).display().to_string(),
+        format!("net:[{up_ino}]"),
+        "the gateway connects out from the upstream namespace"
+    );
+    // The gateway runs as the jail's uid with no capabilities.
+    assert_eq!(status_field(gw, "Uid"), vec![uid; 4]);
+    let caps = std::fs::read_to_string(format!("/proc/{gw}/status")).expect("status");
+    assert!(caps.contains("CapEff:\t0000000000000000"), "{caps}");
+
+    vm.kill().await;
+    assert_reaped(fc);
+    assert_reaped(gw);
+    assert!(
+        !PathBuf::from("/run/netns").join(&ns).exists(),
+        "netns left behind"
+    );
+    real.assert_clean(&[&cfg.id]);
+}
+
+/// Unjailed Firecracker cannot be put in the VM's namespace: `--network` is
+/// refused before anything starts, naming the way out.
+#[tokio::test]
+async fn unjailed_firecracker_refuses_network_naming_the_jailer() {
+    let e = env(Script::Sleep);
+    let mut cfg = e.cfg(VmSize::Small);
+    cfg.network = Some(Arc::new(neurovisor::net::NetSettings {
+        policy: Default::default(),
+        upstream: Default::default(),
+        program: None,
+    }));
+    let err = match e.backend.spawn(&cfg).await {
+        Ok(_) => panic!("an unjailed Firecracker VM got a network"),
+        Err(err) => err.to_string(),
+    };
+    assert!(
+        err.contains("needs its jailer") && err.contains("--backend qemu"),
+        "{err}"
+    );
+    e.assert_clean();
+}

@@ -133,6 +133,9 @@ pub struct NetGatewayArgs {
     /// The VM's `NetSettings` as JSON.
     #[arg(long)]
     settings: String,
+    /// The VM's namespace, when the host made it (jailed Firecracker).
+    #[arg(long)]
+    vm_netns: Option<PathBuf>,
 }
 
 impl Cli {
@@ -150,6 +153,7 @@ impl Cli {
                     settings,
                     uid: a.uid,
                     gid: a.gid,
+                    vm_netns: a.vm_netns.clone(),
                 }),
         )
     }
@@ -452,6 +456,7 @@ impl VmArgs {
                 netns: self.net_upstream_netns.clone(),
                 dns: self.net_dns.clone(),
             },
+            program: None,
         }))
     }
 

@@ -3,7 +3,8 @@
 //!
 //! Start-up runs single-threaded, as root: enter the upstream namespace (if
 //! one is named), note its addresses, then `unshare` a network namespace of
-//! the VM's own and build the link in it with the real tools: `ip` (the
+//! the VM's own (or enter the one the host made for a jailed Firecracker, see
+//! [`GatewayArgs::vm_netns`]) and build the link in it with the real tools: `ip` (the
 //! TAP `tap0`, `10.200.0.1/30`) and `nft` (redirect every TCP connection to
 //! the filter, accept DNS to the resolver, drop everything else, forward
 //! nothing). The listening sockets are bound there; then the process goes back
@@ -67,9 +68,16 @@ pub struct GatewayArgs {
     /// Our end of the host's socket pair (inherited).
     pub control_fd: RawFd,
     pub settings: NetSettings,
-    /// Who the gateway becomes after start-up.
+    /// Who the gateway becomes after start-up (and, with `vm_netns`, who
+    /// owns the TAP).
     pub uid: u32,
     pub gid: u32,
+    /// The VM's namespace when the host made it (a jailed Firecracker is
+    /// put there by its jailer and opens the TAP by name): the gateway enters
+    /// it instead of making one, leaves the TAP persistent and owned by
+    /// `uid`/`gid`, and sends no descriptor. `None`: a namespace of the
+    /// gateway's own, and the TAP's descriptor goes to the host (QEMU).
+    pub vm_netns: Option<std::path::PathBuf>,
 }
 
 /// Runs the gateway until the host closes its end. Must be called before any
@@ -84,8 +92,15 @@ pub fn main(args: GatewayArgs) -> Result<(), GatewayError> {
     let local_addrs = local_addresses()?;
     let upstream_ns =
         std::fs::File::open("/proc/thread-self/ns/net").map_err(sys("open our network namespace"))?;
-    nix::sched::unshare(CloneFlags::CLONE_NEWNET).map_err(sys("unshare the VM's network namespace"))?;
+    match &args.vm_netns {
+        None => nix::sched::unshare(CloneFlags::CLONE_NEWNET)
+            .map_err(sys("unshare the VM's network namespace"))?,
+        Some(ns) => enter_netns(ns)?,
+    }
     let tap = open_tap(TAP)?;
+    if args.vm_netns.is_some() {
+        persist_tap(&tap, args.uid, args.gid)?;
+    }
     ip(&["link", "set", "lo", "up"])?;
     ip(&["addr", "add", &format!("{GATEWAY_IP}/30"), "dev", TAP])?;
     ip(&["link", "set", TAP, "up"])?;
@@ -99,7 +114,7 @@ pub fn main(args: GatewayArgs) -> Result<(), GatewayError> {
     nix::sched::setns(&upstream_ns, CloneFlags::CLONE_NEWNET)
         .map_err(sys("return to the upstream namespace"))?;
     drop(upstream_ns);
-    send_tap(&control, &tap)?;
+    send_tap(&control, args.vm_netns.is_none().then_some(&tap))?;
     drop(tap);
     drop_privileges(args.uid, args.gid)?;
 
@@ -131,6 +146,37 @@ fn local_addresses() -> Result<Vec<IpAddr>, GatewayError> {
 
 /// `TUNSETIFF` (`_IOW('T', 202, int)`).
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+/// `TUNSETPERSIST` (`_IOW('T', 203, int)`).
+const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
+/// `TUNSETOWNER` (`_IOW('T', 204, int)`).
+const TUNSETOWNER: libc::c_ulong = 0x4004_54cc;
+/// `TUNSETGROUP` (`_IOW('T', 206, int)`).
+const TUNSETGROUP: libc::c_ulong = 0x4004_54ce;
+
+/// Keeps the TAP after our descriptor closes, for the VMM to attach by name
+/// as `uid` without any capability. It still lives no longer than the
+/// namespace: the namespace's end deletes it.
+fn persist_tap(tap: &OwnedFd, uid: u32, gid: u32) -> Result<(), GatewayError> {
+    for (req, arg, what) in [
+        (
+            TUNSETOWNER,
+            libc::c_ulong::from(uid),
+            "give the TAP to the VM's uid",
+        ),
+        (
+            TUNSETGROUP,
+            libc::c_ulong::from(gid),
+            "give the TAP to the VM's gid",
+        ),
+        (TUNSETPERSIST, 1, "make the TAP persistent"),
+    ] {
+        // SAFETY: these ioctls take an integer argument, not a pointer.
+        if unsafe { libc::ioctl(tap.as_raw_fd(), req as _, arg) } < 0 {
+            return Err(sys(what)(std::io::Error::last_os_error()));
+        }
+    }
+    Ok(())
+}
 
 fn open_tap(name: &str) -> Result<OwnedFd, GatewayError> {
     let f = std::fs::OpenOptions::new()
@@ -238,18 +284,18 @@ pub fn ruleset() -> String {
     )
 }
 
-fn send_tap(control: &std::os::unix::net::UnixStream, tap: &OwnedFd) -> Result<(), GatewayError> {
+/// Says the link is up, with the TAP's descriptor when the host wants it.
+fn send_tap(control: &std::os::unix::net::UnixStream, tap: Option<&OwnedFd>) -> Result<(), GatewayError> {
     use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
-    let fds = [tap.as_raw_fd()];
+    let fds: Vec<RawFd> = tap.iter().map(|t| t.as_raw_fd()).collect();
     let iov = [std::io::IoSlice::new(READY)];
-    sendmsg::<UnixAddr>(
-        control.as_raw_fd(),
-        &iov,
-        &[ControlMessage::ScmRights(&fds)],
-        MsgFlags::empty(),
-        None,
-    )
-    .map_err(sys("send the TAP to the host"))?;
+    let cmsgs: Vec<ControlMessage> = if fds.is_empty() {
+        vec![]
+    } else {
+        vec![ControlMessage::ScmRights(&fds)]
+    };
+    sendmsg::<UnixAddr>(control.as_raw_fd(), &iov, &cmsgs, MsgFlags::empty(), None)
+        .map_err(sys("send the TAP to the host"))?;
     Ok(())
 }
 

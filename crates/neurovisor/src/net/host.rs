@@ -73,22 +73,31 @@ impl Drop for Gateway {
 }
 
 impl Gateway {
-    /// Starts the gateway of VM `vm_id` and waits for its TAP descriptor.
+    /// Starts the gateway of VM `vm_id` and waits until the VM's link is up.
+    /// `vm_netns`: the namespace the host made for the VM (jailed
+    /// Firecracker), where the gateway leaves a persistent TAP for the VMM
+    /// to open by name (returns `None`); otherwise the gateway makes the
+    /// namespace and sends the TAP's descriptor (returned).
+    #[allow(clippy::too_many_arguments)]
     pub async fn spawn(
         vm_id: &str,
         settings: &NetSettings,
         conf: &Confinement,
+        vm_netns: Option<&Path>,
         vm_dir: &Path,
         log: &CappedLog,
         log_path: &Path,
         counters: &VmCounters,
-    ) -> Result<(Self, OwnedFd), VmmError> {
+    ) -> Result<(Self, Option<OwnedFd>), VmmError> {
         let err = |source| VmmError::Spawn {
             what: "net-gateway".into(),
             source,
         };
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(err)?;
-        let exe = std::env::current_exe().map_err(err)?;
+        let exe = match &settings.program {
+            Some(p) => p.clone(),
+            None => std::env::current_exe().map_err(err)?,
+        };
         let settings_json =
             serde_json::to_string(settings).map_err(|e| err(std::io::Error::other(e.to_string())))?;
         let (uid, gid) = conf.ids().map_or((NOBODY, NOBODY), |ids| (ids.uid, ids.gid));
@@ -102,12 +111,14 @@ impl Gateway {
             .arg("--gid")
             .arg(gid.to_string())
             .arg("--settings")
-            .arg(settings_json)
-            .env_clear()
-            .env(
-                "PATH",
-                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            );
+            .arg(settings_json);
+        if let Some(ns) = vm_netns {
+            cmd.arg("--vm-netns").arg(ns);
+        }
+        cmd.env_clear().env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        );
         let mut spec = conf.keeper_spec(None);
         spec.inherit_fds.push(theirs.as_raw_fd());
         let mut helper = Helper::spawn("net-gateway", cmd, log, log, spec)?;
@@ -116,7 +127,7 @@ impl Gateway {
         ours.set_nonblocking(true).map_err(err)?;
         let stream = tokio::net::UnixStream::from_std(ours).map_err(err)?;
         let got = tokio::select! {
-            r = tokio::time::timeout(START_TIMEOUT, recv_tap(&stream)) => r,
+            r = tokio::time::timeout(START_TIMEOUT, recv_tap(&stream, vm_netns.is_none())) => r,
             status = helper.exited() => Ok(Err(std::io::Error::other(format!("exited ({status})")))),
         };
         let tap = match got {
@@ -169,7 +180,9 @@ impl Gateway {
     }
 }
 
-async fn recv_tap(stream: &tokio::net::UnixStream) -> std::io::Result<OwnedFd> {
+/// Waits for the gateway's READY, which carries the TAP's descriptor exactly
+/// when `want_fd`.
+async fn recv_tap(stream: &tokio::net::UnixStream, want_fd: bool) -> std::io::Result<Option<OwnedFd>> {
     use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
     loop {
         stream.readable().await?;
@@ -204,7 +217,7 @@ async fn recv_tap(stream: &tokio::net::UnixStream) -> std::io::Result<OwnedFd> {
                     "closed its socket before the network was up",
                 ))
             }
-            Ok((n, Some(fd), buf)) if buf[..n] == *READY => return Ok(fd),
+            Ok((n, fd, buf)) if buf[..n] == *READY && fd.is_some() == want_fd => return Ok(fd),
             Ok(_) => return Err(std::io::Error::other("sent something other than its TAP")),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),

@@ -40,6 +40,8 @@ pub const PROXY_PORT: u16 = 15001;
 pub const DNS_PORT: u16 = 5353;
 /// Ports a connection to an allowlisted name may use.
 pub const NAMED_PORTS: [u16; 2] = [80, 443];
+/// The guest NIC's MAC address (every VM's link is its own).
+pub const GUEST_MAC: &str = "52:54:00:00:00:02";
 /// The cloud metadata service: refused even when a CIDR would cover it.
 pub const METADATA_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
 
@@ -189,6 +191,11 @@ pub struct Upstream {
 pub struct NetSettings {
     pub policy: EgressPolicy,
     pub upstream: Upstream,
+    /// The `neurovisor` executable that runs the gateway (`net-gateway`);
+    /// `None`: this process's own. A library user whose process is not
+    /// `neurovisor` (a test harness) names it.
+    #[serde(skip)]
+    pub program: Option<PathBuf>,
 }
 
 /// One decision of a gateway, sent to the host as a JSON line.

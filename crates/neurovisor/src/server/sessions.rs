@@ -410,6 +410,7 @@ impl SandboxTable {
                 Some(Arc::new(crate::net::NetSettings {
                     policy,
                     upstream: net.upstream.clone(),
+                    program: net.program.clone(),
                 }))
             }
             _ => None,

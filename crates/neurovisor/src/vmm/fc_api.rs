@@ -295,6 +295,16 @@ pub struct Drive {
     pub rate_limiter: Option<RateLimiter>,
 }
 
+/// `NetworkInterface` (virtio-net on a TAP Firecracker opens by name)
+#[derive(Debug, Clone, Serialize)]
+pub struct NetworkInterface {
+    pub iface_id: String,
+    pub host_dev_name: String,
+    pub guest_mac: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tx_rate_limiter: Option<RateLimiter>,
+}
+
 /// `Vsock`
 #[derive(Debug, Clone, Serialize)]
 pub struct Vsock {

@@ -42,6 +42,8 @@ const METRICS: &str = "metrics.json";
 const VSOCK: &str = "vsock.sock";
 const SNAPSHOT_STATE: &str = "snapshot.state";
 const SNAPSHOT_MEM: &str = "snapshot.mem";
+/// The guest's one NIC (`eth0` inside).
+const NET_IFACE: &str = "eth0";
 
 pub const FIRECRACKER_HINT: &str = "get `firecracker` (and `jailer`) from a Firecracker release \
     (github.com/firecracker-microvm/firecracker/releases), put them on PATH or pass --firecracker-bin";
@@ -228,9 +230,15 @@ impl FirecrackerBackend {
             layout,
             ready: Readiness::Done,
             process: None,
+            gateway: None,
             jail: None,
             conf,
         };
+        // Firecracker's stdout is the guest's serial console: capped.
+        let out = CappedLog::create(&vm.vmm_log, CONSOLE_LOG_CAP).map_err(|source| VmmError::StateDir {
+            path: vm.vmm_log.clone(),
+            source,
+        })?;
         let mut cmd;
         let what;
         match &self.jail {
@@ -261,6 +269,20 @@ impl FirecrackerBackend {
                 ));
                 jail.prepare(&cfg.kernel, &cfg.rootfs, &[LOG, METRICS])?;
                 jail.create_netns(&setup.ip, &format!("nv-{}", cfg.id)).await?;
+                if let (Some(net), Some(ns)) = (&cfg.network, jail.netns_path()) {
+                    let (gateway, _) = crate::net::host::Gateway::spawn(
+                        &cfg.id,
+                        net,
+                        &vm.conf,
+                        Some(&ns),
+                        &vm.dir,
+                        &out,
+                        &vm.vmm_log,
+                        &cfg.hooks.counters,
+                    )
+                    .await?;
+                    vm.gateway = Some(gateway);
+                }
                 let spec = JailSpec {
                     id: cfg.id.clone(),
                     exec_file: setup.exec_file.clone(),
@@ -289,11 +311,6 @@ impl FirecrackerBackend {
         } else {
             vm.ready = Readiness::AgentProbe;
         }
-        // Firecracker's stdout is the guest's serial console: capped.
-        let out = CappedLog::create(&vm.vmm_log, CONSOLE_LOG_CAP).map_err(|source| VmmError::StateDir {
-            path: vm.vmm_log.clone(),
-            source,
-        })?;
         let process = vm
             .process
             .insert(Helper::spawn(what, cmd, &out, &out, vm.conf.keeper_spec(None))?);
@@ -377,6 +394,24 @@ impl FirecrackerBackend {
         )
         .await?;
         api.put("/entropy", &fc_api::EntropyDevice::default()).await?;
+        if let Some(net) = &cfg.network {
+            // The TAP its gateway left in the VM's namespace, where the
+            // jailer put Firecracker; the gateway's filter has a bucket of
+            // its own, this one holds the raw frames to the same rate.
+            api.put(
+                &format!("/network-interfaces/{NET_IFACE}"),
+                &fc_api::NetworkInterface {
+                    iface_id: NET_IFACE.into(),
+                    host_dev_name: crate::net::gateway::TAP.into(),
+                    guest_mac: crate::net::GUEST_MAC.into(),
+                    tx_rate_limiter: net
+                        .policy
+                        .bandwidth
+                        .and_then(|b| RateLimiter::from_rates(Some(b), None)),
+                },
+            )
+            .await?;
+        }
         api.put("/actions", &fc_api::INSTANCE_START).await
     }
 }
@@ -400,10 +435,14 @@ impl VmmBackend for FirecrackerBackend {
     }
 
     async fn spawn(&self, cfg: &VmConfig) -> Result<Box<dyn Vm>, VmmError> {
-        if cfg.network.is_some() {
-            return Err(VmmError::Unsupported(
-                "--network on the Firecracker backend (not built yet); use --backend qemu".into(),
-            ));
+        if cfg.network.is_some() && self.jail.is_none() {
+            // The TAP lives in the VM's own namespace, which only the
+            // jailer puts Firecracker in.
+            return Err(VmmError::Unsupported(format!(
+                "--network on the Firecracker backend needs its jailer ({}); run as root with \
+                 `jailer` on PATH (or --jailer-bin), or use --backend qemu",
+                self.jailer_reason
+            )));
         }
         let vm = self.start(cfg, true).await?;
         self.configure_boot(&vm, cfg).await?;
@@ -411,6 +450,11 @@ impl VmmBackend for FirecrackerBackend {
     }
 
     async fn restore(&self, cfg: &VmConfig, snapshot: &Path, mem: &Path) -> Result<Box<dyn Vm>, VmmError> {
+        if cfg.network.is_some() {
+            return Err(VmmError::Unsupported(
+                "restoring a VM with --network (its link is made at boot)".into(),
+            ));
+        }
         let vm = self.start(cfg, false).await?;
         vm.configure_telemetry().await?;
         let (snapshot_path, mem_path) = match &vm.jail {
@@ -487,6 +531,9 @@ pub struct FirecrackerVm {
     vsock: HybridVsock,
     ready: Readiness,
     process: Option<Helper>,
+    /// `--network`: the VM's gateway (its resolver and filter; the TAP and
+    /// rules are in the jail's namespace).
+    gateway: Option<crate::net::host::Gateway>,
     jail: Option<Jail>,
     /// Directory, cgroup, uid lease: released once the process is stopped.
     conf: Confinement,
@@ -538,6 +585,9 @@ impl FirecrackerVm {
     async fn release(&mut self, grace: Duration) {
         if let Some(p) = self.process.take() {
             p.stop(grace).await;
+        }
+        if let Some(g) = self.gateway.take() {
+            g.stop().await;
         }
         self.ready = Readiness::Done;
         if let Some(mut jail) = self.jail.take() {
@@ -608,7 +658,15 @@ impl Vm for FirecrackerVm {
     fn check_exited(&mut self) -> Option<String> {
         match self.process.as_mut() {
             None => Some("firecracker: stopped".into()),
-            Some(p) => p.try_exited().map(|status| format!("{}: {status}", p.what)),
+            Some(p) => p
+                .try_exited()
+                .map(|status| format!("{}: {status}", p.what))
+                .or_else(|| {
+                    self.gateway
+                        .as_mut()
+                        .and_then(|g| g.check_exited())
+                        .map(|status| format!("net-gateway: {status}"))
+                }),
         }
     }
 
@@ -617,7 +675,11 @@ impl Vm for FirecrackerVm {
     }
 
     fn pids(&self) -> Vec<u32> {
-        self.process.iter().filter_map(Helper::vm_pid).collect()
+        self.process
+            .iter()
+            .filter_map(Helper::vm_pid)
+            .chain(self.gateway.as_ref().and_then(|g| g.pid()))
+            .collect()
     }
 
     fn dir(&self) -> &Path {

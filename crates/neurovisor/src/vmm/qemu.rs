@@ -615,6 +615,7 @@ impl QemuBackend {
                 &cfg.id,
                 net,
                 &vm.conf,
+                None,
                 &paths.dir,
                 &vmm_log,
                 &paths.vmm_log,
@@ -622,6 +623,7 @@ impl QemuBackend {
             )
             .await?;
             vm.gateway = Some(gateway);
+            let fd = fd.ok_or_else(|| VmmError::Unsupported("a gateway without a TAP descriptor".into()))?;
             let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
             qemu_spec.inherit_fds.push(raw);
             qemu_cmd.args(net_args(raw));
@@ -653,7 +655,7 @@ fn net_args(tap_fd: i32) -> [String; 4] {
         "-netdev".into(),
         format!("tap,id=net0,fd={tap_fd},vhost=off"),
         "-device".into(),
-        "virtio-net-device,netdev=net0,mac=52:54:00:00:00:02".into(),
+        format!("virtio-net-device,netdev=net0,mac={}", crate::net::GUEST_MAC),
     ]
 }
 
