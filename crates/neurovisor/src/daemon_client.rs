@@ -284,6 +284,8 @@ fn wire_request(req: &ExecRequest) -> ExecuteRequest {
         timeout_ms: u32::try_from(req.timeout.as_millis()).unwrap_or(u32::MAX),
         max_output_bytes: req.max_output_bytes,
         llm_bridge: req.llm_bridge,
+        // The daemon's own pool: a CLI `--profile` boots its VMs locally.
+        profile: String::new(),
     }
 }
 

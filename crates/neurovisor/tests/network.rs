@@ -759,12 +759,14 @@ fn a_sandbox_of_a_profile_reaches_what_its_profile_allows() {
             "--warm",
             "0",
             "--max",
-            "2",
+            "3",
             "--network",
             "--net-upstream-netns",
             &internet.upstream(),
             "--net-dns",
             "192.0.2.2",
+            "--e2b-listen",
+            "127.0.0.1:0",
         ],
         &[("NEUROVISOR_CONFIG_DIR", &config_dir)],
     );
@@ -799,8 +801,135 @@ fn a_sandbox_of_a_profile_reaches_what_its_profile_allows() {
     let (code, _, err) = sandbox(&["create", "--profile", "../etc/x"]);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("not a profile name"), "{err}");
-    for id in [&with, &plain] {
+
+    // One-shot executions name the profile too: its pool, env and egress.
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let once = |profile: &str| {
+        rt.block_on(async {
+            let mut client = daemon.client().await;
+            let mut r = common::daemon::req("python", probe);
+            r.profile = profile.into();
+            client.execute_once(r).await.map(|r| r.into_inner())
+        })
+    };
+    let got = once("reach").expect("execute with the profile");
+    assert_eq!(text(&got.stdout).trim(), "reach reached", "{}", text(&got.stderr));
+    let got = once("").expect("execute without a profile");
+    assert_eq!(text(&got.stdout).trim(), "None refused", "{}", text(&got.stderr));
+    let err = once("nope").expect_err("an unknown profile");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("nope"), "{err:?}");
+
+    // E2B: a template naming a profile makes a sandbox of that profile.
+    let e2b = daemon
+        .log_text()
+        .lines()
+        .find_map(|l| l.split("serving the E2B API on ").nth(1))
+        .and_then(|r| r.split_whitespace().next())
+        .expect("the E2B address in the daemon's log")
+        .to_string();
+    let token = std::fs::read_to_string(daemon.dir.join("token")).expect("token");
+    let created: serde_json::Value = rt.block_on(async {
+        let resp = reqwest::Client::new()
+            .post(format!("{e2b}/sandboxes"))
+            .header("X-API-Key", token.trim())
+            .json(&serde_json::json!({"templateID": "reach", "timeout": 60}))
+            .send()
+            .await
+            .expect("POST /sandboxes");
+        let status = resp.status().as_u16();
+        let body = resp.text().await.expect("body");
+        assert_eq!(status, 201, "{body}");
+        serde_json::from_str(&body).expect("json")
+    });
+    let from_e2b = created["sandboxID"].as_str().expect("sandboxID").to_string();
+    let (_, got, err) = sandbox(&["exec", &from_e2b, "--lang", "python", "-c", probe]);
+    assert_eq!(got, "reach reached", "{err}");
+
+    for id in [&with, &plain, &from_e2b] {
         assert_eq!(sandbox(&["kill", id]).0, Some(0));
     }
     daemon.stop();
+}
+
+/// A guest that floods its gateway with connections while both host cores
+/// are busy: the excess is refused (`rate_limited`, the ops bucket), the
+/// connections it admitted are served, the gateway stays up and the allowed
+/// host answers again once the flood is over; nothing of the VM is left.
+#[test]
+fn a_connection_flood_under_load_is_rate_limited_and_the_gateway_survives() {
+    const FLOOD: &str = r#"
+import json, socket, time
+def get(s):
+    s.sendall(b'GET / HTTP/1.0\r\nHost: allowed.test\r\n\r\n')
+    data = b''
+    while True:
+        b = s.recv(4096)
+        if not b:
+            return data
+        data += b
+addr = socket.gethostbyname('allowed.test')
+socks, ok, failed = [], 0, 0
+for i in range(240):
+    s = socket.socket()
+    s.settimeout(20)
+    try:
+        s.connect((addr, 80))
+        socks.append(s)
+    except OSError:
+        failed += 1
+for s in socks:
+    try:
+        if b'hello from' in get(s):
+            ok += 1
+        else:
+            failed += 1
+    except OSError:
+        failed += 1
+    s.close()
+time.sleep(3)
+s = socket.create_connection((addr, 80), timeout=20)
+after = 'ok' if b'hello from' in get(s) else 'no answer'
+print(json.dumps({'ok': ok, 'failed': failed, 'after': after}))
+"#;
+    let internet = Internet::start();
+    let cli = Cli::logging("neurovisor=info");
+    let load = common::Load::start(2);
+    let out = internet.run(
+        &cli,
+        &[
+            "run",
+            "--network",
+            "--allow-host",
+            "allowed.test",
+            "--timeout",
+            "180s",
+            "--lang",
+            "python",
+            "-c",
+            FLOOD,
+        ],
+    );
+    drop(load);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "stdout: {stdout}\nstderr: {stderr}");
+    let r: serde_json::Value =
+        serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}\n{stderr}"));
+    eprintln!("the flood: {r}");
+    let (ok, failed) = (r["ok"].as_u64().unwrap_or(0), r["failed"].as_u64().unwrap_or(0));
+    assert_eq!(ok + failed, 240, "{r}");
+    assert!(ok >= 50, "the bucket's burst was not served: {r}");
+    assert!(failed > 0, "nothing of the flood was refused: {r}");
+    assert_eq!(
+        r["after"], "ok",
+        "the allowed host did not answer after the flood: {r}"
+    );
+    let limited = stderr.matches("reason=rate_limited").count();
+    assert!(limited > 0, "no rate_limited refusal was logged:\n{stderr}");
+    let state = cli.state.path().display().to_string();
+    assert!(
+        processes_mentioning(&state).is_empty(),
+        "{:?}",
+        processes_mentioning(&state)
+    );
 }

@@ -1279,34 +1279,6 @@ async fn sandboxes_get_the_image_and_size_they_ask_for() {
     assert_eq!(d.stop(), Some(0));
 }
 
-/// Busy loops on the host, one per core asked for; killed and reaped when
-/// dropped.
-struct Load(Vec<std::process::Child>);
-
-impl Load {
-    fn start(n: usize) -> Self {
-        Self(
-            (0..n)
-                .map(|_| {
-                    Command::new("sh")
-                        .args(["-c", "while :; do :; done"])
-                        .spawn()
-                        .expect("start a busy loop")
-                })
-                .collect(),
-        )
-    }
-}
-
-impl Drop for Load {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 async fn info(c: &mut SandboxesClient<Channel>, id: &str) -> neurovisor_proto::v1::SandboxInfo {
     c.get(SandboxRef {
         sandbox_id: id.to_string(),
@@ -1355,7 +1327,7 @@ async fn a_timeout_pauses_a_sandbox_a_call_resumes_it_and_a_sigkilled_daemon_lea
     assert_eq!(r.exit_code, Some(0));
 
     // The pauses and the resume run with both cores busy.
-    let load = Load::start(2);
+    let load = common::Load::start(2);
 
     for id in [&woken.sandbox_id, &asleep.sandbox_id] {
         let until = Instant::now() + Duration::from_secs(60);

@@ -124,21 +124,23 @@ async fn create(
             (Some(t), size)
         }
     };
-    let image = match template {
-        None => String::new(),
-        Some(t) if TEMPLATES.contains(&t) || t == st.image => String::new(),
+    // Then a daemon profile (image, size, env, egress), then a built image.
+    let (image, profile) = match template {
+        None => (String::new(), String::new()),
+        Some(t) if TEMPLATES.contains(&t) || t == st.image => (String::new(), String::new()),
+        Some(t) if st.table.has_profile(t) => (String::new(), t.to_string()),
         Some(t) => {
             let built = !t.contains(['/', '.']) && crate::images::image_dir(t).join("rootfs.ext4").is_file();
             if !built {
                 return Err(ApiError(
                     StatusCode::NOT_FOUND,
                     format!(
-                        "template '{t}' not found; this daemon serves the image '{}' as 'base' (omit the template), or a built image by its name (`neurovisor images build --image NAME`)",
+                        "template '{t}' not found; this daemon serves the image '{}' as 'base' (omit the template), a profile by its name (`neurovisor profile list`), or a built image by its name (`neurovisor images build --image NAME`)",
                         st.image
                     ),
                 ));
             }
-            t.to_string()
+            (t.to_string(), String::new())
         }
     };
     if r.allow_internet_access == Some(true) {
@@ -169,7 +171,7 @@ async fn create(
             .into(),
             auto_resume: r.auto_resume.is_some_and(|a| a.enabled),
             llm_bridge: false,
-            profile: String::new(),
+            profile,
         })
         .await?;
     let token = st.table.access_token(&info.sandbox_id);

@@ -754,7 +754,8 @@ pub async fn run(
         .max_decoding_message_size(crate::exec::MAX_REQUEST_BYTES);
     let sandbox_svc = SandboxServer::new(
         sandbox::SandboxService::new(pool.clone(), metrics.clone(), budget)
-            .with_stall_timeout(cfg.stall_timeout),
+            .with_stall_timeout(cfg.stall_timeout)
+            .with_profiles(sessions.clone()),
     )
     .max_decoding_message_size(crate::exec::MAX_REQUEST_BYTES);
     let agent_svc = AgentServer::new(agent::AgentService::new(

@@ -197,6 +197,8 @@ impl OutputSink for CollectSink {
 
 pub struct SandboxService {
     pool: Pool,
+    /// The daemon's profiles and their pools (requests naming a profile).
+    profiles: Option<super::sessions::SandboxTable>,
     metrics: Arc<Metrics>,
     budget: OutputBudget,
     stall_timeout: Duration,
@@ -206,10 +208,17 @@ impl SandboxService {
     pub fn new(pool: Pool, metrics: Arc<Metrics>, budget: OutputBudget) -> Self {
         Self {
             pool,
+            profiles: None,
             metrics,
             budget,
             stall_timeout: DEFAULT_STALL_TIMEOUT,
         }
+    }
+
+    /// Serves requests that name a profile from `table`'s pool of it.
+    pub fn with_profiles(mut self, table: super::sessions::SandboxTable) -> Self {
+        self.profiles = Some(table);
+        self
     }
 
     /// How long a streaming client may read nothing before its execution is stopped.
@@ -218,11 +227,37 @@ impl SandboxService {
         self
     }
 
-    fn to_exec_request(&self, r: ExecuteRequest, trace_id: String) -> Result<ExecRequest, Status> {
-        let req =
-            ExecRequest::from_wire(wire_of(r, trace_id), self.pool.sandbox().images()).map_err(to_status)?;
-        self.pool.sandbox().check_bridge(&req).map_err(to_status)?;
-        Ok(req)
+    /// The checked request and the pool its VM comes from: the daemon's, or
+    /// its profile's (whose environment lies under the request's, whose
+    /// limits fill what the request leaves 0).
+    fn to_exec_request(&self, r: ExecuteRequest, trace_id: String) -> Result<(ExecRequest, Pool), Status> {
+        let (pool, profile) = match (&self.profiles, r.profile.as_str()) {
+            (_, "") => (self.pool.clone(), None),
+            (Some(table), name) => table.pool_for(name, "", "")?,
+            (None, _) => {
+                return Err(Status::invalid_argument(
+                    "profile: this endpoint serves no profiles; leave it empty",
+                ))
+            }
+        };
+        let mut wire = wire_of(r, trace_id);
+        if let Some(p) = &profile {
+            let own = std::mem::take(&mut wire.env);
+            wire.env = p.env.clone().into_iter().collect();
+            wire.env.retain(|(k, _)| !own.iter().any(|(o, _)| o == k));
+            wire.env.extend(own);
+            if wire.timeout_ms == 0 {
+                if let Some(t) = p.timeout {
+                    wire.timeout_ms = u32::try_from(t.as_millis()).unwrap_or(u32::MAX);
+                }
+            }
+            if wire.max_output_bytes == 0 {
+                wire.max_output_bytes = p.max_output_bytes.unwrap_or(0);
+            }
+        }
+        let req = ExecRequest::from_wire(wire, pool.sandbox().images()).map_err(to_status)?;
+        pool.sandbox().check_bridge(&req).map_err(to_status)?;
+        Ok((req, pool))
     }
 
     fn record(&self, req: &ExecRequest, result: &Result<ExecOutcome, ExecError>) {
@@ -315,12 +350,11 @@ impl SandboxApi for SandboxService {
     ) -> Result<Response<Self::ExecuteStream>, Status> {
         let started = Instant::now();
         let trace_id = trace_id_of(&request);
-        let req = self
+        let (req, pool) = self
             .to_exec_request(request.into_inner(), trace_id.clone())
             .inspect_err(|s| self.metrics.grpc_code("Execute", s.code()))?;
         let in_flight = InFlight::new(&self.metrics);
-        let mut lease = self
-            .pool
+        let mut lease = pool
             .acquire()
             .await
             .map_err(pool_status)
@@ -434,9 +468,9 @@ impl SandboxService {
     ) -> Result<Response<ExecuteResult>, Status> {
         let started = Instant::now();
         let trace_id = trace_id_of(&request);
-        let req = self.to_exec_request(request.into_inner(), trace_id.clone())?;
+        let (req, pool) = self.to_exec_request(request.into_inner(), trace_id.clone())?;
         let _in_flight = InFlight::new(&self.metrics);
-        let mut lease = self.pool.acquire().await.map_err(pool_status)?;
+        let mut lease = pool.acquire().await.map_err(pool_status)?;
         let mut sink = CollectSink {
             stdout: Vec::new(),
             stderr: Vec::new(),

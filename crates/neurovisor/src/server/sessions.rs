@@ -366,6 +366,37 @@ impl SandboxTable {
             .map_err(|e| Status::invalid_argument(format!("profile: {e}")))
     }
 
+    /// Whether the daemon has a profile called `name` (E2B template names).
+    pub(crate) fn has_profile(&self, name: &str) -> bool {
+        matches!(self.profile(name), Ok(Some(_)))
+    }
+
+    /// The pool a request naming `profile` (empty: none), `image` and `size`
+    /// (empty: the profile's, else the daemon's) takes its VM from, and the
+    /// profile, loaded. Sandboxes and one-shot executions of one profile share
+    /// that pool.
+    pub(crate) fn pool_for(
+        &self,
+        profile: &str,
+        image: &str,
+        size: &str,
+    ) -> Result<(Pool, Option<crate::profile::Profile>), Status> {
+        let profile = self.profile(profile)?;
+        let (image, size) = match &profile {
+            Some(p) => (
+                if image.is_empty() { p.image.as_str() } else { image }.to_string(),
+                match (size, p.size) {
+                    (s, _) if !s.is_empty() => s.to_string(),
+                    (_, Some(s)) => s.name().to_string(),
+                    _ => String::new(),
+                },
+            ),
+            None => (image.to_string(), size.to_string()),
+        };
+        let pool = self.pool_of(&image, &size, profile.as_ref())?;
+        Ok((pool, profile))
+    }
+
     /// The pool of sandboxes of `image` and `size` (empty: the daemon's) and
     /// `profile` (its egress, when it names any): the daemon's own, or an
     /// on-demand one made now. An image that is not built is
@@ -423,11 +454,11 @@ impl SandboxTable {
             && image.len() <= 64
             && image
                 .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
-            && !image.starts_with(['-', '_']);
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_+".contains(&b))
+            && !image.starts_with(['-', '_', '+']);
         if !valid {
             return Err(Status::invalid_argument(format!(
-                "image: '{}' is not an image name (lower-case letters, digits, - and _); `neurovisor images list` shows the built ones",
+                "image: '{}' is not an image name (lower-case letters, digits, -, _ and a profile's +); `neurovisor images list` shows the built ones",
                 image.chars().take(40).collect::<String>()
             )));
         }
@@ -461,29 +492,13 @@ impl SandboxTable {
     pub(crate) async fn create(&self, r: CreateSandboxRequest) -> Result<SandboxInfo, Status> {
         let timeout = timeout_of(r.timeout_s)?;
         check_metadata(&r.metadata)?;
-        let profile = self.profile(&r.profile)?;
+        let (pool, profile) = self.pool_for(&r.profile, &r.image, &r.size)?;
         // The profile's environment under the request's own.
         let mut env: BTreeMap<String, String> = profile
             .as_ref()
             .map(|p| p.env.clone().into_iter().collect())
             .unwrap_or_default();
         env.extend(r.env);
-        let (image, size) = match &profile {
-            Some(p) => (
-                if r.image.is_empty() {
-                    p.image.clone()
-                } else {
-                    r.image.clone()
-                },
-                match (&r.size, p.size) {
-                    (s, _) if !s.is_empty() => s.clone(),
-                    (_, Some(s)) => s.name().to_string(),
-                    _ => String::new(),
-                },
-            ),
-            None => (r.image.clone(), r.size.clone()),
-        };
-        let pool = self.pool_of(&image, &size, profile.as_ref())?;
         if r.llm_bridge && pool.sandbox().llm_bridge.is_none() {
             return Err(Status::invalid_argument(
                 "llm_bridge: this daemon has no inference bridge; start it with --llm-bridge (the LLM server: --llm-bridge-url or --ollama-host)",
@@ -1149,6 +1164,11 @@ impl SandboxesApi for SandboxesService {
         let mut e = r
             .request
             .ok_or_else(|| Status::invalid_argument("request: missing; say what to run (language, code)"))?;
+        if !e.profile.is_empty() {
+            return Err(Status::invalid_argument(
+                "request.profile: a sandbox keeps the profile it was created with; name it in CreateSandboxRequest.profile",
+            ));
+        }
         // The sandbox's environment under the request's own.
         let own = std::mem::take(&mut e.env);
         e.env = session.env.clone().into_iter().collect();
