@@ -933,3 +933,248 @@ print(json.dumps({'ok': ok, 'failed': failed, 'after': after}))
         processes_mentioning(&state)
     );
 }
+
+/// The host side alone, without a guest kernel in the way: a gateway made for
+/// a namespace this test owns (as for a jailed Firecracker), and the test
+/// playing the guest on its TAP with hand-built frames. ICMP echo to the
+/// gateway and to an outside address, and UDP to another port, get no answer
+/// and make the kernel send nothing at all (not even an ARP request for the
+/// guest); once the test flushes the ruleset, the same echo is answered,
+/// which shows the silence was the rules'.
+#[test]
+fn the_gateway_s_rules_drop_icmp_and_udp_from_the_tap() {
+    let internet = Internet::start();
+    let vm_ns = format!("nvt-vm-{}-{}", std::process::id(), rand_tag());
+    sh(&["ip", "netns", "add", &vm_ns]);
+    struct DeleteNs(String);
+    impl Drop for DeleteNs {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "delete", &self.0]).status();
+        }
+    }
+    let _vm_ns_guard = DeleteNs(vm_ns.clone());
+    let vm_ns_path = format!("/run/netns/{vm_ns}");
+
+    // The gateway, as the host starts it (here without a keeper: the test
+    // kills and reaps it).
+    let settings = neurovisor::net::NetSettings {
+        policy: neurovisor::net::EgressPolicy::new(&["allowed.test".into()], &[], None).expect("policy"),
+        upstream: neurovisor::net::Upstream {
+            netns: Some(internet.upstream().into()),
+            dns: vec!["192.0.2.2:53".parse().expect("addr")],
+        },
+        program: None,
+    };
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&theirs);
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_neurovisor"));
+    cmd.args([
+        "net-gateway",
+        "--control-fd",
+        &fd.to_string(),
+        "--uid",
+        "65534",
+        "--gid",
+        "65534",
+    ])
+    .arg("--settings")
+    .arg(serde_json::to_string(&settings).expect("json"))
+    .args(["--vm-netns", &vm_ns_path]);
+    // SAFETY: fcntl on a descriptor we own, between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut gateway = cmd.spawn().expect("net-gateway");
+    drop(theirs);
+    ours.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut ready = [0u8; 6];
+    std::io::Read::read_exact(&mut &ours, &mut ready).expect("the gateway's READY");
+    assert_eq!(&ready, b"ready\n");
+
+    let link: serde_json::Value = serde_json::from_slice(
+        &Command::new("ip")
+            .args(["-netns", &vm_ns, "-j", "link", "show", "tap0"])
+            .output()
+            .expect("ip link")
+            .stdout,
+    )
+    .expect("ip -j");
+    let gw_mac = parse_mac(link[0]["address"].as_str().expect("tap0's address"));
+
+    // The guest's end of the TAP, opened by a thread inside the VM's namespace.
+    let probe = {
+        let ns = vm_ns_path.clone();
+        std::thread::spawn(move || {
+            let f = std::fs::File::open(&ns).expect("open the VM's netns");
+            nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            let tap = open_tap_by_name("tap0");
+            let echo = |dst: [u8; 4]| frame(gw_mac, ipv4(dst, 1, &icmp_echo()));
+            let udp = frame(gw_mac, ipv4([10, 200, 0, 1], 17, &udp_to(9999)));
+            let mut silent = Vec::new();
+            for (what, f) in [
+                ("icmp to the gateway", echo([10, 200, 0, 1])),
+                ("icmp outside", echo([192, 0, 2, 1])),
+                ("udp to another port", udp),
+            ] {
+                write_frame(&tap, &f);
+                silent.push((what, answers(&tap, Duration::from_millis(1500))));
+            }
+            let flushed = Command::new("ip")
+                .args(["netns", "exec", &ns_name(&ns), "nft", "flush", "ruleset"])
+                .status()
+                .expect("nft flush");
+            assert!(flushed.success());
+            write_frame(&tap, &echo([10, 200, 0, 1]));
+            (silent, answers(&tap, Duration::from_secs(3)))
+        })
+    };
+    let (silent, control) = probe.join().expect("the probe thread");
+    eprintln!("with the rules: {silent:?}; without them the echo got: {control:?}");
+    for (what, got) in silent {
+        assert!(got.is_empty(), "{what}: the kernel sent {got:?}");
+    }
+    assert!(
+        !control.is_empty(),
+        "without the rules the echo got no answer either: the test cannot see a reply"
+    );
+    drop(ours);
+    let status = gateway.wait().expect("reap the gateway");
+    assert!(status.success(), "the gateway ended with {status}");
+}
+
+fn ns_name(path: &str) -> String {
+    path.rsplit('/').next().unwrap_or_default().to_string()
+}
+
+fn parse_mac(s: &str) -> [u8; 6] {
+    let mut mac = [0u8; 6];
+    for (m, part) in mac.iter_mut().zip(s.split(':')) {
+        *m = u8::from_str_radix(part, 16).expect("mac");
+    }
+    mac
+}
+
+fn open_tap_by_name(name: &str) -> std::fs::File {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open("/dev/net/tun")
+        .expect("/dev/net/tun");
+    // SAFETY: a zeroed ifreq with a NUL-terminated name and flags, for TUNSETIFF.
+    unsafe {
+        let mut ifr: libc::ifreq = std::mem::zeroed();
+        for (d, s) in ifr.ifr_name.iter_mut().zip(name.as_bytes()) {
+            *d = *s as libc::c_char;
+        }
+        ifr.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
+        assert!(
+            libc::ioctl(f.as_raw_fd(), 0x4004_54ca as _, &ifr) >= 0,
+            "attach to {name}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    f
+}
+
+fn write_frame(tap: &std::fs::File, f: &[u8]) {
+    std::io::Write::write_all(&mut &*tap, f).expect("write a frame");
+}
+
+/// What the kernel sends to the guest for `wait`: ARP requests for the guest
+/// and IPv4 packets, as short descriptions.
+fn answers(tap: &std::fs::File, wait: Duration) -> Vec<String> {
+    use std::os::fd::AsRawFd;
+    let deadline = Instant::now() + wait;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 2048];
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        let mut pfd = libc::pollfd {
+            fd: tap.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one pollfd for a descriptor we own.
+        let n = unsafe { libc::poll(&mut pfd, 1, left.as_millis().max(1) as i32) };
+        if n <= 0 {
+            continue;
+        }
+        let Ok(len) = std::io::Read::read(&mut &*tap, &mut buf) else {
+            continue;
+        };
+        let f = &buf[..len];
+        if len < 14 {
+            continue;
+        }
+        match u16::from_be_bytes([f[12], f[13]]) {
+            0x0806 => got.push("arp".to_string()),
+            0x0800 if len >= 34 => got.push(format!("ipv4 proto {} from {:?}", f[23], &f[26..30])),
+            // IPv6 (router solicitations etc.) would be the rules' failure too.
+            0x86dd => got.push("ipv6".to_string()),
+            _ => {}
+        }
+    }
+    got
+}
+
+const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0, 0, 0, 2];
+
+fn frame(dst: [u8; 6], payload: Vec<u8>) -> Vec<u8> {
+    let mut f = Vec::with_capacity(14 + payload.len());
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&GUEST_MAC);
+    f.extend_from_slice(&0x0800u16.to_be_bytes());
+    f.extend(payload);
+    f
+}
+
+fn checksum(b: &[u8]) -> u16 {
+    let mut sum: u32 = b
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// An IPv4 packet from the guest's address.
+fn ipv4(dst: [u8; 4], proto: u8, body: &[u8]) -> Vec<u8> {
+    let len = (20 + body.len()) as u16;
+    let mut h = vec![0x45, 0, 0, 0, 0, 1, 0x40, 0, 64, proto, 0, 0, 10, 200, 0, 2];
+    h[2..4].copy_from_slice(&len.to_be_bytes());
+    h.extend_from_slice(&dst);
+    let c = checksum(&h);
+    h[10..12].copy_from_slice(&c.to_be_bytes());
+    h.extend_from_slice(body);
+    h
+}
+
+fn icmp_echo() -> Vec<u8> {
+    let mut m = vec![8, 0, 0, 0, 0x12, 0x34, 0, 1];
+    m.extend_from_slice(b"neurovisor icmp probe");
+    let c = checksum(&m);
+    m[2..4].copy_from_slice(&c.to_be_bytes());
+    m
+}
+
+/// A UDP datagram from port 40000 (checksum 0: none, allowed over IPv4).
+fn udp_to(port: u16) -> Vec<u8> {
+    let payload = b"probe";
+    let mut u = Vec::new();
+    u.extend_from_slice(&40000u16.to_be_bytes());
+    u.extend_from_slice(&port.to_be_bytes());
+    u.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    u.extend_from_slice(&[0, 0]);
+    u.extend_from_slice(payload);
+    u
+}
