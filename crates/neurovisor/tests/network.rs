@@ -149,6 +149,19 @@ impl Drop for Internet {
     }
 }
 
+/// No process mentions `state` (a test's state directory) within `wait`.
+fn assert_no_process_of(state: &str, wait: Duration) {
+    let deadline = Instant::now() + wait;
+    while !processes_mentioning(state).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        processes_mentioning(state).is_empty(),
+        "{:?}",
+        processes_mentioning(state)
+    );
+}
+
 fn rand_tag() -> String {
     let mut b = [0u8; 3];
     getrandom::getrandom(&mut b).expect("random");
@@ -503,15 +516,7 @@ fn a_sigkilled_run_leaves_no_gateway_namespace_or_process() {
     );
     child.kill().expect("SIGKILL");
     child.wait().expect("reap");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !processes_mentioning(&state).is_empty() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(
-        processes_mentioning(&state).is_empty(),
-        "{:?}",
-        processes_mentioning(&state)
-    );
+    assert_no_process_of(&state, Duration::from_secs(10));
     // The next run removes what the killed one left on disk.
     let out = cli.run(&["run", "--lang", "bash", "-c", "true"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
@@ -621,15 +626,7 @@ fn a_confined_daemon_s_pool_vms_have_the_policy_and_count_its_decisions() {
     }
     assert_eq!(gateways(), 1, "{:?}", processes_mentioning(&state));
     daemon.signal(nix::sys::signal::Signal::SIGKILL);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !processes_mentioning(&state).is_empty() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(
-        processes_mentioning(&state).is_empty(),
-        "{:?}",
-        processes_mentioning(&state)
-    );
+    assert_no_process_of(&state, Duration::from_secs(10));
 }
 
 #[test]
@@ -926,12 +923,7 @@ print(json.dumps({'ok': ok, 'failed': failed, 'after': after}))
     );
     let limited = stderr.matches("reason=rate_limited").count();
     assert!(limited > 0, "no rate_limited refusal was logged:\n{stderr}");
-    let state = cli.state.path().display().to_string();
-    assert!(
-        processes_mentioning(&state).is_empty(),
-        "{:?}",
-        processes_mentioning(&state)
-    );
+    assert_no_process_of(&cli.state.path().display().to_string(), Duration::ZERO);
 }
 
 /// The host side alone, without a guest kernel in the way: a gateway made for

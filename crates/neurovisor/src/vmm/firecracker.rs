@@ -450,11 +450,7 @@ impl VmmBackend for FirecrackerBackend {
     }
 
     async fn restore(&self, cfg: &VmConfig, snapshot: &Path, mem: &Path) -> Result<Box<dyn Vm>, VmmError> {
-        if cfg.network.is_some() {
-            return Err(VmmError::Unsupported(
-                "restoring a VM with --network (its link is made at boot)".into(),
-            ));
-        }
+        super::refuse_network_restore(cfg)?;
         let vm = self.start(cfg, false).await?;
         vm.configure_telemetry().await?;
         let (snapshot_path, mem_path) = match &vm.jail {

@@ -130,6 +130,17 @@ impl VmConfig {
     }
 }
 
+/// VMs with a network are booted, never restored: their link (gateway,
+/// namespace, TAP) is made at boot. Every backend's `restore` asks this first.
+pub(crate) fn refuse_network_restore(cfg: &VmConfig) -> Result<(), VmmError> {
+    match cfg.network {
+        Some(_) => Err(VmmError::Unsupported(
+            "restoring a VM with --network (its link is made at boot)".into(),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Guest kernel command line shared by every backend.
 pub fn base_cmdline(cfg: &VmConfig) -> Vec<String> {
     let mut args: Vec<String> = [

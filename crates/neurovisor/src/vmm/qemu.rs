@@ -463,11 +463,7 @@ impl VmmBackend for QemuBackend {
     /// loaded from `mem`. With `x-ignore-shared` the RAM is not in the
     /// stream, so the restore costs the device state only.
     async fn restore(&self, cfg: &VmConfig, snapshot: &Path, mem: &Path) -> Result<Box<dyn Vm>, VmmError> {
-        if cfg.network.is_some() {
-            return Err(VmmError::Unsupported(
-                "restoring a VM with --network (its link is made at boot)".into(),
-            ));
-        }
+        super::refuse_network_restore(cfg)?;
         let size = u64::from(cfg.size.memory_mib()) << 20;
         let blank = std::fs::metadata(mem).is_ok_and(|m| m.len() == 0);
         let memory = match &cfg.guest_memory {
