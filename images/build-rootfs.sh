@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build a NeuroVisor guest root filesystem image (read-only ext4) with the guest agent as init.
 #
-#   build-rootfs.sh [--image default|full] [--packages P1,P2 --name IMAGE+HASH] --agent PATH_TO_AGENT_BINARY
+#   build-rootfs.sh [--image default|full|desktop] [--packages P1,P2 --name IMAGE+HASH] --agent PATH_TO_AGENT_BINARY
 #
 # --packages adds Debian packages to the image's own (a sandbox profile's capabilities); the result is
 # published under --name, which `neurovisor` derives from the base image and the package list.
@@ -20,9 +20,10 @@ SUITE=bookworm
 
 die() { echo "build-rootfs: error: $*" >&2; exit 1; }
 log() { echo "build-rootfs: $*"; }
-usage() { echo "usage: $0 [--image default|full] [--packages P1,P2 --name IMAGE+HASH] --agent PATH_TO_AGENT_BINARY" >&2; exit 2; }
+usage() { echo "usage: $0 [--image default|full|desktop] [--packages P1,P2 --name IMAGE+HASH] --agent PATH_TO_AGENT_BINARY" >&2; exit 2; }
 
 image=default
+apt_packages=""
 agent=""
 extra=""
 name=""
@@ -47,7 +48,15 @@ case "$image" in
     default) packages="python3,bash,nodejs,python3-pip,git,ca-certificates" ;;
     # rustc needs a linker (`cc`) and libc headers/crt files to link binaries.
     full) packages="python3,bash,nodejs,python3-pip,git,ca-certificates,golang-go,rustc,gcc,libc6-dev" ;;
-    *) die "unknown image '$image' (expected default or full)" ;;
+    # A desktop for computer-use agents: Xvnc (an X server that is its own VNC server, so no X driver and
+    # no second process), openbox + tint2 (lighter than XFCE; starts in about a second under TCG), a
+    # terminal, Chromium, and the tools the host drives it with (xdotool: input; scrot: screenshots).
+    # debootstrap's own resolver leaves GTK's dconf chain unconfigured, so these go in with apt afterwards.
+    desktop)
+        packages="python3,bash,ca-certificates"
+        apt_packages="tigervnc-standalone-server xfonts-base openbox tint2 xterm x11-xserver-utils xdotool scrot chromium fonts-dejavu-core"
+        ;;
+    *) die "unknown image '$image' (expected default, full or desktop)" ;;
 esac
 if [[ -n "$extra" || -n "$name" ]]; then
     [[ "$extra" =~ ^[a-z0-9][a-z0-9.+-]+(,[a-z0-9][a-z0-9.+-]+)*$ ]] || die "--packages: '$extra' is not a comma-separated list of Debian package names"
@@ -63,7 +72,7 @@ for tool in debootstrap chroot unshare mkfs.ext4 sha256sum flock; do
 done
 
 sha() { sha256sum | cut -c1-16; }
-basekey="$(cat <(printf '%s\n%s\n%s\n' "$name" "$packages" "$SUITE") "$SCRIPT_PATH" | sha)"
+basekey="$(cat <(printf '%s\n%s\n%s\n%s\n' "$name" "$packages" "$apt_packages" "$SUITE") "$SCRIPT_PATH" | sha)"
 agent_sha="$(sha256sum "$agent" | cut -d' ' -f1)"
 key="$(printf '%s\n%s\n' "$basekey" "$agent_sha" | sha)"
 
@@ -96,6 +105,42 @@ in_root() {
         chroot "$1" /bin/sh -c 'mount -t proc proc /proc && exec /bin/sh -c "$0"' "$2"
 }
 
+# The desktop image's session: started by the host (as the sandbox user, through the agent's process
+# service) when a desktop sandbox is created; its "desktop ready" line is what the host waits for. VNC
+# listens on the guest's loopback only: the host reaches it through the agent (Bridge/Dial), never a network.
+write_desktop() {
+    local r="$1"
+    cat >"$r/usr/local/bin/neurovisor-desktop" <<'SESSION'
+#!/bin/sh
+# neurovisor-desktop WIDTHxHEIGHT: the desktop on display :0, VNC on 127.0.0.1:5900.
+set -u
+geometry="${1:-1280x800}"
+export DISPLAY=:0 HOME="${HOME:-/home/user}"
+cd "$HOME" || exit 1
+Xvnc :0 -geometry "$geometry" -depth 24 -rfbport 5900 -localhost -SecurityTypes None \
+    -AlwaysShared -AcceptSetDesktopSize=0 -nolisten tcp -dpi 96 >/tmp/.Xvnc.log 2>&1 &
+x=$!
+i=0
+until xsetroot -solid '#2b5f8a' 2>/dev/null; do
+    i=$((i + 1))
+    if [ "$i" -gt 600 ] || ! kill -0 "$x" 2>/dev/null; then
+        echo "desktop failed: Xvnc did not start" >&2
+        cat /tmp/.Xvnc.log >&2
+        exit 1
+    fi
+    sleep 0.05
+done
+openbox >/dev/null 2>&1 &
+tint2 >/dev/null 2>&1 &
+xterm -geometry 90x24+60+60 -fa 'DejaVu Sans Mono' -fs 12 -title terminal &
+xdotool search --sync --onlyvisible --class xterm >/dev/null 2>&1
+echo "desktop ready"
+wait "$x"
+SESSION
+    chmod 0755 "$r/usr/local/bin/neurovisor-desktop"
+    printf '%s\n' '{"vnc_port": 5900, "session": "/usr/local/bin/neurovisor-desktop"}' >"$r/etc/neurovisor/desktop.json"
+}
+
 build_base() {
     local tmp="$base.tmp"
     rm -rf "$base" "$tmp"
@@ -109,6 +154,19 @@ build_base() {
     fi
     rm -f "$dlog"
     local r="$tmp/root"
+    if [[ -n "$apt_packages" ]]; then
+        log "base: apt-get install $apt_packages"
+        printf 'deb %s %s main\n' "$MIRROR" "$SUITE" >"$r/etc/apt/sources.list"
+        # No daemon starts inside the chroot (dbus and friends).
+        printf '#!/bin/sh\nexit 101\n' >"$r/usr/sbin/policy-rc.d"
+        chmod 0755 "$r/usr/sbin/policy-rc.d"
+        local alog="$CACHE/rootfs-base/$basekey.apt.log"
+        if ! in_root "$r" "export DEBIAN_FRONTEND=noninteractive; apt-get update -q && apt-get install -y -q --no-install-recommends $apt_packages" >"$alog" 2>&1; then
+            tail -n 40 "$alog" >&2
+            die "apt-get install failed (log: $alog)"
+        fi
+        rm -f "$alog" "$r/usr/sbin/policy-rc.d"
+    fi
 
     log "base: sandbox user, directories, languages.json"
     in_root "$r" '
@@ -139,6 +197,11 @@ build_base() {
     json+="]"
     printf '%s\n' "$json" >"$r/etc/neurovisor/languages.json"
     log "base: languages: $json"
+
+    if [[ "$image" == desktop ]]; then
+        log "base: desktop session (/usr/local/bin/neurovisor-desktop, /etc/neurovisor/desktop.json)"
+        write_desktop "$r"
+    fi
 
     log "base: trimming apt caches, docs, man pages, locales"
     rm -rf "$r"/var/cache/apt/* "$r"/var/lib/apt/lists/* "$r"/var/cache/debconf/*-old \
@@ -194,6 +257,7 @@ truncate -s "${size_mib}M" "$tmp_out/rootfs.ext4"
 mkfs.ext4 -q -F -d "$staging" -L neurovisor-root -N "$inodes" -m 0 -O ^has_journal \
     "$tmp_out/rootfs.ext4"
 cp "$staging/etc/neurovisor/languages.json" "$tmp_out/languages.json"
+[[ -f "$staging/etc/neurovisor/desktop.json" ]] && cp "$staging/etc/neurovisor/desktop.json" "$tmp_out/desktop.json"
 printf '%s\n' "$name" >"$tmp_out/image"
 printf '%s\n' "$agent_sha" >"$tmp_out/agent.sha256"
 rm -rf "$out"

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 [[ -x "$HOME/.cargo/bin/cargo" ]] && export PATH="$HOME/.cargo/bin:$PATH"
 
-bash scripts/setup.sh --full
+bash scripts/setup.sh --full --desktop
 
 echo; echo "== Firecracker and jailer (real binaries for tests/firecracker.rs; built once, cached)"
 # Built from the source kept in ../shared (CI's fresh clone has it beside the
@@ -24,6 +24,11 @@ if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus-pushgateway 
     pkgs="prometheus prometheus-pushgateway python3-yaml"
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $pkgs \
         || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $pkgs; }
+fi
+# Chromium on the host: tests/desktop.rs opens a desktop sandbox's noVNC page in it.
+if ! command -v chromium >/dev/null 2>&1; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium \
+        || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium; }
 fi
 # (The tests start their own servers on free loopback ports.)
 export FIRECRACKER_BIN="$fc_dir/firecracker" JAILER_BIN="$fc_dir/jailer"

@@ -1,5 +1,7 @@
 //! The guest side of the inference bridge: a loopback listener whose
-//! connections the host picks up and carries over the agent's connection.
+//! connections the host picks up and carries over the agent's connection;
+//! and the other way, `Dial`: the host's connection to a guest loopback port
+//! (a desktop's VNC server), with no network device either.
 //!
 //! The host calls `Listen` when a program may use the bridge; each
 //! connection a program makes to `127.0.0.1:port` waits in a small table
@@ -106,58 +108,85 @@ impl Bridge for BridgeService {
             .ok()
             .and_then(|mut w| w.remove(&id))
             .ok_or_else(|| Status::not_found(format!("no waiting connection {id}")))?;
-        // Answers go out as they come (no Nagle wait on small writes).
-        let _ = stream.set_nodelay(true);
-        let (mut rd, mut wr) = stream.into_split();
-        // Host to program: written as it comes; the host's end closes the
-        // write side, a broken stream the whole connection.
-        tokio::spawn(async move {
-            let mut next = Some(first.data);
-            loop {
-                if let Some(data) = next.take() {
-                    if !data.is_empty() && wr.write_all(&data).await.is_err() {
-                        return;
-                    }
-                }
-                match input.next().await {
-                    Some(Ok(m)) => next = Some(m.data),
-                    Some(Err(_)) => return,
-                    None => break,
-                }
-            }
-            let _ = wr.shutdown().await;
-        });
-        // Program to host, until it closes its side; an empty message
-        // first says the connection was taken.
-        let (tx, rx) = mpsc::channel(4);
-        let _ = tx
-            .send(Ok(BridgeData {
-                conn_id: id,
-                data: Bytes::new(),
-            }))
-            .await;
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; CHUNK];
-            loop {
-                quick_ack(rd.as_ref());
-                let n = tokio::select! {
-                    r = rd.read(&mut buf) => match r {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => n,
-                    },
-                    _ = tx.closed() => return,
-                };
-                let msg = BridgeData {
-                    conn_id: id,
-                    data: Bytes::copy_from_slice(&buf[..n]),
-                };
-                if tx.send(Ok(msg)).await.is_err() {
+        Ok(Response::new(splice(id, stream, first.data, input)))
+    }
+
+    type DialStream = Items<BridgeData>;
+
+    async fn dial(
+        &self,
+        request: Request<Streaming<BridgeData>>,
+    ) -> Result<Response<Self::DialStream>, Status> {
+        let mut input = request.into_inner();
+        let first = input
+            .next()
+            .await
+            .ok_or_else(|| Status::invalid_argument("empty dial: the first message names the port"))??;
+        let port = u16::try_from(first.dial_port)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| Status::invalid_argument("dial_port: give 1-65535"))?;
+        let stream = TcpStream::connect(("127.0.0.1", port))
+            .await
+            .map_err(|e| Status::failed_precondition(format!("connect to 127.0.0.1:{port}: {e}")))?;
+        Ok(Response::new(splice(0, stream, first.data, input)))
+    }
+}
+
+/// One connection's bytes both ways: `first` and what follows on `input`
+/// go to `stream`, what it sends comes back as the answer stream (an empty
+/// message first).
+fn splice(id: u64, stream: TcpStream, first: Bytes, mut input: Streaming<BridgeData>) -> Items<BridgeData> {
+    // Answers go out as they come (no Nagle wait on small writes).
+    let _ = stream.set_nodelay(true);
+    let (mut rd, mut wr) = stream.into_split();
+    // Host to program: written as it comes; the host's end closes the
+    // write side, a broken stream the whole connection.
+    tokio::spawn(async move {
+        let mut next = Some(first);
+        loop {
+            if let Some(data) = next.take() {
+                if !data.is_empty() && wr.write_all(&data).await.is_err() {
                     return;
                 }
             }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
-    }
+            match input.next().await {
+                Some(Ok(m)) => next = Some(m.data),
+                Some(Err(_)) => return,
+                None => break,
+            }
+        }
+        let _ = wr.shutdown().await;
+    });
+    // Program to host, until it closes its side; an empty message
+    // first says the connection was taken.
+    let (tx, rx) = mpsc::channel(4);
+    let _ = tx.try_send(Ok(BridgeData {
+        conn_id: id,
+        ..Default::default()
+    }));
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            quick_ack(rd.as_ref());
+            let n = tokio::select! {
+                r = rd.read(&mut buf) => match r {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                },
+                _ = tx.closed() => return,
+            };
+            let msg = BridgeData {
+                conn_id: id,
+                data: Bytes::copy_from_slice(&buf[..n]),
+                ..Default::default()
+            };
+            if tx.send(Ok(msg)).await.is_err() {
+                return;
+            }
+        }
+    });
+    Box::pin(ReceiverStream::new(rx))
 }
 
 /// Acknowledges what arrives at once. A client that writes a request in

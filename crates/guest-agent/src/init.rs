@@ -199,11 +199,13 @@ pub fn setup_root(params: &BootParams) -> Result<(), InitError> {
         )?;
     }
     mkdir("/dev/pts")?;
+    // Not `nodev`: its nodes are the terminals; programs that open their
+    // terminal by name (xterm, `tty` redirections) would get EACCES.
     mount_fs(
         "devpts",
         "/dev/pts",
         "devpts",
-        nosuid | MsFlags::MS_NOEXEC,
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
         Some("mode=0620,ptmxmode=0666"),
     )?;
     mkdir("/dev/shm")?;

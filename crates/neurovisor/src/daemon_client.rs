@@ -422,6 +422,41 @@ impl DaemonClient {
         s.map(|r| r.into_inner()).map_err(|s| self.status(s))
     }
 
+    /// A desktop sandbox's screen: (PNG, width, height).
+    pub async fn sandbox_screenshot(&mut self, id: &str) -> Result<(Vec<u8>, u32, u32), DaemonError> {
+        let request = self.request(SandboxRef {
+            sandbox_id: id.into(),
+        });
+        let s = self.sandboxes.screenshot(request).await;
+        s.map(|r| {
+            let r = r.into_inner();
+            (r.png.to_vec(), r.width, r.height)
+        })
+        .map_err(|s| self.status(s))
+    }
+
+    pub async fn sandbox_desktop_action(
+        &mut self,
+        r: neurovisor_proto::v1::DesktopActionRequest,
+    ) -> Result<(), DaemonError> {
+        let request = self.request(r);
+        let s = self.sandboxes.desktop_action(request).await;
+        s.map(|_| ()).map_err(|s| self.status(s))
+    }
+
+    pub async fn sandbox_desktop_view(
+        &mut self,
+        id: &str,
+        view_only: bool,
+    ) -> Result<neurovisor_proto::v1::DesktopViewInfo, DaemonError> {
+        let request = self.request(neurovisor_proto::v1::DesktopViewRequest {
+            sandbox_id: id.into(),
+            view_only,
+        });
+        let s = self.sandboxes.desktop_view(request).await;
+        s.map(|r| r.into_inner()).map_err(|s| self.status(s))
+    }
+
     pub async fn sandbox_list(&mut self) -> Result<Vec<SandboxInfo>, DaemonError> {
         let request = self.request(ListSandboxesRequest {});
         let s = self.sandboxes.list(request).await;

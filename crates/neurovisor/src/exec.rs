@@ -1294,6 +1294,7 @@ mod tests {
                 name: "python".into(),
                 version: "3.11.2".into(),
             }],
+            desktop: None,
         }
     }
 

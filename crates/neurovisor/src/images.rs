@@ -44,6 +44,8 @@ pub struct ImageSet {
     pub kernel: PathBuf,
     pub rootfs: PathBuf,
     pub languages: Vec<Language>,
+    /// Its desktop (`desktop.json` beside the language list), if it has one.
+    pub desktop: Option<crate::desktop::DesktopSpec>,
 }
 
 /// Which images to use; `None` fields take the cached defaults.
@@ -86,11 +88,18 @@ impl ImageSet {
             });
         }
         let languages = read_manifest(&rootfs.with_file_name("languages.json"))?;
+        let desktop_file = rootfs.with_file_name("desktop.json");
+        let desktop =
+            crate::desktop::DesktopSpec::read(&desktop_file).map_err(|reason| ImageError::BadManifest {
+                path: desktop_file,
+                reason,
+            })?;
         Ok(Self {
             name,
             kernel,
             rootfs,
             languages,
+            desktop,
         })
     }
 

@@ -23,6 +23,7 @@ pub mod boot;
 pub mod channel;
 pub mod config;
 pub mod daemon_client;
+pub mod desktop;
 pub mod doctor;
 pub mod e2b;
 pub mod exec;

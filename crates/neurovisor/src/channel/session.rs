@@ -287,6 +287,27 @@ impl GuestSession {
             .await
     }
 
+    /// A connection to `127.0.0.1:port` in the guest: `input` to it (its
+    /// first message must carry `dial_port`), the items from it (an empty one
+    /// first: connected). Dropping the items closes it.
+    pub async fn dial(
+        &self,
+        input: mpsc::Receiver<BridgeData>,
+    ) -> Result<GuestItems<BridgeData>, SessionError> {
+        let mut c = self.bridge();
+        let input = tokio_stream::wrappers::ReceiverStream::new(input);
+        let mut items = self
+            .stream(async move { c.dial(input).await }, check_bridge_data)
+            .await?;
+        match tokio_stream::StreamExt::next(&mut items).await {
+            Some(Ok(d)) if d.data.is_empty() => Ok(items),
+            Some(Err(e)) => Err(e),
+            _ => Err(SessionError::Protocol(
+                "the guest did not say it connected".into(),
+            )),
+        }
+    }
+
     pub async fn read_file(&self, r: ReadFileRequest) -> Result<GuestItems<FileChunk>, SessionError> {
         let mut c = self.files();
         self.stream(async move { c.read(r).await }, check_chunk).await

@@ -30,7 +30,7 @@ const SCRIPTS: &[(&str, &str)] = &[
 pub enum ImagesCommand {
     /// Build (or find cached) the guest kernel and a root filesystem image.
     Build {
-        /// Which image: `default` (python, bash, javascript) or `full` (adds go, rust).
+        /// Which image: `default` (python, bash, javascript), `full` (adds go, rust) or `desktop` (a desktop with Chromium, for desktop sandboxes).
         #[arg(long, default_value = "default", conflicts_with = "profile")]
         image: String,
         /// The image a sandbox profile's VMs boot: its base image with the
@@ -108,7 +108,9 @@ async fn build(image: String, profile: Option<String>, agent: Option<PathBuf>) -
         .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         || image.is_empty()
     {
-        return Err(format!("invalid image name '{image}' (use default or full)"));
+        return Err(format!(
+            "invalid image name '{image}' (use default, full or desktop)"
+        ));
     }
     let agent = agent_binary(agent)?;
     let dir = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
@@ -152,7 +154,7 @@ pub async fn images(cmd: ImagesCommand) -> u8 {
         },
         ImagesCommand::List => {
             println!("kernel   {}", default_kernel().display());
-            for name in ["default", "full"] {
+            for name in ["default", "full", "desktop"] {
                 let sel = ImageSelection {
                     image: Some(name.into()),
                     ..Default::default()

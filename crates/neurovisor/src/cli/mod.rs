@@ -97,7 +97,7 @@ enum Command {
     /// one is running, else booted directly).
     Mcp(mcp::McpArgs),
     /// Run the daemon: a pre-warmed VM pool behind a gRPC API, plus /metrics.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Sandboxes that live across calls, on a running daemon: create, exec,
     /// list, get, kill, timeout.
     ///
@@ -641,7 +641,7 @@ pub async fn dispatch(mut cli: Cli) -> u8 {
             None => serve::serve(cli.serve).await,
         },
         Some(Command::Agent(a)) => agent::run(a, cli.pushgateway).await,
-        Some(Command::Serve(a)) => serve::serve(a).await,
+        Some(Command::Serve(a)) => serve::serve(*a).await,
         Some(Command::Run(a)) => run::run(a, cli.pushgateway).await,
         Some(Command::Install(a)) => install::install(a, cli.pushgateway).await,
         Some(Command::Repo(a)) => install::repo(a, cli.pushgateway).await,

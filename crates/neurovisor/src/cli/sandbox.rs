@@ -42,6 +42,73 @@ pub enum SandboxCommand {
     Cp(CpArgs),
     /// List a directory of a sandbox.
     Ls(LsArgs),
+    /// The URL where a desktop sandbox is watched or driven in a browser
+    /// (noVNC; the daemon needs --desktop-listen). It holds the sandbox's
+    /// token: share it as you would a password.
+    Vnc(VncArgs),
+    /// Save a desktop sandbox's screen as PNG.
+    Screenshot(ScreenshotArgs),
+    /// Drive a desktop sandbox: click, move, type, key, scroll, open a URL.
+    Desktop(DesktopArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct VncArgs {
+    id: String,
+    /// A URL that only watches (the daemon drops the viewer's input).
+    #[arg(long)]
+    view_only: bool,
+    #[command(flatten)]
+    daemon: DaemonArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ScreenshotArgs {
+    id: String,
+    /// Where to write the PNG (`-`: stdout).
+    #[arg(short, long, default_value = "screenshot.png")]
+    output: PathBuf,
+    #[command(flatten)]
+    daemon: DaemonArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct DesktopArgs {
+    id: String,
+    #[command(subcommand)]
+    action: DesktopCommand,
+    #[command(flatten)]
+    daemon: DaemonArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum DesktopCommand {
+    /// Move the pointer to X Y.
+    Move { x: u32, y: u32 },
+    /// Click at X Y.
+    Click {
+        x: u32,
+        y: u32,
+        /// left, middle or right.
+        #[arg(long, default_value = "left")]
+        button: String,
+        /// 2 for a double click.
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+    },
+    /// Type TEXT into the focused window.
+    Type { text: String },
+    /// Press keys: X key names joined by + ("ctrl+l", "Return").
+    Key { keys: Vec<String> },
+    /// Scroll at X Y: positive AMOUNT down, negative up.
+    Scroll {
+        x: u32,
+        y: u32,
+        #[arg(allow_hyphen_values = true)]
+        amount: i32,
+    },
+    /// Open URL in the browser.
+    Open { url: String },
 }
 
 #[derive(Debug, Args)]
@@ -85,13 +152,13 @@ fn remote_of(arg: &str) -> Option<(&str, &str)> {
 pub struct DaemonArgs {
     /// The daemon: unix:/path/to/neurovisor.sock, host:port, http://... or
     /// https://... (default: the one whose socket is in the state directory).
-    #[arg(long, env = "NEUROVISOR_ADDR")]
+    #[arg(long, env = "NEUROVISOR_ADDR", global = true)]
     addr: Option<String>,
     /// PEM CA certificate of an https:// daemon with a private CA.
-    #[arg(long, env = "NEUROVISOR_TLS_CA", value_name = "FILE")]
+    #[arg(long, env = "NEUROVISOR_TLS_CA", value_name = "FILE", global = true)]
     tls_ca: Option<PathBuf>,
     /// The daemon's state directory (where its socket and token are).
-    #[arg(long, env = "NEUROVISOR_STATE_DIR")]
+    #[arg(long, env = "NEUROVISOR_STATE_DIR", global = true)]
     state_dir: Option<PathBuf>,
 }
 
@@ -239,6 +306,7 @@ fn info_json(s: &SandboxInfo) -> serde_json::Value {
         "on_timeout": s.on_timeout,
         "auto_resume": s.auto_resume,
         "llm_bridge": s.llm_bridge,
+        "desktop": s.desktop,
     })
 }
 
@@ -276,6 +344,53 @@ async fn run(cmd: SandboxCommand) -> Result<u8, u8> {
             } else {
                 println!("{}", s.sandbox_id);
             }
+            Ok(0)
+        }
+        SandboxCommand::Vnc(a) => {
+            let mut c = connect(&a.daemon).await?;
+            let v = c
+                .sandbox_desktop_view(&a.id, a.view_only)
+                .await
+                .map_err(|e| fail(&e, exit_code(&e)))?;
+            println!("{}", v.url);
+            Ok(0)
+        }
+        SandboxCommand::Screenshot(a) => {
+            let mut c = connect(&a.daemon).await?;
+            let (png, w, h) = c
+                .sandbox_screenshot(&a.id)
+                .await
+                .map_err(|e| fail(&e, exit_code(&e)))?;
+            if a.output.as_os_str() == "-" {
+                let mut out = std::io::stdout().lock();
+                out.write_all(&png)
+                    .and_then(|_| out.flush())
+                    .map_err(|e| fail(format!("stdout: {e}"), EXIT_SANDBOX_ERROR))?;
+            } else {
+                std::fs::write(&a.output, &png)
+                    .map_err(|e| fail(format!("{}: {e}", a.output.display()), EXIT_BAD_INPUT))?;
+                eprintln!("neurovisor: {}x{} screenshot in {}", w, h, a.output.display());
+            }
+            Ok(0)
+        }
+        SandboxCommand::Desktop(a) => {
+            use neurovisor_proto::v1::desktop_action_request::Action;
+            use neurovisor_proto::v1::{Click, Point, Scroll};
+            let action = match a.action {
+                DesktopCommand::Move { x, y } => Action::Move(Point { x, y }),
+                DesktopCommand::Click { x, y, button, count } => Action::Click(Click { x, y, button, count }),
+                DesktopCommand::Type { text } => Action::TypeText(text),
+                DesktopCommand::Key { keys } => Action::Key(keys.join(" ")),
+                DesktopCommand::Scroll { x, y, amount } => Action::Scroll(Scroll { x, y, amount }),
+                DesktopCommand::Open { url } => Action::OpenUrl(url),
+            };
+            let mut c = connect(&a.daemon).await?;
+            c.sandbox_desktop_action(neurovisor_proto::v1::DesktopActionRequest {
+                sandbox_id: a.id,
+                action: Some(action),
+            })
+            .await
+            .map_err(|e| fail(&e, exit_code(&e)))?;
             Ok(0)
         }
         SandboxCommand::Exec(a) => {

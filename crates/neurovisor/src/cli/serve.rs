@@ -44,6 +44,15 @@ pub struct ServeArgs {
     /// (<state-dir>/token).
     #[arg(long, env = "NEUROVISOR_E2B_LISTEN", value_name = "ADDR")]
     pub e2b_listen: Option<SocketAddr>,
+    /// Also serve the desktop viewer (noVNC) on this TCP address: desktop
+    /// sandboxes are watched or driven in a browser at the URL
+    /// `neurovisor sandbox vnc ID` prints (each with its sandbox's token).
+    #[arg(long, env = "NEUROVISOR_DESKTOP_LISTEN", value_name = "ADDR")]
+    pub desktop_listen: Option<SocketAddr>,
+    /// Where the noVNC web client is [default: /usr/share/novnc, Debian's
+    /// novnc package].
+    #[arg(long, env = "NEUROVISOR_NOVNC_DIR", value_name = "DIR")]
+    pub novnc_dir: Option<PathBuf>,
     /// PEM certificate chain: makes the --listen address TLS (with --tls-key).
     #[arg(long, env = "NEUROVISOR_TLS_CERT", value_name = "FILE")]
     pub tls_cert: Option<PathBuf>,
@@ -112,6 +121,8 @@ struct FileConfig {
     grpc_addr: Option<SocketAddr>,
     mcp_listen: Option<SocketAddr>,
     e2b_listen: Option<SocketAddr>,
+    desktop_listen: Option<SocketAddr>,
+    novnc_dir: Option<PathBuf>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     socket_group: Option<String>,
@@ -204,6 +215,12 @@ impl ServeArgs {
             listen,
             mcp_listen: self.mcp_listen.or(f.mcp_listen),
             e2b_listen: self.e2b_listen.or(f.e2b_listen),
+            desktop_listen: self.desktop_listen.or(f.desktop_listen),
+            novnc_dir: self
+                .novnc_dir
+                .clone()
+                .or(f.novnc_dir)
+                .unwrap_or_else(|| neurovisor::desktop::web::DEFAULT_NOVNC_DIR.into()),
             tls,
             socket_group: self
                 .socket_group
@@ -318,6 +335,11 @@ pub async fn serve(a: ServeArgs) -> u8 {
             eprintln!(
                 "neurovisor: serving the E2B API on http://{a} (E2B_API_URL and E2B_SANDBOX_URL; E2B_API_KEY is the token in {})",
                 l.token_file.display()
+            );
+        }
+        if let Some(a) = l.desktop {
+            eprintln!(
+                "neurovisor: serving the desktop viewer on http://{a} (`neurovisor sandbox vnc ID` prints a sandbox's URL)"
             );
         }
         if let Some(a) = l.mcp {

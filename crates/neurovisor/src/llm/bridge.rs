@@ -218,7 +218,7 @@ impl LlmBridge {
         let _ = to_guest
             .send(BridgeData {
                 conn_id,
-                data: Bytes::new(),
+                ..Default::default()
             })
             .await;
         let mut from_guest = session.bridge_pipe(rx).await?;
@@ -241,6 +241,7 @@ impl LlmBridge {
                         let d = BridgeData {
                             conn_id,
                             data: Bytes::copy_from_slice(&buf[..n]),
+                            ..Default::default()
                         };
                         if to_guest.send(d).await.is_err() {
                             break;

@@ -59,6 +59,11 @@ pub struct DaemonConfig {
     /// TCP listener for the E2B-compatible HTTP API (`--e2b-listen`); its
     /// API key is the token, each sandbox's calls need its own access token.
     pub e2b_listen: Option<SocketAddr>,
+    /// TCP listener for the desktop viewer (`--desktop-listen`): the noVNC
+    /// page and each desktop sandbox's WebSocket (its own token).
+    pub desktop_listen: Option<SocketAddr>,
+    /// The noVNC web client's files (`--novnc-dir`).
+    pub novnc_dir: PathBuf,
     /// Certificate and key that make the TCP listener TLS.
     pub tls: Option<TlsFiles>,
     /// The group that may use the Unix socket (when it exists).
@@ -115,6 +120,8 @@ pub struct Listening {
     pub mcp: Option<SocketAddr>,
     /// The E2B API's address.
     pub e2b: Option<SocketAddr>,
+    /// The desktop viewer's address.
+    pub desktop: Option<SocketAddr>,
 }
 
 impl Listening {
@@ -264,6 +271,8 @@ pub enum DaemonError {
     Tls(String),
     #[error(transparent)]
     Bridge(#[from] crate::llm::bridge::BridgeError),
+    #[error(transparent)]
+    Desktop(#[from] crate::desktop::web::NoVncError),
     #[error("cannot listen on {addr} for {what}: {source} (choose another address with {flag})")]
     Bind {
         addr: SocketAddr,
@@ -550,6 +559,17 @@ pub async fn run(
         Some(addr) => Some(bind(addr, "E2B API", "--e2b-listen").await?),
         None => None,
     };
+    // The viewer's files are read now: the confined API threads open none.
+    let desktop_tcp = match cfg.desktop_listen {
+        Some(addr) => {
+            let novnc = crate::desktop::web::NoVnc::load(&cfg.novnc_dir)?;
+            Some((
+                bind(addr, "desktop viewer", "--desktop-listen").await?,
+                Arc::new(novnc),
+            ))
+        }
+        None => None,
+    };
     let http = bind(cfg.metrics_addr, "metrics", "--metrics-addr").await?;
     let metrics_addr = http.local_addr().unwrap_or(cfg.metrics_addr);
     if !metrics_addr.ip().is_loopback() {
@@ -573,6 +593,10 @@ pub async fn run(
         e2b: e2b_tcp
             .as_ref()
             .map(|l| l.local_addr().ok().or(cfg.e2b_listen))
+            .unwrap_or(None),
+        desktop: desktop_tcp
+            .as_ref()
+            .map(|(l, _)| l.local_addr().ok().or(cfg.desktop_listen))
             .unwrap_or(None),
     };
 
@@ -750,6 +774,29 @@ pub async fn run(
         }
         _ => None,
     };
+    // The desktop viewer: the same sandboxes, the same connection limit.
+    let (stop_desktop_http, desktop_http_stopped) = tokio::sync::oneshot::channel::<()>();
+    let desktop_task = match (desktop_tcp, listening.desktop) {
+        (Some((l, novnc)), Some(addr)) => {
+            let host = if addr.ip().is_unspecified() {
+                SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port())
+            } else {
+                addr
+            };
+            sessions.set_desktop_url(format!("http://{host}"));
+            let router = crate::desktop::web::router(sessions.clone(), novnc);
+            let listener = slots.limit_listener(l);
+            Some(tokio::spawn(async move {
+                let serving = axum::serve(listener, router).with_graceful_shutdown(async move {
+                    let _ = desktop_http_stopped.await;
+                });
+                if let Err(e) = serving.await {
+                    tracing::warn!("desktop viewer stopped: {e}");
+                }
+            }))
+        }
+        _ => None,
+    };
     let sessions_svc = SandboxesServer::new(sessions::SandboxesService::new(sessions.clone()))
         .max_decoding_message_size(crate::exec::MAX_REQUEST_BYTES);
     let sandbox_svc = SandboxServer::new(
@@ -836,6 +883,7 @@ pub async fn run(
     let _ = stop_grpc.send(true);
     let _ = stop_mcp_http.send(());
     let _ = stop_e2b_http.send(());
+    let _ = stop_desktop_http.send(());
     // In-flight executions finish within the grace period; the pool destroys
     // warm VMs at once and waits for leased ones.
     let drain_server = async {
@@ -854,7 +902,7 @@ pub async fn run(
         sessions.kill_all().await;
         pool.shutdown(cfg.shutdown_grace + Duration::from_secs(10)).await
     });
-    for t in [mcp_task, e2b_task].into_iter().flatten() {
+    for t in [mcp_task, e2b_task, desktop_task].into_iter().flatten() {
         let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
     }
     let _ = stop_http.send(());

@@ -106,6 +106,9 @@ pub(super) struct Session {
     /// Its inference bridge (`llm_bridge`): its trace id, and the task
     /// serving its current VM (none while paused).
     bridge: Option<(String, std::sync::Mutex<Option<crate::llm::bridge::BridgeTask>>)>,
+    /// Its desktop, when its image has one (started at create; its
+    /// processes go on across pause and resume).
+    desktop: Option<Arc<crate::desktop::Desktop>>,
 }
 
 impl Session {
@@ -210,6 +213,8 @@ struct Table {
     stopped: CancellationToken,
     /// Where paused sandboxes' snapshots are kept (one directory each).
     paused_dir: PathBuf,
+    /// The desktop viewer's base URL (`serve --desktop-listen`), once bound.
+    desktop_url: std::sync::OnceLock<String>,
 }
 
 /// Every live sandbox of the daemon (a handle: clones share it).
@@ -258,6 +263,7 @@ impl SandboxTable {
                 changed: tokio::sync::Notify::new(),
                 stopped: CancellationToken::new(),
                 paused_dir,
+                desktop_url: std::sync::OnceLock::new(),
             }),
         };
         tokio::spawn(reap(t.inner.clone()));
@@ -296,6 +302,11 @@ impl SandboxTable {
             image: s.images().name.clone(),
             restored: s.restored,
             executions: s.executions.load(Ordering::Relaxed),
+            desktop: s
+                .desktop
+                .as_ref()
+                .map(|d| format!("{}x{}", d.width, d.height))
+                .unwrap_or_default(),
         }
     }
 
@@ -526,6 +537,18 @@ impl SandboxTable {
         let guest = lease
             .session()
             .ok_or_else(|| Status::internal("the pool handed out a lease without a VM"))?;
+        // A desktop image's session starts now; its VM goes with the lease
+        // if it does not come up.
+        let desktop = match &pool.sandbox().images().desktop {
+            Some(spec) => {
+                let d = crate::desktop::Desktop::start(&guest, spec, random_token(), random_token())
+                    .await
+                    .map_err(|e| desktop_status(&e))?;
+                tracing::info!(vm = %lease.vm_id(), ready_ms = d.ready_after.as_millis() as u64, "desktop ready");
+                Some(Arc::new(d))
+            }
+            None => None,
+        };
         let now = (Instant::now(), SystemTime::now());
         let id = uuid::Uuid::now_v7();
         let session = Arc::new(Session {
@@ -548,6 +571,7 @@ impl SandboxTable {
             killed: CancellationToken::new(),
             guest: std::sync::Mutex::new(Some(guest)),
             access_token: random_token(),
+            desktop,
         });
         // Its VM is dropped with the session if the bridge does not start.
         session.start_bridge().await?;
@@ -655,6 +679,77 @@ impl SandboxTable {
         Ok(s)
     }
 
+    /// Sets where the desktop viewer is served (`http://host:port`).
+    pub(crate) fn set_desktop_url(&self, base: String) {
+        let _ = self.inner.desktop_url.set(base);
+    }
+
+    /// Sandbox `id`'s desktop, its guest and its end (for a viewer).
+    pub(crate) fn desktop_of(
+        &self,
+        id: &str,
+    ) -> Result<
+        (
+            Arc<crate::desktop::Desktop>,
+            crate::channel::GuestSession,
+            CancellationToken,
+        ),
+        Status,
+    > {
+        let s = self.get(id)?;
+        let d = desktop_in(&s)?;
+        Ok((d, s.guest()?, s.killed.clone()))
+    }
+
+    pub(crate) async fn screenshot(&self, id: &str) -> Result<neurovisor_proto::v1::Screenshot, Status> {
+        let s = self.awake(id).await?;
+        let d = desktop_in(&s)?;
+        let (png, width, height) = d.screenshot(&s.guest()?).await.map_err(|e| desktop_status(&e))?;
+        Ok(neurovisor_proto::v1::Screenshot {
+            png: png.into(),
+            width,
+            height,
+        })
+    }
+
+    pub(crate) async fn desktop_action(
+        &self,
+        r: neurovisor_proto::v1::DesktopActionRequest,
+    ) -> Result<(), Status> {
+        let s = self.get(&r.sandbox_id)?;
+        let d = desktop_in(&s)?;
+        // Checked before the VM is touched (a paused one stays paused).
+        let action =
+            crate::desktop::Action::from_wire(r, d.width, d.height).map_err(|e| desktop_status(&e))?;
+        let s = self.awake(&s.id).await?;
+        d.act(&s.guest()?, &action).await.map_err(|e| desktop_status(&e))
+    }
+
+    pub(crate) fn desktop_view(
+        &self,
+        id: &str,
+        view_only: bool,
+    ) -> Result<neurovisor_proto::v1::DesktopViewInfo, Status> {
+        let s = self.get(id)?;
+        let d = desktop_in(&s)?;
+        let base = self.inner.desktop_url.get().ok_or_else(|| {
+            Status::failed_precondition(
+                "this daemon serves no desktop viewer; start it with --desktop-listen 127.0.0.1:6080",
+            )
+        })?;
+        let mode = if view_only {
+            crate::desktop::ViewMode::ViewOnly
+        } else {
+            crate::desktop::ViewMode::Interactive
+        };
+        Ok(neurovisor_proto::v1::DesktopViewInfo {
+            url: crate::desktop::web::viewer_url(base, &s.id, d.token(mode), view_only),
+            view_only,
+            width: d.width,
+            height: d.height,
+        })
+    }
+
     pub(crate) fn set_timeout(&self, id: &str, timeout_s: u32) -> Result<SandboxInfo, Status> {
         let timeout = timeout_of(timeout_s)?;
         let s = self.get(id)?;
@@ -667,6 +762,20 @@ impl SandboxTable {
         self.inner.changed.notify_waiters();
         Ok(self.info(&s))
     }
+}
+
+fn desktop_in(s: &Session) -> Result<Arc<crate::desktop::Desktop>, Status> {
+    s.desktop.clone().ok_or_else(|| {
+        Status::failed_precondition(format!(
+            "sandbox {} has no desktop (its image is {}); create one with image \"desktop\" (`neurovisor images build --image desktop`)",
+            s.id,
+            s.images().name
+        ))
+    })
+}
+
+fn desktop_status(e: &crate::desktop::DesktopError) -> Status {
+    Status::new(e.code(), e.to_string())
 }
 
 /// Why a sandbox ended (the `reason` of `neurovisor_sandboxes_ended_total`).
@@ -1036,6 +1145,34 @@ impl SandboxesApi for SandboxesService {
 
     async fn run_code(&self, r: Request<RunCodeRequest>) -> Result<Response<CodeStream>, Status> {
         self.table.run_code(r.into_inner()).await.map(Response::new)
+    }
+
+    async fn screenshot(
+        &self,
+        r: Request<SandboxRef>,
+    ) -> Result<Response<neurovisor_proto::v1::Screenshot>, Status> {
+        self.table
+            .screenshot(&r.into_inner().sandbox_id)
+            .await
+            .map(Response::new)
+    }
+
+    async fn desktop_action(
+        &self,
+        r: Request<neurovisor_proto::v1::DesktopActionRequest>,
+    ) -> Result<Response<neurovisor_proto::v1::DesktopActionResponse>, Status> {
+        self.table.desktop_action(r.into_inner()).await?;
+        Ok(Response::new(neurovisor_proto::v1::DesktopActionResponse {}))
+    }
+
+    async fn desktop_view(
+        &self,
+        r: Request<neurovisor_proto::v1::DesktopViewRequest>,
+    ) -> Result<Response<neurovisor_proto::v1::DesktopViewInfo>, Status> {
+        let r = r.into_inner();
+        self.table
+            .desktop_view(&r.sandbox_id, r.view_only)
+            .map(Response::new)
     }
 
     async fn read_file(&self, r: Request<ReadFileRequest>) -> Result<Response<ChunkStream>, Status> {

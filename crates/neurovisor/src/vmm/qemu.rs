@@ -33,6 +33,9 @@ use neurovisor_proto::GUEST_READY_PORT;
 /// The guest's vsock CID; every VM has its own vsock daemon, so it can be the same.
 const GUEST_CID: u32 = 3;
 const CONSOLE_TAIL_LINES: usize = 40;
+/// TCG translation cache, MiB (within `cgroups::VMM_MEMORY_OVERHEAD` with
+/// QEMU's heap and binary).
+const TCG_TB_MIB: u32 = 128;
 
 #[derive(Debug, Clone, Default)]
 pub struct QemuOptions {
@@ -154,7 +157,10 @@ impl QemuBackend {
         ]);
         match self.accel.accel {
             Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
-            Accel::Tcg => push(&["-accel", "tcg", "-cpu", "max"]),
+            // A bounded translation cache: QEMU's default (1 GiB) lets a
+            // guest running much code (a browser) grow QEMU past the VM
+            // cgroup's overhead allowance and be OOM-killed there.
+            Accel::Tcg => push(&["-accel", &format!("tcg,tb-size={TCG_TB_MIB}"), "-cpu", "max"]),
         }
         push(&["-m", &format!("{mem}M"), "-smp", &cfg.size.vcpus().to_string()]);
         match ram {
