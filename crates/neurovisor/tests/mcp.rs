@@ -6,7 +6,8 @@
 //! (2025-11-25 with `initialize`, 2026-07-28 stateless). The script lists the
 //! tools and validates their schemas, runs Python and Bash, checks
 //! `structuredContent` against the output schema, the error results,
-//! progress for a 3 s program and cancellation (the VM gone within 1 s).
+//! progress for a 3 s program and cancellation (the VM gone within 1 s); and
+//! the daemon's desktop tools (`tests/mcp/desktop_check.py`).
 
 mod common;
 
@@ -197,4 +198,41 @@ fn streamable_http_from_the_daemon_needs_the_token_and_serves_both_revisions() {
     }
     assert_eq!(d.stop(), Some(0));
     assert!(!Path::new(&vms).exists());
+}
+
+/// The daemon's desktop tools through the official SDK over Streamable HTTP
+/// (`tests/mcp/desktop_check.py`): create, screenshot (an image result),
+/// click and type (the screen changes), bad arguments as error results,
+/// kill; nothing is left.
+#[test]
+fn a_model_uses_a_desktop_through_the_mcp_tools() {
+    let state = Arc::new(
+        tempfile::Builder::new()
+            .prefix("nvmcpd-")
+            .tempdir()
+            .expect("state"),
+    );
+    let d = start_daemon_in(
+        state.clone(),
+        &["--warm", "0", "--max", "2", "--mcp-listen", "127.0.0.1:0"],
+    );
+    let addr = mcp_addr(&d);
+    let token = std::fs::read_to_string(state.path().join("token")).expect("token file");
+    let out = Command::new(python())
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mcp/desktop_check.py"))
+        .arg(format!("http://{addr}/mcp"))
+        .arg(token.trim())
+        .output()
+        .expect("run desktop_check.py");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "the desktop checks failed ({})\nstdout:\n{stdout}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("ok: desktop_kill"), "{stdout}");
+    eprintln!("{stdout}");
+    assert!(d.vm_processes().is_empty(), "{:?}", d.vm_processes());
+    assert_eq!(d.stop(), Some(0));
 }

@@ -799,6 +799,20 @@ fn a_sandbox_of_a_profile_reaches_what_its_profile_allows() {
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("not a profile name"), "{err}");
 
+    // Egress of the sandbox's own: `--network --allow-host`, no profile.
+    let (code, own, err) = sandbox(&["create", "--network", "--allow-host", "allowed.test"]);
+    assert_eq!(code, Some(0), "{err}");
+    let (_, got, err) = sandbox(&["exec", &own, "--lang", "python", "-c", probe]);
+    assert_eq!(got, "None reached", "{err}");
+    let (code, _, err) = sandbox(&["kill", &own]);
+    assert_eq!(code, Some(0), "{err}");
+    let (code, _, err) = sandbox(&["create", "--allow-host", "allowed.test"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("need network"), "{err}");
+    let (code, _, err) = sandbox(&["create", "--network", "--allow-host", "not a name"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("not a name"), "{err}");
+
     // One-shot executions name the profile too: its pool, env and egress.
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let once = |profile: &str| {

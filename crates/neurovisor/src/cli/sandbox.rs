@@ -194,6 +194,18 @@ pub struct CreateArgs {
     /// http://127.0.0.1:11434 (the daemon needs --llm-bridge).
     #[arg(long)]
     llm_bridge: bool,
+    /// Give it a network device behind its own gateway, default deny: only
+    /// --allow-host names and --allow-cidr ranges (and its profile's egress)
+    /// are reachable. The daemon needs --network.
+    #[arg(long)]
+    network: bool,
+    /// A name it may reach (repeatable): api.example.com, or *.example.com.
+    /// Needs --network.
+    #[arg(long, value_name = "NAME")]
+    allow_host: Vec<String>,
+    /// An address range it may reach on any TCP port (repeatable). Needs --network.
+    #[arg(long, value_name = "CIDR")]
+    allow_cidr: Vec<String>,
     /// Print the sandbox as JSON instead of its id.
     #[arg(long)]
     json: bool,
@@ -336,6 +348,9 @@ async fn run(cmd: SandboxCommand) -> Result<u8, u8> {
                     auto_resume: a.auto_resume,
                     llm_bridge: a.llm_bridge,
                     profile: a.profile.unwrap_or_default(),
+                    network: a.network,
+                    allow_hosts: a.allow_host,
+                    allow_cidrs: a.allow_cidr,
                 })
                 .await
                 .map_err(|e| fail(&e, exit_code(&e)))?;

@@ -146,7 +146,7 @@ async fn create(
     if r.allow_internet_access == Some(true) {
         return Err(ApiError(
             StatusCode::BAD_REQUEST,
-            "allowInternetAccess: unrestricted internet access is not offered; leave it unset or false (egress by allowlist: `neurovisor sandbox create --profile NAME` with a daemon started with --network)".into(),
+            "allowInternetAccess: unrestricted internet access is not offered; leave it unset or false (egress by allowlist: `neurovisor sandbox create --network --allow-host NAME`, or a template naming a profile, with a daemon started with --network)".into(),
         ));
     }
     if r.auto_pause == Some(true) && r.auto_pause_memory == Some(false) {
@@ -172,6 +172,7 @@ async fn create(
             auto_resume: r.auto_resume.is_some_and(|a| a.enabled),
             llm_bridge: false,
             profile,
+            ..Default::default()
         })
         .await?;
     let token = st.table.access_token(&info.sandbox_id);

@@ -20,6 +20,7 @@
 //! error. Executions longer than a second report progress (bytes of output
 //! so far); a cancelled call drops its execution, which destroys its VM.
 
+pub mod desktop;
 pub mod http;
 
 use std::collections::BTreeMap;
@@ -166,6 +167,8 @@ struct Inner {
     settings: McpSettings,
     tools: Vec<Tool>,
     instructions: String,
+    /// The desktop tools' sandboxes (the daemon's; none over stdio).
+    desktops: Option<Arc<dyn desktop::DesktopHost>>,
 }
 
 impl NeuroVisorMcp {
@@ -190,6 +193,28 @@ impl NeuroVisorMcp {
                 settings,
                 tools,
                 instructions,
+                desktops: None,
+            }),
+        }
+    }
+
+    /// Adds the desktop tools, acting on `host`'s sandboxes.
+    pub fn with_desktops(self, host: Arc<dyn desktop::DesktopHost>) -> Self {
+        let i = &self.inner;
+        let mut tools = i.tools.clone();
+        tools.extend(desktop::tools());
+        Self {
+            inner: Arc::new(Inner {
+                executor: i.executor.clone(),
+                languages: i.languages.clone(),
+                settings: i.settings.clone(),
+                tools,
+                instructions: format!(
+                    "{} Desktop sandboxes (desktop_create, then desktop_screenshot and desktop_action, \
+                     finally desktop_kill) keep a desktop with a terminal and Chromium between calls.",
+                    i.instructions
+                ),
+                desktops: Some(host),
             }),
         }
     }
@@ -217,13 +242,20 @@ impl NeuroVisorMcp {
                     "invalid arguments for execute_code: {e}; it takes language (string), code (string) and optionally timeout_seconds (integer), stdin (string), env (object of strings)"
                 )),
             }),
-            other => Err(ErrorData::invalid_params(
+            other => {
+                if let Some(host) = &self.inner.desktops {
+                    if let Some(r) = desktop::call(host.as_ref(), other, args).await {
+                        return Ok(r);
+                    }
+                }
+                Err(ErrorData::invalid_params(
                 format!(
                     "unknown tool '{}'; the tools are {TOOL_EXECUTE_CODE} and {TOOL_LIST_LANGUAGES}",
                     crate::channel::sanitize_guest_text(other)
                 ),
                 None,
-            )),
+            ))
+            }
         }
     }
 

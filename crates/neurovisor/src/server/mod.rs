@@ -704,6 +704,15 @@ pub async fn run(
         }
     });
 
+    let budget = sandbox::OutputBudget::new(cfg.output_budget);
+    let sessions = sessions::SandboxTable::start(
+        pool.clone(),
+        cfg.sandboxes,
+        metrics.clone(),
+        budget.clone(),
+        paused_dir(&cfg.state_dir),
+        crate::profile::ProfileStore::new(crate::profile::ProfileStore::default_user_dir()),
+    );
     // MCP over Streamable HTTP: the same pool, the same connection limit.
     let slots = limits::ConnectionSlots::new(cfg.max_connections);
     let stop_mcp = tokio_util::sync::CancellationToken::new();
@@ -717,7 +726,8 @@ pub async fn run(
                     memory_mib: Some(u64::from(memory_mib)),
                     ..Default::default()
                 },
-            );
+            )
+            .with_desktops(Arc::new(sessions.clone()));
             let router = crate::mcp::http::router(
                 server,
                 token.clone(),
@@ -739,15 +749,6 @@ pub async fn run(
         _ => None,
     };
 
-    let budget = sandbox::OutputBudget::new(cfg.output_budget);
-    let sessions = sessions::SandboxTable::start(
-        pool.clone(),
-        cfg.sandboxes,
-        metrics.clone(),
-        budget.clone(),
-        paused_dir(&cfg.state_dir),
-        crate::profile::ProfileStore::new(crate::profile::ProfileStore::default_user_dir()),
-    );
     // The E2B API: the same sandboxes, the same connection limit.
     let (stop_e2b_http, e2b_http_stopped) = tokio::sync::oneshot::channel::<()>();
     let e2b_task = match (e2b_tcp, &token, listening.e2b) {

@@ -63,6 +63,27 @@ pub struct SandboxLimits {
     pub max_memory_mib: u64,
 }
 
+/// Egress a Create asks for itself (beside its profile's).
+#[derive(Debug, Default)]
+struct Egress {
+    network: bool,
+    hosts: Vec<String>,
+    cidrs: Vec<String>,
+}
+
+impl Egress {
+    /// Its part of a pool's key: the same egress, the same pool.
+    fn key(&self) -> String {
+        let mut hosts = self.hosts.clone();
+        hosts.sort();
+        hosts.dedup();
+        let mut cidrs = self.cidrs.clone();
+        cidrs.sort();
+        cidrs.dedup();
+        format!("|net:{}|{}", hosts.join(","), cidrs.join(","))
+    }
+}
+
 /// A paused sandbox's snapshot on disk.
 #[derive(Clone)]
 struct Paused {
@@ -392,6 +413,18 @@ impl SandboxTable {
         image: &str,
         size: &str,
     ) -> Result<(Pool, Option<crate::profile::Profile>), Status> {
+        self.pool_with_egress(profile, image, size, &Egress::default())
+    }
+
+    /// [`Self::pool_for`] with egress of the request's own on top of the
+    /// profile's.
+    fn pool_with_egress(
+        &self,
+        profile: &str,
+        image: &str,
+        size: &str,
+        own: &Egress,
+    ) -> Result<(Pool, Option<crate::profile::Profile>), Status> {
         let profile = self.profile(profile)?;
         let (image, size) = match &profile {
             Some(p) => (
@@ -404,7 +437,7 @@ impl SandboxTable {
             ),
             None => (image.to_string(), size.to_string()),
         };
-        let pool = self.pool_of(&image, &size, profile.as_ref())?;
+        let pool = self.pool_of(&image, &size, profile.as_ref(), own)?;
         Ok((pool, profile))
     }
 
@@ -417,6 +450,7 @@ impl SandboxTable {
         image: &str,
         size: &str,
         profile: Option<&crate::profile::Profile>,
+        own: &Egress,
     ) -> Result<Pool, Status> {
         let t = &*self.inner;
         let main = &t.pool;
@@ -438,27 +472,54 @@ impl SandboxTable {
         } else {
             image
         };
-        let network = match profile {
-            Some(p) if !p.egress.is_empty() => {
-                let Some(net) = main.sandbox().network.as_ref() else {
-                    return Err(Status::failed_precondition(format!(
+        if own.hosts.len() > 64 || own.cidrs.len() > 64 {
+            return Err(Status::invalid_argument(
+                "allow_hosts/allow_cidrs: at most 64 each; use *.example.com for a domain's subdomains",
+            ));
+        }
+        let asks_egress = !own.hosts.is_empty() || !own.cidrs.is_empty();
+        if asks_egress && !own.network {
+            return Err(Status::invalid_argument(
+                "allow_hosts/allow_cidrs need network: set it (`sandbox create --network --allow-host NAME`)",
+            ));
+        }
+        let profile_egress = profile.filter(|p| !p.egress.is_empty());
+        let network = if own.network || profile_egress.is_some() {
+            let Some(net) = main.sandbox().network.as_ref() else {
+                return Err(Status::failed_precondition(match profile_egress {
+                    Some(p) => format!(
                         "profile {}: it allows egress, but this daemon gives VMs no network; start it with --network",
                         p.name
-                    )));
-                };
-                let policy =
-                    crate::net::EgressPolicy::new(&p.egress.domains, &p.egress.cidrs, net.policy.bandwidth)
-                        .map_err(|e| Status::invalid_argument(format!("profile {}: {e}", p.name)))?;
-                Some(Arc::new(crate::net::NetSettings {
-                    policy,
-                    upstream: net.upstream.clone(),
-                    program: net.program.clone(),
-                }))
+                    ),
+                    None => "network: this daemon gives VMs no network; start it with --network".into(),
+                }));
+            };
+            let mut hosts = own.hosts.clone();
+            let mut cidrs = own.cidrs.clone();
+            if let Some(p) = profile_egress {
+                hosts.extend(p.egress.domains.iter().cloned());
+                cidrs.extend(p.egress.cidrs.iter().cloned());
             }
-            _ => None,
+            let policy =
+                crate::net::EgressPolicy::new(&hosts, &cidrs, net.policy.bandwidth).map_err(|e| {
+                    Status::invalid_argument(match profile_egress {
+                        Some(p) => format!("profile {}: {e}", p.name),
+                        None => e.to_string(),
+                    })
+                })?;
+            Some(Arc::new(crate::net::NetSettings {
+                policy,
+                upstream: net.upstream.clone(),
+                program: net.program.clone(),
+            }))
+        } else {
+            None
         };
-        let profile_key = profile.map(|p| p.name.clone()).unwrap_or_default();
-        if image == main_image && size == main.config().size && profile.is_none() {
+        let mut profile_key = profile.map(|p| p.name.clone()).unwrap_or_default();
+        if own.network {
+            profile_key.push_str(&own.key());
+        }
+        if image == main_image && size == main.config().size && profile.is_none() && !own.network {
             return Ok(main.clone());
         }
         let valid = !image.is_empty()
@@ -503,7 +564,12 @@ impl SandboxTable {
     pub(crate) async fn create(&self, r: CreateSandboxRequest) -> Result<SandboxInfo, Status> {
         let timeout = timeout_of(r.timeout_s)?;
         check_metadata(&r.metadata)?;
-        let (pool, profile) = self.pool_for(&r.profile, &r.image, &r.size)?;
+        let own = Egress {
+            network: r.network,
+            hosts: r.allow_hosts,
+            cidrs: r.allow_cidrs,
+        };
+        let (pool, profile) = self.pool_with_egress(&r.profile, &r.image, &r.size, &own)?;
         // The profile's environment under the request's own.
         let mut env: BTreeMap<String, String> = profile
             .as_ref()
