@@ -8,8 +8,8 @@
 use base64::Engine;
 use neurovisor_proto::v1::desktop_action_request::Action;
 use neurovisor_proto::v1::{
-    Click, CreateSandboxRequest, DesktopActionRequest, DesktopViewInfo, Point, SandboxInfo, Screenshot,
-    Scroll,
+    Click, CreateSandboxRequest, DesktopActionRequest, DesktopScreenshot, DesktopViewInfo, Point,
+    SandboxInfo, Scroll,
 };
 use rmcp::model::{CallToolResult, ContentBlock, Tool, ToolAnnotations};
 use rmcp::schemars::{self, JsonSchema};
@@ -30,7 +30,7 @@ const DEFAULT_TIMEOUT_S: u32 = 600;
 #[tonic::async_trait]
 pub trait DesktopHost: Send + Sync {
     async fn create(&self, r: CreateSandboxRequest) -> Result<SandboxInfo, Status>;
-    async fn screenshot(&self, id: &str) -> Result<Screenshot, Status>;
+    async fn screenshot(&self, id: &str) -> Result<DesktopScreenshot, Status>;
     async fn act(&self, r: DesktopActionRequest) -> Result<(), Status>;
     /// The view-only viewer URL; `None` without a viewer listener.
     fn view(&self, id: &str) -> Option<DesktopViewInfo>;
@@ -44,7 +44,7 @@ impl DesktopHost for crate::server::sessions::SandboxTable {
         crate::server::sessions::SandboxTable::create(self, r).await
     }
 
-    async fn screenshot(&self, id: &str) -> Result<Screenshot, Status> {
+    async fn screenshot(&self, id: &str) -> Result<DesktopScreenshot, Status> {
         crate::server::sessions::SandboxTable::screenshot(self, id).await
     }
 

@@ -767,11 +767,14 @@ impl SandboxTable {
         Ok((d, s.guest()?, s.killed.clone()))
     }
 
-    pub(crate) async fn screenshot(&self, id: &str) -> Result<neurovisor_proto::v1::Screenshot, Status> {
+    pub(crate) async fn screenshot(
+        &self,
+        id: &str,
+    ) -> Result<neurovisor_proto::v1::DesktopScreenshot, Status> {
         let s = self.awake(id).await?;
         let d = desktop_in(&s)?;
         let (png, width, height) = d.screenshot(&s.guest()?).await.map_err(|e| desktop_status(&e))?;
-        Ok(neurovisor_proto::v1::Screenshot {
+        Ok(neurovisor_proto::v1::DesktopScreenshot {
             png: png.into(),
             width,
             height,
@@ -1216,7 +1219,7 @@ impl SandboxesApi for SandboxesService {
     async fn screenshot(
         &self,
         r: Request<SandboxRef>,
-    ) -> Result<Response<neurovisor_proto::v1::Screenshot>, Status> {
+    ) -> Result<Response<neurovisor_proto::v1::DesktopScreenshot>, Status> {
         self.table
             .screenshot(&r.into_inner().sandbox_id)
             .await
