@@ -141,6 +141,21 @@ async fn sh(c: &mut SandboxesClient<Channel>, id: &str, code: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Sandbox `id`'s viewer URL (`DesktopView`).
+async fn view_url(
+    c: &mut SandboxesClient<Channel>,
+    id: &str,
+    view_only: bool,
+) -> Result<String, tonic::Status> {
+    let r = c
+        .desktop_view(DesktopViewRequest {
+            sandbox_id: id.into(),
+            view_only,
+        })
+        .await?;
+    Ok(r.into_inner().url)
+}
+
 /// The token in a viewer URL's fragment.
 fn token_of(url: &str) -> String {
     url.split("token%3D")
@@ -310,24 +325,10 @@ async fn a_desktop_sandbox_is_seen_typed_into_watched_and_torn_down() {
     assert!(changed > 500, "{changed} pixels changed after typing");
 
     // The viewer: wrong tokens are refused before any upgrade.
-    let view = c
-        .desktop_view(DesktopViewRequest {
-            sandbox_id: id.clone(),
-            view_only: true,
-        })
-        .await
-        .expect("view-only URL")
-        .into_inner();
-    let drive = c
-        .desktop_view(DesktopViewRequest {
-            sandbox_id: id.clone(),
-            view_only: false,
-        })
-        .await
-        .expect("interactive URL")
-        .into_inner();
-    assert!(view.url.contains("view_only=1") && !drive.url.contains("view_only"));
-    let (view_token, drive_token) = (token_of(&view.url), token_of(&drive.url));
+    let view = view_url(&mut c, &id, true).await.expect("view-only URL");
+    let drive = view_url(&mut c, &id, false).await.expect("interactive URL");
+    assert!(view.contains("view_only=1") && !drive.contains("view_only"));
+    let (view_token, drive_token) = (token_of(&view), token_of(&drive));
     assert_ne!(view_token, drive_token);
     assert_eq!(viewer(&addr, &id, "wrong").await.err(), Some(403));
     assert_eq!(viewer(&addr, &id, "").await.err(), Some(403));
@@ -335,16 +336,7 @@ async fn a_desktop_sandbox_is_seen_typed_into_watched_and_torn_down() {
 
     // A second desktop sandbox: each one's tokens open only its own desktop.
     let (other, _) = create(&mut c, "medium").await;
-    let other_token = token_of(
-        &c.desktop_view(DesktopViewRequest {
-            sandbox_id: other.clone(),
-            view_only: false,
-        })
-        .await
-        .expect("other URL")
-        .into_inner()
-        .url,
-    );
+    let other_token = token_of(&view_url(&mut c, &other, false).await.expect("other URL"));
     assert_eq!(viewer(&addr, &id, &other_token).await.err(), Some(403));
     assert_eq!(viewer(&addr, &other, &drive_token).await.err(), Some(403));
     assert_eq!(viewer(&addr, &other, &view_token).await.err(), Some(403));
@@ -384,7 +376,7 @@ async fn a_desktop_sandbox_is_seen_typed_into_watched_and_torn_down() {
     drop(driver);
 
     // Chromium on the host opens the noVNC page and shows the desktop.
-    let shot = browser_screenshot(&view.url).await;
+    let shot = browser_screenshot(&view).await;
     let seen = share_of(&shot, BACKGROUND);
     assert!(
         seen > 0.2,
@@ -457,13 +449,7 @@ async fn without_a_viewer_listener_the_url_call_names_the_flag() {
     let d = start_daemon(&["--warm", "0", "--max", "2"]);
     let mut c = sandboxes(&d).await;
     let (id, _) = create(&mut c, "medium").await;
-    let e = c
-        .desktop_view(DesktopViewRequest {
-            sandbox_id: id.clone(),
-            view_only: true,
-        })
-        .await
-        .unwrap_err();
+    let e = view_url(&mut c, &id, true).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::FailedPrecondition);
     assert!(e.message().contains("--desktop-listen"), "{e}");
     // The CLI prints the same one line and exits non-zero.
@@ -634,4 +620,94 @@ async fn browser_screenshot(url: &str) -> Vec<u8> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     result
+}
+
+/// A viewer that asks for full screens and never reads them is cut off after
+/// the daemon's 30 s send limit, without holding up the API or the next
+/// viewer; a daemon SIGKILLed with the desktop and a viewer live leaves no
+/// process or cgroup.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_viewer_that_never_reads_is_cut_off_and_a_sigkilled_daemon_leaves_nothing() {
+    let (d, addr) = desktop_daemon();
+    let mut c = sandboxes(&d).await;
+    let (id, _) = create(&mut c, "medium").await;
+    let token = token_of(&view_url(&mut c, &id, false).await.expect("viewer URL"));
+
+    // A receive buffer of a few KiB: the daemon's sends stall soon.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    let tcp = socket
+        .connect(addr.parse().expect("viewer address"))
+        .await
+        .expect("connect to the viewer listener");
+    let mut req = format!("ws://{addr}/desktop/{id}/ws?token={token}")
+        .into_client_request()
+        .expect("request");
+    req.headers_mut()
+        .insert("Sec-WebSocket-Protocol", "binary".parse().expect("header"));
+    let (mut stuck, _) = tokio_tungstenite::client_async(req, tokio_tungstenite::MaybeTlsStream::Plain(tcp))
+        .await
+        .expect("viewer upgrade");
+    let (w, h) = rfb_handshake(&mut stuck).await;
+    // Full-screen (non-incremental) update requests, each a few MiB of raw pixels.
+    let mut ask = vec![3u8, 0, 0, 0, 0, 0];
+    ask.extend_from_slice(&w.to_be_bytes());
+    ask.extend_from_slice(&h.to_be_bytes());
+    for _ in 0..20 {
+        stuck
+            .send(Message::Binary(ask.clone().into()))
+            .await
+            .expect("send an update request");
+    }
+
+    // Meanwhile the API and a second viewer are served.
+    let t = Instant::now();
+    let (sw, sh_, _) = screenshot(&mut c, &id).await;
+    assert_eq!((sw, sh_), (1280, 800));
+    let mut other = viewer(&addr, &id, &token).await.expect("a second viewer");
+    assert_eq!(rfb_handshake(&mut other).await, (1280, 800));
+    eprintln!(
+        "screenshot and a second viewer's handshake beside a stuck viewer: {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
+
+    let until = Instant::now() + Duration::from_secs(120);
+    while !d
+        .log_text()
+        .contains("desktop viewer ended: the viewer took nothing for 30s")
+    {
+        assert!(
+            Instant::now() < until,
+            "the stuck viewer was not cut off:\n{}",
+            d.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    eprintln!("stuck viewer cut off after {:.1}s", t.elapsed().as_secs_f64());
+    // What it had been sent drains, then its stream ends.
+    let drained = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(Ok(_)) = stuck.next().await {}
+    })
+    .await;
+    assert!(drained.is_ok(), "the stuck viewer's stream did not end");
+
+    // SIGKILL with the desktop and the second viewer live: the keepers take the VM.
+    let needle = d.dir.display().to_string();
+    d.signal(nix::sys::signal::Signal::SIGKILL);
+    drop(d);
+    let until = Instant::now() + Duration::from_secs(10);
+    while !common::processes_mentioning(&needle).is_empty() || !common::unowned_vm_cgroups().is_empty() {
+        assert!(
+            Instant::now() < until,
+            "left after the daemon's SIGKILL: {:?} {:?}",
+            common::processes_mentioning(&needle),
+            common::unowned_vm_cgroups()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(Ok(_)) = other.next().await {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the second viewer's stream outlived the daemon");
 }

@@ -200,10 +200,33 @@ fn streamable_http_from_the_daemon_needs_the_token_and_serves_both_revisions() {
     assert!(!Path::new(&vms).exists());
 }
 
-/// The daemon's desktop tools through the official SDK over Streamable HTTP
+/// Runs `tests/mcp/desktop_check.py` with `args`; panics with its output
+/// unless it passed. Returns (stdout, stderr).
+fn desktop_check(args: &[&str], what: &str) -> (String, String) {
+    let out = Command::new(python())
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mcp/desktop_check.py"))
+        .args(args)
+        .env("NEUROVISOR_LOG", "neurovisor=info")
+        .output()
+        .expect("run desktop_check.py");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success(),
+        "{what}: the desktop checks failed ({})\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        out.status
+    );
+    eprintln!("{what}:\n{stdout}");
+    (stdout, stderr)
+}
+
+/// The daemon's desktop tools through the official SDK
 /// (`tests/mcp/desktop_check.py`): create, screenshot (an image result),
-/// click and type (the screen changes), bad arguments as error results,
-/// kill; nothing is left.
+/// click and type (the screen changes), bad arguments and unknown ids as
+/// error results, kill; over Streamable HTTP from the daemon, then over
+/// stdio (`neurovisor mcp` going through the daemon), where the client
+/// closes with its desktop still running and `neurovisor mcp` must destroy
+/// it. Nothing is left.
 #[test]
 fn a_model_uses_a_desktop_through_the_mcp_tools() {
     let state = Arc::new(
@@ -218,21 +241,35 @@ fn a_model_uses_a_desktop_through_the_mcp_tools() {
     );
     let addr = mcp_addr(&d);
     let token = std::fs::read_to_string(state.path().join("token")).expect("token file");
-    let out = Command::new(python())
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mcp/desktop_check.py"))
-        .arg(format!("http://{addr}/mcp"))
-        .arg(token.trim())
-        .output()
-        .expect("run desktop_check.py");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let url = format!("http://{addr}/mcp");
+    let (stdout, _) = desktop_check(&[&url, token.trim()], "Streamable HTTP");
     assert!(
-        out.status.success(),
-        "the desktop checks failed ({})\nstdout:\n{stdout}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
+        stdout.contains("ok: desktop_kill: the desktop is gone"),
+        "{stdout}"
     );
-    assert!(stdout.contains("ok: desktop_kill"), "{stdout}");
-    eprintln!("{stdout}");
     assert!(d.vm_processes().is_empty(), "{:?}", d.vm_processes());
+
+    let s = state.path().to_str().expect("utf-8 path");
+    let (stdout, stderr) = desktop_check(
+        &[
+            "--stdio",
+            env!("CARGO_BIN_EXE_neurovisor"),
+            "mcp",
+            "--state-dir",
+            s,
+        ],
+        "stdio through the daemon",
+    );
+    assert!(stdout.contains("closing the client with"), "{stdout}");
+    assert!(
+        stderr.contains("destroyed the 1 desktop(s) this MCP client left running"),
+        "`neurovisor mcp` did not destroy the desktop its client left:\n{stderr}"
+    );
+    // `neurovisor mcp` waited for the kill before exiting, and the SDK for it.
+    assert!(d.vm_processes().is_empty(), "{:?}", d.vm_processes());
+    assert!(
+        !Path::new(&format!("{s}/vms")).exists(),
+        "`neurovisor mcp` booted VMs itself"
+    );
     assert_eq!(d.stop(), Some(0));
 }

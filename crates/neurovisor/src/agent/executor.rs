@@ -201,11 +201,15 @@ impl DaemonExecutor {
     }
 
     async fn client(&self) -> Result<DaemonClient, ExecutorError> {
+        self.daemon().await.map_err(daemon_error)
+    }
+
+    /// The daemon's client, connected on first use.
+    pub async fn daemon(&self) -> Result<DaemonClient, DaemonError> {
         let c = self
             .client
             .get_or_try_init(|| DaemonClient::connect(&self.endpoint))
-            .await
-            .map_err(daemon_error)?;
+            .await?;
         Ok(c.clone())
     }
 }

@@ -7,6 +7,7 @@ use clap::Args;
 use neurovisor::agent::{CodeExecutor, DaemonExecutor, SandboxExecutor};
 use neurovisor::config::VmSize;
 use neurovisor::exec::MAX_TIMEOUT;
+use neurovisor::mcp::desktop::SessionDesktops;
 use neurovisor::mcp::{self, McpSettings, NeuroVisorMcp};
 
 use super::{parse_duration, VmArgs, EXIT_BAD_INPUT, EXIT_SANDBOX_ERROR};
@@ -47,10 +48,14 @@ pub async fn run(a: McpArgs) -> u8 {
             return EXIT_BAD_INPUT;
         }
     };
+    // Desktops are the daemon's sandboxes: without one there are no desktop tools.
+    let mut desktops = None;
     let (executor, memory_mib): (Arc<dyn CodeExecutor>, _) = match &daemon {
         Some(ep) => {
-            tracing::info!(daemon = %ep, "MCP executions go through the daemon");
-            (Arc::new(DaemonExecutor::new(ep.clone())), None)
+            tracing::info!(daemon = %ep, "MCP executions and desktops go through the daemon");
+            let d = Arc::new(DaemonExecutor::new(ep.clone()));
+            desktops = Some(Arc::new(SessionDesktops::new(d.clone())));
+            (d, None)
         }
         None => match a.vm.sandbox() {
             Ok(sb) => (
@@ -69,7 +74,10 @@ pub async fn run(a: McpArgs) -> u8 {
         memory_mib,
     };
     let server = match NeuroVisorMcp::new(executor, settings).await {
-        Ok(s) => s,
+        Ok(s) => match &desktops {
+            Some(d) => s.with_desktops(d.clone()),
+            None => s,
+        },
         Err(e) => {
             eprintln!("neurovisor: {e}");
             return EXIT_SANDBOX_ERROR;
@@ -89,7 +97,14 @@ pub async fn run(a: McpArgs) -> u8 {
             _ = sigint.recv() => {}
         }
     };
-    match mcp::serve_stdio(server, shutdown).await {
+    let served = mcp::serve_stdio(server, shutdown).await;
+    if let Some(d) = desktops {
+        let n = d.kill_all().await;
+        if n > 0 {
+            tracing::info!("destroyed the {n} desktop(s) this MCP client left running");
+        }
+    }
+    match served {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("neurovisor: {e}");

@@ -5,6 +5,9 @@
 //! ([`crate::desktop::Action::from_wire`]), so a model gets the same one-line
 //! errors as any client.
 
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+
 use base64::Engine;
 use neurovisor_proto::v1::desktop_action_request::Action;
 use neurovisor_proto::v1::{
@@ -16,6 +19,9 @@ use rmcp::schemars::{self, JsonSchema};
 use serde::{Deserialize, Serialize};
 use tonic::Status;
 
+use crate::agent::DaemonExecutor;
+use crate::daemon_client::DaemonError;
+
 use super::{error_result, schema, structured_result};
 
 pub const TOOL_CREATE: &str = "desktop_create";
@@ -26,16 +32,17 @@ pub const TOOL_KILL: &str = "desktop_kill";
 /// A desktop's life when the call names none.
 const DEFAULT_TIMEOUT_S: u32 = 600;
 
-/// Where desktop sandboxes live (the daemon's sandbox table).
+/// Where desktop sandboxes live: the daemon's sandbox table, in the daemon
+/// or (for `neurovisor mcp` over stdio) through a client of its API.
 #[tonic::async_trait]
 pub trait DesktopHost: Send + Sync {
     async fn create(&self, r: CreateSandboxRequest) -> Result<SandboxInfo, Status>;
     async fn screenshot(&self, id: &str) -> Result<DesktopScreenshot, Status>;
     async fn act(&self, r: DesktopActionRequest) -> Result<(), Status>;
     /// The view-only viewer URL; `None` without a viewer listener.
-    fn view(&self, id: &str) -> Option<DesktopViewInfo>;
-    /// `false` if there was no such sandbox.
-    async fn kill(&self, id: &str) -> bool;
+    async fn view(&self, id: &str) -> Option<DesktopViewInfo>;
+    /// NOT_FOUND if there was no such sandbox.
+    async fn kill(&self, id: &str) -> Result<(), Status>;
 }
 
 #[tonic::async_trait]
@@ -52,12 +59,124 @@ impl DesktopHost for crate::server::sessions::SandboxTable {
         self.desktop_action(r).await
     }
 
-    fn view(&self, id: &str) -> Option<DesktopViewInfo> {
+    async fn view(&self, id: &str) -> Option<DesktopViewInfo> {
         self.desktop_view(id, true).ok()
     }
 
-    async fn kill(&self, id: &str) -> bool {
-        self.kill_for_client(id).await
+    async fn kill(&self, id: &str) -> Result<(), Status> {
+        if self.kill_for_client(id).await {
+            return Ok(());
+        }
+        Err(crate::server::sessions::missing(id))
+    }
+}
+
+/// The status a daemon's refusal came back as, so the tools word it the same
+/// whichever side of the API they run on.
+fn daemon_status(e: DaemonError) -> Status {
+    match e {
+        DaemonError::Invalid(m) => Status::invalid_argument(m),
+        DaemonError::NotFound(m) => Status::not_found(m),
+        DaemonError::BadAddress(m) | DaemonError::Other(m) => Status::unavailable(m),
+    }
+}
+
+/// `neurovisor mcp` over stdio with a daemon: the daemon's sandboxes, through
+/// its API.
+#[tonic::async_trait]
+impl DesktopHost for DaemonExecutor {
+    async fn create(&self, r: CreateSandboxRequest) -> Result<SandboxInfo, Status> {
+        let mut c = self.daemon().await.map_err(daemon_status)?;
+        c.sandbox_create(r).await.map_err(daemon_status)
+    }
+
+    async fn screenshot(&self, id: &str) -> Result<DesktopScreenshot, Status> {
+        let mut c = self.daemon().await.map_err(daemon_status)?;
+        let (png, width, height) = c.sandbox_screenshot(id).await.map_err(daemon_status)?;
+        Ok(DesktopScreenshot {
+            png: png.into(),
+            width,
+            height,
+        })
+    }
+
+    async fn act(&self, r: DesktopActionRequest) -> Result<(), Status> {
+        let mut c = self.daemon().await.map_err(daemon_status)?;
+        c.sandbox_desktop_action(r).await.map_err(daemon_status)
+    }
+
+    async fn view(&self, id: &str) -> Option<DesktopViewInfo> {
+        let mut c = self.daemon().await.ok()?;
+        c.sandbox_desktop_view(id, true).await.ok()
+    }
+
+    async fn kill(&self, id: &str) -> Result<(), Status> {
+        let mut c = self.daemon().await.map_err(daemon_status)?;
+        c.sandbox_kill(id).await.map_err(daemon_status)
+    }
+}
+
+/// The desktops one MCP client made, destroyed when it goes away
+/// ([`Self::kill_all`]) rather than left running until their timeout; a
+/// client SIGKILLed with the server still leaves them to that timeout.
+pub struct SessionDesktops {
+    host: Arc<dyn DesktopHost>,
+    created: Mutex<BTreeSet<String>>,
+}
+
+impl SessionDesktops {
+    pub fn new(host: Arc<dyn DesktopHost>) -> Self {
+        Self {
+            host,
+            created: Mutex::new(BTreeSet::new()),
+        }
+    }
+
+    fn created(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
+        // A panic while holding it leaves a valid set.
+        self.created.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Destroys the desktops still alive; returns how many there were.
+    pub async fn kill_all(&self) -> usize {
+        let ids = std::mem::take(&mut *self.created());
+        let mut n = 0;
+        for id in ids {
+            match self.host.kill(&id).await {
+                Ok(()) => n += 1,
+                Err(s) if s.code() == tonic::Code::NotFound => {}
+                Err(s) => {
+                    tracing::warn!(sandbox = %id, "cannot destroy this client's desktop: {}", s.message())
+                }
+            }
+        }
+        n
+    }
+}
+
+#[tonic::async_trait]
+impl DesktopHost for SessionDesktops {
+    async fn create(&self, r: CreateSandboxRequest) -> Result<SandboxInfo, Status> {
+        let info = self.host.create(r).await?;
+        self.created().insert(info.sandbox_id.clone());
+        Ok(info)
+    }
+
+    async fn screenshot(&self, id: &str) -> Result<DesktopScreenshot, Status> {
+        self.host.screenshot(id).await
+    }
+
+    async fn act(&self, r: DesktopActionRequest) -> Result<(), Status> {
+        self.host.act(r).await
+    }
+
+    async fn view(&self, id: &str) -> Option<DesktopViewInfo> {
+        self.host.view(id).await
+    }
+
+    async fn kill(&self, id: &str) -> Result<(), Status> {
+        self.created().remove(id);
+        self.host.kill(id).await
     }
 }
 
@@ -237,7 +356,7 @@ pub async fn call(host: &dyn DesktopHost, name: &str, v: serde_json::Value) -> O
                         .and_then(|(w, h)| Some((w.parse().ok()?, h.parse().ok()?)))
                         .unwrap_or((0, 0));
                     let r = CreateResult {
-                        view_url: host.view(&info.sandbox_id).map(|v| v.url),
+                        view_url: host.view(&info.sandbox_id).await.map(|v| v.url),
                         sandbox_id: info.sandbox_id,
                         width,
                         height,
@@ -268,13 +387,10 @@ pub async fn call(host: &dyn DesktopHost, name: &str, v: serde_json::Value) -> O
         },
         TOOL_KILL => match args::<SandboxArgs>(name, v) {
             Err(r) => r,
-            Ok(a) => {
-                if host.kill(&a.sandbox_id).await {
-                    CallToolResult::success(vec![ContentBlock::text("destroyed")])
-                } else {
-                    error_result(format!("{name}: no desktop sandbox '{}'", a.sandbox_id))
-                }
-            }
+            Ok(a) => match host.kill(&a.sandbox_id).await {
+                Err(s) => status(name, s),
+                Ok(()) => CallToolResult::success(vec![ContentBlock::text("destroyed")]),
+            },
         },
         _ => return None,
     };

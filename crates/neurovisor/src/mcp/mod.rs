@@ -167,7 +167,7 @@ struct Inner {
     settings: McpSettings,
     tools: Vec<Tool>,
     instructions: String,
-    /// The desktop tools' sandboxes (the daemon's; none over stdio).
+    /// The desktop tools' sandboxes (the daemon's; none without one).
     desktops: Option<Arc<dyn desktop::DesktopHost>>,
 }
 

@@ -297,11 +297,7 @@ impl SandboxTable {
             .lock()
             .ok()
             .and_then(|s| s.get(id).cloned())
-            .ok_or_else(|| {
-                Status::not_found(format!(
-                    "no sandbox '{id}' (it was killed, its timeout passed, or the daemon restarted); create one"
-                ))
-            })
+            .ok_or_else(|| missing(id))
     }
 
     fn info(&self, s: &Session) -> SandboxInfo {
@@ -1460,4 +1456,10 @@ impl SandboxesApi for SandboxesService {
         };
         Ok(with_trace_id(Response::new(Box::pin(stream)), &trace_id))
     }
+}
+/// The answer for a sandbox id the table does not hold.
+pub(crate) fn missing(id: &str) -> Status {
+    Status::not_found(format!(
+        "no sandbox '{id}' (it was killed, its timeout passed, or the daemon restarted); create one"
+    ))
 }

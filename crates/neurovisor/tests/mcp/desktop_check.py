@@ -1,9 +1,13 @@
 #!/usr/bin/env python3
 """The desktop tools of a daemon's MCP endpoint, driven by the official MCP
-Python SDK (``mcp==2.3.0``) over Streamable HTTP, as a computer-use agent
-would: create a desktop, look at it, click and type, destroy it.
+Python SDK (``mcp==2.3.0``) as a computer-use agent would: create a desktop,
+look at it, click and type, destroy it.
 
-Usage: desktop_check.py URL TOKEN
+Usage: desktop_check.py URL TOKEN          (Streamable HTTP)
+       desktop_check.py --stdio CMD [ARG ...]   (a server it spawns)
+
+Over stdio the desktop is left running on purpose: the client then closes,
+and the server must destroy it (the caller checks the daemon holds none).
 
 One ``ok: ...`` line per passed check, then ``RESULT {json}``; exit 0. On the
 first failed check: ``FAIL: ...`` on stderr, exit 1.
@@ -14,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import struct
 import sys
 import time
@@ -23,6 +28,7 @@ from typing import Any
 import httpx2
 import mcp_types as types
 from mcp import Client
+from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
 
 TIMEOUT_S = 300.0
@@ -53,13 +59,18 @@ def png_of(res: types.CallToolResult, what: str) -> bytes:
     return png
 
 
-async def main(url: str, token: str) -> None:
-    result: dict[str, Any] = {}
+async def main(url: str | None, token: str | None, server: list[str]) -> None:
+    result: dict[str, Any] = {"transport": "stdio" if server else "http"}
     async with AsyncExitStack() as stack:
-        http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"},
-                                  timeout=httpx2.Timeout(30.0, read=TIMEOUT_S))
-        await stack.enter_async_context(http)
-        client = Client(streamable_http_client(url, http_client=http), mode="legacy",
+        if server:
+            transport: Any = stdio_client(StdioServerParameters(command=server[0], args=server[1:],
+                                                                env=dict(os.environ)))
+        else:
+            http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"},
+                                      timeout=httpx2.Timeout(30.0, read=TIMEOUT_S))
+            await stack.enter_async_context(http)
+            transport = streamable_http_client(url, http_client=http)
+        client = Client(transport, mode="legacy",
                         read_timeout_seconds=TIMEOUT_S, cache=None,
                         client_info=types.Implementation(name="neurovisor-desktop-check", version="1"))
         await stack.enter_async_context(client)
@@ -116,6 +127,17 @@ async def main(url: str, token: str) -> None:
             fail("desktop_screenshot: the screen did not change after typing")
         ok("desktop_screenshot: the typed text changed the screen")
 
+        unknown = await call("desktop_kill", {"sandbox_id": "sb-no-such-desktop"})
+        if not unknown.is_error or "no sandbox" not in texts(unknown):
+            fail(f"desktop_kill of an unknown id: expected an error result naming it, got {texts(unknown)}")
+        ok("desktop_kill: an unknown id is an error result")
+
+        if server:
+            result["left_running"] = sid
+            ok(f"closing the client with {sid} still running")
+            print("RESULT " + json.dumps(result), flush=True)
+            return
+
         killed = await call("desktop_kill", {"sandbox_id": sid})
         if killed.is_error:
             fail(f"desktop_kill: {texts(killed)}")
@@ -127,7 +149,10 @@ async def main(url: str, token: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
+    if len(sys.argv) >= 3 and sys.argv[1] == "--stdio":
+        asyncio.run(main(None, None, sys.argv[2:]))
+    elif len(sys.argv) == 3:
+        asyncio.run(main(sys.argv[1], sys.argv[2], []))
+    else:
         print(__doc__, file=sys.stderr)
         sys.exit(2)
-    asyncio.run(main(sys.argv[1], sys.argv[2]))
