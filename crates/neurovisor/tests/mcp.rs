@@ -144,21 +144,23 @@ fn mcp_addr(d: &common::daemon::Daemon) -> String {
     }
 }
 
-#[test]
-fn streamable_http_from_the_daemon_needs_the_token_and_serves_both_revisions() {
-    let state = Arc::new(
-        tempfile::Builder::new()
-            .prefix("nvmcph-")
-            .tempdir()
-            .expect("state"),
-    );
+/// A daemon serving MCP over Streamable HTTP: (state, daemon, its MCP
+/// address, its token).
+fn mcp_daemon(prefix: &str) -> (Arc<tempfile::TempDir>, common::daemon::Daemon, String, String) {
+    let state = Arc::new(tempfile::Builder::new().prefix(prefix).tempdir().expect("state"));
     let d = start_daemon_in(
         state.clone(),
         &["--warm", "0", "--max", "2", "--mcp-listen", "127.0.0.1:0"],
     );
     let addr = mcp_addr(&d);
     let token = std::fs::read_to_string(state.path().join("token")).expect("token file");
-    let token = token.trim();
+    (state, d, addr, token.trim().to_string())
+}
+
+#[test]
+fn streamable_http_from_the_daemon_needs_the_token_and_serves_both_revisions() {
+    let (state, d, addr, token) = mcp_daemon("nvmcph-");
+    let token = token.as_str();
     // No token or a wrong one: refused.
     assert_eq!(post_status(&addr, "127.0.0.1", ""), 401);
     assert_eq!(
@@ -229,20 +231,9 @@ fn desktop_check(args: &[&str], what: &str) -> (String, String) {
 /// it. Nothing is left.
 #[test]
 fn a_model_uses_a_desktop_through_the_mcp_tools() {
-    let state = Arc::new(
-        tempfile::Builder::new()
-            .prefix("nvmcpd-")
-            .tempdir()
-            .expect("state"),
-    );
-    let d = start_daemon_in(
-        state.clone(),
-        &["--warm", "0", "--max", "2", "--mcp-listen", "127.0.0.1:0"],
-    );
-    let addr = mcp_addr(&d);
-    let token = std::fs::read_to_string(state.path().join("token")).expect("token file");
+    let (state, d, addr, token) = mcp_daemon("nvmcpd-");
     let url = format!("http://{addr}/mcp");
-    let (stdout, _) = desktop_check(&[&url, token.trim()], "Streamable HTTP");
+    let (stdout, _) = desktop_check(&[&url, &token], "Streamable HTTP");
     assert!(
         stdout.contains("ok: desktop_kill: the desktop is gone"),
         "{stdout}"
