@@ -94,7 +94,9 @@ enum Command {
     /// Serve the Model Context Protocol on stdin/stdout, for MCP clients
     /// (desktop agents, IDEs) that spawn it: tools execute_code and
     /// list_languages, each call in a fresh microVM (through the daemon when
-    /// one is running, else booted directly).
+    /// one is running, else booted directly); through a daemon also the
+    /// desktop tools (desktop_create, desktop_screenshot, desktop_action,
+    /// desktop_kill), whose desktops are destroyed when the client closes.
     Mcp(mcp::McpArgs),
     /// Run the daemon: a pre-warmed VM pool behind a gRPC API, plus /metrics.
     Serve(Box<serve::ServeArgs>),
