@@ -154,6 +154,34 @@ async fn the_program_sees_what_a_fresh_interpreter_gives_it() {
     assert!(r.err().ends_with("ValueError: boom\n"), "{}", r.err());
 }
 
+/// Arguments and environment together larger than the control pipe holds
+/// (64 KiB): the agent writes what fits at once and the rest as the
+/// interpreter reads; nothing is lost or reordered.
+#[tokio::test]
+async fn arguments_and_environment_larger_than_the_pipe_arrive_whole() {
+    let p = pair();
+    let mut req = ExecRequest::new(
+        "python",
+        "import hashlib, os, sys\n\
+         print(len(sys.argv), sum(map(len, sys.argv)), hashlib.sha256('\\0'.join(sys.argv).encode()).hexdigest())\n\
+         big = {k: v for k, v in os.environ.items() if k.startswith('BIG')}\n\
+         print(len(big), sum(map(len, big.values())), hashlib.sha256(repr(sorted(big.items())).encode()).hexdigest())\n",
+    );
+    req.args = (0..250).map(|i| format!("{i:04}-{}", "a".repeat(225))).collect();
+    for i in 0..6 {
+        req.env.insert(format!("BIG{i}"), format!("{i}").repeat(9_000));
+    }
+    let r = p.same(&req, true).await;
+    let out = r.out();
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(
+        lines.len() == 2 && lines[0].starts_with("251 57507 "),
+        "{}",
+        r.out()
+    );
+    assert!(lines[1].starts_with("6 54000 "), "{}", r.out());
+}
+
 #[tokio::test]
 async fn exit_codes_signals_syntax_errors_and_atexit_are_the_same() {
     let p = pair();
