@@ -520,12 +520,26 @@ mod tests {
             "guest must be narrower than api: {:?}",
             guest.difference(&api)
         );
-        let (_, cond) = resolve(&specs().expect("specs"), "guest", 0).expect("resolve");
+        let (plain, cond) = resolve(&specs().expect("specs"), "guest", 0).expect("resolve");
         let socket = cond
             .iter()
             .find(|r| r["syscall"] == "socket")
             .expect("socket rule");
         assert_eq!(socket["args"][0]["val"], libc::AF_UNIX);
+        // What tokio's orphan reaping needs, and no more: SIGCHLD's
+        // disposition, non-blocking reaps.
+        for call in ["rt_sigaction", "wait4", "waitid"] {
+            assert!(!plain.contains(call), "guest allows {call} unconditionally");
+        }
+        let rule = |name: &str| {
+            cond.iter()
+                .find(|r| r["syscall"] == name)
+                .unwrap_or_else(|| panic!("{name} rule"))["args"][0]
+                .clone()
+        };
+        assert_eq!(rule("rt_sigaction")["val"], libc::SIGCHLD);
+        assert_eq!(rule("wait4")["op"]["masked_eq"], libc::WNOHANG);
+        assert_eq!(rule("waitid")["op"]["masked_eq"], libc::WNOHANG);
     }
 
     /// Forks a child that installs `prog` and execs `/bin/true` through
