@@ -10,6 +10,12 @@
 //! after a restore, in a new QEMU process), the kernel raises SIGIO and the
 //! agent serves a new one. Nothing polls while the VM sits idle.
 //!
+//! A hang-up is final for a registration: tokio keeps the closed state it
+//! once saw as readiness for good, so a read or write that would block on
+//! a registration that saw one means "the host this connection belonged to
+//! left (another may be there now)", never "try again". Each connection and
+//! each handshake therefore gets a registration of its own.
+//!
 //! Used by QEMU snapshot templates and the VMs restored from them (the
 //! host's `channel/serial.rs`).
 
@@ -64,6 +70,11 @@ impl AsyncRead for SerialConn {
             }
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::WouldBlock {
+                if guard.ready().is_read_closed() {
+                    // The host hung up and one is connected again: whatever
+                    // comes next starts a new connection (with its hello).
+                    return Poll::Ready(Ok(()));
+                }
                 guard.clear_ready();
                 continue;
             }
@@ -83,6 +94,9 @@ impl AsyncWrite for SerialConn {
             }
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::WouldBlock {
+                if guard.ready().is_write_closed() {
+                    return Poll::Ready(Err(host_left()));
+                }
                 guard.clear_ready();
                 continue;
             }
@@ -118,21 +132,31 @@ pub const HELLO: &[u8] = b"NVHELLO ";
 pub const OLLEH: &[u8] = b"NVOLLEH ";
 const MAX_NONCE: usize = 64;
 
+/// A hang-up seen on a registration whose port is connected again.
+fn host_left() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionReset,
+        "the host hung up (and may have connected again)",
+    )
+}
+
+/// Reads what is there; 0 at a hang-up, [`host_left`] if the host came back.
 async fn read_some(fd: &AsyncFd<OwnedFd>, buf: &mut [u8]) -> io::Result<usize> {
     loop {
         let mut guard = fd.readable().await?;
         // SAFETY: reads into a valid buffer.
-        match guard.try_io(|f| {
-            let n = unsafe { libc::read(f.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-            if n < 0 {
-                Err(io::Error::last_os_error())
-            } else {
-                Ok(n as usize)
-            }
-        }) {
-            Ok(r) => return r,
-            Err(_would_block) => continue,
+        let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n >= 0 {
+            return Ok(n as usize);
         }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::WouldBlock {
+            return Err(e);
+        }
+        if guard.ready().is_read_closed() {
+            return Err(host_left());
+        }
+        guard.clear_ready();
     }
 }
 
@@ -140,18 +164,31 @@ async fn write_all(fd: &AsyncFd<OwnedFd>, mut data: &[u8]) -> io::Result<()> {
     while !data.is_empty() {
         let mut guard = fd.writable().await?;
         // SAFETY: writes from a valid slice.
-        if let Ok(r) = guard.try_io(|f| {
-            let n = unsafe { libc::write(f.as_raw_fd(), data.as_ptr().cast(), data.len()) };
-            if n < 0 {
-                Err(io::Error::last_os_error())
-            } else {
-                Ok(n as usize)
-            }
-        }) {
-            data = &data[r?..];
+        let n = unsafe { libc::write(fd.as_raw_fd(), data.as_ptr().cast(), data.len()) };
+        if n >= 0 {
+            data = &data[n as usize..];
+            continue;
         }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::WouldBlock {
+            return Err(e);
+        }
+        if guard.ready().is_write_closed() {
+            return Err(host_left());
+        }
+        guard.clear_ready();
     }
     Ok(())
+}
+
+/// A registration of its own for `fd` (see the module doc).
+fn register(fd: &OwnedFd) -> io::Result<Arc<AsyncFd<OwnedFd>>> {
+    // SAFETY: the clone is owned by the AsyncFd, open and the same
+    // descriptor for its lifetime.
+    let clone = fd.try_clone()?;
+    Ok(Arc::new(
+        unsafe { AsyncFd::register(clone) }.map_err(io::Error::from)?,
+    ))
 }
 
 /// Waits for the host's hello (dropping what comes before it) and answers.
@@ -220,27 +257,31 @@ pub fn incoming(port: &Path) -> io::Result<ReceiverStream<io::Result<SerialConn>
                 let _ = tokio::time::timeout(Duration::from_secs(1), sigio.recv()).await;
             }
             tracing::info!("virtio-serial: host connected");
-            // A registration of its own for each connection: tokio keeps a
-            // hang-up it once saw (the previous host leaving) as readiness
-            // for good, so a reused one would spin on EAGAIN after the next
-            // host connects (seen after restores: the agent stopped
-            // answering after its first reply).
-            // SAFETY: the clone is owned by the AsyncFd, open and the same
-            // descriptor for its lifetime.
-            let conn_fd = match fd
-                .try_clone()
-                .and_then(|f| unsafe { AsyncFd::register(f) }.map_err(io::Error::from))
-            {
-                Ok(f) => Arc::new(f),
+            // A registration for the handshake and a new one for the
+            // connection: a host that leaves and comes back while the agent
+            // waits for its hello poisons the first (seen after restores of
+            // a paused sandbox: the host's first hello went to the agent's
+            // connection from before the pause, the host connected again,
+            // and the next connection spun on EAGAIN without ever writing).
+            let shake = match register(&fd) {
+                Ok(f) => f,
                 Err(e) => {
                     let _ = tx.send(Err(e)).await;
                     return;
                 }
             };
-            if let Err(e) = handshake(&conn_fd).await {
+            if let Err(e) = handshake(&shake).await {
                 tracing::warn!("virtio-serial: handshake failed: {e}");
                 continue;
             }
+            drop(shake);
+            let conn_fd = match register(&fd) {
+                Ok(f) => f,
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+            };
             let (done, ended) = oneshot::channel();
             let conn = SerialConn {
                 fd: conn_fd,
@@ -259,6 +300,163 @@ pub fn incoming(port: &Path) -> io::Result<ReceiverStream<io::Result<SerialConn>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncReadExt;
+
+    /// A pty stands in for the port: its master reports a hang-up while no
+    /// slave is open (the host gone) and would block once one is open again
+    /// (a host back, nothing sent yet), as a virtio-serial port does.
+    struct FakePort {
+        master: OwnedFd,
+        slave: Option<OwnedFd>,
+        slave_path: std::ffi::CString,
+    }
+
+    impl FakePort {
+        fn new() -> Self {
+            let (mut m, mut s) = (0, 0);
+            // SAFETY: out-pointers to two ints; no name, default settings.
+            let rc = unsafe {
+                libc::openpty(
+                    &mut m,
+                    &mut s,
+                    std::ptr::null_mut(),
+                    std::ptr::null(),
+                    std::ptr::null(),
+                )
+            };
+            assert_eq!(rc, 0, "openpty: {}", io::Error::last_os_error());
+            // SAFETY: both are new fds owned here.
+            let (master, slave) = unsafe { (OwnedFd::from_raw_fd(m), OwnedFd::from_raw_fd(s)) };
+            let mut name = [0 as libc::c_char; 128];
+            // SAFETY: a buffer of the given length.
+            let rc = unsafe { libc::ptsname_r(master.as_raw_fd(), name.as_mut_ptr(), name.len()) };
+            assert_eq!(rc, 0, "ptsname_r");
+            // SAFETY: ptsname_r wrote a NUL-terminated name.
+            let slave_path = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }.to_owned();
+            // SAFETY: fcntl on our own fd.
+            unsafe { libc::fcntl(master.as_raw_fd(), libc::F_SETFL, libc::O_RDWR | libc::O_NONBLOCK) };
+            let port = Self {
+                master,
+                slave: Some(slave),
+                slave_path,
+            };
+            port.raw();
+            port
+        }
+
+        fn raw(&self) {
+            let fd = self.slave.as_ref().expect("slave").as_raw_fd();
+            // SAFETY: termios of our own tty.
+            unsafe {
+                let mut t: libc::termios = std::mem::zeroed();
+                assert_eq!(libc::tcgetattr(fd, &mut t), 0);
+                libc::cfmakeraw(&mut t);
+                assert_eq!(libc::tcsetattr(fd, libc::TCSANOW, &t), 0);
+            }
+        }
+
+        fn host_leaves(&mut self) {
+            self.slave = None;
+        }
+
+        fn host_comes_back(&mut self) {
+            // SAFETY: a valid C string; the fd is owned at once.
+            let fd = unsafe { libc::open(self.slave_path.as_ptr(), libc::O_RDWR | libc::O_NOCTTY) };
+            assert!(fd >= 0, "reopen the pty: {}", io::Error::last_os_error());
+            // SAFETY: a new fd owned here.
+            self.slave = Some(unsafe { OwnedFd::from_raw_fd(fd) });
+            self.raw();
+        }
+
+        fn host_writes(&self, data: &[u8]) {
+            let fd = self.slave.as_ref().expect("slave").as_raw_fd();
+            // SAFETY: writes from a valid slice.
+            let n = unsafe { libc::write(fd, data.as_ptr().cast(), data.len()) };
+            assert_eq!(n, data.len() as isize);
+        }
+
+        fn host_reads(&self) -> Vec<u8> {
+            let fd = self.slave.as_ref().expect("slave").as_raw_fd();
+            let mut buf = [0u8; 256];
+            // SAFETY: reads into a valid buffer.
+            let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+            assert!(n >= 0, "read: {}", io::Error::last_os_error());
+            buf[..n as usize].to_vec()
+        }
+
+        /// A registration that has seen the host leave, with the host back.
+        async fn poisoned(&mut self) -> Arc<AsyncFd<OwnedFd>> {
+            let fd = register(&self.master).expect("register");
+            self.host_leaves();
+            let seen = tokio::time::timeout(Duration::from_secs(5), async {
+                loop {
+                    let guard = fd.readable().await.expect("readable");
+                    if guard.ready().is_read_closed() {
+                        return;
+                    }
+                }
+            })
+            .await;
+            assert!(seen.is_ok(), "the hang-up was never reported");
+            self.host_comes_back();
+            fd
+        }
+    }
+
+    /// Runs `body` on a runtime of its own, on a thread of its own: the bug
+    /// these tests catch spins inside one poll, where no timer can fire.
+    fn within<T: Send + 'static>(
+        what: &str,
+        body: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            let _ = tx.send(rt.block_on(body));
+        });
+        match rx.recv_timeout(Duration::from_secs(5)) {
+            Ok(v) => v,
+            Err(_) => panic!("{what} did not finish within 5s (a task spinning on a hang-up)"),
+        }
+    }
+
+    #[test]
+    fn a_connection_whose_host_left_and_came_back_ends_instead_of_spinning() {
+        let read = within("a read on a connection whose host left", async {
+            let mut port = FakePort::new();
+            let fd = port.poisoned().await;
+            let (done, ended) = oneshot::channel();
+            let mut conn = SerialConn { fd, _done: done };
+            let mut buf = [0u8; 64];
+            let n = conn.read(&mut buf).await.map_err(|e| e.to_string());
+            drop(conn);
+            (n, ended.await.is_err())
+        });
+        assert_eq!(
+            read,
+            (Ok(0), true),
+            "the connection must end (EOF) and let the next one be served"
+        );
+    }
+
+    #[test]
+    fn a_handshake_the_host_left_is_refused_and_a_new_registration_answers() {
+        let (first, second, reply) = within("a handshake whose host left", async {
+            let mut port = FakePort::new();
+            let poisoned = port.poisoned().await;
+            let first = handshake(&poisoned).await.map_err(|e| e.kind());
+            let fresh = register(&port.master).expect("register");
+            port.host_writes(b"stale bytes NVHELLO abc123\n");
+            let second = handshake(&fresh).await.map_err(|e| e.kind());
+            (first, second, port.host_reads())
+        });
+        assert_eq!(first, Err(io::ErrorKind::ConnectionReset), "refused at once");
+        assert_eq!(second, Ok(()));
+        assert_eq!(reply, b"NVOLLEH abc123\n");
+    }
 
     #[test]
     fn finds_the_port_by_its_name() {

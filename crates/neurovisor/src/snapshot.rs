@@ -440,6 +440,12 @@ pub async fn resume(sb: &Sandbox, state: &Path, mem: &Path, size: VmSize) -> Res
     restore_files(sb, state, mem, None, size, RESUME_READY).await
 }
 
+fn set_stage(stage: &std::sync::Mutex<&'static str>, now: &'static str) {
+    if let Ok(mut s) = stage.lock() {
+        *s = now;
+    }
+}
+
 async fn restore_files(
     sb: &Sandbox,
     state: &Path,
@@ -455,10 +461,14 @@ async fn restore_files(
     let mut vm = sb.backend().restore(&cfg, state, mem).await?;
     let loaded = started.elapsed();
     let deadline = tokio::time::Instant::now() + ready;
+    // What the restore was waiting for when the deadline passed, for the error.
+    let stage = std::sync::Mutex::new("the agent's answer on its channel");
     let connected = tokio::time::timeout_at(deadline, async {
         vm.wait_ready(ready).await?;
         let answered = started.elapsed();
+        set_stage(&stage, "a connection to the agent");
         let stream = vm.connect(GUEST_AGENT_PORT).await?;
+        set_stage(&stage, "the agent's answer to Reseed");
         let mut entropy = vec![0u8; ENTROPY_BYTES];
         getrandom::getrandom(&mut entropy).map_err(|e| ExecError::Vmm(VmmError::Snapshot(e.to_string())))?;
         let unix_time_ns = std::time::SystemTime::now()
@@ -495,7 +505,8 @@ async fn restore_files(
     .await
     .unwrap_or_else(|_| {
         Err(ExecError::Vmm(VmmError::Snapshot(format!(
-            "the restored VM did not answer within {ready:?}"
+            "the restored VM did not answer within {ready:?} (waiting for {})",
+            stage.lock().map(|s| *s).unwrap_or("?")
         ))))
     });
     match connected {
